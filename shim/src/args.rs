@@ -1,0 +1,289 @@
+//! The shim's command line, parsed by hand because the shim depends on std and libc only.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// Printed after an argument error.
+pub const USAGE: &str = "usage: sluice-shim --id SVC/INDEX --socket PATH --lock PATH --stdout-log PATH \
+--stderr-log PATH [--log-max-bytes N] [--log-backups N] [--tag STRING] [--cwd DIR] [--uid N] [--gid N] \
+[--groups N,N,...] [--umask OCTAL] [--nofile N] -- PROGRAM [ARGS...]";
+
+/// Default for `--log-max-bytes`: 50 MiB per log file before it is rotated.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 50 * 1024 * 1024;
+
+/// Default for `--log-backups`: rotated files kept besides the current one.
+pub const DEFAULT_LOG_BACKUPS: u32 = 10;
+
+/// Everything the shim was told on its command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Args {
+    /// `SVC/INDEX`, used in messages only (the brain identifies a shim by its socket path).
+    pub id: String,
+    /// Unix socket the shim answers on.
+    pub socket: PathBuf,
+    /// File whose `flock` proves that this instance has a live shim; never unlinked.
+    pub lock: PathBuf,
+    /// Where the child's stdout goes.
+    pub stdout_log: PathBuf,
+    /// Where the child's stderr goes.
+    pub stderr_log: PathBuf,
+    /// Rotate a log file before it would grow past this; 0 never rotates.
+    pub log_max_bytes: u64,
+    /// Rotated files kept per log (`path.1` is the newest); 0 truncates instead.
+    pub log_backups: u32,
+    /// Opaque to the shim, echoed in status lines (the brain stores e.g. the build id there).
+    pub tag: String,
+    /// Working directory of the child; default: the shim's own.
+    pub cwd: Option<PathBuf>,
+    /// User the child runs as.
+    pub uid: Option<u32>,
+    /// Group the child runs as.
+    pub gid: Option<u32>,
+    /// Supplementary groups of the child; empty when `--uid` is given without `--groups`.
+    pub groups: Option<Vec<u32>>,
+    /// File mode creation mask of the child.
+    pub umask: Option<u32>,
+    /// `RLIMIT_NOFILE` (soft and hard) of the child.
+    pub nofile: Option<u64>,
+    /// Program to run, an absolute path or a name looked up in `PATH`.
+    pub program: OsString,
+    /// Its arguments.
+    pub program_args: Vec<OsString>,
+}
+
+/// Parses the arguments after the program name. The error is a one-line message.
+pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
+    let mut argv = argv.into_iter();
+    let mut id = None;
+    let mut socket = None;
+    let mut lock = None;
+    let mut stdout_log = None;
+    let mut stderr_log = None;
+    let mut log_max_bytes = DEFAULT_LOG_MAX_BYTES;
+    let mut log_backups = DEFAULT_LOG_BACKUPS;
+    let mut tag = "-".to_owned();
+    let mut cwd = None;
+    let mut uid = None;
+    let mut gid = None;
+    let mut groups = None;
+    let mut umask = None;
+    let mut nofile = None;
+    let mut command = None;
+
+    while let Some(arg) = argv.next() {
+        if arg == "--" {
+            command = Some(argv.by_ref().collect::<Vec<_>>());
+            break;
+        }
+        let Some(flag) = arg
+            .to_str()
+            .filter(|a| a.starts_with("--"))
+            .map(str::to_owned)
+        else {
+            return Err(format!(
+                "unexpected argument {arg:?}: the program goes after --"
+            ));
+        };
+        let value = argv.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let text = || {
+            value
+                .to_str()
+                .map(str::to_owned)
+                .ok_or_else(|| format!("{flag}: value is not utf-8"))
+        };
+        match flag.as_str() {
+            "--id" => id = Some(word(&flag, text()?)?),
+            "--socket" => socket = Some(PathBuf::from(value)),
+            "--lock" => lock = Some(PathBuf::from(value)),
+            "--stdout-log" => stdout_log = Some(PathBuf::from(value)),
+            "--stderr-log" => stderr_log = Some(PathBuf::from(value)),
+            "--log-max-bytes" => log_max_bytes = number(&flag, &text()?)?,
+            "--log-backups" => log_backups = number(&flag, &text()?)?,
+            "--tag" => tag = word(&flag, text()?)?,
+            "--cwd" => cwd = Some(PathBuf::from(value)),
+            "--uid" => uid = Some(number(&flag, &text()?)?),
+            "--gid" => gid = Some(number(&flag, &text()?)?),
+            "--groups" => {
+                let list = text()?;
+                let parsed: Result<Vec<u32>, String> = list
+                    .split(',')
+                    .filter(|g| !g.is_empty())
+                    .map(|g| number(&flag, g))
+                    .collect();
+                groups = Some(parsed?);
+            }
+            "--umask" => {
+                let octal = text()?;
+                match u32::from_str_radix(&octal, 8) {
+                    Ok(mask) if mask <= 0o777 => umask = Some(mask),
+                    _ => return Err(format!("{flag}: not an octal mask: {octal}")),
+                }
+            }
+            "--nofile" => nofile = Some(number(&flag, &text()?)?),
+            _ => return Err(format!("unknown flag: {flag}")),
+        }
+    }
+
+    let required =
+        |name: &str, value: Option<PathBuf>| value.ok_or_else(|| format!("missing {name}"));
+    let mut command = command
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| "missing -- PROGRAM".to_owned())?
+        .into_iter();
+    let program = command.next().unwrap_or_default();
+    Ok(Args {
+        id: id.ok_or_else(|| "missing --id".to_owned())?,
+        socket: required("--socket", socket)?,
+        lock: required("--lock", lock)?,
+        stdout_log: required("--stdout-log", stdout_log)?,
+        stderr_log: required("--stderr-log", stderr_log)?,
+        log_max_bytes,
+        log_backups,
+        tag,
+        cwd,
+        uid,
+        gid,
+        groups: groups.or_else(|| uid.map(|_| Vec::new())),
+        umask,
+        nofile,
+        program,
+        program_args: command.collect(),
+    })
+}
+
+/// A value that ends up as one token of a status line or message: non-empty, no whitespace.
+fn word(flag: &str, value: String) -> Result<String, String> {
+    if value.is_empty() || value.contains(char::is_whitespace) {
+        return Err(format!(
+            "{flag}: must be non-empty without spaces: {value:?}"
+        ));
+    }
+    Ok(value)
+}
+
+fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{flag}: not a number: {value}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(args: &[&str]) -> Result<Args, String> {
+        parse(args.iter().map(OsString::from))
+    }
+
+    const REQUIRED: [&str; 10] = [
+        "--id",
+        "api/0",
+        "--socket",
+        "/run/s.sock",
+        "--lock",
+        "/run/s.lock",
+        "--stdout-log",
+        "/log/out",
+        "--stderr-log",
+        "/log/err",
+    ];
+
+    #[test]
+    fn defaults() {
+        let mut argv = REQUIRED.to_vec();
+        argv.extend(["--", "sleep", "100"]);
+        let args = parse_str(&argv).unwrap();
+        assert_eq!(args.id, "api/0");
+        assert_eq!(args.log_max_bytes, DEFAULT_LOG_MAX_BYTES);
+        assert_eq!(args.log_backups, DEFAULT_LOG_BACKUPS);
+        assert_eq!(args.tag, "-");
+        assert_eq!(args.groups, None);
+        assert_eq!(args.program, "sleep");
+        assert_eq!(args.program_args, vec![OsString::from("100")]);
+    }
+
+    #[test]
+    fn all_options() {
+        let mut argv = REQUIRED.to_vec();
+        argv.extend([
+            "--log-max-bytes",
+            "0",
+            "--log-backups",
+            "3",
+            "--tag",
+            "b7",
+            "--cwd",
+            "/srv",
+            "--uid",
+            "5",
+            "--gid",
+            "6",
+            "--umask",
+            "027",
+            "--nofile",
+            "4096",
+            "--",
+            "/bin/app",
+            "--",
+            "-x",
+        ]);
+        let args = parse_str(&argv).unwrap();
+        assert_eq!(args.log_max_bytes, 0);
+        assert_eq!(args.log_backups, 3);
+        assert_eq!(args.tag, "b7");
+        assert_eq!(args.cwd, Some(PathBuf::from("/srv")));
+        assert_eq!((args.uid, args.gid), (Some(5), Some(6)));
+        assert_eq!(
+            args.groups,
+            Some(vec![]),
+            "--uid without --groups clears the groups"
+        );
+        assert_eq!(args.umask, Some(0o027));
+        assert_eq!(args.nofile, Some(4096));
+        assert_eq!(args.program, "/bin/app");
+        assert_eq!(
+            args.program_args,
+            vec![OsString::from("--"), OsString::from("-x")]
+        );
+
+        let mut argv = REQUIRED.to_vec();
+        argv.extend(["--groups", "1,2,3", "--", "x"]);
+        assert_eq!(parse_str(&argv).unwrap().groups, Some(vec![1, 2, 3]));
+    }
+
+    #[test]
+    fn errors() {
+        let with = |extra: &[&str]| {
+            let mut argv = REQUIRED.to_vec();
+            argv.extend(extra);
+            parse_str(&argv).unwrap_err()
+        };
+        assert_eq!(with(&["--bogus", "1", "--", "x"]), "unknown flag: --bogus");
+        assert_eq!(with(&[]), "missing -- PROGRAM");
+        assert_eq!(with(&["--"]), "missing -- PROGRAM");
+        assert_eq!(
+            with(&["--umask", "9", "--", "x"]),
+            "--umask: not an octal mask: 9"
+        );
+        assert_eq!(
+            with(&["--uid", "root", "--", "x"]),
+            "--uid: not a number: root"
+        );
+        assert_eq!(
+            with(&["--tag", "a b", "--", "x"]),
+            "--tag: must be non-empty without spaces: \"a b\""
+        );
+        assert_eq!(with(&["--nofile"]), "--nofile needs a value");
+        assert_eq!(
+            with(&["sleep"]),
+            "unexpected argument \"sleep\": the program goes after --"
+        );
+        assert_eq!(
+            parse_str(&REQUIRED[2..]).map(|_| ()).unwrap_err(),
+            "missing -- PROGRAM"
+        );
+        let mut argv = REQUIRED[2..].to_vec();
+        argv.extend(["--", "x"]);
+        assert_eq!(parse_str(&argv).unwrap_err(), "missing --id");
+    }
+}

@@ -1,0 +1,27 @@
+//! `sluice-shim`: the per-instance parent process of one supervised service instance.
+//!
+//! The shim outlives the brain (the `sluice` daemon): it holds the child's log pipes and writes
+//! size-rotated log files, reaps the child, keeps its exit status until the brain collects it, and
+//! answers on a unix socket. Model: containerd-shim, conmon, s6-supervise.
+//!
+//! Codemap:
+//! - [`proto`]: the wire protocol (handshake, commands, status lines); std only, used by the brain too.
+//! - `args`: the command line.
+//! - `startup`: fork away from the brain, take the instance lock, bind the socket, spawn, handshake.
+//! - `child`: spawning the child (process group, credentials, limits, parent-death signal).
+//! - `event_loop`: the single-threaded `poll` loop that owns all state after start-up.
+//! - `logfile`: append with size-based rotation.
+//! - `sys`: the few libc wrappers std lacks.
+//!
+//! Architecture Invariant: std and libc only, one thread, no async runtime — a hundred shims must cost
+//! little memory and must not depend on anything the brain depends on.
+
+pub mod proto;
+
+mod args;
+mod child;
+mod event_loop;
+mod logfile;
+#[doc(hidden)]
+pub mod startup;
+mod sys;

@@ -1,0 +1,217 @@
+//! Thin safe wrappers over the few libc calls the shim needs that std does not offer.
+//!
+//! Each wrapper turns `-1`/errno into `io::Error` and keeps the `unsafe` in one place, so the rest of
+//! the crate reads like ordinary Rust.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `fork()`: `Some(child pid)` in the parent, `None` in the child.
+///
+/// Only sound while the process has one thread, which the shim always does.
+pub fn fork() -> io::Result<Option<libc::pid_t>> {
+    // SAFETY: the shim is single-threaded, so the child does not inherit locks held by other threads.
+    let pid = cvt(unsafe { libc::fork() })?;
+    Ok((pid != 0).then_some(pid))
+}
+
+/// `setsid()`: a session of our own, so no terminal and no brain's process group reaches us.
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: no pointers involved.
+    cvt(unsafe { libc::setsid() }).map(drop)
+}
+
+/// Closes every fd >= `first`: the shim must hold nothing the brain happened to leak to it (a
+/// listening socket held by a shim would keep the brain's port busy after the brain died).
+pub fn close_fds_from(first: RawFd) {
+    // SAFETY: close_range only closes descriptors; nothing else in this process owns them yet.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        )
+    };
+    if ret == 0 {
+        return;
+    }
+    // Kernels older than 5.9: list first, then close, because the listing itself holds an fd.
+    let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|fd| *fd >= first)
+            .collect(),
+        Err(_) => (first..1024).collect(),
+    };
+    for fd in fds {
+        // SAFETY: as above; EBADF for the listing's own (already closed) fd is harmless.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Sets `signum` to be ignored in this process.
+pub fn ignore_signal(signum: libc::c_int) {
+    // SAFETY: SIG_IGN is a valid disposition; no handler code runs.
+    unsafe { libc::signal(signum, libc::SIG_IGN) };
+}
+
+/// Blocks SIGTERM and returns a non-blocking signalfd that becomes readable when one is pending, so
+/// the poll loop sees it as an ordinary event instead of running code in a signal handler.
+pub fn sigterm_fd() -> io::Result<OwnedFd> {
+    // SAFETY: the sigset is initialised by sigemptyset before use; signalfd returns a new fd we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        cvt(libc::sigprocmask(
+            libc::SIG_BLOCK,
+            &set,
+            std::ptr::null_mut(),
+        ))?;
+        let fd = cvt(libc::signalfd(
+            -1,
+            &set,
+            libc::SFD_NONBLOCK | libc::SFD_CLOEXEC,
+        ))?;
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Reads and discards every pending signal on a signalfd; true if there was at least one.
+pub fn drain_signalfd(fd: &OwnedFd) -> bool {
+    let mut got = false;
+    let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+    // Bounded: there is at most one pending standard signal per signal number.
+    for _ in 0..64 {
+        // SAFETY: info is a writable buffer of exactly the size passed.
+        let n = unsafe { libc::read(fd.as_raw_fd(), info.as_mut_ptr().cast(), info.len()) };
+        if n <= 0 {
+            break;
+        }
+        got = true;
+    }
+    got
+}
+
+/// `pidfd_open(pid, 0)`: an fd that polls readable once `pid` has exited. Always close-on-exec.
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: the syscall takes two integers and returns a new fd we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor returned by the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `waitpid(pid, WNOHANG)`: `Some(raw wait status)` once the child has exited.
+pub fn waitpid_nohang(pid: libc::pid_t) -> io::Result<Option<libc::c_int>> {
+    let mut status = 0;
+    // SAFETY: status is a valid out-pointer.
+    let ret = cvt(unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) })?;
+    Ok((ret == pid).then_some(status))
+}
+
+/// `waitpid(pid, 0)`, retried on EINTR; used only on start-up failure paths.
+pub fn waitpid_blocking(pid: libc::pid_t) {
+    let mut status = 0;
+    // SAFETY: status is a valid out-pointer.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } == -1
+        && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+    {}
+}
+
+/// `kill(pid, signum)`; a negative pid addresses a process group.
+pub fn kill(pid: libc::pid_t, signum: libc::c_int) -> io::Result<()> {
+    // SAFETY: no pointers involved.
+    cvt(unsafe { libc::kill(pid, signum) }).map(drop)
+}
+
+/// `flock(fd, LOCK_EX | LOCK_NB)`: false if another open file description holds the lock.
+pub fn try_lock_exclusive(fd: &impl AsRawFd) -> io::Result<bool> {
+    // SAFETY: no pointers involved.
+    match cvt(unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sets `O_NONBLOCK` on a descriptor (the child's pipes: a single-threaded loop must never block).
+pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl with F_GETFL/F_SETFL takes and returns integers only.
+    unsafe {
+        let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
+        cvt(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)).map(drop)
+    }
+}
+
+/// Sets the process umask, returning the previous one.
+pub fn umask(mask: libc::mode_t) -> libc::mode_t {
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(mask) }
+}
+
+/// Writes all of `buf` to a raw fd (the handshake goes to fd 1 without std's buffering).
+pub fn write_all_fd(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: buf is a valid readable slice of the given length.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
+
+/// Points fds 0, 1 and 2 at /dev/null: after the handshake the brain must see EOF on our stdout, and
+/// nothing the shim might print later may block on or fail at a pipe nobody reads.
+pub fn stdio_to_dev_null() -> io::Result<()> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    for target in 0..=2 {
+        // SAFETY: dup2 onto the standard descriptors, which this process owns.
+        cvt(unsafe { libc::dup2(null.as_raw_fd(), target) })?;
+    }
+    Ok(())
+}
+
+/// `poll(2)`; EINTR counts as "nothing ready" so callers simply go round their loop again.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usize> {
+    // SAFETY: fds is a valid mutable slice of pollfd of the given length.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(n as usize)
+}
+
+/// Wall-clock time in unix milliseconds (for status lines; deadlines use `Instant`).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,354 @@
+//! The `sluice` command line: `run` (the daemon) and the host verbs, which talk to the daemon over
+//! its control socket. Errors are printed on stderr and mapped to the codes of [`crate::exit`].
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use http_body_util::BodyExt;
+use hyper::Method;
+
+use crate::client::{self, ClientError};
+use crate::config::{self, HostConfig};
+use crate::daemon::{self, Exit};
+use crate::exit;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Supervises services and restarts them without clients noticing"
+)]
+pub struct Cli {
+    /// The host file.
+    #[arg(long, global = true, env = "SLUICE_CONFIG", default_value = config::DEFAULT_HOST_CONFIG)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground (under systemd: `Type=notify`).
+    Run,
+    /// Check the host file and every service file, then exit (3 when something is wrong).
+    CheckConfig,
+    /// Show instances: all services, or one.
+    Status {
+        service: Option<String>,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a service's instances (`web`) or one instance (`web/2`); also clears `fatal`.
+    Start { target: String },
+    /// Stop instances gracefully; they stay stopped across daemon restarts until started.
+    Stop { target: String },
+    /// Restart instances one at a time; waits until done.
+    Restart { target: String },
+    /// Send a signal (`HUP`, `USR1`, a number) to instances.
+    Signal { signal: String, target: String },
+    /// Print an instance's log.
+    Logs {
+        target: String,
+        /// Keep printing what is appended, across rotations.
+        #[arg(short, long)]
+        follow: bool,
+        /// The stderr log instead of stdout.
+        #[arg(long)]
+        stderr: bool,
+        /// How many lines of the end to print first.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: usize,
+    },
+    /// Re-read the service files and apply only what changed; a bad file changes nothing.
+    Reload,
+    /// Stop every instance gracefully, then the daemon.
+    Shutdown,
+}
+
+/// Parses the command line, runs it, and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime can be built");
+    runtime.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> i32 {
+    let host = match HostConfig::load(&cli.config) {
+        Ok(host) => host,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return exit::CONFIG;
+        }
+    };
+    match cli.command {
+        Command::Run => run(host).await,
+        Command::CheckConfig => match config::load_services(&host.services_dir) {
+            Ok(services) => {
+                println!(
+                    "{}: ok, {} service(s): {}",
+                    cli.config.display(),
+                    services.len(),
+                    services.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                exit::CONFIG
+            }
+        },
+        verb => match verb_main(&host.control_socket(), verb).await {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                eprintln!("sluice: {e:#}");
+                match e.downcast_ref::<ClientError>() {
+                    Some(ClientError::Unreachable { .. }) => exit::UNREACHABLE,
+                    Some(ClientError::Refused { status, .. })
+                        if *status == hyper::StatusCode::UNPROCESSABLE_ENTITY =>
+                    {
+                        exit::CONFIG
+                    }
+                    _ => exit::FAILED,
+                }
+            }
+        },
+    }
+}
+
+async fn run(host: HostConfig) -> i32 {
+    let services = match config::load_services(&host.services_dir) {
+        Ok(services) => services,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return exit::CONFIG;
+        }
+    };
+    let result = async {
+        let shim_binary = match &host.shim_path {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()
+                .context("finding the sluice binary")?
+                .with_file_name("sluice-shim"),
+        };
+        anyhow::ensure!(
+            shim_binary.is_file(),
+            "the shim binary {} does not exist (set `shim_path` in the host file)",
+            shim_binary.display()
+        );
+        let _lock = lock_daemon(&host.runtime_dir)?;
+        let listener = bind_control_socket(&host)?;
+        daemon::run(
+            host,
+            services,
+            shim_binary,
+            listener,
+            std::future::pending(),
+        )
+        .await
+    }
+    .await;
+    match result {
+        Ok(Exit::Detached) => exit::OK,
+        Ok(Exit::ShutDown) => exit::SHUT_DOWN,
+        Err(e) => {
+            eprintln!("sluice: {e:#}");
+            exit::FAILED
+        }
+    }
+}
+
+/// Holds `runtime_dir/sluice.lock` for the daemon's life: a second daemon on the same host
+/// would adopt and fight over the same shims.
+fn lock_daemon(runtime_dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(runtime_dir)
+        .with_context(|| format!("creating {}", runtime_dir.display()))?;
+    let path = runtime_dir.join("sluice.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!(
+            "another sluice daemon holds {}; only one may run per runtime_dir",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+fn bind_control_socket(host: &HostConfig) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = host.control_socket();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // We hold the daemon lock, so a socket file left here belongs to a dead daemon.
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    if let Some(group) = &host.control_group {
+        let gid = nix::unistd::Group::from_name(group)
+            .with_context(|| format!("looking up control_group `{group}`"))?
+            .with_context(|| format!("control_group: no group named `{group}`"))?
+            .gid;
+        nix::unistd::chown(&path, None, Some(gid))
+            .with_context(|| format!("chown {} to group {group}", path.display()))?;
+    }
+    Ok(listener)
+}
+
+/// `web` → (`web`, None); `web/2` → (`web`, Some(2)).
+fn parse_target(target: &str) -> anyhow::Result<(String, Option<u32>)> {
+    match target.split_once('/') {
+        None => Ok((target.to_owned(), None)),
+        Some((service, index)) => {
+            let index = index
+                .parse()
+                .with_context(|| format!("`{target}`: the instance after `/` must be a number"))?;
+            Ok((service.to_owned(), Some(index)))
+        }
+    }
+}
+
+async fn verb_main(socket: &Path, verb: Command) -> anyhow::Result<()> {
+    let control = |action: &str, target: &str, signal: Option<String>| {
+        let (service, index) = parse_target(target)?;
+        Ok::<_, anyhow::Error>(serde_json::json!({
+            "service": service, "index": index, "action": action, "signal": signal,
+        }))
+    };
+    let body = match verb {
+        Command::Run | Command::CheckConfig => unreachable!("handled by dispatch"),
+        Command::Status { service, json } => {
+            let query = service.map(|s| format!("?service={s}")).unwrap_or_default();
+            let answer =
+                client::call(socket, Method::GET, &format!("/v1/status{query}"), None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                print_status(&answer);
+            }
+            return Ok(());
+        }
+        Command::Logs {
+            target,
+            follow,
+            stderr,
+            lines,
+        } => {
+            let (service, index) = parse_target(&target)?;
+            let index = index.context("`logs` needs one instance, as `service/index`")?;
+            let stream = if stderr { "stderr" } else { "stdout" };
+            let query = format!(
+                "/v1/logs?service={service}&index={index}&stream={stream}&lines={lines}&follow={}",
+                u8::from(follow)
+            );
+            let response = client::send(socket, Method::GET, &query, None).await?;
+            let mut body = response.into_body();
+            let mut out = std::io::stdout().lock();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    out.write_all(&data)?;
+                    out.flush()?;
+                }
+            }
+            return Ok(());
+        }
+        Command::Start { target } => ("/v1/control", Some(control("start", &target, None)?)),
+        Command::Stop { target } => ("/v1/control", Some(control("stop", &target, None)?)),
+        Command::Restart { target } => ("/v1/control", Some(control("restart", &target, None)?)),
+        Command::Signal { signal, target } => (
+            "/v1/control",
+            Some(control("signal", &target, Some(signal))?),
+        ),
+        Command::Reload => ("/v1/reload", None),
+        Command::Shutdown => ("/v1/shutdown", None),
+    };
+    let answer = client::call(socket, Method::POST, body.0, body.1).await?;
+    if let Some(message) = answer.get("message").and_then(|m| m.as_str()) {
+        println!("{message}");
+    }
+    Ok(())
+}
+
+fn print_status(answer: &serde_json::Value) {
+    let empty = Vec::new();
+    let services = answer["services"].as_array().unwrap_or(&empty);
+    for service in services {
+        for i in service["instances"].as_array().unwrap_or(&empty) {
+            let name = format!("{}/{}", i["service"].as_str().unwrap_or("?"), i["index"]);
+            let mut details = Vec::new();
+            if let Some(pid) = i["pid"].as_u64() {
+                details.push(format!("pid {pid}"));
+            }
+            if let Some(port) = i["port"].as_u64() {
+                details.push(format!("port {port}"));
+            }
+            if let Some(up) = i["uptime_ms"].as_u64() {
+                details.push(format!("uptime {}", human_duration(up)));
+            }
+            if i["outdated"].as_bool() == Some(true) {
+                details.push("outdated config".into());
+            }
+            if let Some(exit) = i["last_exit"].as_str()
+                && i["pid"].is_null()
+            {
+                details.push(format!("last exit: {exit}"));
+            }
+            if let Some(error) = i["last_error"].as_str() {
+                details.push(format!("error: {error}"));
+            }
+            println!(
+                "{name:<24} {:<9} {}",
+                i["state"].as_str().unwrap_or("?"),
+                details.join(", ")
+            );
+        }
+    }
+}
+
+fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(parse_target("web").unwrap(), ("web".into(), None));
+        assert_eq!(parse_target("web/3").unwrap(), ("web".into(), Some(3)));
+        assert!(parse_target("web/x").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(human_duration(59_999), "59s");
+        assert_eq!(human_duration(61_000), "1m01s");
+        assert_eq!(human_duration(3_660_000), "1h01m");
+    }
+}

@@ -1,0 +1,912 @@
+//! Host and service configuration: parsing, defaults, validation, and errors that name file, line and key.
+//!
+//! The host file (`sluice.toml`) says where things live; one file per service in `services_dir`
+//! says what to run. Every key is documented once, with unit and default, in `docs/config.md`; a
+//! test checks that the page and these structs agree.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default path of the host file when neither `--config` nor `SLUICE_CONFIG` is given.
+pub const DEFAULT_HOST_CONFIG: &str = "/etc/sluice/sluice.toml";
+
+/// Longest service name: iptables chain names are at most 28 bytes and ours are `SLUICE-<service>`.
+pub const SERVICE_NAME_MAX_LEN: usize = 21;
+
+/// A configuration problem, always naming the file and, where one is at fault, the key and its line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}:{line}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Service { path: PathBuf, message: String },
+}
+
+/// The host file: where sluice keeps its state, sockets and service files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Persistent state (desired state per service, logs by default); survives reboots.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Shim sockets and the control socket; a tmpfs under systemd, so a reboot starts clean.
+    #[serde(default = "default_runtime_dir")]
+    pub runtime_dir: PathBuf,
+    /// The control socket; `runtime_dir/sluice.sock` when absent.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// Group given access to the control socket (mode 0660); root only when absent.
+    #[serde(default)]
+    pub control_group: Option<String>,
+    /// One `<service>.toml` per service.
+    #[serde(default = "default_services_dir")]
+    pub services_dir: PathBuf,
+    /// The `sluice-shim` binary; next to the `sluice` binary when absent.
+    #[serde(default)]
+    pub shim_path: Option<PathBuf>,
+    #[serde(default)]
+    pub coordination: CoordinationConfig,
+}
+
+/// Which coordination backend tells this host what to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinationConfig {
+    #[serde(default)]
+    pub backend: Backend,
+}
+
+impl Default for CoordinationConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Local,
+        }
+    }
+}
+
+/// Coordination backends. Only `local` exists so far: the state file and the control socket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Local,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/sluice")
+}
+fn default_runtime_dir() -> PathBuf {
+    PathBuf::from("/run/sluice")
+}
+fn default_services_dir() -> PathBuf {
+    PathBuf::from("/etc/sluice/services")
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            runtime_dir: default_runtime_dir(),
+            control_socket: None,
+            control_group: None,
+            services_dir: default_services_dir(),
+            shim_path: None,
+            coordination: CoordinationConfig::default(),
+        }
+    }
+}
+
+impl HostConfig {
+    /// Reads a host file; relative paths in it are taken relative to the file's directory.
+    pub fn load(path: &Path) -> Result<HostConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: HostConfig = parse_toml(path, &text)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for dir in [
+            &mut config.data_dir,
+            &mut config.runtime_dir,
+            &mut config.services_dir,
+        ] {
+            *dir = base.join(&*dir);
+        }
+        for dir in [&mut config.control_socket, &mut config.shim_path]
+            .into_iter()
+            .flatten()
+        {
+            *dir = base.join(&*dir);
+        }
+        Ok(config)
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| self.runtime_dir.join("sluice.sock"))
+    }
+
+    /// Where shims keep their sockets and lock files.
+    pub fn shim_dir(&self) -> PathBuf {
+        self.runtime_dir.join("shims")
+    }
+
+    /// Where each service's desired state is persisted.
+    pub fn state_dir(&self) -> PathBuf {
+        self.data_dir.join("state")
+    }
+}
+
+/// Restart policy after an instance exits on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Autorestart {
+    /// Restart whatever the exit status.
+    #[default]
+    Always,
+    /// Restart unless the exit code is one of `success_exit_codes`.
+    OnFailure,
+    /// Leave it exited.
+    Never,
+}
+
+/// A signal given by name (`TERM`, `SIGTERM`, `hup`) or number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signal(pub i32);
+
+impl Signal {
+    pub fn parse(text: &str) -> Option<Signal> {
+        if let Ok(n) = text.parse::<i32>() {
+            return (1..=64).contains(&n).then_some(Signal(n));
+        }
+        let upper = text.to_ascii_uppercase();
+        let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+        let n = match name {
+            "HUP" => libc::SIGHUP,
+            "INT" => libc::SIGINT,
+            "QUIT" => libc::SIGQUIT,
+            "KILL" => libc::SIGKILL,
+            "USR1" => libc::SIGUSR1,
+            "USR2" => libc::SIGUSR2,
+            "TERM" => libc::SIGTERM,
+            "CONT" => libc::SIGCONT,
+            "STOP" => libc::SIGSTOP,
+            "WINCH" => libc::SIGWINCH,
+            _ => return None,
+        };
+        Some(Signal(n))
+    }
+
+    pub fn name(self) -> String {
+        match self.0 {
+            libc::SIGHUP => "HUP".into(),
+            libc::SIGINT => "INT".into(),
+            libc::SIGQUIT => "QUIT".into(),
+            libc::SIGKILL => "KILL".into(),
+            libc::SIGUSR1 => "USR1".into(),
+            libc::SIGUSR2 => "USR2".into(),
+            libc::SIGTERM => "TERM".into(),
+            libc::SIGCONT => "CONT".into(),
+            libc::SIGSTOP => "STOP".into(),
+            libc::SIGWINCH => "WINCH".into(),
+            n => n.to_string(),
+        }
+    }
+}
+
+impl Serialize for Signal {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Signal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Signal::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown signal `{text}` (use a name such as TERM, HUP, INT, QUIT, USR1, or a number)"
+            ))
+        })
+    }
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// Log files of one instance, written by its shim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Directory of the log files; `data_dir/logs` when absent.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// A log file is rotated before it would grow past this size; 0 never rotates.
+    #[serde(default = "default_log_max_bytes")]
+    pub max_bytes: u64,
+    /// How many rotated files are kept (`.1` is the newest).
+    #[serde(default = "default_log_backups")]
+    pub backups: u32,
+}
+
+fn default_log_max_bytes() -> u64 {
+    50 * 1024 * 1024
+}
+fn default_log_backups() -> u32 {
+    10
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_bytes: default_log_max_bytes(),
+            backups: default_log_backups(),
+        }
+    }
+}
+
+/// One service file. The service is named after the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Program and arguments; `{port}`, `{instance}`, `{service}`, `{release_dir}` are substituted.
+    pub command: Vec<String>,
+    #[serde(default = "default_instances")]
+    pub instances: u32,
+    /// Instance i listens on `port_base + i`.
+    #[serde(default)]
+    pub port_base: Option<u16>,
+    /// The port clients use; steered over the instance ports by the restart strategies.
+    #[serde(default)]
+    pub front_port: Option<u16>,
+    /// The instance's whole environment: nothing is inherited from the daemon.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the instance (placeholders allowed); the shim's when absent.
+    #[serde(default)]
+    pub directory: Option<String>,
+    /// User to run as; its primary group and supplementary groups are used unless given.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Supplementary groups; the user's own groups (as `initgroups` finds them) when absent.
+    #[serde(default)]
+    pub groups: Option<Vec<String>>,
+    /// File mode creation mask, in octal (`"022"`).
+    #[serde(default)]
+    pub umask: Option<String>,
+    /// RLIMIT_NOFILE (soft and hard) of the instance.
+    #[serde(default)]
+    pub nofile: Option<u64>,
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: Signal,
+    /// Time between the stop signal and SIGKILL to the instance's whole process group.
+    #[serde(default = "default_stop_grace_ms")]
+    pub stop_grace_ms: u64,
+    #[serde(default)]
+    pub autorestart: Autorestart,
+    /// Exit codes that count as success for `autorestart = "on-failure"`.
+    #[serde(default = "default_success_exit_codes")]
+    pub success_exit_codes: Vec<i32>,
+    /// An instance counts as started once it has stayed up this long; an earlier exit is a failed start.
+    #[serde(default = "default_startup_ms")]
+    pub startup_ms: u64,
+    /// Failed starts in a row after which the instance is `fatal` and not restarted automatically.
+    #[serde(default = "default_start_retries")]
+    pub start_retries: u32,
+    /// First delay before restarting after a failed start; doubles each time.
+    #[serde(default = "default_backoff_initial_ms")]
+    pub backoff_initial_ms: u64,
+    /// Cap of the doubling delay.
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    /// Start order: lower first (then by name); stop order is the reverse.
+    #[serde(default = "default_priority")]
+    pub priority: i32,
+    /// Services whose instances must be running before this one starts.
+    #[serde(default)]
+    pub after: Vec<String>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+fn default_instances() -> u32 {
+    1
+}
+fn default_stop_signal() -> Signal {
+    Signal(libc::SIGTERM)
+}
+fn default_stop_grace_ms() -> u64 {
+    10_000
+}
+fn default_success_exit_codes() -> Vec<i32> {
+    vec![0]
+}
+fn default_startup_ms() -> u64 {
+    1_000
+}
+fn default_start_retries() -> u32 {
+    3
+}
+fn default_backoff_initial_ms() -> u64 {
+    500
+}
+fn default_backoff_max_ms() -> u64 {
+    30_000
+}
+fn default_priority() -> i32 {
+    100
+}
+
+/// Upper bound of `instances`: a typo of 1000 should not fork a thousand processes.
+pub const INSTANCES_MAX: u32 = 256;
+
+impl ServiceConfig {
+    /// A service running `command` with every other key at its default.
+    pub fn with_command(command: Vec<String>) -> Self {
+        Self {
+            command,
+            instances: default_instances(),
+            port_base: None,
+            front_port: None,
+            env: BTreeMap::new(),
+            directory: None,
+            user: None,
+            group: None,
+            groups: None,
+            umask: None,
+            nofile: None,
+            stop_signal: default_stop_signal(),
+            stop_grace_ms: default_stop_grace_ms(),
+            autorestart: Autorestart::default(),
+            success_exit_codes: default_success_exit_codes(),
+            startup_ms: default_startup_ms(),
+            start_retries: default_start_retries(),
+            backoff_initial_ms: default_backoff_initial_ms(),
+            backoff_max_ms: default_backoff_max_ms(),
+            priority: default_priority(),
+            after: Vec::new(),
+            log: LogConfig::default(),
+        }
+    }
+
+    /// Parses and validates one service file's text.
+    pub fn parse(path: &Path, text: &str) -> Result<ServiceConfig, ConfigError> {
+        let config: ServiceConfig = parse_toml(path, text)?;
+        if let Err((key, message)) = config.validate() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: line_of_key(text, &key),
+                key,
+                message,
+            });
+        }
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: ranges, placeholders, octal strings. Returns the key at fault.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, message: String| Err((key.to_owned(), message));
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return bad("command", "must name a program".into());
+        }
+        for arg in &self.command {
+            if let Err(message) = check_placeholders(arg, self.port_base.is_some()) {
+                return bad("command", message);
+            }
+        }
+        if let Some(dir) = &self.directory
+            && let Err(message) = check_placeholders(dir, self.port_base.is_some())
+        {
+            return bad("directory", message);
+        }
+        for (name, value) in &self.env {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return bad("env", format!("invalid variable name `{name}`"));
+            }
+            if let Err(message) = check_placeholders(value, self.port_base.is_some()) {
+                return bad("env", format!("{name}: {message}"));
+            }
+        }
+        if self.instances == 0 || self.instances > INSTANCES_MAX {
+            return bad(
+                "instances",
+                format!("must be between 1 and {INSTANCES_MAX}"),
+            );
+        }
+        if let Some(base) = self.port_base {
+            if base == 0 {
+                return bad("port_base", "must not be 0".into());
+            }
+            if u32::from(base) + self.instances - 1 > u32::from(u16::MAX) {
+                return bad(
+                    "port_base",
+                    format!(
+                        "port_base + instances - 1 = {} is past 65535",
+                        u32::from(base) + self.instances - 1
+                    ),
+                );
+            }
+        }
+        if let Some(front) = self.front_port {
+            if front == 0 {
+                return bad("front_port", "must not be 0".into());
+            }
+            if self.instance_ports().any(|p| p == front) {
+                return bad(
+                    "front_port",
+                    format!("{front} is also an instance port (port_base + i)"),
+                );
+            }
+        }
+        if let Some(umask) = &self.umask
+            && parse_umask(umask).is_none()
+        {
+            return bad(
+                "umask",
+                format!("`{umask}` is not an octal mode between 000 and 777"),
+            );
+        }
+        if self.nofile == Some(0) {
+            return bad("nofile", "must be at least 1".into());
+        }
+        if self.backoff_initial_ms == 0 || self.backoff_max_ms < self.backoff_initial_ms {
+            return bad(
+                "backoff_max_ms",
+                "backoff_initial_ms must be at least 1 and backoff_max_ms at least backoff_initial_ms"
+                    .into(),
+            );
+        }
+        if self.group.is_some() && self.user.is_none() {
+            return bad("group", "needs `user` as well".into());
+        }
+        if self.groups.is_some() && self.user.is_none() {
+            return bad("groups", "needs `user` as well".into());
+        }
+        Ok(())
+    }
+
+    /// Instance ports in index order (empty without `port_base`).
+    pub fn instance_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.port_base
+            .into_iter()
+            .flat_map(move |base| (0..self.instances).map(move |i| base + i as u16))
+    }
+
+    pub fn port(&self, index: u32) -> Option<u16> {
+        self.port_base.map(|base| base + index as u16)
+    }
+}
+
+/// Parses a umask in octal.
+pub fn parse_umask(text: &str) -> Option<u32> {
+    u32::from_str_radix(text, 8).ok().filter(|m| *m <= 0o777)
+}
+
+fn check_placeholders(text: &str, has_ports: bool) -> Result<(), String> {
+    let subst = Substitutions {
+        service: "",
+        instance: 0,
+        port: has_ports.then_some(1),
+        release_dir: Some(Path::new("/")),
+    };
+    subst.apply(text).map(drop)
+}
+
+/// Values substituted into one instance's command, directory and environment.
+pub struct Substitutions<'a> {
+    pub service: &'a str,
+    pub instance: u32,
+    pub port: Option<u16>,
+    pub release_dir: Option<&'a Path>,
+}
+
+impl Substitutions<'_> {
+    /// Replaces placeholders; `{{` and `}}` stand for literal braces. An unknown placeholder, or
+    /// `{release_dir}` without a release, is an error naming it.
+    pub fn apply(&self, text: &str) -> Result<String, String> {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(pos) = rest.find(['{', '}']) {
+            out.push_str(&rest[..pos]);
+            let tail = &rest[pos..];
+            if let Some(after) = tail.strip_prefix("{{") {
+                out.push('{');
+                rest = after;
+                continue;
+            }
+            if let Some(after) = tail.strip_prefix("}}") {
+                out.push('}');
+                rest = after;
+                continue;
+            }
+            if tail.starts_with('}') {
+                return Err(format!(
+                    "lone `}}` in `{text}` (write `}}}}` for a literal brace)"
+                ));
+            }
+            let after = &tail[1..];
+            let end = after.find('}').ok_or_else(|| {
+                format!("unclosed `{{` in `{text}` (write `{{{{` for a literal brace)")
+            })?;
+            match &after[..end] {
+                "port" => out.push_str(
+                    &self
+                        .port
+                        .ok_or_else(|| format!("`{{port}}` in `{text}` needs `port_base`"))?
+                        .to_string(),
+                ),
+                "instance" => out.push_str(&self.instance.to_string()),
+                "service" => out.push_str(self.service),
+                "release_dir" => {
+                    let dir = self.release_dir.ok_or_else(|| {
+                        format!(
+                            "service {} uses `{{release_dir}}` but has no installed release",
+                            self.service
+                        )
+                    })?;
+                    out.push_str(&dir.to_string_lossy());
+                }
+                other => {
+                    return Err(format!(
+                        "unknown placeholder `{{{other}}}` in `{text}` (known: {{port}}, {{instance}}, {{service}}, {{release_dir}}; write `{{{{` for a literal brace)"
+                    ));
+                }
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+}
+
+/// Checks that a service name can be used in file names and iptables chain names.
+pub fn check_service_name(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    let starts_ok = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !ok_chars || !starts_ok || name.len() > SERVICE_NAME_MAX_LEN {
+        return Err(format!(
+            "service name `{name}` must be 1 to {SERVICE_NAME_MAX_LEN} characters of a-z, 0-9, `-` and `_`, starting with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// All service files of a host, keyed by service name.
+pub type Services = BTreeMap<String, ServiceConfig>;
+
+/// Reads every `*.toml` in `dir`; any bad file fails the whole load, so nothing half-applies.
+pub fn load_services(dir: &Path) -> Result<Services, ConfigError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| ConfigError::Read {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut paths = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| ConfigError::Read {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    let mut services = Services::new();
+    for path in paths {
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        check_service_name(&name).map_err(|message| ConfigError::Service {
+            path: path.clone(),
+            message,
+        })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        services.insert(name, ServiceConfig::parse(&path, &text)?);
+    }
+    check_dependencies(dir, &services)?;
+    Ok(services)
+}
+
+/// `after` must name existing services and must not form a cycle.
+fn check_dependencies(dir: &Path, services: &Services) -> Result<(), ConfigError> {
+    for (name, config) in services {
+        for dep in &config.after {
+            if !services.contains_key(dep) {
+                return Err(ConfigError::Service {
+                    path: dir.join(format!("{name}.toml")),
+                    message: format!("key `after`: no service named `{dep}`"),
+                });
+            }
+        }
+    }
+    start_order(services)
+        .map(|_| ())
+        .map_err(|cycle| ConfigError::Service {
+            path: dir.to_owned(),
+            message: format!("`after` forms a cycle through {}", cycle.join(", ")),
+        })
+}
+
+/// Services in start order: every service after those it names in `after`, then by priority and name.
+/// Errors with the services left in a cycle.
+pub fn start_order(services: &Services) -> Result<Vec<String>, Vec<String>> {
+    let mut done: BTreeSet<&str> = BTreeSet::new();
+    let mut order = Vec::with_capacity(services.len());
+    while order.len() < services.len() {
+        let next = services
+            .iter()
+            .filter(|(name, _)| !done.contains(name.as_str()))
+            .filter(|(_, config)| config.after.iter().all(|d| done.contains(d.as_str())))
+            .min_by_key(|(name, config)| (config.priority, name.as_str()));
+        match next {
+            Some((name, _)) => {
+                done.insert(name);
+                order.push(name.clone());
+            }
+            None => {
+                return Err(services
+                    .keys()
+                    .filter(|n| !done.contains(n.as_str()))
+                    .cloned()
+                    .collect());
+            }
+        }
+    }
+    Ok(order)
+}
+
+fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|span| line_at(text, span.start));
+        let message = e.message().trim_end().to_owned();
+        ConfigError::Parse {
+            path: path.to_owned(),
+            message: match line {
+                Some(line) => format!("line {line}: {message}"),
+                None => message,
+            },
+        }
+    })
+}
+
+/// The 1-based line of a byte offset.
+fn line_at(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// The 1-based line where a top-level (or `table.key`) key is defined; 1 when not found.
+fn line_of_key(text: &str, key: &str) -> usize {
+    let Ok(table) = toml::de::DeTable::parse(text) else {
+        return 1;
+    };
+    let mut parts = key.split('.');
+    let first = parts.next().unwrap_or_default();
+    let mut span = None;
+    let mut current = table.get_ref();
+    let mut want = Some(first);
+    while let Some(name) = want {
+        let Some((k, v)) = current.iter().find(|(k, _)| k.get_ref() == name) else {
+            break;
+        };
+        span = Some(k.span());
+        want = parts.next();
+        match v.get_ref() {
+            toml::de::DeValue::Table(t) => current = t,
+            _ => break,
+        }
+    }
+    span.map_or(1, |s| line_at(text, s.start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ServiceConfig, ConfigError> {
+        ServiceConfig::parse(Path::new("/etc/sluice/services/web.toml"), text)
+    }
+
+    #[test]
+    fn the_issue_example_parses() {
+        let c = parse(
+            r#"
+command = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+instances = 3
+port_base = 9100
+autorestart = "always"
+stop_signal = "TERM"
+stop_grace_ms = 5000
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.instances, 3);
+        assert_eq!(c.port(2), Some(9102));
+        assert_eq!(c.stop_signal, Signal(libc::SIGTERM));
+        assert_eq!(c.stop_grace_ms, 5000);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "command = [\"x\"]\nbogus = 1\n",
+                "web.toml: line 2: unknown field `bogus`",
+            ),
+            (
+                "command = [\"x\"]\ninstances = \"three\"\n",
+                "web.toml: line 2: invalid type: string \"three\", expected u32",
+            ),
+            (
+                "command = [\"x\"]\n\ninstances = 0\n",
+                "web.toml:3: key `instances`: must be between 1 and 256",
+            ),
+            (
+                "command = [\"x\", \"{port}\"]\n",
+                "web.toml:1: key `command`: `{port}` in `{port}` needs `port_base`",
+            ),
+            (
+                "command = [\"x\", \"{nope}\"]\n",
+                "key `command`: unknown placeholder `{nope}`",
+            ),
+            (
+                "command = [\"x\"]\numask = \"999\"\n",
+                "web.toml:2: key `umask`: `999` is not an octal mode",
+            ),
+            (
+                "command = [\"x\"]\nstop_signal = \"BOGUS\"\n",
+                "line 2: unknown signal `BOGUS`",
+            ),
+            (
+                "command = [\"x\"]\nport_base = 9000\ninstances = 3\nfront_port = 9001\n",
+                "web.toml:4: key `front_port`: 9001 is also an instance port",
+            ),
+            (
+                "command = [\"x\"]\n[log]\nmax_bytes = -1\n",
+                "line 3: invalid value: integer `-1`",
+            ),
+            ("instances = 2\n", "missing field `command`"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains(want),
+                "for {text:?}\n got: {err}\nwant: {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn substitution() {
+        let s = Substitutions {
+            service: "web",
+            instance: 2,
+            port: Some(9102),
+            release_dir: None,
+        };
+        assert_eq!(
+            s.apply("--port={port} {service}-{instance}").unwrap(),
+            "--port=9102 web-2"
+        );
+        assert_eq!(s.apply("{{\"a\": {port}}}").unwrap(), "{\"a\": 9102}");
+        assert!(s.apply("x}y").is_err());
+        assert!(s.apply("{port").is_err());
+        assert!(
+            s.apply("{release_dir}/bin")
+                .unwrap_err()
+                .contains("no installed release")
+        );
+    }
+
+    #[test]
+    fn start_order_respects_after_then_priority() {
+        let mut services = Services::new();
+        let mut db = ServiceConfig::with_command(vec!["db".into()]);
+        db.priority = 500;
+        let mut web = ServiceConfig::with_command(vec!["web".into()]);
+        web.after = vec!["db".into()];
+        web.priority = 1;
+        let mut cache = ServiceConfig::with_command(vec!["cache".into()]);
+        cache.priority = 1;
+        services.insert("db".into(), db);
+        services.insert("web".into(), web);
+        services.insert("cache".into(), cache);
+        assert_eq!(start_order(&services).unwrap(), ["cache", "db", "web"]);
+        services.get_mut("db").unwrap().after = vec!["web".into()];
+        assert_eq!(start_order(&services).unwrap_err(), ["db", "web"]);
+    }
+
+    #[test]
+    fn service_names() {
+        assert!(check_service_name("web-api_2").is_ok());
+        for bad in ["", "Web", "-x", "a.b", "a/b", "abcdefghijklmnopqrstuv"] {
+            assert!(check_service_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn signals() {
+        assert_eq!(Signal::parse("hup"), Some(Signal(libc::SIGHUP)));
+        assert_eq!(Signal::parse("SIGUSR2"), Some(Signal(libc::SIGUSR2)));
+        assert_eq!(Signal::parse("9"), Some(Signal(9)));
+        assert_eq!(Signal::parse("0"), None);
+        assert_eq!(Signal::parse("NOPE"), None);
+    }
+
+    /// Every key of the host and service files is documented in docs/config.md, and nothing more.
+    #[test]
+    fn reference_page_documents_every_key() {
+        let page = include_str!("../../docs/config.md");
+        let mut keys = BTreeSet::new();
+        let service = ServiceConfig::with_command(vec!["x".into()]);
+        collect_keys("", &serde_json::to_value(&service).unwrap(), &mut keys);
+        collect_keys(
+            "",
+            &serde_json::to_value(HostConfig::default()).unwrap(),
+            &mut keys,
+        );
+        let documented: BTreeSet<String> = page
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .map(str::to_owned)
+            .collect();
+        let missing: Vec<_> = keys.difference(&documented).collect();
+        let extra: Vec<_> = documented.difference(&keys).collect();
+        assert!(missing.is_empty(), "undocumented keys: {missing:?}");
+        assert!(
+            extra.is_empty(),
+            "documented keys that do not exist: {extra:?}"
+        );
+    }
+
+    fn collect_keys(prefix: &str, value: &serde_json::Value, out: &mut BTreeSet<String>) {
+        let serde_json::Value::Object(map) = value else {
+            return;
+        };
+        for (k, v) in map {
+            let key = format!("{prefix}{k}");
+            if v.is_object() && k != "env" {
+                collect_keys(&format!("{key}."), v, out);
+            } else {
+                out.insert(key);
+            }
+        }
+    }
+}

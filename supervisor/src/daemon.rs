@@ -1,0 +1,404 @@
+//! `sluice run`: finds the shims a previous daemon left, starts one task per service, serves the
+//! control API, and runs the daemon's one loop (requests, signals, watchdog) until told to go.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_shim::proto::Status;
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api;
+use crate::config::{self, HostConfig, ServiceConfig, Services};
+use crate::notify;
+use crate::service::{self, Action, Context, ServiceHandle, ServiceStatus};
+use crate::shim::{self, ShimPaths};
+
+/// Bound of the queue between the control API and the daemon loop.
+const REQUEST_QUEUE: usize = 64;
+/// How long start-up waits for a service that others start `after`.
+const SETTLE_TIMEOUT_MS: u64 = 60_000;
+/// Grace given to instances of services no longer configured, found at start-up.
+const ORPHAN_STOP_GRACE_MS: u64 = 10_000;
+
+/// Starts the message of a reload refused for a bad configuration (the API answers 422).
+pub const INVALID_CONFIG: &str = "invalid configuration, nothing changed";
+
+/// How the daemon ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Told to stop (SIGTERM, SIGINT): instances were left running for the next daemon.
+    Detached,
+    /// `sluice shutdown`: every instance was stopped.
+    ShutDown,
+}
+
+/// A request from the control API to the daemon loop.
+pub enum Request {
+    Status {
+        service: Option<String>,
+        reply: oneshot::Sender<Result<Vec<ServiceStatus>, String>>,
+    },
+    Control {
+        service: String,
+        index: Option<u32>,
+        action: Action,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    Reload {
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// The log file of an instance, for `sluice logs`.
+    LogPath {
+        service: String,
+        index: u32,
+        stderr: bool,
+        reply: oneshot::Sender<Result<PathBuf, String>>,
+    },
+}
+
+/// The sending side of the daemon loop's queue, given to the control API.
+pub type Requests = mpsc::Sender<Request>;
+
+struct Entry {
+    config: ServiceConfig,
+    handle: ServiceHandle,
+}
+
+struct Daemon {
+    ctx: Arc<Context>,
+    services: BTreeMap<String, Entry>,
+}
+
+/// Runs the daemon until `shutdown` resolves, a SIGTERM/SIGINT arrives, or `sluice shutdown`.
+/// The caller binds the control socket, so tests can run the daemon in-process.
+pub async fn run(
+    host: HostConfig,
+    services: Services,
+    shim_binary: PathBuf,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Exit> {
+    use anyhow::Context as _;
+    for dir in [host.state_dir(), host.shim_dir()] {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let ctx = Arc::new(Context { host, shim_binary });
+    let mut found = scan_shims(&ctx.host.shim_dir()).await;
+    let mut daemon = Daemon {
+        ctx: ctx.clone(),
+        services: BTreeMap::new(),
+    };
+
+    // Shims of services that are no longer configured are stopped; the rest are adopted.
+    let orphans: Vec<String> = found
+        .keys()
+        .filter(|name| !services.contains_key(*name))
+        .cloned()
+        .collect();
+    for name in orphans {
+        let shims = found.remove(&name).expect("listed above");
+        for (index, _) in shims {
+            let paths = ShimPaths::new(&ctx.host.shim_dir(), &name, index);
+            tracing::warn!(service = %name, index, "stopping an instance of a service that is no longer configured");
+            tokio::spawn(stop_orphan(paths));
+        }
+    }
+    let order = config::start_order(&services)
+        .map_err(|cycle| anyhow::anyhow!("`after` forms a cycle through {}", cycle.join(", ")))?;
+    for name in order {
+        let config = services[&name].clone();
+        let waited_for = services.values().any(|s| s.after.contains(&name));
+        let handle = service::spawn(
+            ctx.clone(),
+            name.clone(),
+            config.clone(),
+            found.remove(&name).unwrap_or_default(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        if waited_for {
+            let settled =
+                tokio::time::timeout(Duration::from_millis(SETTLE_TIMEOUT_MS), handle.settled());
+            if settled.await.is_err() {
+                tracing::warn!(service = %name, "still starting after {SETTLE_TIMEOUT_MS} ms; starting the services after it anyway");
+            }
+        }
+        daemon.services.insert(name, Entry { config, handle });
+    }
+
+    let (requests_tx, mut requests) = mpsc::channel(REQUEST_QUEUE);
+    let server = tokio::spawn(api::serve(listener, requests_tx));
+    let mut signals = Signals::new()?;
+    let watchdog = notify::watchdog_interval();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    notify::ready(&format!("supervising {} service(s)", daemon.services.len()));
+    tracing::info!(services = daemon.services.len(), "sluice is running");
+    tokio::pin!(shutdown);
+
+    let exit = loop {
+        tokio::select! {
+            Some(request) = requests.recv() => {
+                if let Some(exit) = daemon.on_request(request).await {
+                    break exit;
+                }
+            }
+            signal = signals.next() => match signal {
+                SignalKind::Stop => break Exit::Detached,
+                SignalKind::Reload => match daemon.reload().await {
+                    Ok(summary) => tracing::info!("reloaded on SIGHUP: {summary}"),
+                    Err(e) => tracing::error!("reload on SIGHUP refused: {e}"),
+                },
+            },
+            _ = watchdog_tick.tick(), if watchdog.is_some() => notify::watchdog(),
+            () = &mut shutdown => break Exit::Detached,
+        }
+    };
+    notify::stopping();
+    server.abort();
+    match exit {
+        Exit::Detached => tracing::info!("exiting; instances keep running"),
+        Exit::ShutDown => tracing::info!("every instance stopped; exiting"),
+    }
+    Ok(exit)
+}
+
+impl Daemon {
+    /// Handles one request; returns how the daemon ends when the request ends it.
+    async fn on_request(&mut self, request: Request) -> Option<Exit> {
+        match request {
+            Request::Status { service, reply } => {
+                let handles: Vec<(String, ServiceHandle)> = match &service {
+                    Some(name) => match self.services.get(name) {
+                        Some(entry) => vec![(name.clone(), entry.handle.clone())],
+                        None => {
+                            let _ = reply.send(Err(self.unknown(name)));
+                            return None;
+                        }
+                    },
+                    None => self
+                        .services
+                        .iter()
+                        .map(|(n, e)| (n.clone(), e.handle.clone()))
+                        .collect(),
+                };
+                tokio::spawn(async move {
+                    let mut all = Vec::new();
+                    for (name, handle) in handles {
+                        match handle.status().await {
+                            Some(status) => all.push(status),
+                            None => {
+                                let _ = reply.send(Err(format!("service {name} is gone")));
+                                return;
+                            }
+                        }
+                    }
+                    let _ = reply.send(Ok(all));
+                });
+            }
+            Request::Control {
+                service,
+                index,
+                action,
+                reply,
+            } => match self.services.get(&service) {
+                Some(entry) => {
+                    let handle = entry.handle.clone();
+                    tokio::spawn(async move {
+                        let _ = reply.send(handle.control(action, index).await);
+                    });
+                }
+                None => {
+                    let _ = reply.send(Err(self.unknown(&service)));
+                }
+            },
+            Request::Reload { reply } => {
+                let _ = reply.send(self.reload().await);
+            }
+            Request::LogPath {
+                service,
+                index,
+                stderr,
+                reply,
+            } => {
+                let _ = reply.send(self.log_path(&service, index, stderr));
+            }
+            Request::Shutdown { reply } => {
+                notify::status("stopping every instance");
+                self.stop_everything().await;
+                let _ = reply.send(Ok("every instance stopped".into()));
+                return Some(Exit::ShutDown);
+            }
+        }
+        None
+    }
+
+    fn unknown(&self, name: &str) -> String {
+        let known: Vec<&str> = self.services.keys().map(String::as_str).collect();
+        format!("no service named `{name}` (known: {})", known.join(", "))
+    }
+
+    fn log_path(&self, service: &str, index: u32, stderr: bool) -> Result<PathBuf, String> {
+        let entry = self
+            .services
+            .get(service)
+            .ok_or_else(|| self.unknown(service))?;
+        if index >= entry.config.instances {
+            return Err(format!(
+                "{service} has no instance {index} (it has {})",
+                entry.config.instances
+            ));
+        }
+        let dir = entry
+            .config
+            .log
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.ctx.host.data_dir.join("logs"));
+        let stream = if stderr { "stderr" } else { "stdout" };
+        Ok(dir.join(format!("{service}-{index}.{stream}.log")))
+    }
+
+    /// Re-reads the service files and applies only the difference. A bad file changes nothing.
+    async fn reload(&mut self) -> Result<String, String> {
+        let services = config::load_services(&self.ctx.host.services_dir)
+            .map_err(|e| format!("{INVALID_CONFIG}: {e}"))?;
+        let mut summary = Vec::new();
+        let removed: Vec<String> = self
+            .services
+            .keys()
+            .filter(|name| !services.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in removed {
+            let entry = self.services.remove(&name).expect("listed above");
+            summary.push(format!("{name}: removed"));
+            tokio::spawn(async move { entry.handle.stop_all(true).await });
+        }
+        for (name, config) in services {
+            match self.services.get_mut(&name) {
+                Some(entry) if entry.config == config => {}
+                Some(entry) => {
+                    entry.config = config.clone();
+                    summary.push(entry.handle.reconfigure(config).await?);
+                }
+                None => {
+                    let handle =
+                        service::spawn(self.ctx.clone(), name.clone(), config.clone(), Vec::new())?;
+                    summary.push(format!("{name}: added"));
+                    self.services.insert(name, Entry { config, handle });
+                }
+            }
+        }
+        if summary.is_empty() {
+            summary.push("nothing changed".into());
+        }
+        notify::status(&format!("supervising {} service(s)", self.services.len()));
+        Ok(summary.join("; "))
+    }
+
+    /// Stops every service, in the reverse of start order, each completely before the next.
+    async fn stop_everything(&mut self) {
+        let services: Services = self
+            .services
+            .iter()
+            .map(|(n, e)| (n.clone(), e.config.clone()))
+            .collect();
+        let mut order =
+            config::start_order(&services).unwrap_or_else(|_| services.keys().cloned().collect());
+        order.reverse();
+        for name in order {
+            if let Some(entry) = self.services.get(&name) {
+                tracing::info!(service = %name, "stopping every instance");
+                entry.handle.stop_all(false).await;
+            }
+        }
+    }
+}
+
+/// Finds every shim socket left in `dir` and asks it how its instance is, by service.
+/// A socket whose shim is gone is removed.
+async fn scan_shims(dir: &Path) -> BTreeMap<String, Vec<(u32, Status)>> {
+    let mut found: BTreeMap<String, Vec<(u32, Status)>> = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some((service, index)) = name.to_str().and_then(ShimPaths::parse_socket_name) else {
+            continue;
+        };
+        let paths = ShimPaths::new(dir, &service, index);
+        match shim::status(&paths.socket).await {
+            Ok(status) => found.entry(service).or_default().push((index, status)),
+            Err(e) => {
+                if lock_is_free(&paths.lock) {
+                    tracing::info!(socket = %paths.socket.display(), "removing the socket of a shim that is gone");
+                    let _ = std::fs::remove_file(&paths.socket);
+                } else {
+                    // Alive but not answering: a start-up in progress. The service task
+                    // meets it again when it spawns (the shim answers `busy`) and adopts it.
+                    tracing::warn!(socket = %paths.socket.display(), "shim not answering: {e}");
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Whether no shim holds an instance's lock file.
+fn lock_is_free(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(path) else {
+        return true;
+    };
+    // SAFETY: flock on a descriptor we own; the lock is dropped with the file.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    rc == 0
+}
+
+/// Stops the instance of a service that left the configuration while no daemon ran.
+async fn stop_orphan(paths: ShimPaths) {
+    if let Err(e) = shim::stop(&paths.socket, libc::SIGTERM, ORPHAN_STOP_GRACE_MS).await {
+        tracing::warn!(socket = %paths.socket.display(), "stop: {e}");
+    }
+    if shim::wait(&paths.socket).await.is_ok() {
+        let _ = shim::release(&paths.socket).await;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum SignalKind {
+    Stop,
+    Reload,
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind as K, signal};
+        Ok(Self {
+            term: signal(K::terminate())?,
+            int: signal(K::interrupt())?,
+            hup: signal(K::hangup())?,
+        })
+    }
+
+    async fn next(&mut self) -> SignalKind {
+        tokio::select! {
+            _ = self.term.recv() => SignalKind::Stop,
+            _ = self.int.recv() => SignalKind::Stop,
+            _ = self.hup.recv() => SignalKind::Reload,
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The brain's side of the shim: spawning one, and its line protocol over the shim's unix socket.
+//!
+//! Every request has a timeout except `wait`, which is meant to stay open until the instance exits.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use sluice_shim::proto::{self, Status};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::spec::InstanceSpec;
+
+/// How long a shim may take to answer a request (it answers from a poll loop, at once).
+pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
+/// How long spawning a shim may take until its handshake line.
+pub const SPAWN_TIMEOUT_MS: u64 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("cannot start shim for {instance}: {message}")]
+    Spawn { instance: String, message: String },
+    /// The shim refused because another shim already holds the instance's lock.
+    #[error("instance {instance} already has a shim: {message}")]
+    Busy { instance: String, message: String },
+    #[error("shim socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("shim socket {path}: {message}")]
+    Protocol { path: PathBuf, message: String },
+    #[error("shim socket {path}: no answer within {timeout_ms} ms")]
+    Timeout { path: PathBuf, timeout_ms: u64 },
+}
+
+/// Where one instance's shim keeps its socket and lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShimPaths {
+    pub socket: PathBuf,
+    pub lock: PathBuf,
+}
+
+impl ShimPaths {
+    pub fn new(shim_dir: &Path, service: &str, index: u32) -> Self {
+        Self {
+            socket: shim_dir.join(format!("{service}@{index}.sock")),
+            lock: shim_dir.join(format!("{service}@{index}.lock")),
+        }
+    }
+
+    /// The inverse of [`ShimPaths::new`] for a socket file name: `(service, index)`.
+    pub fn parse_socket_name(name: &str) -> Option<(String, u32)> {
+        let stem = name.strip_suffix(".sock")?;
+        let (service, index) = stem.rsplit_once('@')?;
+        Some((service.to_owned(), index.parse().ok()?))
+    }
+}
+
+/// Spawns a shim for `spec` and returns `(shim pid, instance pid)` once the instance runs.
+pub async fn spawn(
+    shim_binary: &Path,
+    paths: &ShimPaths,
+    spec: &InstanceSpec,
+) -> Result<(u32, u32), ShimError> {
+    let instance = format!("{}/{}", spec.service, spec.index);
+    let spawn_err = |message: String| ShimError::Spawn {
+        instance: instance.clone(),
+        message,
+    };
+    let mut cmd = tokio::process::Command::new(shim_binary);
+    cmd.arg("--id")
+        .arg(&instance)
+        .arg("--socket")
+        .arg(&paths.socket)
+        .arg("--lock")
+        .arg(&paths.lock)
+        .arg("--stdout-log")
+        .arg(&spec.stdout_log)
+        .arg("--stderr-log")
+        .arg(&spec.stderr_log)
+        .arg("--log-max-bytes")
+        .arg(spec.log_max_bytes.to_string())
+        .arg("--log-backups")
+        .arg(spec.log_backups.to_string())
+        .arg("--tag")
+        .arg(spec.tag());
+    cmd.arg("--cwd").arg(&spec.directory);
+    if let Some(uid) = spec.uid {
+        cmd.arg("--uid").arg(uid.to_string());
+    }
+    if let Some(gid) = spec.gid {
+        cmd.arg("--gid").arg(gid.to_string());
+    }
+    if let Some(groups) = &spec.groups {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        cmd.arg("--groups").arg(list.join(","));
+    }
+    if let Some(umask) = spec.umask {
+        cmd.arg("--umask").arg(format!("{umask:03o}"));
+    }
+    if let Some(nofile) = spec.nofile {
+        cmd.arg("--nofile").arg(nofile.to_string());
+    }
+    cmd.arg("--").args(&spec.argv);
+    cmd.env_clear()
+        .envs(&spec.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(false);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| spawn_err(format!("{}: {e}", shim_binary.display())))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let handshake = async {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).await?;
+        // The first process exits at once after forking the real shim; reap it.
+        child.wait().await?;
+        Ok::<_, std::io::Error>(line)
+    };
+    let line = tokio::time::timeout(Duration::from_millis(SPAWN_TIMEOUT_MS), handshake)
+        .await
+        .map_err(|_| spawn_err(format!("no handshake within {SPAWN_TIMEOUT_MS} ms")))?
+        .map_err(|e| spawn_err(format!("reading the handshake: {e}")))?;
+    match proto::parse_handshake(line.trim_end()) {
+        Ok(pids) => Ok(pids),
+        Err(message) if message.starts_with("busy") => Err(ShimError::Busy { instance, message }),
+        Err(message) if message.is_empty() => {
+            Err(spawn_err("the shim exited without a handshake".into()))
+        }
+        Err(message) => Err(spawn_err(message)),
+    }
+}
+
+/// One request, one answer line, with a timeout.
+pub async fn request(socket: &Path, line: &str) -> Result<String, ShimError> {
+    let exchange = async {
+        let stream = UnixStream::connect(socket).await?;
+        let (read, mut write) = stream.into_split();
+        write.write_all(format!("{line}\n").as_bytes()).await?;
+        let mut answer = String::new();
+        BufReader::new(read).read_line(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), exchange)
+        .await
+        .map_err(|_| ShimError::Timeout {
+            path: socket.to_owned(),
+            timeout_ms: REQUEST_TIMEOUT_MS,
+        })?
+        .map_err(|source| ShimError::Io {
+            path: socket.to_owned(),
+            source,
+        })?;
+    let answer = answer.trim_end().to_owned();
+    if answer.is_empty() {
+        return Err(ShimError::Protocol {
+            path: socket.to_owned(),
+            message: format!("closed without answering `{line}`"),
+        });
+    }
+    if let Some(message) = answer.strip_prefix("error ") {
+        return Err(ShimError::Protocol {
+            path: socket.to_owned(),
+            message: format!("`{line}`: {message}"),
+        });
+    }
+    Ok(answer)
+}
+
+fn parse_status(socket: &Path, line: &str) -> Result<Status, ShimError> {
+    Status::parse(line).map_err(|e| ShimError::Protocol {
+        path: socket.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+pub async fn status(socket: &Path) -> Result<Status, ShimError> {
+    let line = request(socket, "status").await?;
+    parse_status(socket, &line)
+}
+
+pub async fn stop(socket: &Path, signal: i32, grace_ms: u64) -> Result<(), ShimError> {
+    request(socket, &format!("stop {signal} {grace_ms}"))
+        .await
+        .map(drop)
+}
+
+pub async fn signal(socket: &Path, signal: i32) -> Result<(), ShimError> {
+    request(socket, &format!("signal {signal}")).await.map(drop)
+}
+
+pub async fn release(socket: &Path) -> Result<(), ShimError> {
+    request(socket, "release").await.map(drop)
+}
+
+/// Waits, without a timeout, until the instance exits, and returns its exit status.
+pub async fn wait(socket: &Path) -> Result<Status, ShimError> {
+    let io = |source| ShimError::Io {
+        path: socket.to_owned(),
+        source,
+    };
+    let stream = UnixStream::connect(socket).await.map_err(io)?;
+    let (read, mut write) = stream.into_split();
+    write.write_all(b"wait\n").await.map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(read)
+        .read_line(&mut answer)
+        .await
+        .map_err(io)?;
+    if answer.is_empty() {
+        return Err(ShimError::Protocol {
+            path: socket.to_owned(),
+            message: "the shim went away while waiting".into(),
+        });
+    }
+    parse_status(socket, answer.trim_end())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_names_round_trip() {
+        let p = ShimPaths::new(Path::new("/run/sluice/shims"), "web-api", 12);
+        assert_eq!(p.socket, Path::new("/run/sluice/shims/web-api@12.sock"));
+        let name = p.socket.file_name().unwrap().to_str().unwrap();
+        assert_eq!(
+            ShimPaths::parse_socket_name(name),
+            Some(("web-api".into(), 12))
+        );
+        assert_eq!(ShimPaths::parse_socket_name("web.lock"), None);
+        assert_eq!(ShimPaths::parse_socket_name("web@x.sock"), None);
+    }
+}
