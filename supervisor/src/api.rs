@@ -9,6 +9,7 @@
 //!   while `follow` is set
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -59,53 +60,62 @@ pub struct ErrorBody {
     pub error: String,
 }
 
-/// Serves the control API on `listener` until the task is aborted.
-pub async fn serve(listener: UnixListener, daemon: Requests) {
+/// How long answers in flight may take to finish once the daemon exits (a `logs -f` never does).
+const DRAIN_MS: u64 = 2_000;
+
+/// Serves the control API on `listener` until `stop` resolves, then lets the answers in flight
+/// finish (for at most [`DRAIN_MS`]): `sluice shutdown` gets its answer before the daemon exits.
+pub async fn serve(listener: UnixListener, daemon: Requests, stop: impl Future<Output = ()>) {
     let socket_gid = listener
         .local_addr()
         .ok()
         .and_then(|a| a.as_pathname().map(Path::to_owned))
         .and_then(|p| std::fs::metadata(p).ok())
         .map(|m| std::os::unix::fs::MetadataExt::gid(&m));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(stop);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of descriptors, most likely: wait instead of spinning.
-                tracing::warn!("control socket accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, most likely: wait instead of spinning.
+                    tracing::warn!("control socket accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
         };
         let allowed = stream
             .peer_cred()
             .map(|cred| peer_allowed(cred.uid(), cred.gid(), cred.pid(), socket_gid))
             .unwrap_or(false);
         let daemon = daemon.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let daemon = daemon.clone();
+            async move {
+                let response = if allowed {
+                    route(request, daemon).await
+                } else {
+                    error(
+                        StatusCode::FORBIDDEN,
+                        "not allowed: the control socket is for root and its group",
+                    )
+                };
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let connection = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+        let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let daemon = daemon.clone();
-                async move {
-                    let response = if allowed {
-                        route(request, daemon).await
-                    } else {
-                        error(
-                            StatusCode::FORBIDDEN,
-                            "not allowed: the control socket is for root and its group",
-                        )
-                    };
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
+            if let Err(e) = connection.await {
                 tracing::debug!("control connection: {e}");
             }
         });
     }
+    let _ = tokio::time::timeout(Duration::from_millis(DRAIN_MS), graceful.shutdown()).await;
 }
 
 /// Root, the daemon's own user, and members of the socket's group may use the API.

@@ -133,7 +133,10 @@ pub async fn run(
     }
 
     let (requests_tx, mut requests) = mpsc::channel(REQUEST_QUEUE);
-    let server = tokio::spawn(api::serve(listener, requests_tx));
+    let (stop_api, api_stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(api::serve(listener, requests_tx, async {
+        let _ = api_stopped.await;
+    }));
     let mut signals = Signals::new()?;
     let watchdog = notify::watchdog_interval();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
@@ -160,7 +163,8 @@ pub async fn run(
         }
     };
     notify::stopping();
-    server.abort();
+    let _ = stop_api.send(());
+    let _ = server.await;
     match exit {
         Exit::Detached => tracing::info!("exiting; instances keep running"),
         Exit::ShutDown => tracing::info!("every instance stopped; exiting"),

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a Debian 12 machine, installing what the tests need first.
+# CI runs exactly this (see .ci/run) as root with CI=true; there a test never skips.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v iptables >/dev/null || need_apt+=(iptables)
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v ps >/dev/null || need_apt+=(procps)
+command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+command -v javac >/dev/null || need_apt+=(openjdk-17-jdk-headless)
+[ -x /usr/share/zookeeper/bin/zkServer.sh ] || need_apt+=(zookeeper)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: ${need_apt[*]} (run as root to install them)" >&2
+    exit 1
+  fi
+  echo "installing: ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+
+cargo fmt --all -- --check
+cargo build --workspace --bins
+cargo clippy --workspace --all-targets -- -D warnings
+profile=default
+[ "${CI:-}" = "true" ] && profile=ci
+cargo nextest run --workspace --profile "$profile" "$@"
