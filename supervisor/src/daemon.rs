@@ -341,7 +341,7 @@ async fn scan_shims(dir: &Path) -> BTreeMap<String, Vec<(u32, Status)>> {
         match shim::status(&paths.socket).await {
             Ok(status) => found.entry(service).or_default().push((index, status)),
             Err(e) => {
-                if lock_is_free(&paths.lock) {
+                if shim::lock_is_free(&paths.lock) {
                     tracing::info!(socket = %paths.socket.display(), "removing the socket of a shim that is gone");
                     let _ = std::fs::remove_file(&paths.socket);
                 } else {
@@ -353,17 +353,6 @@ async fn scan_shims(dir: &Path) -> BTreeMap<String, Vec<(u32, Status)>> {
         }
     }
     found
-}
-
-/// Whether no shim holds an instance's lock file.
-fn lock_is_free(path: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(file) = std::fs::File::open(path) else {
-        return true;
-    };
-    // SAFETY: flock on a descriptor we own; the lock is dropped with the file.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    rc == 0
 }
 
 /// Stops the instance of a service that left the configuration while no daemon ran.

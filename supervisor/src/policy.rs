@@ -77,20 +77,21 @@ mod tests {
         let code = |c| Some(Outcome::Code(c));
         let sig = |s| Some(Outcome::Signal(s));
         #[rustfmt::skip]
-        let table: &[(Autorestart, Option<Outcome>, u64, u32, Decision, u32)] = &[
+        type Case = (Autorestart, Option<Outcome>, u64, u32, Decision, u32);
+        let table: &[Case] = &[
             // policy,  exit,     ran_ms, failures -> decision, failures
-            (Always,    code(0),  5000, 2, Restart { delay_ms: 0 }, 0),
-            (Always,    sig(9),   5000, 0, Restart { delay_ms: 0 }, 0),
-            (Always,    code(1),  10,   0, Restart { delay_ms: 100 }, 1),
-            (Always,    code(1),  10,   1, Restart { delay_ms: 200 }, 2),
-            (Always,    code(1),  10,   2, Restart { delay_ms: 350 }, 3),
-            (Always,    code(1),  10,   3, Fatal, 4),
-            (Always,    None,     5000, 0, Restart { delay_ms: 0 }, 0),
-            (OnFailure, code(0),  10,   0, Exited, 0),
-            (OnFailure, code(2),  5000, 0, Restart { delay_ms: 0 }, 0),
-            (OnFailure, sig(15),  10,   3, Fatal, 4),
-            (Never,     code(1),  10,   0, Exited, 0),
-            (Never,     code(0),  5000, 0, Exited, 0),
+            (Always, code(0), 5000, 2, Restart { delay_ms: 0 }, 0),
+            (Always, sig(9), 5000, 0, Restart { delay_ms: 0 }, 0),
+            (Always, code(1), 10, 0, Restart { delay_ms: 100 }, 1),
+            (Always, code(1), 10, 1, Restart { delay_ms: 200 }, 2),
+            (Always, code(1), 10, 2, Restart { delay_ms: 350 }, 3),
+            (Always, code(1), 10, 3, Fatal, 4),
+            (Always, None, 5000, 0, Restart { delay_ms: 0 }, 0),
+            (OnFailure, code(0), 10, 0, Exited, 0),
+            (OnFailure, code(2), 5000, 0, Restart { delay_ms: 0 }, 0),
+            (OnFailure, sig(15), 10, 3, Fatal, 4),
+            (Never, code(1), 10, 0, Exited, 0),
+            (Never, code(0), 5000, 0, Exited, 0),
         ];
         for (policy, outcome, ran, failures, want, want_failures) in table {
             let got = on_exit(&config(*policy), *outcome, *ran, *failures);

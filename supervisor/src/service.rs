@@ -209,6 +209,8 @@ struct Instance {
     after_stop: AfterStop,
     last_exit: Option<String>,
     last_error: Option<String>,
+    /// The release of the previous shim; the next spawn waits for it (the lock must be free).
+    releasing: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Instance {
@@ -223,6 +225,7 @@ impl Instance {
             after_stop: AfterStop::Nothing,
             last_exit: None,
             last_error: None,
+            releasing: None,
         }
     }
 }
@@ -691,9 +694,13 @@ impl Service {
             }
         };
         instance.phase = Phase::Spawning;
+        let releasing = instance.releasing.take();
         let shim_binary = self.ctx.shim_binary.clone();
         let events = self.events_tx.clone();
         tokio::spawn(async move {
+            if let Some(releasing) = releasing {
+                let _ = releasing.await;
+            }
             for log in [&spec.stdout_log, &spec.stderr_log] {
                 if let Some(dir) = log.parent() {
                     let _ = tokio::fs::create_dir_all(dir).await;
@@ -827,7 +834,7 @@ impl Service {
 
     /// The instance's process ended, asked to or not.
     fn on_exit(&mut self, index: u32, status: Result<Status, ShimError>) {
-        let socket = self.paths(index).socket;
+        let paths = self.paths(index);
         let desired_up = self.desired_up(index);
         let instance = self.instances.get_mut(&index).expect("known index");
         let (outcome, ran_ms) = match &status {
@@ -850,9 +857,9 @@ impl Service {
         instance.shim = None;
         instance.generation += 1;
         // The exit status is ours now: let the shim go.
-        tokio::spawn(async move {
-            let _ = shim::release(&socket).await;
-        });
+        instance.releasing = Some(tokio::spawn(async move {
+            shim::release_and_wait(&paths).await;
+        }));
         let was = instance.phase;
         tracing::info!(service = %self.name, index, exit = %describe(outcome), ran_ms, "instance exited");
         if was == Phase::Stopping {

@@ -197,6 +197,32 @@ pub async fn release(socket: &Path) -> Result<(), ShimError> {
     request(socket, "release").await.map(drop)
 }
 
+/// How long to wait for a released shim to exit and free its lock.
+const RELEASE_WAIT_MS: u64 = 2_000;
+
+/// Whether no shim holds an instance's lock file.
+pub fn lock_is_free(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(path) else {
+        return true;
+    };
+    // SAFETY: flock on a descriptor we own; the lock goes with the file at the end of the scope.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    rc == 0
+}
+
+/// Lets the shim of an exited instance go, and waits until it is gone (its lock is free), so the
+/// next shim of the instance can take the lock instead of answering `busy`.
+pub async fn release_and_wait(paths: &ShimPaths) {
+    if let Err(e) = release(&paths.socket).await {
+        tracing::debug!("release: {e}");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(RELEASE_WAIT_MS);
+    while !lock_is_free(&paths.lock) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Waits, without a timeout, until the instance exits, and returns its exit status.
 pub async fn wait(socket: &Path) -> Result<Status, ShimError> {
     let io = |source| ShimError::Io {
