@@ -1,0 +1,606 @@
+//! The restart of a service as a state machine: batch by batch, each through
+//! drain → stop → start → healthy → warm → enable, and a failed batch put back on the old version.
+//!
+//! The machine does no I/O and reads no clock: [`Restart::on`] takes what happened ([`Input`]) and
+//! returns what to do ([`Action`]). It is serializable, so the daemon persists it before acting and
+//! a restarted daemon continues with [`Restart::resume`], which repeats the current step's actions
+//! for the members still waited for; the executor must make every action idempotent.
+//!
+//! Architecture Invariant: with a steering strategy, `Stop` names only instances that an earlier
+//! `Disable` took out of steering and that are not `Enable`d again since.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Batches taken out of iptables steering, drained, restarted, warmed, put back.
+    Drain,
+    /// Batches restarted and warmed, without steering (an external balancer copes).
+    Rolling,
+    /// One batch of everything, without steering.
+    AllAtOnce,
+    /// Batches sent the reload signal and checked; the processes stay.
+    Signal,
+}
+
+impl Strategy {
+    pub fn steers(self) -> bool {
+        self == Strategy::Drain
+    }
+}
+
+/// Which configuration (or build) an instance is started with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Version {
+    New,
+    Old,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Step {
+    Draining,
+    Stopping,
+    Starting,
+    Checking,
+    Warming,
+    Signalling,
+    Enabling,
+}
+
+/// What happened to a member of the current batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// Out of steering and without established connections (or the drain timeout passed).
+    Drained(u32),
+    Exited(u32),
+    Started(u32),
+    StartFailed(u32, String),
+    Healthy(u32),
+    Unhealthy(u32, String),
+    Warmed(u32),
+    WarmFailed(u32, String),
+    Signalled(u32),
+    SignalFailed(u32, String),
+    /// Back in steering.
+    Enabled(u32),
+}
+
+/// What the executor must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Take these out of steering, then report `Drained` for each once it has no connections.
+    Disable(Vec<u32>),
+    Stop(Vec<u32>),
+    Start(Vec<u32>, Version),
+    Check(Vec<u32>),
+    WarmUp(Vec<u32>),
+    Signal(Vec<u32>),
+    /// Put these back into steering, then report `Enabled` for each.
+    Enable(Vec<u32>),
+    /// The restart is over. `Err` names the instance that failed and why; the failed batch was
+    /// rolled back (or says that the rollback failed too).
+    Finished(Result<(), String>),
+}
+
+/// A restart in progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Restart {
+    pub strategy: Strategy,
+    /// Whether batches are warmed up after they are healthy.
+    pub warm: bool,
+    /// Batches not begun yet.
+    pub pending: VecDeque<Vec<u32>>,
+    /// The batch in progress (empty before the first and after the last).
+    pub batch: Vec<u32>,
+    pub step: Option<Step>,
+    /// Members of the batch the current step still waits for.
+    pub waiting: BTreeSet<u32>,
+    pub version: Version,
+    /// Why the current batch is being rolled back.
+    pub failure: Option<String>,
+    /// Instances restarted onto the new version.
+    pub done: Vec<u32>,
+    pub finished: bool,
+    /// Bumped on every step; inputs carry the epoch of the action they answer, so an answer to an
+    /// earlier step (a health check of the new version arriving during the rollback) is dropped.
+    pub epoch: u64,
+}
+
+impl Restart {
+    /// A restart of `batches` in order; call [`Restart::resume`] to get the first actions.
+    pub fn new(strategy: Strategy, warm: bool, batches: Vec<Vec<u32>>) -> Self {
+        Self {
+            strategy,
+            warm,
+            pending: batches.into_iter().filter(|b| !b.is_empty()).collect(),
+            batch: Vec::new(),
+            step: None,
+            waiting: BTreeSet::new(),
+            version: Version::New,
+            failure: None,
+            done: Vec::new(),
+            finished: false,
+            epoch: 0,
+        }
+    }
+
+    /// The actions of the current step for the members still waited for; the first batch's first
+    /// step when nothing has begun.
+    pub fn resume(&mut self) -> Vec<Action> {
+        if self.finished {
+            return Vec::new();
+        }
+        match self.step {
+            None => self.next_batch(),
+            Some(step) => self.actions_of(step),
+        }
+    }
+
+    fn waiting(&self) -> Vec<u32> {
+        self.waiting.iter().copied().collect()
+    }
+
+    fn actions_of(&self, step: Step) -> Vec<Action> {
+        let members = self.waiting();
+        vec![match step {
+            Step::Draining => Action::Disable(members),
+            Step::Stopping => Action::Stop(members),
+            Step::Starting => Action::Start(members, self.version),
+            Step::Checking => Action::Check(members),
+            Step::Warming => Action::WarmUp(members),
+            Step::Signalling => Action::Signal(members),
+            Step::Enabling => Action::Enable(members),
+        }]
+    }
+
+    fn enter(&mut self, step: Step) -> Vec<Action> {
+        self.epoch += 1;
+        self.step = Some(step);
+        self.waiting = self.batch.iter().copied().collect();
+        self.actions_of(step)
+    }
+
+    fn next_batch(&mut self) -> Vec<Action> {
+        let Some(batch) = self.pending.pop_front() else {
+            return self.finish(Ok(()));
+        };
+        self.batch = batch;
+        self.version = Version::New;
+        self.failure = None;
+        let first = match self.strategy {
+            Strategy::Drain => Step::Draining,
+            Strategy::Rolling | Strategy::AllAtOnce => Step::Stopping,
+            Strategy::Signal => Step::Signalling,
+        };
+        self.enter(first)
+    }
+
+    fn finish(&mut self, result: Result<(), String>) -> Vec<Action> {
+        self.finished = true;
+        self.step = None;
+        self.waiting.clear();
+        self.batch.clear();
+        vec![Action::Finished(result)]
+    }
+
+    /// The step after `step` once every member got through it.
+    fn after(&self, step: Step) -> Option<Step> {
+        match step {
+            Step::Draining => Some(Step::Stopping),
+            Step::Stopping => Some(Step::Starting),
+            Step::Starting => Some(Step::Checking),
+            Step::Signalling => Some(Step::Checking),
+            Step::Checking if self.warm => Some(Step::Warming),
+            Step::Checking | Step::Warming if self.strategy.steers() => Some(Step::Enabling),
+            Step::Checking | Step::Warming | Step::Enabling => None,
+        }
+    }
+
+    /// A member failed the current step.
+    fn fail(&mut self, index: u32, why: String) -> Vec<Action> {
+        let message = format!("instance {index}: {why}");
+        if self.strategy == Strategy::Signal {
+            return self.finish(Err(message));
+        }
+        match self.version {
+            Version::New => {
+                self.failure = Some(message);
+                self.version = Version::Old;
+                // Every member goes back, including those that were fine: a batch moves as one.
+                self.enter(Step::Stopping)
+            }
+            Version::Old => {
+                let first = self.failure.take().unwrap_or_default();
+                self.finish(Err(format!(
+                    "{first}; rolling back failed too, {message}; the batch stays out of steering"
+                )))
+            }
+        }
+    }
+
+    /// Applies what happened in answer to an action of `epoch`; returns what to do next. Inputs of
+    /// another epoch, or about instances the current step does not wait for, are ignored (they are
+    /// late or repeated).
+    pub fn on(&mut self, epoch: u64, input: Input) -> Vec<Action> {
+        let Some(step) = self.step else {
+            return Vec::new();
+        };
+        if epoch != self.epoch {
+            return Vec::new();
+        }
+        let (index, expected, failure) = match input {
+            Input::Drained(i) => (i, Step::Draining, None),
+            Input::Exited(i) => (i, Step::Stopping, None),
+            Input::Started(i) => (i, Step::Starting, None),
+            Input::StartFailed(i, why) => (i, Step::Starting, Some(why)),
+            Input::Healthy(i) => (i, Step::Checking, None),
+            Input::Unhealthy(i, why) => (i, Step::Checking, Some(why)),
+            Input::Warmed(i) => (i, Step::Warming, None),
+            Input::WarmFailed(i, why) => (i, Step::Warming, Some(why)),
+            Input::Signalled(i) => (i, Step::Signalling, None),
+            Input::SignalFailed(i, why) => (i, Step::Signalling, Some(why)),
+            Input::Enabled(i) => (i, Step::Enabling, None),
+        };
+        if step != expected || !self.waiting.contains(&index) {
+            return Vec::new();
+        }
+        if let Some(why) = failure {
+            return self.fail(index, why);
+        }
+        self.waiting.remove(&index);
+        if !self.waiting.is_empty() {
+            return Vec::new();
+        }
+        match self.after(step) {
+            Some(next) => self.enter(next),
+            None => self.batch_done(),
+        }
+    }
+
+    fn batch_done(&mut self) -> Vec<Action> {
+        if let Some(failure) = self.failure.take() {
+            return self.finish(Err(format!("{failure}; the batch was rolled back")));
+        }
+        self.done.extend(self.batch.iter().copied());
+        self.next_batch()
+    }
+
+    /// Instances that this restart has taken out of steering and not put back yet.
+    pub fn disabled(&self) -> BTreeSet<u32> {
+        match self.step {
+            Some(
+                Step::Draining | Step::Stopping | Step::Starting | Step::Checking | Step::Warming,
+            ) if self.strategy.steers() => self.batch.iter().copied().collect(),
+            Some(Step::Enabling) => self.waiting.clone(),
+            _ => BTreeSet::new(),
+        }
+    }
+
+    /// The instances of the current batch, when they are mid-restart (not to be restarted by the
+    /// ordinary restart policy, which would race the batch).
+    pub fn in_flight(&self) -> &[u32] {
+        &self.batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use std::collections::BTreeMap;
+
+    fn run_happy(strategy: Strategy, warm: bool) -> Vec<Action> {
+        let mut r = Restart::new(strategy, warm, vec![vec![0, 1], vec![2]]);
+        let mut log = Vec::new();
+        let mut queue: VecDeque<Action> = r.resume().into();
+        while let Some(action) = queue.pop_front() {
+            log.push(action.clone());
+            let inputs: Vec<Input> = match action {
+                Action::Disable(m) => m.into_iter().map(Input::Drained).collect(),
+                Action::Stop(m) => m.into_iter().map(Input::Exited).collect(),
+                Action::Start(m, _) => m.into_iter().map(Input::Started).collect(),
+                Action::Check(m) => m.into_iter().map(Input::Healthy).collect(),
+                Action::WarmUp(m) => m.into_iter().map(Input::Warmed).collect(),
+                Action::Signal(m) => m.into_iter().map(Input::Signalled).collect(),
+                Action::Enable(m) => m.into_iter().map(Input::Enabled).collect(),
+                Action::Finished(_) => vec![],
+            };
+            for input in inputs {
+                let epoch = r.epoch;
+                queue.extend(r.on(epoch, input));
+            }
+        }
+        log
+    }
+
+    #[test]
+    fn drain_goes_through_every_step_in_order() {
+        use Action::*;
+        let want = vec![
+            Disable(vec![0, 1]),
+            Stop(vec![0, 1]),
+            Start(vec![0, 1], Version::New),
+            Check(vec![0, 1]),
+            WarmUp(vec![0, 1]),
+            Enable(vec![0, 1]),
+            Disable(vec![2]),
+            Stop(vec![2]),
+            Start(vec![2], Version::New),
+            Check(vec![2]),
+            WarmUp(vec![2]),
+            Enable(vec![2]),
+            Finished(Ok(())),
+        ];
+        assert_eq!(run_happy(Strategy::Drain, true), want);
+    }
+
+    #[test]
+    fn other_strategies_skip_what_they_do_not_do() {
+        use Action::*;
+        assert_eq!(
+            run_happy(Strategy::Rolling, false),
+            vec![
+                Stop(vec![0, 1]),
+                Start(vec![0, 1], Version::New),
+                Check(vec![0, 1]),
+                Stop(vec![2]),
+                Start(vec![2], Version::New),
+                Check(vec![2]),
+                Finished(Ok(())),
+            ]
+        );
+        assert_eq!(
+            run_happy(Strategy::Signal, false),
+            vec![
+                Signal(vec![0, 1]),
+                Check(vec![0, 1]),
+                Signal(vec![2]),
+                Check(vec![2]),
+                Finished(Ok(())),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_check_rolls_the_batch_back_and_stops() {
+        let mut r = Restart::new(Strategy::Drain, false, vec![vec![0, 1], vec![2]]);
+        r.resume();
+        r.on(r.epoch, Input::Drained(0));
+        r.on(r.epoch, Input::Drained(1));
+        r.on(r.epoch, Input::Exited(0));
+        r.on(r.epoch, Input::Exited(1));
+        r.on(r.epoch, Input::Started(0));
+        r.on(r.epoch, Input::Started(1));
+        r.on(r.epoch, Input::Healthy(0));
+        let actions = r.on(
+            r.epoch,
+            Input::Unhealthy(1, "GET /health: status 500".into()),
+        );
+        assert_eq!(actions, vec![Action::Stop(vec![0, 1])]);
+        r.on(r.epoch, Input::Exited(0));
+        assert_eq!(
+            r.on(r.epoch, Input::Exited(1)),
+            vec![Action::Start(vec![0, 1], Version::Old)]
+        );
+        r.on(r.epoch, Input::Started(0));
+        r.on(r.epoch, Input::Started(1));
+        r.on(r.epoch, Input::Healthy(0));
+        assert_eq!(
+            r.on(r.epoch, Input::Healthy(1)),
+            vec![Action::Enable(vec![0, 1])]
+        );
+        r.on(r.epoch, Input::Enabled(0));
+        let end = r.on(r.epoch, Input::Enabled(1));
+        let [Action::Finished(Err(message))] = end.as_slice() else {
+            panic!("{end:?}");
+        };
+        assert_eq!(
+            message,
+            "instance 1: GET /health: status 500; the batch was rolled back"
+        );
+        assert!(r.done.is_empty(), "batch 2 never began");
+    }
+
+    #[test]
+    fn late_and_repeated_inputs_are_ignored() {
+        let mut r = Restart::new(Strategy::Drain, false, vec![vec![0]]);
+        r.resume();
+        assert!(
+            r.on(r.epoch, Input::Exited(0)).is_empty(),
+            "not stopping yet"
+        );
+        assert!(r.on(r.epoch, Input::Drained(7)).is_empty(), "not a member");
+        assert_eq!(
+            r.on(r.epoch, Input::Drained(0)),
+            vec![Action::Stop(vec![0])]
+        );
+        assert!(r.on(r.epoch, Input::Drained(0)).is_empty(), "repeated");
+    }
+
+    /// The simulated host: what each instance runs, and what steering sends to it.
+    #[derive(Debug, Default)]
+    struct Host {
+        running: BTreeMap<u32, Version>,
+        enabled: BTreeSet<u32>,
+        drained: BTreeSet<u32>,
+    }
+
+    /// Drives restarts through random interleavings, random failures and random crashes of the
+    /// daemon (the machine is serialized and resumed), checking the invariants after every step.
+    #[test]
+    fn simulation_keeps_the_invariants() {
+        let seed: u64 = std::env::var("SLUICE_SIM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        println!("simulation seed {seed} (rerun with SLUICE_SIM_SEED={seed})");
+        let mut rng = StdRng::seed_from_u64(seed);
+        for round in 0..500 {
+            simulate(&mut rng, round);
+        }
+    }
+
+    fn simulate(rng: &mut StdRng, round: usize) {
+        let strategy =
+            [Strategy::Drain, Strategy::Rolling, Strategy::AllAtOnce][rng.random_range(0..3)];
+        let n: u32 = rng.random_range(1..7);
+        let all: Vec<u32> = (0..n).collect();
+        let per = if strategy == Strategy::AllAtOnce {
+            n as usize
+        } else {
+            rng.random_range(1..=n as usize)
+        };
+        let batches: Vec<Vec<u32>> = all.chunks(per).map(<[u32]>::to_vec).collect();
+        let bad_build = rng.random_bool(0.3);
+        let bad_old = bad_build && rng.random_bool(0.2);
+        let mut host = Host::default();
+        for &i in &all {
+            host.running.insert(i, Version::Old);
+            if strategy.steers() {
+                host.enabled.insert(i);
+            }
+        }
+        let mut machine = Restart::new(strategy, rng.random_bool(0.5), batches);
+        let mut pending: Vec<(u64, Input)> = Vec::new();
+        let mut actions: Vec<Action> = machine.resume();
+        let mut result = None;
+        for _ in 0..10_000 {
+            let epoch = machine.epoch;
+            let mut answers = Vec::new();
+            for action in actions.drain(..) {
+                let ctx = format!("round {round}, {strategy:?}, action {action:?}, host {host:?}");
+                match action {
+                    Action::Disable(m) => {
+                        for i in m {
+                            host.enabled.remove(&i);
+                            host.drained.insert(i);
+                            answers.push(Input::Drained(i));
+                        }
+                    }
+                    Action::Stop(m) => {
+                        for i in m {
+                            assert!(
+                                !strategy.steers() || !host.enabled.contains(&i),
+                                "stopped an instance with traffic steered to it: {ctx}"
+                            );
+                            host.running.remove(&i);
+                            answers.push(Input::Exited(i));
+                        }
+                    }
+                    Action::Start(m, version) => {
+                        for i in m {
+                            // Idempotent, as the executor must be: a start of a running
+                            // instance of that version just reports it.
+                            host.running.insert(i, version);
+                            answers.push(Input::Started(i));
+                        }
+                    }
+                    Action::Check(m) | Action::WarmUp(m) => {
+                        for i in m {
+                            let version = host.running.get(&i).copied();
+                            let broken = match version {
+                                Some(Version::New) => bad_build,
+                                Some(Version::Old) => bad_old,
+                                None => true,
+                            };
+                            answers.push(if broken {
+                                Input::Unhealthy(i, "broken".into())
+                            } else {
+                                Input::Healthy(i)
+                            });
+                            // A warm-up answers like a check in this model.
+                            if let Some(Step::Warming) = machine.step {
+                                let last = answers.pop().expect("just pushed");
+                                answers.push(match last {
+                                    Input::Healthy(i) => Input::Warmed(i),
+                                    Input::Unhealthy(i, w) => Input::WarmFailed(i, w),
+                                    other => other,
+                                });
+                            }
+                        }
+                    }
+                    Action::Signal(_) => unreachable!("signal is not simulated"),
+                    Action::Enable(m) => {
+                        for i in m {
+                            assert!(
+                                host.running.contains_key(&i),
+                                "enabled a stopped instance: {ctx}"
+                            );
+                            host.enabled.insert(i);
+                            host.drained.remove(&i);
+                            answers.push(Input::Enabled(i));
+                        }
+                    }
+                    Action::Finished(r) => result = Some(r),
+                }
+            }
+            pending.extend(answers.into_iter().map(|a| (epoch, a)));
+            if result.is_some() {
+                break;
+            }
+            // Out of steering at any moment: at most one batch.
+            if strategy.steers() {
+                assert!(
+                    host.drained.len() <= per,
+                    "round {round}: more than a batch drained: {host:?}"
+                );
+            }
+            if rng.random_bool(0.05) {
+                // The daemon crashes: in-flight inputs are lost, the persisted machine resumes.
+                machine = persisted(&machine);
+                pending.clear();
+                actions = machine.resume();
+                continue;
+            }
+            if pending.is_empty() {
+                panic!("round {round}: stuck with nothing pending: {machine:?}");
+            }
+            let (epoch, input) = pending.remove(rng.random_range(0..pending.len()));
+            actions = machine.on(epoch, input);
+        }
+        let result = result.unwrap_or_else(|| panic!("round {round}: never finished"));
+        match (&result, bad_build, bad_old) {
+            (Ok(()), false, _) => {
+                assert!(
+                    host.running.values().all(|v| *v == Version::New),
+                    "round {round}: {host:?}"
+                );
+                assert_eq!(machine.done.len(), n as usize);
+            }
+            (Err(m), true, false) => {
+                assert!(
+                    m.ends_with("the batch was rolled back"),
+                    "round {round}: {m}"
+                );
+                assert_eq!(host.running.len(), n as usize, "round {round}: {host:?}");
+                assert!(
+                    host.running.values().all(|v| *v == Version::Old),
+                    "round {round}: {host:?}"
+                );
+            }
+            (Err(m), true, true) => {
+                assert!(m.contains("rolling back failed too"), "round {round}: {m}")
+            }
+            other => panic!("round {round}: unexpected {other:?}"),
+        }
+        if strategy.steers() && !bad_old {
+            assert_eq!(
+                host.enabled.len(),
+                n as usize,
+                "round {round}: every instance enabled at the end: {host:?}"
+            );
+        }
+    }
+
+    /// A crash loses everything but the persisted machine: round-trip it through JSON.
+    fn persisted(machine: &Restart) -> Restart {
+        let text = serde_json::to_string(machine).expect("serializes");
+        serde_json::from_str(&text).expect("deserializes")
+    }
+}
