@@ -270,13 +270,13 @@ impl Restart {
         self.next_batch()
     }
 
-    /// Instances that this restart has taken out of steering and not put back yet.
+    /// Instances this restart keeps out of steering: the batch, from its drain until its enable
+    /// step begins (then the executor puts them back and reports `Enabled`).
     pub fn disabled(&self) -> BTreeSet<u32> {
         match self.step {
             Some(
                 Step::Draining | Step::Stopping | Step::Starting | Step::Checking | Step::Warming,
             ) if self.strategy.steers() => self.batch.iter().copied().collect(),
-            Some(Step::Enabling) => self.waiting.clone(),
             _ => BTreeSet::new(),
         }
     }

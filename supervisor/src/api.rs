@@ -246,6 +246,8 @@ async fn route(request: Request<Incoming>, daemon: Requests) -> Response<Body> {
                 ("start", _) => Action::Start,
                 ("stop", _) => Action::Stop,
                 ("restart", _) => Action::Restart,
+                ("drain", _) => Action::Drain,
+                ("enable", _) => Action::Enable,
                 ("signal", Some(name)) => match Signal::parse(name) {
                     Some(signal) => Action::Signal(signal.0),
                     None => {

@@ -47,6 +47,13 @@ pub enum Command {
     Stop { target: String },
     /// Restart instances one at a time; waits until done.
     Restart { target: String },
+    /// Take instances out of steering and wait for their connections to end; they stay out until
+    /// `enable`.
+    Drain { target: String },
+    /// Put drained instances back into steering.
+    Enable { target: String },
+    /// Remove every iptables rule and chain sluice created (the daemon must not be running).
+    Cleanup,
     /// Send a signal (`HUP`, `USR1`, a number) to instances.
     Signal { signal: String, target: String },
     /// Print an instance's log.
@@ -77,7 +84,9 @@ pub fn main() -> i32 {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // One thread runs the daemon; a few more serve blocking work (iptables, file reads).
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .max_blocking_threads(8)
         .enable_all()
         .build()
         .expect("a tokio runtime can be built");
@@ -94,6 +103,7 @@ async fn dispatch(cli: Cli) -> i32 {
     };
     match cli.command {
         Command::Run => run(host).await,
+        Command::Cleanup => cleanup(&host).await,
         Command::CheckConfig => match config::load_services(&host.services_dir) {
             Ok(services) => {
                 println!(
@@ -169,6 +179,39 @@ async fn run(host: HostConfig) -> i32 {
     }
 }
 
+/// Removes every chain and jump rule sluice owns, in both address families. Refuses while a
+/// daemon runs: it would put its chains back.
+async fn cleanup(host: &HostConfig) -> i32 {
+    if lock_daemon(&host.runtime_dir).is_err() {
+        eprintln!("sluice: a sluice daemon is running; stop it first (`systemctl stop sluice`)");
+        return exit::FAILED;
+    }
+    let iptables = sluice_strategies::steering::Iptables::detect();
+    let result = tokio::task::spawn_blocking(move || {
+        let services = iptables.owned()?;
+        for service in &services {
+            iptables.remove(service)?;
+        }
+        Ok::<_, sluice_strategies::steering::SteeringError>(services)
+    })
+    .await
+    .expect("the cleanup task does not panic");
+    match result {
+        Ok(services) if services.is_empty() => {
+            println!("nothing to remove");
+            exit::OK
+        }
+        Ok(services) => {
+            println!("removed the steering of: {}", services.join(", "));
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("sluice: cleanup: {e}");
+            exit::FAILED
+        }
+    }
+}
+
 /// Holds `runtime_dir/sluice.lock` for the daemon's life: a second daemon on the same host
 /// would adopt and fight over the same shims.
 fn lock_daemon(runtime_dir: &Path) -> anyhow::Result<std::fs::File> {
@@ -236,7 +279,9 @@ async fn verb_main(socket: &Path, verb: Command) -> anyhow::Result<()> {
         }))
     };
     let body = match verb {
-        Command::Run | Command::CheckConfig => unreachable!("handled by dispatch"),
+        Command::Run | Command::CheckConfig | Command::Cleanup => {
+            unreachable!("handled by dispatch")
+        }
         Command::Status { service, json } => {
             let query = service.map(|s| format!("?service={s}")).unwrap_or_default();
             let answer =
@@ -275,6 +320,8 @@ async fn verb_main(socket: &Path, verb: Command) -> anyhow::Result<()> {
         Command::Start { target } => ("/v1/control", Some(control("start", &target, None)?)),
         Command::Stop { target } => ("/v1/control", Some(control("stop", &target, None)?)),
         Command::Restart { target } => ("/v1/control", Some(control("restart", &target, None)?)),
+        Command::Drain { target } => ("/v1/control", Some(control("drain", &target, None)?)),
+        Command::Enable { target } => ("/v1/control", Some(control("enable", &target, None)?)),
         Command::Signal { signal, target } => (
             "/v1/control",
             Some(control("signal", &target, Some(signal))?),

@@ -9,6 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use sluice_strategies::plan::BatchSize;
 
 /// Default path of the host file when neither `--config` nor `SLUICE_CONFIG` is given.
 pub const DEFAULT_HOST_CONFIG: &str = "/etc/sluice/sluice.toml";
@@ -329,6 +330,207 @@ pub struct ServiceConfig {
     pub after: Vec<String>,
     #[serde(default)]
     pub log: LogConfig,
+    /// How the front port reaches the instances: `iptables` (sluice's chain) or `none`.
+    #[serde(default)]
+    pub steering: SteeringKind,
+    #[serde(default)]
+    pub restart: RestartConfig,
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+    #[serde(default)]
+    pub warmup: Option<WarmupConfig>,
+}
+
+/// Who steers the front port over the instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SteeringKind {
+    /// sluice's own nat chain (needs `front_port`).
+    #[default]
+    Iptables,
+    /// An external balancer; sluice writes no rule.
+    None,
+}
+
+/// Restart strategies by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyName {
+    Drain,
+    Rolling,
+    AllAtOnce,
+    Signal,
+}
+
+/// A batch size as written: a count (`2`) or a percentage (`"25%"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSpec(pub BatchSize);
+
+impl Serialize for BatchSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            BatchSize::Count(n) => s.serialize_u32(n),
+            BatchSize::Percent(p) => s.serialize_str(&format!("{p}%")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(i64),
+            Text(String),
+        }
+        let parsed = match Raw::deserialize(d)? {
+            Raw::Count(n) => u32::try_from(n)
+                .ok()
+                .and_then(|n| BatchSize::parse(&n.to_string())),
+            Raw::Text(t) => BatchSize::parse(&t),
+        };
+        parsed.map(BatchSpec).ok_or_else(|| {
+            serde::de::Error::custom(
+                "batch_size must be a count of at least 1 or a percentage such as \"25%\"",
+            )
+        })
+    }
+}
+
+/// How a service is restarted (`sluice restart`, a reload that changes it, a deploy).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartConfig {
+    /// `drain` when the service has a `front_port`, else `rolling`.
+    #[serde(default)]
+    pub strategy: Option<StrategyName>,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: BatchSpec,
+    /// Longest wait for a drained instance's established connections to end before it is stopped.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+    /// The signal of the `signal` strategy.
+    #[serde(default = "default_reload_signal")]
+    pub reload_signal: Signal,
+}
+
+fn default_batch_size() -> BatchSpec {
+    BatchSpec(BatchSize::Count(1))
+}
+fn default_drain_timeout_ms() -> u64 {
+    10_000
+}
+fn default_reload_signal() -> Signal {
+    Signal(libc::SIGHUP)
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        Self {
+            strategy: None,
+            batch_size: default_batch_size(),
+            drain_timeout_ms: default_drain_timeout_ms(),
+            reload_signal: default_reload_signal(),
+        }
+    }
+}
+
+/// How to tell an instance is healthy: after a start (readiness) and, optionally, periodically.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `GET` this path on the instance port; healthy on `expect_status`.
+    #[serde(default)]
+    pub http: Option<String>,
+    /// Healthy once the instance port accepts a connection.
+    #[serde(default)]
+    pub tcp: Option<bool>,
+    /// Healthy when this command exits 0 (placeholders allowed).
+    #[serde(default)]
+    pub exec: Option<Vec<String>>,
+    #[serde(default = "default_expect_status")]
+    pub expect_status: u16,
+    /// Limit of one probe.
+    #[serde(default = "default_health_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Pause between probes while waiting for readiness.
+    #[serde(default = "default_health_interval_ms")]
+    pub interval_ms: u64,
+    /// A started instance must be healthy within this, or its start failed.
+    #[serde(default = "default_start_timeout_ms")]
+    pub start_timeout_ms: u64,
+    /// Period of the liveness probe of running instances; 0 disables it.
+    #[serde(default)]
+    pub liveness_interval_ms: u64,
+    /// Failed liveness probes in a row after which the instance is restarted.
+    #[serde(default = "default_liveness_failures")]
+    pub liveness_failures: u32,
+}
+
+fn default_expect_status() -> u16 {
+    200
+}
+fn default_health_timeout_ms() -> u64 {
+    1_000
+}
+fn default_health_interval_ms() -> u64 {
+    200
+}
+fn default_start_timeout_ms() -> u64 {
+    30_000
+}
+fn default_liveness_failures() -> u32 {
+    3
+}
+
+/// Real requests sent straight to a started, healthy instance before it gets traffic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmupConfig {
+    /// Requests as `"METHOD /path"`, or JSON `{"method", "path", "headers", "body"}`.
+    #[serde(default)]
+    pub requests: Vec<String>,
+    /// A file of such requests, one per line, relative to the release directory.
+    #[serde(default)]
+    pub file: Option<String>,
+    /// Stop after this many requests.
+    #[serde(default)]
+    pub count: Option<u64>,
+    /// Stop after this long.
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+    /// Stop once the median latency of a window is within this percentage of the window before;
+    /// 10 when none of `count`, `duration_ms` and `until_stable_pct` is set.
+    #[serde(default)]
+    pub until_stable_pct: Option<f64>,
+    /// Requests per latency window.
+    #[serde(default = "default_warmup_window")]
+    pub window: u32,
+    /// Upper bound of a warm-up, whatever else is set.
+    #[serde(default = "default_warmup_max_duration_ms")]
+    pub max_duration_ms: u64,
+    /// Connections used at once (one request in flight on each).
+    #[serde(default = "default_warmup_concurrency")]
+    pub concurrency: u32,
+    /// Limit of one request.
+    #[serde(default = "default_warmup_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Failed requests (transport error or 5xx) tolerated before the warm-up fails.
+    #[serde(default)]
+    pub max_errors: u64,
+}
+
+fn default_warmup_window() -> u32 {
+    20
+}
+fn default_warmup_max_duration_ms() -> u64 {
+    30_000
+}
+fn default_warmup_concurrency() -> u32 {
+    4
+}
+fn default_warmup_timeout_ms() -> u64 {
+    5_000
 }
 
 fn default_instances() -> u32 {
@@ -388,6 +590,10 @@ impl ServiceConfig {
             priority: default_priority(),
             after: Vec::new(),
             log: LogConfig::default(),
+            steering: SteeringKind::default(),
+            restart: RestartConfig::default(),
+            health: None,
+            warmup: None,
         }
     }
 
@@ -484,7 +690,108 @@ impl ServiceConfig {
         if self.groups.is_some() && self.user.is_none() {
             return bad("groups", "needs `user` as well".into());
         }
+        if self.strategy() == StrategyName::Drain
+            && self.steering == SteeringKind::Iptables
+            && self.front_port.is_none()
+        {
+            return bad(
+                "restart.strategy",
+                "`drain` steers the front port: set `front_port` (and `port_base`), or `steering = \"none\"`".into(),
+            );
+        }
+        if self.front_port.is_some() && self.port_base.is_none() {
+            return bad(
+                "front_port",
+                "needs `port_base` (the instance ports)".into(),
+            );
+        }
+        if let Some(health) = &self.health {
+            let kinds = [
+                health.http.is_some(),
+                health.tcp == Some(true),
+                health.exec.is_some(),
+            ];
+            if kinds.iter().filter(|k| **k).count() != 1 {
+                return bad(
+                    "health",
+                    "set exactly one of `http`, `tcp = true`, `exec`".into(),
+                );
+            }
+            if (health.http.is_some() || health.tcp.is_some()) && self.port_base.is_none() {
+                return bad("health", "`http` and `tcp` checks need `port_base`".into());
+            }
+            if let Some(path) = &health.http
+                && !path.starts_with('/')
+            {
+                return bad("health.http", format!("`{path}` must start with `/`"));
+            }
+            if let Some(argv) = &health.exec {
+                if argv.is_empty() {
+                    return bad("health.exec", "must name a program".into());
+                }
+                for arg in argv {
+                    if let Err(message) = check_placeholders(arg, self.port_base.is_some()) {
+                        return bad("health.exec", message);
+                    }
+                }
+            }
+            if health.timeout_ms == 0 || health.interval_ms == 0 {
+                return bad(
+                    "health",
+                    "`timeout_ms` and `interval_ms` must be at least 1".into(),
+                );
+            }
+        }
+        if let Some(warmup) = &self.warmup {
+            if self.port_base.is_none() {
+                return bad(
+                    "warmup",
+                    "needs `port_base`: requests go to the instance port".into(),
+                );
+            }
+            if warmup.requests.is_empty() && warmup.file.is_none() {
+                return bad("warmup", "set `requests` or `file`".into());
+            }
+            for line in &warmup.requests {
+                if let Err(message) = crate::warmup::parse_request(line) {
+                    return bad("warmup.requests", message);
+                }
+            }
+            if warmup.window == 0 || warmup.concurrency == 0 {
+                return bad(
+                    "warmup",
+                    "`window` and `concurrency` must be at least 1".into(),
+                );
+            }
+            if warmup
+                .until_stable_pct
+                .is_some_and(|p| !(p >= 0.0 && p.is_finite()))
+            {
+                return bad(
+                    "warmup.until_stable_pct",
+                    "must be a percentage of 0 or more".into(),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// The restart strategy in force: configured, else `drain` with a front port, else `rolling`.
+    pub fn strategy(&self) -> StrategyName {
+        self.restart
+            .strategy
+            .unwrap_or(if self.front_port.is_some() {
+                StrategyName::Drain
+            } else {
+                StrategyName::Rolling
+            })
+    }
+
+    /// Whether sluice writes iptables rules for this service.
+    pub fn steers(&self) -> bool {
+        self.steering == SteeringKind::Iptables
+            && self.front_port.is_some()
+            && self.strategy() == StrategyName::Drain
     }
 
     /// Instance ports in index order (empty without `port_base`).
@@ -874,7 +1181,9 @@ stop_grace_ms = 5000
     fn reference_page_documents_every_key() {
         let page = include_str!("../../docs/config.md");
         let mut keys = BTreeSet::new();
-        let service = ServiceConfig::with_command(vec!["x".into()]);
+        let mut service = ServiceConfig::with_command(vec!["x".into()]);
+        service.health = Some(toml::from_str("").unwrap());
+        service.warmup = Some(toml::from_str("").unwrap());
         collect_keys("", &serde_json::to_value(&service).unwrap(), &mut keys);
         collect_keys(
             "",

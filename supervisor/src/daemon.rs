@@ -89,7 +89,15 @@ pub async fn run(
     for dir in [host.state_dir(), host.shim_dir()] {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let ctx = Arc::new(Context { host, shim_binary });
+    // Steering writes nat rules: only root can, and only where iptables is installed.
+    let iptables = nix::unistd::geteuid()
+        .is_root()
+        .then(sluice_strategies::steering::Iptables::detect);
+    let ctx = Arc::new(Context {
+        host,
+        shim_binary,
+        iptables,
+    });
     let mut found = scan_shims(&ctx.host.shim_dir()).await;
     let mut daemon = Daemon {
         ctx: ctx.clone(),

@@ -8,12 +8,15 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod drain;
+pub mod health;
 pub mod notify;
 pub mod policy;
 pub mod service;
 pub mod shim;
 pub mod spec;
 pub mod state;
+pub mod warmup;
 
 /// Exit codes of the `sluice` command, documented in the README.
 pub mod exit {

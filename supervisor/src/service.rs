@@ -1,20 +1,30 @@
-//! The owner task of one service: its instances, their phases, restart policy, restarts and reloads.
+//! The owner task of one service: its instances, their phases, restart policy, steering, restarts
+//! and reloads.
 //!
 //! Everything that changes a service goes through [`ServiceHandle`] as a message; the task answers
-//! when the change took effect. Slow work (spawning a shim, waiting for an exit, timers) runs in
-//! small tasks that report back as [`Event`]s carrying the instance's generation, so a late event
-//! about an instance that has since been restarted is recognised and dropped.
+//! when the change took effect. Slow work (spawning a shim, waiting for an exit, probes, warm-ups,
+//! iptables, timers) runs in small tasks that report back as [`Event`]s carrying the instance's
+//! generation (or the restart's epoch), so a late event about something that has since changed is
+//! recognised and dropped. The restart executor is in `service/restart.rs`, steering in
+//! `service/steer.rs`.
 
-use std::collections::BTreeMap;
+mod restart;
+mod steer;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use sluice_shim::proto::{Outcome, Status};
+use sluice_strategies::restart::{Input, Version};
+use sluice_strategies::steering::{Iptables, Target};
+use sluice_strategies::warmup::Summary;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{HostConfig, ServiceConfig};
+use crate::health::Probe;
 use crate::policy::{self, Decision};
 use crate::shim::{self, ShimError, ShimPaths};
 use crate::spec::InstanceSpec;
@@ -32,6 +42,10 @@ pub enum Action {
     Stop,
     Restart,
     Signal(i32),
+    /// Take out of steering (and wait for connections to end).
+    Drain,
+    /// Put back into steering.
+    Enable,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -96,7 +110,8 @@ impl ServiceHandle {
         self.ask(Request::Settled).await;
     }
 
-    /// Stops every instance and ends the task; `forget` also removes the persisted state.
+    /// Stops every instance and ends the task; `forget` also removes the persisted state and the
+    /// service's steering.
     pub async fn stop_all(&self, forget: bool) {
         self.ask(|reply| Request::StopAll { forget, reply }).await;
     }
@@ -107,6 +122,9 @@ impl ServiceHandle {
 pub struct Context {
     pub host: HostConfig,
     pub shim_binary: PathBuf,
+    /// The iptables backend; `None` where steering is impossible (not root), which services
+    /// that need it report as their steering error.
+    pub iptables: Option<Iptables>,
 }
 
 /// Status of one instance as `sluice status --json` shows it.
@@ -119,23 +137,42 @@ pub struct InstanceStatus {
     pub pid: Option<u32>,
     pub shim_pid: Option<u32>,
     pub port: Option<u16>,
+    /// Whether steering sends new connections to it; `null` for services without steering.
+    pub enabled: Option<bool>,
+    pub healthy: bool,
     pub started_ms: Option<u64>,
     pub uptime_ms: Option<u64>,
     pub restarts: u32,
     pub failed_starts: u32,
     pub last_exit: Option<String>,
     pub last_error: Option<String>,
+    /// The last warm-up: requests, errors, first and last latency windows.
+    pub warmup: Option<Summary>,
     /// The instance runs with an older configuration than the current one.
     pub outdated: bool,
+}
+
+/// A restart in progress, as status shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestartStatus {
+    pub strategy: sluice_strategies::restart::Strategy,
+    pub step: Option<sluice_strategies::restart::Step>,
+    pub batch: Vec<u32>,
+    pub rolling_back: bool,
+    pub batches_left: usize,
+    pub done: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ServiceStatus {
     pub service: String,
     pub front_port: Option<u16>,
+    pub strategy: crate::config::StrategyName,
     pub instances: Vec<InstanceStatus>,
-    /// Instances a running restart has yet to restart, in order.
-    pub restart_pending: Vec<u32>,
+    pub restart: Option<RestartStatus>,
+    /// Why the last restart failed (its failed batch was rolled back).
+    pub last_restart_error: Option<String>,
+    pub steering_error: Option<String>,
 }
 
 /// Where one instance is in its life.
@@ -148,6 +185,8 @@ enum Phase {
     /// Running for less than `startup_ms`.
     Starting,
     Running,
+    /// Out of steering, waiting for its connections to end before it is stopped.
+    Draining,
     /// Asked to stop; waiting for the exit.
     Stopping,
     /// Waiting to be started again after a failed start.
@@ -164,6 +203,7 @@ impl Phase {
             Phase::Stopped => "stopped",
             Phase::Spawning | Phase::Starting => "starting",
             Phase::Running => "running",
+            Phase::Draining => "draining",
             Phase::Stopping => "stopping",
             Phase::Backoff => "backoff",
             Phase::Exited => "exited",
@@ -175,8 +215,13 @@ impl Phase {
     fn has_process(self) -> bool {
         matches!(
             self,
-            Phase::Spawning | Phase::Starting | Phase::Running | Phase::Stopping
+            Phase::Spawning | Phase::Starting | Phase::Running | Phase::Draining | Phase::Stopping
         )
+    }
+
+    /// The instance's process runs and nobody asked it to go.
+    fn is_up(self) -> bool {
+        matches!(self, Phase::Starting | Phase::Running)
     }
 }
 
@@ -192,7 +237,10 @@ struct ShimInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AfterStop {
     Nothing,
-    Start,
+    /// Start it again, with this version of the configuration.
+    Start(Version),
+    /// It failed its readiness check: count a failed start.
+    FailedStart,
     /// The index left the configuration: drop the instance.
     Remove,
 }
@@ -211,6 +259,9 @@ struct Instance {
     last_error: Option<String>,
     /// The release of the previous shim; the next spawn waits for it (the lock must be free).
     releasing: Option<tokio::task::JoinHandle<()>>,
+    /// Passed its readiness check since its last start: only healthy instances get traffic.
+    healthy: bool,
+    warmup: Option<Summary>,
 }
 
 impl Instance {
@@ -226,6 +277,8 @@ impl Instance {
             last_exit: None,
             last_error: None,
             releasing: None,
+            healthy: false,
+            warmup: None,
         }
     }
 }
@@ -249,20 +302,55 @@ enum Event {
         index: u32,
         generation: u64,
     },
-}
-
-/// A restart in progress: instances one at a time, stop then start, each waited for.
-struct RestartRun {
-    /// The instance being restarted now, and the generation its new process must exceed.
-    current: Option<(u32, u64)>,
-    replies: Vec<Reply<String>>,
+    /// The readiness probe after a start outside a restart.
+    Ready {
+        index: u32,
+        generation: u64,
+        result: Result<(), String>,
+    },
+    LivenessFailed {
+        index: u32,
+        generation: u64,
+        reason: String,
+    },
+    /// A stop waited for the instance's connections to end.
+    DrainedForStop {
+        index: u32,
+        generation: u64,
+        left: usize,
+    },
+    /// An iptables transaction finished; `Ok` carries the instances now steered to.
+    Steered {
+        result: Result<BTreeSet<u32>, String>,
+    },
+    SteerRetry,
+    /// An answer to an action of the restart machine.
+    Machine {
+        epoch: u64,
+        input: Input,
+    },
+    /// A warm-up of the restart ended.
+    Warmed {
+        index: u32,
+        epoch: u64,
+        result: Result<Summary, (String, Summary)>,
+    },
 }
 
 /// A caller waiting for instances to reach a goal.
 struct Waiter {
     indices: Vec<u32>,
-    up: bool,
+    goal: Goal,
     reply: Reply<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Goal {
+    Up,
+    Down,
+    /// Out of steering (the drain of its connections is waited for separately).
+    Unsteered,
+    Steered,
 }
 
 /// Starts the task of service `name` and returns its handle. `found` are the shims the daemon
@@ -285,10 +373,12 @@ pub fn spawn(
         state_path,
         instances: BTreeMap::new(),
         events_tx,
-        restart: None,
         waiters: Vec::new(),
         settled: Vec::new(),
         stopping_all: None,
+        steering: steer::Steering::default(),
+        exec: restart::Executor::default(),
+        restart_replies: Vec::new(),
     };
     service.adopt(found);
     tokio::spawn(service.run(rx, events));
@@ -304,11 +394,15 @@ struct Service {
     state_path: PathBuf,
     instances: BTreeMap<u32, Instance>,
     events_tx: mpsc::Sender<Event>,
-    restart: Option<RestartRun>,
     waiters: Vec<Waiter>,
     settled: Vec<oneshot::Sender<()>>,
     /// Set while every instance is being stopped; the task ends when they all are.
     stopping_all: Option<(bool, oneshot::Sender<()>)>,
+    steering: steer::Steering,
+    /// What the restart in progress waits for (rebuilt from the persisted machine on resume).
+    exec: restart::Executor,
+    /// Callers of `sluice restart` waiting for the restart in progress.
+    restart_replies: Vec<Reply<String>>,
 }
 
 fn now_ms() -> u64 {
@@ -333,7 +427,9 @@ impl Service {
         mut requests: mpsc::Receiver<Request>,
         mut events: mpsc::Receiver<Event>,
     ) {
+        self.steering_startup();
         self.reconcile();
+        self.resume_restart();
         self.after_change();
         loop {
             tokio::select! {
@@ -349,11 +445,25 @@ impl Service {
                 && self.instances.values().all(|i| !i.phase.has_process())
             {
                 let (forget, reply) = self.stopping_all.take().expect("checked above");
-                if forget && let Err(e) = state::remove(&self.state_path) {
-                    tracing::error!(service = %self.name, "{e}");
+                if forget {
+                    self.forget().await;
                 }
                 let _ = reply.send(());
                 return;
+            }
+        }
+    }
+
+    /// The service left the configuration: its state file and its steering go too.
+    async fn forget(&mut self) {
+        if let Err(e) = state::remove(&self.state_path) {
+            tracing::error!(service = %self.name, "{e}");
+        }
+        if let Some(iptables) = self.ctx.iptables.clone() {
+            let name = self.name.clone();
+            let removed = tokio::task::spawn_blocking(move || iptables.remove(&name)).await;
+            if let Ok(Err(e)) = removed {
+                tracing::error!(service = %self.name, "removing steering: {e}");
             }
         }
     }
@@ -373,11 +483,19 @@ impl Service {
         std::fs::canonicalize(self.ctx.host.data_dir.join(&self.name).join("current")).ok()
     }
 
-    fn spec(&self, index: u32) -> Result<InstanceSpec, String> {
+    /// The configuration a version stands for: `Old` is what instances were last brought to.
+    fn config_for(&self, version: Version) -> &ServiceConfig {
+        match version {
+            Version::New => &self.config,
+            Version::Old => self.state.applied.as_ref().unwrap_or(&self.config),
+        }
+    }
+
+    fn spec(&self, index: u32, version: Version) -> Result<InstanceSpec, String> {
         InstanceSpec::build(
             &self.ctx.host,
             &self.name,
-            &self.config,
+            self.config_for(version),
             index,
             self.release_dir().as_deref(),
         )
@@ -387,11 +505,38 @@ impl Service {
         state::store(&self.state_path, &self.state).map_err(|e| e.to_string())
     }
 
+    fn persist_logged(&self) {
+        if let Err(e) = self.persist() {
+            tracing::error!(service = %self.name, "{e}");
+        }
+    }
+
+    fn probe(&self, index: u32) -> Option<Probe> {
+        let config = self.config.health.clone()?;
+        let subst = crate::config::Substitutions {
+            service: &self.name,
+            instance: index,
+            port: self.config.port(index),
+            release_dir: None,
+        };
+        let argv = config.exec.as_ref().map(|argv| {
+            argv.iter()
+                .map(|a| subst.apply(a).unwrap_or_else(|_| a.clone()))
+                .collect()
+        });
+        Some(Probe {
+            config,
+            port: self.config.port(index),
+            argv,
+        })
+    }
+
     /// Takes over the shims the daemon found: running ones are watched, exited ones are handled
     /// as the exits the previous daemon did not see.
     fn adopt(&mut self, found: Vec<(u32, Status)>) {
         for (index, status) in found {
             let mut instance = Instance::new(index);
+            instance.generation = 1;
             match status {
                 Status::Running {
                     shim_pid,
@@ -414,13 +559,18 @@ impl Service {
                     } else {
                         Phase::Starting
                     };
-                    instance.generation = 1;
+                    // It was serving when the previous daemon died; a restart of ours must not
+                    // take it out of steering.
+                    instance.healthy = instance.phase == Phase::Running;
                     tracing::info!(service = %self.name, index, pid, "adopted running instance");
+                    let phase = instance.phase;
                     self.instances.insert(index, instance);
                     self.watch(index, 1);
-                    if self.instances[&index].phase == Phase::Starting {
-                        let remaining = self.config.startup_ms - age_ms;
-                        self.timer(index, 1, remaining, true);
+                    if phase == Phase::Starting {
+                        self.timer(index, 1, self.config.startup_ms - age_ms, true);
+                        self.start_readiness(index, 1);
+                    } else if phase == Phase::Running {
+                        self.start_liveness(index, 1);
                     }
                 }
                 Status::Exited {
@@ -437,7 +587,6 @@ impl Service {
                         tag: tag.clone(),
                     });
                     instance.phase = Phase::Running;
-                    instance.generation = 1;
                     self.instances.insert(index, instance);
                     tracing::info!(service = %self.name, index, "adopted an instance that exited while no daemon watched");
                     self.on_exit(index, Ok(status));
@@ -447,7 +596,7 @@ impl Service {
     }
 
     /// Brings instances in line with the configuration and the desired state: starts what should
-    /// run, stops what should not, and resumes or begins restarts of outdated instances.
+    /// run, stops what should not.
     fn reconcile(&mut self) {
         for index in 0..self.config.instances {
             self.instances
@@ -456,54 +605,43 @@ impl Service {
         }
         let indices: Vec<u32> = self.instances.keys().copied().collect();
         for index in indices {
+            if self.exec.in_batch(&self.state, index) {
+                continue;
+            }
             let phase = self.instances[&index].phase;
             if index >= self.config.instances {
                 if phase.has_process() {
-                    self.stop(index, AfterStop::Remove);
+                    self.stop(index, AfterStop::Remove, true);
                 } else {
                     self.instances.remove(&index);
                 }
             } else if self.desired_up(index) {
                 if phase == Phase::Stopped {
-                    self.start(index);
+                    self.start(index, Version::New);
                 }
-            } else if matches!(phase, Phase::Starting | Phase::Running) {
-                self.stop(index, AfterStop::Nothing);
+            } else if phase.is_up() {
+                self.stop(index, AfterStop::Nothing, true);
             }
         }
-        let outdated: Vec<u32> = self
-            .instances
+    }
+
+    /// Instances running an older configuration than the current one.
+    fn outdated(&self) -> Vec<u32> {
+        self.instances
             .values()
             .filter(|i| i.index < self.config.instances && self.is_outdated(i))
             .map(|i| i.index)
-            .collect();
-        let mut changed = false;
-        for index in outdated {
-            if !self.state.restart_pending.contains(&index) {
-                self.state.restart_pending.push(index);
-                changed = true;
-            }
-        }
-        if changed && let Err(e) = self.persist() {
-            tracing::error!(service = %self.name, "{e}");
-        }
-        if !self.state.restart_pending.is_empty() && self.restart.is_none() {
-            tracing::info!(service = %self.name, pending = ?self.state.restart_pending, "restarting instances");
-            self.restart = Some(RestartRun {
-                current: None,
-                replies: Vec::new(),
-            });
-        }
+            .collect()
     }
 
     fn is_outdated(&self, instance: &Instance) -> bool {
         let Some(shim) = &instance.shim else {
             return false;
         };
-        if !matches!(instance.phase, Phase::Starting | Phase::Running) {
+        if !instance.phase.is_up() {
             return false;
         }
-        self.spec(instance.index)
+        self.spec(instance.index, Version::New)
             .map(|spec| spec.tag() != shim.tag)
             .unwrap_or(false)
     }
@@ -520,38 +658,40 @@ impl Service {
             } => self.control(action, index, reply),
             Request::Reconfigure { config, reply } => {
                 let before = self.config.instances;
-                self.config = *config;
-                // Indices that left the configuration are no longer stopped by hand.
+                let old = std::mem::replace(&mut self.config, *config);
+                // What the running instances were brought to is what a failed batch returns to.
+                if self.state.applied.is_none() {
+                    self.state.applied = Some(old);
+                }
                 let instances = self.config.instances;
                 self.state.stopped.retain(|i| *i < instances);
-                self.state.restart_pending.retain(|i| *i < instances);
+                self.state.drained.retain(|i| *i < instances);
                 if let Err(e) = self.persist() {
                     let _ = reply.send(Err(e));
                     return;
                 }
                 self.reconcile();
+                let restarting = self.restart_outdated();
                 let _ = reply.send(Ok(format!(
                     "{}: {} -> {} instances, {} to restart",
-                    self.name,
-                    before,
-                    self.config.instances,
-                    self.state.restart_pending.len()
+                    self.name, before, self.config.instances, restarting
                 )));
             }
             Request::Settled(reply) => self.settled.push(reply),
             Request::StopAll { forget, reply } => {
                 self.stopping_all = Some((forget, reply));
-                if let Some(run) = self.restart.take() {
-                    for r in run.replies {
-                        let _ = r.send(Err("the service is being stopped".into()));
-                    }
-                }
+                self.abandon_restart("the service is being stopped");
                 let indices: Vec<u32> = self.instances.keys().copied().collect();
                 for index in indices {
-                    match self.instances[&index].phase {
-                        Phase::Starting | Phase::Running => self.stop(index, AfterStop::Nothing),
+                    let instance = self.instances.get_mut(&index).expect("listed above");
+                    match instance.phase {
+                        Phase::Starting | Phase::Running | Phase::Draining => {
+                            self.stop(index, AfterStop::Nothing, true)
+                        }
+                        Phase::Stopping => instance.after_stop = AfterStop::Nothing,
                         Phase::Backoff => {
-                            self.instances.get_mut(&index).unwrap().phase = Phase::Stopped
+                            instance.phase = Phase::Stopped;
+                            instance.generation += 1;
                         }
                         _ => {}
                     }
@@ -576,6 +716,18 @@ impl Service {
             let _ = reply.send(Err(format!("{} is shutting down", self.name)));
             return;
         }
+        let busy: Vec<u32> = indices
+            .iter()
+            .copied()
+            .filter(|i| self.exec.in_batch(&self.state, *i))
+            .collect();
+        if !busy.is_empty() && matches!(action, Action::Start | Action::Stop) {
+            let _ = reply.send(Err(format!(
+                "{}/{busy:?} are being restarted; wait for the restart to finish",
+                self.name
+            )));
+            return;
+        }
         match action {
             Action::Start => {
                 for i in &indices {
@@ -592,32 +744,31 @@ impl Service {
                         Phase::Fatal | Phase::Exited | Phase::Stopped | Phase::Backoff
                     ) {
                         instance.failed_starts = 0;
-                        self.start(i);
+                        self.start(i, Version::New);
                     }
                 }
                 self.waiters.push(Waiter {
                     indices,
-                    up: true,
+                    goal: Goal::Up,
                     reply,
                 });
             }
             Action::Stop => {
                 self.state.stopped.extend(indices.iter().copied());
-                self.state.restart_pending.retain(|i| !indices.contains(i));
                 if let Err(e) = self.persist() {
                     let _ = reply.send(Err(e));
                     return;
                 }
                 for &i in &indices {
-                    match self.instances[&i].phase {
-                        Phase::Starting | Phase::Running => self.stop(i, AfterStop::Nothing),
+                    let instance = self.instances.get_mut(&i).expect("configured index");
+                    match instance.phase {
+                        Phase::Starting | Phase::Running => self.stop(i, AfterStop::Nothing, true),
                         Phase::Backoff | Phase::Exited | Phase::Fatal => {
-                            let instance = self.instances.get_mut(&i).unwrap();
                             instance.phase = Phase::Stopped;
                             instance.generation += 1;
                         }
-                        Phase::Stopping => {
-                            self.instances.get_mut(&i).unwrap().after_stop = AfterStop::Nothing;
+                        Phase::Stopping | Phase::Draining => {
+                            instance.after_stop = AfterStop::Nothing;
                         }
                         // A spawn in flight is stopped when it reports back (desired is down now).
                         Phase::Spawning | Phase::Stopped => {}
@@ -625,36 +776,31 @@ impl Service {
                 }
                 self.waiters.push(Waiter {
                     indices,
-                    up: false,
+                    goal: Goal::Down,
                     reply,
                 });
             }
             Action::Restart => {
                 let wanted: Vec<u32> = indices
                     .into_iter()
-                    .filter(|i| !self.state.stopped.contains(i))
+                    .filter(|i| self.desired_up(*i))
                     .collect();
-                for i in wanted {
-                    if !self.state.restart_pending.contains(&i) {
-                        self.state.restart_pending.push(i);
-                    }
-                }
-                if let Err(e) = self.persist() {
-                    let _ = reply.send(Err(e));
+                if self.state.restart.is_some() {
+                    let _ = reply.send(Err(format!(
+                        "a restart of {} is already in progress",
+                        self.name
+                    )));
                     return;
                 }
-                self.restart
-                    .get_or_insert_with(|| RestartRun {
-                        current: None,
-                        replies: Vec::new(),
-                    })
-                    .replies
-                    .push(reply);
+                // An operator's restart retries what failed before.
+                self.state.failed = None;
+                self.restart_replies.push(reply);
+                self.begin_restart(wanted);
             }
             Action::Signal(signal) => {
                 let sockets: Vec<(u32, PathBuf)> = indices
                     .iter()
-                    .filter(|i| matches!(self.instances[i].phase, Phase::Starting | Phase::Running))
+                    .filter(|i| self.instances[i].phase.is_up())
                     .map(|&i| (i, self.paths(i).socket))
                     .collect();
                 let name = self.name.clone();
@@ -672,24 +818,55 @@ impl Service {
                     });
                 });
             }
+            Action::Drain | Action::Enable => {
+                if !self.config.steers() {
+                    let _ = reply.send(Err(format!(
+                        "{} is not steered by sluice (it needs `front_port` and `steering = \"iptables\"`)",
+                        self.name
+                    )));
+                    return;
+                }
+                let drain = action == Action::Drain;
+                for &i in &indices {
+                    if drain {
+                        self.state.drained.insert(i);
+                    } else {
+                        self.state.drained.remove(&i);
+                    }
+                }
+                if let Err(e) = self.persist() {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                self.waiters.push(Waiter {
+                    indices,
+                    goal: if drain {
+                        Goal::Unsteered
+                    } else {
+                        Goal::Steered
+                    },
+                    reply,
+                });
+            }
         }
     }
 
     /// Spawns a shim for the instance, or records a failed start when its spec cannot be built.
-    fn start(&mut self, index: u32) {
-        let spec = self.spec(index);
+    fn start(&mut self, index: u32, version: Version) {
+        let spec = self.spec(index, version);
         let paths = self.paths(index);
         let instance = self.instances.get_mut(&index).expect("known index");
         instance.generation += 1;
         instance.after_stop = AfterStop::Nothing;
+        instance.healthy = false;
         let generation = instance.generation;
         let spec = match spec {
             Ok(spec) => spec,
             Err(message) => {
                 tracing::error!(service = %self.name, index, "{message}");
-                instance.last_error = Some(message);
-                instance.phase = Phase::Spawning;
-                self.after_failed_start(index, None, 0);
+                instance.last_error = Some(message.clone());
+                instance.phase = Phase::Stopped;
+                self.on_start_failed(index, message);
                 return;
             }
         };
@@ -697,14 +874,16 @@ impl Service {
         let releasing = instance.releasing.take();
         let shim_binary = self.ctx.shim_binary.clone();
         let events = self.events_tx.clone();
+        for log in [&spec.stdout_log, &spec.stderr_log] {
+            if let Some(dir) = log.parent()
+                && let Err(e) = std::fs::create_dir_all(dir)
+            {
+                tracing::warn!(service = %self.name, index, "creating {}: {e}", dir.display());
+            }
+        }
         tokio::spawn(async move {
             if let Some(releasing) = releasing {
                 let _ = releasing.await;
-            }
-            for log in [&spec.stdout_log, &spec.stderr_log] {
-                if let Some(dir) = log.parent() {
-                    let _ = tokio::fs::create_dir_all(dir).await;
-                }
             }
             let tag = spec.tag();
             let result = match shim::spawn(&shim_binary, &paths, &spec).await {
@@ -732,16 +911,40 @@ impl Service {
         });
     }
 
-    /// Asks the instance's shim to stop it; the exit arrives through the instance's watch.
-    fn stop(&mut self, index: u32, after: AfterStop) {
+    /// A start did not happen (no spawn) or did not last: the restart policy decides, unless the
+    /// instance belongs to a restart batch, whose machine decides.
+    fn on_start_failed(&mut self, index: u32, message: String) {
+        if self.exec.in_batch(&self.state, index) {
+            self.batch_member_down(index, message);
+        } else {
+            self.after_failed_start(index, None, 0);
+        }
+    }
+
+    /// Asks the instance's shim to stop it. With `drain`, a steered instance first leaves steering
+    /// and its connections end (or `drain_timeout_ms` passes): an instance is never stopped with
+    /// traffic steered to it.
+    fn stop(&mut self, index: u32, after: AfterStop, drain: bool) {
+        let steered = self.steering.installed_contains(index);
+        let instance = self.instances.get_mut(&index).expect("known index");
+        instance.after_stop = after;
+        if matches!(instance.phase, Phase::Stopping | Phase::Draining) {
+            return;
+        }
+        if drain && steered && self.config.steers() {
+            tracing::info!(service = %self.name, index, "draining before stop");
+            instance.phase = Phase::Draining;
+            return;
+        }
+        self.stop_now(index);
+    }
+
+    fn stop_now(&mut self, index: u32) {
         let socket = self.paths(index).socket;
         let (signal, grace_ms) = (self.config.stop_signal.0, self.config.stop_grace_ms);
         let instance = self.instances.get_mut(&index).expect("known index");
-        instance.after_stop = after;
-        if instance.phase == Phase::Stopping {
-            return;
-        }
         instance.phase = Phase::Stopping;
+        instance.healthy = false;
         tracing::info!(service = %self.name, index, "stopping");
         let name = self.name.clone();
         tokio::spawn(async move {
@@ -781,6 +984,64 @@ impl Service {
         });
     }
 
+    /// After a start outside a restart: probe until ready; only then does it get traffic.
+    fn start_readiness(&self, index: u32, generation: u64) {
+        let Some(probe) = self.probe(index) else {
+            return;
+        };
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = probe.until_ready().await;
+            let _ = events
+                .send(Event::Ready {
+                    index,
+                    generation,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    /// The periodic liveness probe of a healthy instance, when configured.
+    fn start_liveness(&self, index: u32, generation: u64) {
+        let Some(probe) = self.probe(index) else {
+            return;
+        };
+        let interval = probe.config.liveness_interval_ms;
+        if interval == 0 {
+            return;
+        }
+        let limit = probe.config.liveness_failures.max(1);
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let mut failures = 0;
+            loop {
+                tokio::time::sleep(Duration::from_millis(interval)).await;
+                if events.is_closed() {
+                    return;
+                }
+                match probe.once().await {
+                    Ok(()) => failures = 0,
+                    Err(reason) => {
+                        failures += 1;
+                        if failures >= limit {
+                            let reason =
+                                format!("{failures} liveness probes failed in a row: {reason}");
+                            let _ = events
+                                .send(Event::LivenessFailed {
+                                    index,
+                                    generation,
+                                    reason,
+                                })
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     fn on_event(&mut self, event: Event) {
         let (index, generation) = match &event {
             Event::Spawned {
@@ -789,8 +1050,24 @@ impl Service {
             | Event::Exited {
                 index, generation, ..
             }
+            | Event::Ready {
+                index, generation, ..
+            }
+            | Event::LivenessFailed {
+                index, generation, ..
+            }
+            | Event::DrainedForStop {
+                index, generation, ..
+            }
             | Event::StartupElapsed { index, generation }
             | Event::BackoffElapsed { index, generation } => (*index, *generation),
+            Event::Steered { .. } | Event::SteerRetry => return self.on_steering_event(event),
+            Event::Machine { epoch, input } => return self.feed(*epoch, input.clone()),
+            Event::Warmed {
+                index,
+                epoch,
+                result,
+            } => return self.on_warmed(*index, *epoch, result.clone()),
         };
         let Some(instance) = self.instances.get_mut(&index) else {
             return;
@@ -807,14 +1084,20 @@ impl Service {
                     instance.last_error = None;
                     self.watch(index, generation);
                     self.timer(index, generation, self.config.startup_ms, true);
+                    if self.exec.in_batch(&self.state, index) {
+                        self.batch_member_started(index);
+                    } else {
+                        self.start_readiness(index, generation);
+                    }
                     if !self.desired_up(index) {
-                        self.stop(index, AfterStop::Nothing);
+                        self.stop(index, AfterStop::Nothing, true);
                     }
                 }
                 Err(e) => {
                     tracing::error!(service = %self.name, index, "{e}");
                     instance.last_error = Some(e.to_string());
-                    self.after_failed_start(index, None, 0);
+                    instance.phase = Phase::Stopped;
+                    self.on_start_failed(index, e.to_string());
                 }
             },
             Event::Exited { status, .. } => self.on_exit(index, status),
@@ -822,13 +1105,56 @@ impl Service {
                 if instance.phase == Phase::Starting {
                     instance.phase = Phase::Running;
                     instance.failed_starts = 0;
+                    if self.config.health.is_none() && !self.exec.in_batch(&self.state, index) {
+                        instance.healthy = true;
+                    }
+                    if self.config.health.is_none() {
+                        self.start_liveness(index, generation);
+                    }
+                    self.batch_member_running(index);
                 }
             }
             Event::BackoffElapsed { .. } => {
                 if instance.phase == Phase::Backoff && self.desired_up(index) {
-                    self.start(index);
+                    self.start(index, Version::New);
                 }
             }
+            Event::Ready { result, .. } => {
+                if !instance.phase.is_up() {
+                    return;
+                }
+                match result {
+                    Ok(()) => {
+                        instance.healthy = true;
+                        self.start_liveness(index, generation);
+                    }
+                    Err(reason) => {
+                        tracing::error!(service = %self.name, index, "{reason}");
+                        instance.last_error = Some(reason);
+                        self.stop(index, AfterStop::FailedStart, false);
+                    }
+                }
+            }
+            Event::LivenessFailed { reason, .. } => {
+                if instance.phase.is_up() && !self.exec.in_batch(&self.state, index) {
+                    tracing::error!(service = %self.name, index, "{reason}; restarting");
+                    instance.last_error = Some(reason);
+                    instance.healthy = false;
+                    self.stop(index, AfterStop::Start(Version::New), true);
+                }
+            }
+            Event::DrainedForStop { left, .. } => {
+                if instance.phase == Phase::Draining {
+                    if left > 0 {
+                        tracing::warn!(service = %self.name, index, left, "drain timeout: stopping with connections left");
+                    }
+                    self.stop_now(index);
+                }
+            }
+            Event::Steered { .. }
+            | Event::SteerRetry
+            | Event::Machine { .. }
+            | Event::Warmed { .. } => unreachable!("handled above"),
         }
     }
 
@@ -836,6 +1162,7 @@ impl Service {
     fn on_exit(&mut self, index: u32, status: Result<Status, ShimError>) {
         let paths = self.paths(index);
         let desired_up = self.desired_up(index);
+        let in_batch = self.exec.in_batch(&self.state, index);
         let instance = self.instances.get_mut(&index).expect("known index");
         let (outcome, ran_ms) = match &status {
             Ok(Status::Exited {
@@ -853,31 +1180,45 @@ impl Service {
                 (None, now_ms().saturating_sub(started))
             }
         };
-        instance.last_exit = Some(describe(outcome));
+        let exit = describe(outcome);
+        instance.last_exit = Some(exit.clone());
         instance.shim = None;
+        instance.healthy = false;
         instance.generation += 1;
         // The exit status is ours now: let the shim go.
         instance.releasing = Some(tokio::spawn(async move {
             shim::release_and_wait(&paths).await;
         }));
         let was = instance.phase;
-        tracing::info!(service = %self.name, index, exit = %describe(outcome), ran_ms, "instance exited");
+        let after = instance.after_stop;
+        instance.after_stop = AfterStop::Nothing;
+        tracing::info!(service = %self.name, index, exit = %exit, ran_ms, "instance exited");
+        instance.phase = Phase::Stopped;
         if was == Phase::Stopping {
-            instance.phase = Phase::Stopped;
-            match instance.after_stop {
+            match after {
                 AfterStop::Remove => {
                     self.instances.remove(&index);
                 }
-                AfterStop::Start if desired_up => self.start(index),
+                AfterStop::Start(version) if desired_up => self.start(index, version),
+                AfterStop::FailedStart => self.after_failed_start(index, outcome, 0),
                 _ => {}
+            }
+            if in_batch {
+                self.batch_member_exited(index);
             }
             return;
         }
-        if !desired_up {
-            instance.phase = Phase::Stopped;
+        if in_batch {
+            self.batch_member_down(index, format!("exited: {exit}"));
             return;
         }
-        instance.restarts += 1;
+        if !desired_up {
+            return;
+        }
+        self.instances
+            .get_mut(&index)
+            .expect("known index")
+            .restarts += 1;
         self.after_failed_start(index, outcome, ran_ms);
     }
 
@@ -888,7 +1229,7 @@ impl Service {
             policy::on_exit(&self.config, outcome, ran_ms, instance.failed_starts);
         instance.failed_starts = failed_starts;
         match decision {
-            Decision::Restart { delay_ms: 0 } => self.start(index),
+            Decision::Restart { delay_ms: 0 } => self.start(index, Version::New),
             Decision::Restart { delay_ms } => {
                 instance.phase = Phase::Backoff;
                 instance.generation += 1;
@@ -904,11 +1245,13 @@ impl Service {
         }
     }
 
-    /// After every request and event: move the restart along, answer callers whose goal is met.
+    /// After every request and event: steering, waiting callers, start-up ordering.
     fn after_change(&mut self) {
-        self.advance_restart();
+        self.sync_steering();
         let instances = &self.instances;
         let name = &self.name;
+        let steering = &self.steering;
+        let steers = self.config.steers();
         self.waiters.retain_mut(|w| {
             let mut failure = None;
             let mut done = true;
@@ -917,9 +1260,9 @@ impl Service {
                     continue;
                 };
                 let phase = instance.phase;
-                if w.up {
-                    match phase {
-                        Phase::Running => {}
+                match w.goal {
+                    Goal::Up => match phase {
+                        Phase::Running if instance.healthy || !steers => {}
                         Phase::Fatal | Phase::Exited | Phase::Stopped => {
                             failure = Some(format!(
                                 "{name}/{i} is {}{}",
@@ -933,9 +1276,15 @@ impl Service {
                             ));
                         }
                         _ => done = false,
+                    },
+                    Goal::Down => done &= !phase.has_process(),
+                    Goal::Unsteered => done &= !steering.installed_contains(*i),
+                    Goal::Steered => {
+                        if !phase.is_up() {
+                            failure = Some(format!("{name}/{i} is {}", phase.name()));
+                        }
+                        done &= steering.installed_contains(*i);
                     }
-                } else if phase.has_process() {
-                    done = false;
                 }
             }
             let (tx, _) = oneshot::channel();
@@ -943,7 +1292,12 @@ impl Service {
                 let _ = std::mem::replace(&mut w.reply, tx).send(Err(message));
                 false
             } else if done {
-                let what = if w.up { "running" } else { "stopped" };
+                let what = match w.goal {
+                    Goal::Up => "running",
+                    Goal::Down => "stopped",
+                    Goal::Unsteered => "out of steering",
+                    Goal::Steered => "in steering",
+                };
                 let _ = std::mem::replace(&mut w.reply, tx).send(Ok(format!(
                     "{} instance(s) of {name} {what}",
                     w.indices.len()
@@ -964,84 +1318,9 @@ impl Service {
         }
     }
 
-    fn advance_restart(&mut self) {
-        let Some(run) = &mut self.restart else {
-            return;
-        };
-        if let Some((index, generation)) = run.current {
-            let Some(instance) = self.instances.get(&index) else {
-                run.current = None;
-                return self.advance_restart();
-            };
-            match instance.phase {
-                Phase::Running if instance.generation > generation => {}
-                Phase::Fatal | Phase::Exited | Phase::Backoff
-                    if instance.generation > generation =>
-                {
-                    let message = format!(
-                        "restart of {} stopped: {}/{index} did not start again: {}",
-                        self.name,
-                        self.name,
-                        instance
-                            .last_error
-                            .clone()
-                            .or(instance.last_exit.clone())
-                            .unwrap_or_default()
-                    );
-                    tracing::error!("{message}");
-                    let run = self.restart.take().expect("checked above");
-                    for reply in run.replies {
-                        let _ = reply.send(Err(message.clone()));
-                    }
-                    self.state.restart_pending.clear();
-                    if let Err(e) = self.persist() {
-                        tracing::error!(service = %self.name, "{e}");
-                    }
-                    return;
-                }
-                _ => return,
-            }
-            // This instance is done.
-            run.current = None;
-            self.state.restart_pending.retain(|i| *i != index);
-            if let Err(e) = self.persist() {
-                tracing::error!(service = %self.name, "{e}");
-            }
-        }
-        let Some(&index) = self.state.restart_pending.first() else {
-            let run = self.restart.take().expect("checked above");
-            for reply in run.replies {
-                let _ = reply.send(Ok(format!("restarted {}", self.name)));
-            }
-            return;
-        };
-        let Some(instance) = self.instances.get(&index) else {
-            self.state.restart_pending.remove(0);
-            return self.advance_restart();
-        };
-        if !self.desired_up(index) {
-            self.state.restart_pending.remove(0);
-            return self.advance_restart();
-        }
-        let generation = instance.generation;
-        tracing::info!(service = %self.name, index, "restarting");
-        let run = self.restart.as_mut().expect("checked above");
-        run.current = Some((index, generation));
-        match instance.phase {
-            Phase::Starting | Phase::Running => self.stop(index, AfterStop::Start),
-            Phase::Stopping => {
-                self.instances.get_mut(&index).unwrap().after_stop = AfterStop::Start;
-            }
-            Phase::Spawning => {}
-            Phase::Stopped | Phase::Backoff | Phase::Exited | Phase::Fatal => {
-                self.instances.get_mut(&index).unwrap().failed_starts = 0;
-                self.start(index);
-            }
-        }
-    }
-
     fn status(&self) -> ServiceStatus {
         let now = now_ms();
+        let steers = self.config.steers();
         let instances = self
             .instances
             .values()
@@ -1057,20 +1336,33 @@ impl Service {
                 pid: i.shim.as_ref().map(|s| s.pid),
                 shim_pid: i.shim.as_ref().map(|s| s.shim_pid),
                 port: self.config.port(i.index),
+                enabled: steers.then(|| self.steering.installed_contains(i.index)),
+                healthy: i.healthy,
                 started_ms: i.shim.as_ref().map(|s| s.started_ms),
                 uptime_ms: i.shim.as_ref().map(|s| now.saturating_sub(s.started_ms)),
                 restarts: i.restarts,
                 failed_starts: i.failed_starts,
                 last_exit: i.last_exit.clone(),
                 last_error: i.last_error.clone(),
+                warmup: i.warmup.clone(),
                 outdated: self.is_outdated(i),
             })
             .collect();
         ServiceStatus {
             service: self.name.clone(),
             front_port: self.config.front_port,
+            strategy: self.config.strategy(),
             instances,
-            restart_pending: self.state.restart_pending.clone(),
+            restart: self.state.restart.as_ref().map(|m| RestartStatus {
+                strategy: m.strategy,
+                step: m.step,
+                batch: m.batch.clone(),
+                rolling_back: m.version == Version::Old,
+                batches_left: m.pending.len(),
+                done: m.done.clone(),
+            }),
+            last_restart_error: self.state.failed.as_ref().map(|f| f.reason.clone()),
+            steering_error: self.steering.error.clone(),
         }
     }
 }
@@ -1099,7 +1391,7 @@ async fn adopt_busy(paths: &ShimPaths) -> Result<(ShimInfo, bool), ShimError> {
             }
             Ok(status @ Status::Exited { .. }) => {
                 // It already ended: collect it and report a start that did not last.
-                let _ = shim::release(&paths.socket).await;
+                shim::release_and_wait(paths).await;
                 return Err(ShimError::Protocol {
                     path: paths.socket.clone(),
                     message: format!("the instance of an earlier daemon exited: {status}"),
@@ -1110,4 +1402,12 @@ async fn adopt_busy(paths: &ShimPaths) -> Result<(ShimInfo, bool), ShimError> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(last.expect("at least one attempt"))
+}
+
+/// Where the steering chain should send new connections.
+fn targets(config: &ServiceConfig, enabled: &BTreeSet<u32>) -> Vec<Target> {
+    enabled
+        .iter()
+        .filter_map(|&index| config.port(index).map(|port| Target { index, port }))
+        .collect()
 }

@@ -9,16 +9,36 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use sluice_strategies::restart::Restart;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+use crate::config::ServiceConfig;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceState {
     /// Instances stopped by an operator: they stay down across daemon restarts and reloads.
     #[serde(default)]
     pub stopped: BTreeSet<u32>,
-    /// Instances a restart has yet to restart, in order; a restarted daemon resumes from here.
+    /// Instances taken out of steering by an operator (`sluice drain`).
     #[serde(default)]
-    pub restart_pending: Vec<u32>,
+    pub drained: BTreeSet<u32>,
+    /// The restart in progress; a restarted daemon resumes it.
+    #[serde(default)]
+    pub restart: Option<Restart>,
+    /// The configuration every instance was last brought to: what a failed batch goes back to.
+    #[serde(default)]
+    pub applied: Option<ServiceConfig>,
+    /// The last restart that failed, and the configuration it tried: instances are not moved to
+    /// that configuration again automatically (a new configuration or `sluice restart` is needed).
+    #[serde(default)]
+    pub failed: Option<FailedRestart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailedRestart {
+    pub config: ServiceConfig,
+    pub reason: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +127,8 @@ mod tests {
         assert_eq!(load(&p).unwrap(), ServiceState::default());
         let state = ServiceState {
             stopped: [2].into(),
-            restart_pending: vec![3, 1],
+            drained: [1].into(),
+            ..ServiceState::default()
         };
         store(&p, &state).unwrap();
         assert_eq!(load(&p).unwrap(), state);

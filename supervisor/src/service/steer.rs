@@ -1,0 +1,190 @@
+//! Steering of one service: which instances its iptables chain sends new connections to. The
+//! desired set is derived from the instances (up, healthy, not drained by hand, not out for a
+//! restart batch); one transaction at a time is in flight, and a change that arrives meanwhile is
+//! applied after it.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use sluice_strategies::steering::Chain;
+
+use super::{Event, Phase, Service, targets};
+use crate::drain;
+
+/// Pause before retrying a failed iptables transaction.
+const RETRY_MS: u64 = 1_000;
+
+#[derive(Debug, Default)]
+pub(super) struct Steering {
+    /// What iptables steers to now; `None` until known (or when the service is not steered).
+    installed: Option<BTreeSet<u32>>,
+    /// A transaction is running.
+    inflight: bool,
+    retry_scheduled: bool,
+    /// Instances (with their generation) whose drain-before-stop wait has begun.
+    drain_watches: BTreeSet<(u32, u64)>,
+    pub(super) error: Option<String>,
+}
+
+impl Steering {
+    pub(super) fn installed_contains(&self, index: u32) -> bool {
+        self.installed.as_ref().is_some_and(|s| s.contains(&index))
+    }
+}
+
+impl Service {
+    /// Reads what a previous daemon installed, so that an unchanged chain is not rewritten.
+    pub(super) fn steering_startup(&mut self) {
+        if !self.config.steers() {
+            return;
+        }
+        let Some(iptables) = &self.ctx.iptables else {
+            self.steering.error = Some("steering needs root and iptables-restore".into());
+            return;
+        };
+        match iptables.read(&self.name) {
+            Ok(families) => {
+                let ports: Vec<_> = self.config.instance_ports().collect();
+                let first = families.into_iter().next().unwrap_or_default();
+                let installed = first
+                    .targets
+                    .iter()
+                    .filter(|t| {
+                        self.config.port(t.index) == Some(t.port) && ports.contains(&t.port)
+                    })
+                    .map(|t| t.index)
+                    .collect();
+                self.steering.installed = Some(installed);
+            }
+            Err(e) => self.steering.error = Some(e.to_string()),
+        }
+    }
+
+    /// The instances new connections should go to.
+    fn desired_steering(&self) -> BTreeSet<u32> {
+        let out = self
+            .state
+            .restart
+            .as_ref()
+            .map(|m| m.disabled())
+            .unwrap_or_default();
+        self.instances
+            .values()
+            .filter(|i| {
+                i.index < self.config.instances
+                    && i.phase.is_up()
+                    && i.healthy
+                    && !self.state.drained.contains(&i.index)
+                    && !out.contains(&i.index)
+            })
+            .map(|i| i.index)
+            .collect()
+    }
+
+    /// Starts a transaction when the chain differs from what it should be.
+    pub(super) fn sync_steering(&mut self) {
+        if !self.config.steers() {
+            return;
+        }
+        let desired = self.desired_steering();
+        if self.steering.inflight || self.steering.retry_scheduled {
+            return;
+        }
+        if self.steering.installed.as_ref() == Some(&desired) {
+            self.after_steering();
+            return;
+        }
+        let Some(iptables) = self.ctx.iptables.clone() else {
+            return;
+        };
+        let chain = Chain {
+            service: self.name.clone(),
+            front_port: self
+                .config
+                .front_port
+                .expect("steered services have a front port"),
+            targets: targets(&self.config, &desired),
+        };
+        self.steering.inflight = true;
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let applied = tokio::task::spawn_blocking(move || iptables.apply(&chain)).await;
+            let result = match applied {
+                Ok(Ok(())) => Ok(desired),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(format!("iptables task: {e}")),
+            };
+            let _ = events.send(Event::Steered { result }).await;
+        });
+    }
+
+    pub(super) fn on_steering_event(&mut self, event: Event) {
+        match event {
+            Event::Steered { result } => {
+                self.steering.inflight = false;
+                match result {
+                    Ok(set) => {
+                        tracing::info!(service = %self.name, enabled = ?set, "steering updated");
+                        self.steering.installed = Some(set);
+                        self.steering.error = None;
+                    }
+                    Err(e) => {
+                        tracing::error!(service = %self.name, "steering: {e}");
+                        self.steering.error = Some(e);
+                        self.steering.retry_scheduled = true;
+                        let events = self.events_tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(RETRY_MS)).await;
+                            let _ = events.send(Event::SteerRetry).await;
+                        });
+                    }
+                }
+            }
+            Event::SteerRetry => self.steering.retry_scheduled = false,
+            _ => unreachable!("only steering events come here"),
+        }
+    }
+
+    /// Whatever waited for the chain: drains before a stop, and the restart's drains and enables.
+    fn after_steering(&mut self) {
+        let drain_timeout_ms = self.config.restart.drain_timeout_ms;
+        let ready: Vec<(u32, u64, u16)> = self
+            .instances
+            .values()
+            .filter(|i| i.phase == Phase::Draining && !self.steering.installed_contains(i.index))
+            .filter(|i| {
+                !self
+                    .steering
+                    .drain_watches
+                    .contains(&(i.index, i.generation))
+            })
+            .filter_map(|i| {
+                self.config
+                    .port(i.index)
+                    .map(|p| (i.index, i.generation, p))
+            })
+            .collect();
+        for (index, generation, port) in ready {
+            self.steering.drain_watches.insert((index, generation));
+            let events = self.events_tx.clone();
+            tokio::spawn(async move {
+                let left = drain::wait(port, drain_timeout_ms).await;
+                let _ = events
+                    .send(Event::DrainedForStop {
+                        index,
+                        generation,
+                        left,
+                    })
+                    .await;
+            });
+        }
+        // Forget the watches of instances that have moved on.
+        let instances = &self.instances;
+        self.steering.drain_watches.retain(|(index, generation)| {
+            instances
+                .get(index)
+                .is_some_and(|i| i.generation == *generation && i.phase == Phase::Draining)
+        });
+        self.restart_after_steering();
+    }
+}
