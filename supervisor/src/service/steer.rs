@@ -81,19 +81,31 @@ impl Service {
             .collect()
     }
 
-    /// Starts a transaction when the chain differs from what it should be.
+    /// Starts a transaction when the chain differs from what it should be. What waited for the
+    /// chain may change what it should be (an enable done lets the next batch drain), hence the
+    /// loop, bounded because every pass moves a restart forward by one step.
     pub(super) fn sync_steering(&mut self) {
+        const PASSES: usize = 16;
         if !self.config.steers() {
             return;
         }
-        let desired = self.desired_steering();
-        if self.steering.inflight || self.steering.retry_scheduled {
-            return;
-        }
-        if self.steering.installed.as_ref() == Some(&desired) {
+        for _ in 0..PASSES {
+            if self.steering.inflight || self.steering.retry_scheduled {
+                return;
+            }
+            let desired = self.desired_steering();
+            if self.steering.installed.as_ref() != Some(&desired) {
+                self.apply_steering(desired);
+                return;
+            }
             self.after_steering();
-            return;
+            if self.desired_steering() == desired {
+                return;
+            }
         }
+    }
+
+    fn apply_steering(&mut self, desired: BTreeSet<u32>) {
         let Some(iptables) = self.ctx.iptables.clone() else {
             return;
         };
