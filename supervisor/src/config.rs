@@ -787,11 +787,10 @@ impl ServiceConfig {
             })
     }
 
-    /// Whether sluice writes iptables rules for this service.
+    /// Whether sluice writes iptables rules for this service: it has a front port and no external
+    /// balancer. Whatever the strategy: only `drain` takes batches out of steering before a stop.
     pub fn steers(&self) -> bool {
-        self.steering == SteeringKind::Iptables
-            && self.front_port.is_some()
-            && self.strategy() == StrategyName::Drain
+        self.steering == SteeringKind::Iptables && self.front_port.is_some()
     }
 
     /// Instance ports in index order (empty without `port_base`).
@@ -997,16 +996,49 @@ pub fn start_order(services: &Services) -> Result<Vec<String>, Vec<String>> {
 
 fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
     toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|span| line_at(text, span.start));
         let message = e.message().trim_end().to_owned();
+        let message = match e.span() {
+            Some(span) => {
+                let line = line_at(text, span.start);
+                match key_at(text, span.start) {
+                    // serde names unknown fields itself; for the rest, say which key is at fault.
+                    Some(key) if !message.contains(&format!("`{key}`")) => {
+                        format!("line {line}: key `{key}`: {message}")
+                    }
+                    _ => format!("line {line}: {message}"),
+                }
+            }
+            None => message,
+        };
         ConfigError::Parse {
             path: path.to_owned(),
-            message: match line {
-                Some(line) => format!("line {line}: {message}"),
-                None => message,
-            },
+            message,
         }
     })
+}
+
+/// The dotted key whose value (or key) covers byte `offset`, if the text parses as TOML.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    fn search(table: &toml::de::DeTable<'_>, offset: usize, path: &mut Vec<String>) -> bool {
+        for (key, value) in table.iter() {
+            path.push(key.get_ref().to_string());
+            // A table's span may cover only its `[header]`: look inside every table.
+            let found = match value.get_ref() {
+                toml::de::DeValue::Table(inner) => {
+                    key.span().contains(&offset) || search(inner, offset, path)
+                }
+                _ => key.span().contains(&offset) || value.span().contains(&offset),
+            };
+            if found {
+                return true;
+            }
+            path.pop();
+        }
+        false
+    }
+    let table = toml::de::DeTable::parse(text).ok()?;
+    let mut path = Vec::new();
+    search(table.get_ref(), offset, &mut path).then(|| path.join("."))
 }
 
 /// The 1-based line of a byte offset.
@@ -1078,7 +1110,11 @@ stop_grace_ms = 5000
             ),
             (
                 "command = [\"x\"]\ninstances = \"three\"\n",
-                "web.toml: line 2: invalid type: string \"three\", expected u32",
+                "web.toml: line 2: key `instances`: invalid type: string \"three\", expected u32",
+            ),
+            (
+                "command = [\"x\"]\n[log]\nbackups = \"many\"\n",
+                "web.toml: line 3: key `log.backups`: invalid type",
             ),
             (
                 "command = [\"x\"]\n\ninstances = 0\n",
@@ -1098,7 +1134,7 @@ stop_grace_ms = 5000
             ),
             (
                 "command = [\"x\"]\nstop_signal = \"BOGUS\"\n",
-                "line 2: unknown signal `BOGUS`",
+                "line 2: key `stop_signal`: unknown signal `BOGUS`",
             ),
             (
                 "command = [\"x\"]\nport_base = 9000\ninstances = 3\nfront_port = 9001\n",
@@ -1106,7 +1142,7 @@ stop_grace_ms = 5000
             ),
             (
                 "command = [\"x\"]\n[log]\nmax_bytes = -1\n",
-                "line 3: invalid value: integer `-1`",
+                "line 3: key `log.max_bytes`: invalid value: integer `-1`",
             ),
             ("instances = 2\n", "missing field `command`"),
         ];

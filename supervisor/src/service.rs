@@ -786,10 +786,8 @@ impl Service {
                     .filter(|i| self.desired_up(*i))
                     .collect();
                 if self.state.restart.is_some() {
-                    let _ = reply.send(Err(format!(
-                        "a restart of {} is already in progress",
-                        self.name
-                    )));
+                    // Join the restart in progress: the caller learns how it ends.
+                    self.restart_replies.push(reply);
                     return;
                 }
                 // An operator's restart retries what failed before.

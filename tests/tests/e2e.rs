@@ -1,0 +1,17 @@
+//! The end-to-end tests of sluice: one binary that runs the real `sluice` daemon, CLI and shims
+//! through the harness in `sluice_tests` (build the binaries first: `cargo build --workspace`).
+//!
+//! Each scenario lives in its own module under `e2e/`; every test has its own temp dir and daemon,
+//! so nextest runs them in parallel.
+
+mod e2e {
+    mod identity;
+    mod kill9;
+    mod logs;
+    mod notify;
+    mod reload;
+    mod restart_policy;
+    mod steering;
+    mod stop;
+    mod systemd_unit;
+}

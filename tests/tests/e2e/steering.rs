@@ -1,0 +1,428 @@
+//! Zero-downtime restarts, for real: each test makes its own network namespace with its own
+//! iptables, runs the daemon there with real Java and Python services behind a front port, puts a
+//! bounded load on the front port (half new connections, half keep-alive), and restarts.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use sluice_tests::load::{Load, Report};
+use sluice_tests::netns::Netns;
+use sluice_tests::{Host, PATIENCE, Status, fixtures, require_root};
+
+/// Requests per second on each front port (two services: about 200 in all).
+const RATE: u32 = 100;
+/// Upper bound of any load in these tests.
+const LOAD_LIMIT: Duration = Duration::from_secs(180);
+/// How long a restart of four instances of a JVM may take on a loaded 2-core machine.
+const RESTART_PATIENCE: Duration = Duration::from_secs(120);
+
+fn java_service(classes: &std::path::Path, port_base: u16, front: u16, extra: &str) -> String {
+    format!(
+        r#"command = ["{java}", "-Xmx64m", "-XX:+UseSerialGC", "-cp", "{classes}", "WarmApp", "{{port}}"]
+instances = 4
+port_base = {port_base}
+front_port = {front}
+stop_grace_ms = 5000
+env = {{ INSTANCE = "{{instance}}"{extra} }}
+[restart]
+strategy = "drain"
+drain_timeout_ms = 3000
+[health]
+http = "/health"
+start_timeout_ms = 30000
+[warmup]
+requests = ["GET /item", "GET /other/path"]
+until_stable_pct = 25
+window = 20
+max_duration_ms = 5000
+concurrency = 2
+"#,
+        java = fixtures::java().display(),
+        classes = classes.display(),
+    )
+}
+
+fn python_service(
+    gunicorn: &std::path::Path,
+    port_base: u16,
+    front: u16,
+    strategy: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"command = ["{gunicorn}", "--bind", "127.0.0.1:{{port}}", "--workers", "1", "--worker-class", "gthread", "--threads", "4", "--keep-alive", "5", "--graceful-timeout", "5", "--chdir", "{fixtures}", "wsgi_app:app"]
+instances = 4
+port_base = {port_base}
+front_port = {front}
+stop_grace_ms = 6000
+env = {{ INSTANCE = "{{instance}}"{extra} }}
+[restart]
+strategy = "{strategy}"
+drain_timeout_ms = 3000
+[health]
+http = "/health"
+start_timeout_ms = 3000
+[warmup]
+requests = ["GET /item"]
+count = 20
+"#,
+        gunicorn = gunicorn.display(),
+        fixtures = fixtures::dir().display(),
+    )
+}
+
+/// Every instance of `service` runs, is healthy and gets traffic, and no restart is in progress.
+fn all_enabled(s: &Status, service: &str) -> bool {
+    let instances = s.instances(service);
+    instances.len() == 4
+        && instances
+            .iter()
+            .all(|i| i["state"] == "running" && i["enabled"] == true)
+        && !s.restart_in_progress(service)
+}
+
+#[track_caller]
+fn assert_no_failures(what: &str, report: &Report, min_requests: u64) {
+    assert_eq!(
+        report.failed,
+        0,
+        "{what}: {} of {} requests failed: {:#?}",
+        report.failed,
+        report.total(),
+        report.failures
+    );
+    assert!(
+        report.total() >= min_requests,
+        "{what}: only {} requests were sent; the load did not run",
+        report.total()
+    );
+}
+
+/// From the daemon's log: every stop of an instance of `service` came after a steering update
+/// without it. Returns how many stops there were.
+fn stops_after_drain(log: &str, service: &str) -> usize {
+    let mut enabled: Option<BTreeSet<u32>> = None;
+    let mut stops = 0;
+    let steering = "steering updated service=".to_owned() + service + " enabled={";
+    let stopping = "stopping service=".to_owned() + service + " index=";
+    for line in log.lines() {
+        if let Some(rest) = line.split(&steering).nth(1) {
+            let set = rest.split('}').next().unwrap_or_default();
+            enabled = Some(
+                set.split(',')
+                    .filter_map(|n| n.trim().parse().ok())
+                    .collect(),
+            );
+        } else if let Some(rest) = line.split(&stopping).nth(1) {
+            let index: u32 = rest.trim().parse().expect("an index after `index=`");
+            let set = enabled
+                .as_ref()
+                .expect("steering was set up before any stop");
+            assert!(
+                !set.contains(&index),
+                "{service}/{index} was stopped while steering still sent it traffic ({set:?}):\n{line}"
+            );
+            stops += 1;
+        }
+    }
+    stops
+}
+
+#[test]
+fn drain_restarts_of_java_and_python_lose_no_request() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let h = Host::new().in_netns(&ns);
+    let Some(classes) = fixtures::java_app(&h.path("classes")) else {
+        return;
+    };
+    let Some(gunicorn) = fixtures::gunicorn() else {
+        return;
+    };
+    h.service("java", &java_service(&classes, 9100, 9000, ""));
+    h.service("py", &python_service(&gunicorn, 9200, 9001, "drain", ""));
+    h.start_daemon();
+    h.wait_until(
+        |s| all_enabled(s, "java") && all_enabled(s, "py"),
+        PATIENCE * 3,
+    );
+
+    let java_load = Load::start(&ns, 9000, RATE, LOAD_LIMIT);
+    let py_load = Load::start(&ns, 9001, RATE, LOAD_LIMIT);
+    std::thread::sleep(Duration::from_millis(500));
+    std::thread::scope(|scope| {
+        for service in ["java", "py"] {
+            let h = &h;
+            scope.spawn(move || {
+                for round in 0..2 {
+                    let out = h.sluice(&["restart", service]);
+                    assert_eq!(out.code, Some(0), "restart {round} of {service}: {out}");
+                }
+            });
+        }
+    });
+    let status = h.wait_until(|s| all_enabled(s, "java") && all_enabled(s, "py"), PATIENCE);
+    std::thread::sleep(Duration::from_millis(500));
+    let java = java_load.finish();
+    let py = py_load.finish();
+    println!(
+        "java: {} ok, {} stale keep-alive retries, p50 {} us, p99 {} us; py: {} ok, {} stale retries",
+        java.ok,
+        java.stale_retries,
+        java.percentile_us(0.5),
+        java.percentile_us(0.99),
+        py.ok,
+        py.stale_retries
+    );
+    assert_no_failures("java", &java, 200);
+    assert_no_failures("py", &py, 200);
+
+    let log = std::fs::read_to_string(h.path("daemon.log")).unwrap();
+    assert_eq!(
+        stops_after_drain(&log, "java"),
+        8,
+        "4 instances, restarted twice"
+    );
+    assert_eq!(
+        stops_after_drain(&log, "py"),
+        8,
+        "4 instances, restarted twice"
+    );
+    for i in status.instances("java") {
+        let warmup = &i["warmup"];
+        assert!(
+            warmup["requests"].as_u64().unwrap_or(0) > 0,
+            "warm-up figures in status: {i}"
+        );
+        assert!(warmup["first_window"]["p50_us"].as_u64().is_some(), "{i}");
+        assert!(warmup["last_window"]["p50_us"].as_u64().is_some(), "{i}");
+    }
+}
+
+#[test]
+fn all_at_once_shows_the_failures_the_load_would_see() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let h = Host::new().in_netns(&ns);
+    let Some(gunicorn) = fixtures::gunicorn() else {
+        return;
+    };
+    h.service(
+        "py",
+        &python_service(&gunicorn, 9200, 9001, "all-at-once", ""),
+    );
+    h.start_daemon();
+    h.wait_until(|s| all_enabled(s, "py"), PATIENCE * 2);
+    let load = Load::start(&ns, 9001, RATE, LOAD_LIMIT);
+    std::thread::sleep(Duration::from_millis(500));
+    h.sluice(&["restart", "py"]).success();
+    h.wait_until(|s| all_enabled(s, "py"), PATIENCE);
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.finish();
+    println!(
+        "all-at-once: {} ok, {} failed: {:?}",
+        report.ok,
+        report.failed,
+        report.failures.first()
+    );
+    assert!(
+        report.failed > 0,
+        "stopping every instance at once must fail requests; {} succeeded",
+        report.ok
+    );
+}
+
+#[test]
+fn a_batch_that_fails_its_health_check_is_rolled_back() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let h = Host::new().in_netns(&ns);
+    let Some(gunicorn) = fixtures::gunicorn() else {
+        return;
+    };
+    h.service("py", &python_service(&gunicorn, 9200, 9001, "drain", ""));
+    h.start_daemon();
+    let before = h.wait_until(|s| all_enabled(s, "py"), PATIENCE * 2);
+    let load = Load::start(&ns, 9001, RATE, LOAD_LIMIT);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // A new "build" whose health check fails: the reload restarts with it, batch by batch.
+    h.service(
+        "py",
+        &python_service(&gunicorn, 9200, 9001, "drain", ", BROKEN = \"1\""),
+    );
+    h.sluice(&["reload"]).success();
+    let after = h.wait_until(
+        |s| !s.service("py")["last_restart_error"].is_null() && all_enabled(s, "py"),
+        RESTART_PATIENCE,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.finish();
+    assert_no_failures("rollback", &report, 100);
+
+    let error = after.service("py")["last_restart_error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        error.contains("instance 0")
+            && error.contains("status 500")
+            && error.contains("rolled back"),
+        "the status says which instance failed and why: {error}"
+    );
+    // The first batch went and came back; the others were never stopped.
+    assert_ne!(after.pid("py", 0), before.pid("py", 0));
+    for i in 1..4 {
+        assert_eq!(
+            after.pid("py", i),
+            before.pid("py", i),
+            "py/{i} was never stopped"
+        );
+    }
+    // The rolled-back instance runs the previous configuration: it answers its health check.
+    assert_eq!(after.instance("py", 0)["healthy"], true);
+}
+
+#[test]
+fn a_restart_interrupted_by_kill_9_finishes_with_every_instance_enabled() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    let h = Host::new().in_netns(&ns);
+    let Some(gunicorn) = fixtures::gunicorn() else {
+        return;
+    };
+    h.service("py", &python_service(&gunicorn, 9200, 9001, "drain", ""));
+    h.start_daemon();
+    let before = h.wait_until(|s| all_enabled(s, "py"), PATIENCE * 2);
+    let load = Load::start(&ns, 9001, RATE, LOAD_LIMIT);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut restart = h.sluice_command(&["restart", "py"]);
+    restart
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut restart = restart.spawn().expect("sluice restart runs");
+    // In the middle of a batch: the second batch is out of steering.
+    h.wait_until(
+        |s| {
+            let r = &s.service("py")["restart"];
+            r["batch"] == serde_json::json!([1]) && r["step"] != "draining"
+        },
+        RESTART_PATIENCE,
+    );
+    h.kill9_daemon();
+    let _ = restart.wait();
+    h.start_daemon();
+    let after = h.wait_until(|s| all_enabled(s, "py"), RESTART_PATIENCE);
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.finish();
+    assert_no_failures("kill -9 mid-batch", &report, 100);
+    assert!(
+        after.service("py")["last_restart_error"].is_null(),
+        "{after}"
+    );
+    for i in 0..4 {
+        assert_ne!(
+            after.pid("py", i),
+            before.pid("py", i),
+            "py/{i} was restarted"
+        );
+    }
+    let rules = ns.nat_rules(false);
+    assert_eq!(
+        rules.matches("-j REDIRECT").count(),
+        4,
+        "every instance is back in the chain:\n{rules}"
+    );
+}
+
+#[test]
+fn rules_of_other_owners_are_never_touched() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new();
+    for tool in ["iptables", "ip6tables"] {
+        ns.run(tool, &["-t", "nat", "-N", "OTHER"]);
+        ns.run(
+            tool,
+            &["-t", "nat", "-A", "OTHER", "-p", "tcp", "-j", "RETURN"],
+        );
+        ns.run(
+            tool,
+            &[
+                "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "8080", "-j", "OTHER",
+            ],
+        );
+        ns.run(
+            tool,
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "--dport",
+                "8081",
+                "-j",
+                "OTHER",
+            ],
+        );
+    }
+    let before = (ns.nat_rules(false), ns.nat_rules(true));
+    let h = Host::new().in_netns(&ns);
+    h.service(
+        "web",
+        r#"command = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+instances = 2
+port_base = 9300
+front_port = 9003
+[health]
+tcp = true
+"#,
+    );
+    h.start_daemon();
+    h.wait_until(
+        |s| s.instances("web").iter().all(|i| i["enabled"] == true),
+        PATIENCE,
+    );
+    h.sluice(&["restart", "web"]).success();
+    let ours = |rules: &str| -> String {
+        rules
+            .lines()
+            .filter(|l| !l.contains("SLUICE") && !l.contains("sluice"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let during = (ns.nat_rules(false), ns.nat_rules(true));
+    assert!(
+        during.0.contains(":SLUICE-web") && during.1.contains(":SLUICE-web"),
+        "IPv4 and IPv6 are steered:\n{}\n{}",
+        during.0,
+        during.1
+    );
+    assert_eq!(ours(&during.0), before.0, "IPv4 rules of others changed");
+    assert_eq!(ours(&during.1), before.1, "IPv6 rules of others changed");
+    h.sluice(&["shutdown"]).success();
+    h.wait_daemon_exit(PATIENCE);
+    h.sluice(&["cleanup"]).success();
+    assert_eq!(
+        ns.nat_rules(false),
+        before.0,
+        "after cleanup, IPv4 is byte-identical"
+    );
+    assert_eq!(
+        ns.nat_rules(true),
+        before.1,
+        "after cleanup, IPv6 is byte-identical"
+    );
+}
