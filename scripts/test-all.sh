@@ -9,7 +9,8 @@ command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v iptables >/dev/null || need_apt+=(iptables)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v ps >/dev/null || need_apt+=(procps)
-command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v javac >/dev/null || need_apt+=(openjdk-17-jdk-headless)
 [ -x /usr/share/zookeeper/bin/zkServer.sh ] || need_apt+=(zookeeper)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -22,6 +23,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+# Python packages the tests run for real (gunicorn serves the WSGI test app), in a venv of ours.
+venv=target/test-venv
+if [ ! -x "$venv/bin/gunicorn" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'gunicorn==27.*'
+fi
 
 cargo fmt --all -- --check
 cargo build --workspace --bins
