@@ -1,0 +1,1 @@
+//! Lifecycle hooks of sluice deploys (being written).
