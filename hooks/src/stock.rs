@@ -1,0 +1,113 @@
+//! The stock hooks shipped with sluice (POSIX sh scripts under `hooks/stock/`, compiled in) and
+//! their materialization as executable files, so that configs can name them as `stock:NAME`.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::{HookError, io_error};
+
+/// Name and script of every stock hook.
+pub const STOCK_HOOKS: &[(&str, &str)] = &[
+    ("python-venv", include_str!("../stock/python-venv")),
+    ("java-jar", include_str!("../stock/java-jar")),
+];
+
+/// Mode of a materialized stock hook: the service users that run it are not its owner.
+const STOCK_MODE: u32 = 0o755;
+
+/// Writes every stock hook into `dir` with mode 0755, leaving files that are already right untouched,
+/// and returns the path of the one called `name`.
+pub fn stock_hook(dir: &Path, name: &str) -> Result<PathBuf, HookError> {
+    if !STOCK_HOOKS.iter().any(|(n, _)| *n == name) {
+        return Err(HookError::Stock {
+            name: name.to_owned(),
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    for (stock, script) in STOCK_HOOKS {
+        materialize(&dir.join(stock), script)?;
+    }
+    Ok(dir.join(name))
+}
+
+/// One stock hook, written through a temp file and a rename so that a hook running concurrently (or
+/// another deploy materializing the same directory) never sees a half-written script.
+fn materialize(path: &Path, script: &str) -> Result<(), HookError> {
+    let current = std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_file() && m.permissions().mode() & 0o7777 == STOCK_MODE);
+    if current.is_some() {
+        match std::fs::read(path) {
+            Ok(bytes) if bytes == script.as_bytes() => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(path)(e)),
+        }
+    }
+    // Unique per process and call, so concurrent writers never share a temp file.
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    let temp = path.with_extension(format!(
+        "tmp.{}.{}",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, Ordering::Relaxed)
+    ));
+    let write = || -> io::Result<()> {
+        std::fs::write(&temp, script)?;
+        // Set explicitly: the daemon's umask must not decide whether service users can run it.
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(STOCK_MODE))?;
+        std::fs::rename(&temp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        io_error(path)(e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn materializes_all_idempotently() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = stock_hook(dir.path(), "java-jar").unwrap();
+        assert_eq!(path, dir.path().join("java-jar"));
+        for (name, script) in STOCK_HOOKS {
+            let file = dir.path().join(name);
+            assert_eq!(std::fs::read_to_string(&file).unwrap(), *script);
+            assert_eq!(
+                std::fs::metadata(&file).unwrap().permissions().mode() & 0o7777,
+                0o755
+            );
+            assert!(
+                script.starts_with("#!/bin/sh\n"),
+                "{name} is a POSIX sh script"
+            );
+        }
+
+        // A tampered copy is put right; a correct one is left alone.
+        std::fs::write(&path, "#!/bin/sh\nexit 0\n").unwrap();
+        stock_hook(dir.path(), "python-venv").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), STOCK_HOOKS[1].1);
+        let before = std::fs::metadata(&path).unwrap().modified().unwrap();
+        stock_hook(dir.path(), "java-jar").unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().modified().unwrap(),
+            before
+        );
+        let entries = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(entries, STOCK_HOOKS.len(), "no temp files left");
+    }
+
+    #[test]
+    fn unknown_names_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = stock_hook(dir.path(), "ruby-bundle").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown stock hook `ruby-bundle` (known: python-venv, java-jar)"
+        );
+    }
+}
