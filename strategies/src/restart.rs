@@ -281,6 +281,20 @@ impl Restart {
         }
     }
 
+    /// Whether the machine has just begun a batch (its first step, new version): the moment a
+    /// fleet-wide restart slot must be held before anything is stopped.
+    pub fn at_batch_start(&self) -> bool {
+        let first = match self.strategy {
+            Strategy::Drain => Step::Draining,
+            Strategy::Rolling | Strategy::AllAtOnce => Step::Stopping,
+            Strategy::Signal => Step::Signalling,
+        };
+        !self.finished
+            && self.version == Version::New
+            && self.step == Some(first)
+            && self.waiting.len() == self.batch.len()
+    }
+
     /// The instances of the current batch, when they are mid-restart (not to be restarted by the
     /// ordinary restart policy, which would race the batch).
     pub fn in_flight(&self) -> &[u32] {

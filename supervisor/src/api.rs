@@ -4,6 +4,8 @@
 //! Routes:
 //! - `GET  /v1/status[?service=NAME]` → `{"services": [ServiceStatus...]}`
 //! - `POST /v1/control` with `{"service", "index"?, "action": "start|stop|restart|signal", "signal"?}`
+//! - `POST /v1/deploy` with `{"service", "verb": "deploy|promote|rollback", "build"?, "canary"?}`
+//!   (the local backend's deploys)
 //! - `POST /v1/reload`, `POST /v1/shutdown`
 //! - `GET  /v1/logs?service=NAME&index=I[&stream=stderr][&lines=N][&follow=1]` → text, streamed
 //!   while `follow` is set
@@ -46,6 +48,18 @@ pub struct ControlRequest {
     pub action: String,
     #[serde(default)]
     pub signal: Option<String>,
+}
+
+/// `sluice deploy`, `promote`, `rollback` on the local backend.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    pub service: String,
+    pub verb: String,
+    #[serde(default)]
+    pub build: Option<String>,
+    #[serde(default)]
+    pub canary: bool,
 }
 
 /// A successful answer that is not a status.
@@ -266,6 +280,38 @@ async fn route(request: Request<Incoming>, daemon: Requests) -> Response<Body> {
                     service: control.service,
                     index: control.index,
                     action,
+                    reply,
+                })
+                .await,
+            )
+        }
+        (Method::POST, "/v1/deploy") => {
+            let body = match read_body(request).await {
+                Ok(body) => body,
+                Err(response) => return response,
+            };
+            let deploy: DeployRequest = match serde_json::from_slice(&body) {
+                Ok(d) => d,
+                Err(e) => {
+                    return error(StatusCode::BAD_REQUEST, format!("bad deploy request: {e}"));
+                }
+            };
+            let verb = match deploy.verb.as_str() {
+                "deploy" => match deploy.build {
+                    Some(build) => crate::service::LocalVerb::Deploy {
+                        build,
+                        canary: deploy.canary,
+                    },
+                    None => return error(StatusCode::BAD_REQUEST, "`deploy` needs a build"),
+                },
+                "promote" => crate::service::LocalVerb::Promote,
+                "rollback" => crate::service::LocalVerb::Rollback,
+                other => return error(StatusCode::BAD_REQUEST, format!("unknown verb `{other}`")),
+            };
+            answer(
+                ask(&daemon, |reply| daemon::Request::Local {
+                    service: deploy.service,
+                    verb,
                     reply,
                 })
                 .await,

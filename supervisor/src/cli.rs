@@ -73,6 +73,56 @@ pub enum Command {
     Reload,
     /// Stop every instance gracefully, then the daemon.
     Shutdown,
+    /// Deploy a build: with ZooKeeper, writes `enabled` (or `enabled/canary`) for the whole fleet;
+    /// on the local backend, tells this host's daemon.
+    Deploy {
+        service: String,
+        build: String,
+        /// Only hosts with the canary role take it.
+        #[arg(long)]
+        canary: bool,
+    },
+    /// Make the canary build the build of every host.
+    Promote { service: String },
+    /// Go back to the build before the current one.
+    Rollback { service: String },
+    /// Register where a build is and its sha256 (ZooKeeper `/builds/<svc>/<build>`).
+    Register {
+        service: String,
+        build: String,
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        sha256: String,
+    },
+    /// List builds: registered in ZooKeeper, or installed on this host.
+    Builds { service: String },
+    /// Every host's status for a service (ZooKeeper).
+    Hosts {
+        service: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a host's role for a service: `canary` or `prod` (ZooKeeper).
+    Role {
+        service: String,
+        host: String,
+        role: String,
+    },
+    /// How many hosts may restart a service at once (ZooKeeper).
+    Limit {
+        service: String,
+        max_hosts_restarting: u32,
+    },
+    /// Publish a service configuration, as JSON with the schema of a service file (ZooKeeper).
+    PushConfig { service: String, file: PathBuf },
+    /// A live view of a service across hosts (ZooKeeper); Ctrl-C ends it.
+    Watch {
+        service: String,
+        /// Print one view and exit.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 /// Parses the command line, runs it, and returns the process exit code.
@@ -106,6 +156,25 @@ async fn dispatch(cli: Cli) -> i32 {
     match cli.command {
         Command::Run => run(host).await,
         Command::Cleanup => cleanup(&host).await,
+        verb @ (Command::Deploy { .. }
+        | Command::Promote { .. }
+        | Command::Rollback { .. }
+        | Command::Register { .. }
+        | Command::Builds { .. }
+        | Command::Hosts { .. }
+        | Command::Role { .. }
+        | Command::Limit { .. }
+        | Command::PushConfig { .. }
+        | Command::Watch { .. }) => match crate::fleet_cli::main(&host, verb).await {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                eprintln!("sluice: {e:#}");
+                match e.downcast_ref::<ClientError>() {
+                    Some(ClientError::Unreachable { .. }) => exit::UNREACHABLE,
+                    _ => exit::FAILED,
+                }
+            }
+        },
         Command::CheckConfig => match config::load_services(&host.services_dir) {
             Ok(services) => {
                 println!(
@@ -281,9 +350,19 @@ async fn verb_main(socket: &Path, verb: Command) -> anyhow::Result<()> {
         }))
     };
     let body = match verb {
-        Command::Run | Command::CheckConfig | Command::Cleanup => {
-            unreachable!("handled by dispatch")
-        }
+        Command::Run
+        | Command::CheckConfig
+        | Command::Cleanup
+        | Command::Deploy { .. }
+        | Command::Promote { .. }
+        | Command::Rollback { .. }
+        | Command::Register { .. }
+        | Command::Builds { .. }
+        | Command::Hosts { .. }
+        | Command::Role { .. }
+        | Command::Limit { .. }
+        | Command::PushConfig { .. }
+        | Command::Watch { .. } => unreachable!("handled by dispatch"),
         Command::Status { service, json } => {
             let query = service.map(|s| format!("?service={s}")).unwrap_or_default();
             let answer =

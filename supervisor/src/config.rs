@@ -70,22 +70,60 @@ pub struct HostConfig {
 pub struct CoordinationConfig {
     #[serde(default)]
     pub backend: Backend,
+    /// ZooKeeper servers, then the chroot: `h1:2181,h2:2181/sluice`.
+    #[serde(default)]
+    pub connect: Option<String>,
+    /// This host's name in ZooKeeper (`roles/<host>`, `status/<host>`); the hostname when absent.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// A file holding `user:password` for ZooKeeper digest authentication; nodes sluice creates
+    /// are then writable by that user only (readable by all).
+    #[serde(default)]
+    pub digest_file: Option<PathBuf>,
+    #[serde(default = "default_session_timeout_ms")]
+    pub session_timeout_ms: u64,
+    /// With the `local` backend: whether this host takes `deploy --canary` builds.
+    #[serde(default)]
+    pub canary: bool,
+}
+
+fn default_session_timeout_ms() -> u64 {
+    10_000
 }
 
 impl Default for CoordinationConfig {
     fn default() -> Self {
         Self {
             backend: Backend::Local,
+            connect: None,
+            host: None,
+            digest_file: None,
+            session_timeout_ms: default_session_timeout_ms(),
+            canary: false,
         }
     }
 }
 
-/// Coordination backends. Only `local` exists so far: the state file and the control socket.
+impl CoordinationConfig {
+    /// This host's name: configured, else the kernel's hostname.
+    pub fn host_name(&self) -> String {
+        self.host.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into())
+        })
+    }
+}
+
+/// Coordination backends: `local` (the state files and the control socket, one host) or
+/// `zookeeper` (a fleet).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     #[default]
     Local,
+    Zookeeper,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -120,7 +158,13 @@ impl HostConfig {
             source,
         })?;
         let mut config: HostConfig = parse_toml(path, &text)?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Absolute, so that nothing depends on the working directory of whoever uses a path
+        // (hooks run in their release directory).
+        let absolute = std::path::absolute(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = absolute.parent().unwrap_or(Path::new("/"));
         for dir in [
             &mut config.data_dir,
             &mut config.runtime_dir,
@@ -128,11 +172,25 @@ impl HostConfig {
         ] {
             *dir = base.join(&*dir);
         }
-        for dir in [&mut config.control_socket, &mut config.shim_path]
-            .into_iter()
-            .flatten()
+        for dir in [
+            &mut config.control_socket,
+            &mut config.shim_path,
+            &mut config.coordination.digest_file,
+        ]
+        .into_iter()
+        .flatten()
         {
             *dir = base.join(&*dir);
+        }
+        if config.coordination.backend == Backend::Zookeeper
+            && config.coordination.connect.is_none()
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: line_of_key(&text, "coordination"),
+                key: "coordination.connect".into(),
+                message: "the zookeeper backend needs `connect` (servers, then the chroot)".into(),
+            });
         }
         Ok(config)
     }
@@ -339,6 +397,95 @@ pub struct ServiceConfig {
     pub health: Option<HealthConfig>,
     #[serde(default)]
     pub warmup: Option<WarmupConfig>,
+    /// Where builds come from; a service without it runs what its command names.
+    #[serde(default)]
+    pub build: Option<BuildConfig>,
+    #[serde(default)]
+    pub hooks: HooksConfig,
+}
+
+/// Builds of a service: a tarball per build id in a store, with its sha256.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildConfig {
+    /// URL template with `{build}` (and `{service}`): `file://`, `http(s)://`, `s3://`, `gs://`.
+    /// ZooKeeper's `/builds/<svc>/<build>` overrides it; the sha256 comes from there or from the
+    /// sidecar `<url>.sha256`.
+    pub source: String,
+    /// Releases kept on disk (the serving one and the one before always are).
+    #[serde(default = "default_keep_releases")]
+    pub keep_releases: usize,
+    /// Largest archive accepted (compressed bytes).
+    #[serde(default = "default_max_archive_bytes")]
+    pub max_archive_bytes: u64,
+    /// Largest release accepted (sum of its files' sizes).
+    #[serde(default = "default_max_unpacked_bytes")]
+    pub max_unpacked_bytes: u64,
+}
+
+fn default_keep_releases() -> usize {
+    5
+}
+fn default_max_archive_bytes() -> u64 {
+    4 << 30
+}
+fn default_max_unpacked_bytes() -> u64 {
+    16 << 30
+}
+
+/// Commands run at the stages of a deploy, as the service's user, in the release directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HooksConfig {
+    #[serde(default)]
+    pub pre_download: Vec<Vec<String>>,
+    #[serde(default)]
+    pub post_download: Vec<Vec<String>>,
+    /// E.g. `[["stock:python-venv"]]`: a virtualenv with requirements.txt installed.
+    #[serde(default)]
+    pub post_install: Vec<Vec<String>>,
+    #[serde(default)]
+    pub pre_restart: Vec<Vec<String>>,
+    #[serde(default)]
+    pub post_restart: Vec<Vec<String>>,
+    /// Limit of one hook run.
+    #[serde(default = "default_hook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Variables added to the hooks' environment (e.g. `SLUICE_WHEEL_DIR` for offline installs).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn default_hook_timeout_ms() -> u64 {
+    600_000
+}
+
+impl HooksConfig {
+    /// The configured commands of a stage.
+    pub fn of(&self, stage: sluice_hooks::Stage) -> &[Vec<String>] {
+        use sluice_hooks::Stage;
+        match stage {
+            Stage::PreDownload => &self.pre_download,
+            Stage::PostDownload => &self.post_download,
+            Stage::PostInstall => &self.post_install,
+            Stage::PreRestart => &self.pre_restart,
+            Stage::PostRestart => &self.post_restart,
+        }
+    }
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        Self {
+            pre_download: Vec::new(),
+            post_download: Vec::new(),
+            post_install: Vec::new(),
+            pre_restart: Vec::new(),
+            post_restart: Vec::new(),
+            timeout_ms: default_hook_timeout_ms(),
+            env: BTreeMap::new(),
+        }
+    }
 }
 
 /// Who steers the front port over the instances.
@@ -594,6 +741,8 @@ impl ServiceConfig {
             restart: RestartConfig::default(),
             health: None,
             warmup: None,
+            build: None,
+            hooks: HooksConfig::default(),
         }
     }
 
@@ -608,6 +757,15 @@ impl ServiceConfig {
                 message,
             });
         }
+        Ok(config)
+    }
+
+    /// Parses and validates a configuration node from ZooKeeper (JSON, the same schema as a file).
+    pub fn from_json(text: &str) -> Result<ServiceConfig, String> {
+        let config: ServiceConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        config
+            .validate()
+            .map_err(|(key, message)| format!("key `{key}`: {message}"))?;
         Ok(config)
     }
 
@@ -741,6 +899,34 @@ impl ServiceConfig {
                     "`timeout_ms` and `interval_ms` must be at least 1".into(),
                 );
             }
+        }
+        if let Some(build) = &self.build {
+            if !build.source.contains("{build}") {
+                return bad(
+                    "build.source",
+                    format!("`{}` must contain `{{build}}`", build.source),
+                );
+            }
+            if build.keep_releases == 0 {
+                return bad("build.keep_releases", "must be at least 1".into());
+            }
+        }
+        for (stage, commands) in [
+            ("hooks.pre_download", &self.hooks.pre_download),
+            ("hooks.post_download", &self.hooks.post_download),
+            ("hooks.post_install", &self.hooks.post_install),
+            ("hooks.pre_restart", &self.hooks.pre_restart),
+            ("hooks.post_restart", &self.hooks.post_restart),
+        ] {
+            if commands
+                .iter()
+                .any(|argv| argv.is_empty() || argv[0].is_empty())
+            {
+                return bad(stage, "every hook must name a program".into());
+            }
+        }
+        if self.hooks.timeout_ms == 0 {
+            return bad("hooks.timeout_ms", "must be at least 1".into());
         }
         if let Some(warmup) = &self.warmup {
             if self.port_base.is_none() {
@@ -1220,6 +1406,7 @@ stop_grace_ms = 5000
         let mut service = ServiceConfig::with_command(vec!["x".into()]);
         service.health = Some(toml::from_str("").unwrap());
         service.warmup = Some(toml::from_str("").unwrap());
+        service.build = Some(toml::from_str("source = \"x\"").unwrap());
         collect_keys("", &serde_json::to_value(&service).unwrap(), &mut keys);
         collect_keys(
             "",

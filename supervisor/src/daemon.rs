@@ -54,6 +54,12 @@ pub enum Request {
     Shutdown {
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// `sluice deploy`, `promote`, `rollback` on the local backend.
+    Local {
+        service: String,
+        verb: crate::service::LocalVerb,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
     /// The log file of an instance, for `sluice logs`.
     LogPath {
         service: String,
@@ -68,6 +74,8 @@ pub type Requests = mpsc::Sender<Request>;
 
 struct Entry {
     config: ServiceConfig,
+    /// The configuration from ZooKeeper's config node, which wins over the file while it exists.
+    from_zookeeper: Option<ServiceConfig>,
     handle: ServiceHandle,
 }
 
@@ -93,10 +101,33 @@ pub async fn run(
     let iptables = nix::unistd::geteuid()
         .is_root()
         .then(sluice_strategies::steering::Iptables::detect);
+    let (coord, mut coord_events) = match host.coordination.backend {
+        config::Backend::Local => (None, None),
+        config::Backend::Zookeeper => {
+            let digest = match &host.coordination.digest_file {
+                Some(path) => Some(read_digest(path)?),
+                None => None,
+            };
+            let zk_config = crate::coord::ZkConfig {
+                connect: host
+                    .coordination
+                    .connect
+                    .clone()
+                    .expect("validated with the host file"),
+                host: host.coordination.host_name(),
+                digest,
+                session_timeout_ms: host.coordination.session_timeout_ms,
+            };
+            let (zk, events) =
+                crate::coord::Zk::start(zk_config, services.keys().cloned().collect());
+            (Some(zk), Some(events))
+        }
+    };
     let ctx = Arc::new(Context {
         host,
         shim_binary,
         iptables,
+        coord,
     });
     let mut found = scan_shims(&ctx.host.shim_dir()).await;
     let mut daemon = Daemon {
@@ -137,7 +168,14 @@ pub async fn run(
                 tracing::warn!(service = %name, "still starting after {SETTLE_TIMEOUT_MS} ms; starting the services after it anyway");
             }
         }
-        daemon.services.insert(name, Entry { config, handle });
+        daemon.services.insert(
+            name,
+            Entry {
+                config,
+                from_zookeeper: None,
+                handle,
+            },
+        );
     }
 
     let (requests_tx, mut requests) = mpsc::channel(REQUEST_QUEUE);
@@ -167,6 +205,7 @@ pub async fn run(
                 },
             },
             _ = watchdog_tick.tick(), if watchdog.is_some() => notify::watchdog(),
+            Some(event) = next_coord_event(&mut coord_events) => daemon.on_coord(event).await,
             () = &mut shutdown => break Exit::Detached,
         }
     };
@@ -232,6 +271,21 @@ impl Daemon {
             Request::Reload { reply } => {
                 let _ = reply.send(self.reload().await);
             }
+            Request::Local {
+                service,
+                verb,
+                reply,
+            } => match self.services.get(&service) {
+                Some(entry) => {
+                    let handle = entry.handle.clone();
+                    tokio::spawn(async move {
+                        let _ = reply.send(handle.local(verb).await);
+                    });
+                }
+                None => {
+                    let _ = reply.send(Err(self.unknown(&service)));
+                }
+            },
             Request::LogPath {
                 service,
                 index,
@@ -292,26 +346,96 @@ impl Daemon {
             summary.push(format!("{name}: removed"));
             tokio::spawn(async move { entry.handle.stop_all(true).await });
         }
-        for (name, config) in services {
+        for (name, file_config) in services {
             match self.services.get_mut(&name) {
-                Some(entry) if entry.config == config => {}
                 Some(entry) => {
-                    entry.config = config.clone();
-                    summary.push(entry.handle.reconfigure(config).await?);
+                    // ZooKeeper's config node wins over the file while it exists.
+                    let config = entry.from_zookeeper.clone().unwrap_or(file_config);
+                    if entry.config != config {
+                        entry.config = config.clone();
+                        summary.push(entry.handle.reconfigure(config).await?);
+                    }
                 }
                 None => {
-                    let handle =
-                        service::spawn(self.ctx.clone(), name.clone(), config.clone(), Vec::new())?;
+                    let handle = service::spawn(
+                        self.ctx.clone(),
+                        name.clone(),
+                        file_config.clone(),
+                        Vec::new(),
+                    )?;
                     summary.push(format!("{name}: added"));
-                    self.services.insert(name, Entry { config, handle });
+                    self.services.insert(
+                        name,
+                        Entry {
+                            config: file_config,
+                            from_zookeeper: None,
+                            handle,
+                        },
+                    );
                 }
             }
+        }
+        if let Some(zk) = &self.ctx.coord {
+            zk.set_services(self.services.keys().cloned().collect())
+                .await;
         }
         if summary.is_empty() {
             summary.push("nothing changed".into());
         }
         notify::status(&format!("supervising {} service(s)", self.services.len()));
         Ok(summary.join("; "))
+    }
+
+    /// What ZooKeeper said: a service's desired build, role, configuration node; the session.
+    async fn on_coord(&mut self, event: crate::coord::CoordEvent) {
+        use crate::coord::CoordEvent;
+        match event {
+            CoordEvent::Service { name, view } => {
+                let Some(entry) = self.services.get_mut(&name) else {
+                    return;
+                };
+                match view.config.as_deref().map(ServiceConfig::from_json) {
+                    Some(Ok(config)) => {
+                        entry.handle.config_error(None).await;
+                        entry.from_zookeeper = Some(config.clone());
+                        if entry.config != config {
+                            entry.config = config.clone();
+                            match entry.handle.reconfigure(config).await {
+                                Ok(summary) => tracing::info!("config node of {name}: {summary}"),
+                                Err(e) => tracing::error!("config node of {name}: {e}"),
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let message = format!(
+                            "/services/{name}/config is invalid, the last good configuration keeps running: {e}"
+                        );
+                        tracing::error!("{message}");
+                        entry.handle.config_error(Some(message)).await;
+                    }
+                    None => entry.from_zookeeper = None,
+                }
+                entry
+                    .handle
+                    .desired(
+                        view.desired_build().map(str::to_owned),
+                        view.max_hosts_restarting,
+                    )
+                    .await;
+            }
+            CoordEvent::Connected => {
+                tracing::info!("zookeeper session is up");
+                for entry in self.services.values() {
+                    entry.handle.connection(true).await;
+                }
+            }
+            CoordEvent::Disconnected | CoordEvent::Expired => {
+                tracing::warn!("zookeeper is away; serving instances are left alone");
+                for entry in self.services.values() {
+                    entry.handle.connection(false).await;
+                }
+            }
+        }
     }
 
     /// Stops every service, in the reverse of start order, each completely before the next.
@@ -331,6 +455,28 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The next coordination event, or never without a coordination backend.
+async fn next_coord_event(
+    events: &mut Option<mpsc::Receiver<crate::coord::CoordEvent>>,
+) -> Option<crate::coord::CoordEvent> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads `user:password` for ZooKeeper's digest authentication.
+pub fn read_digest(path: &Path) -> anyhow::Result<(String, String)> {
+    use anyhow::Context as _;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the digest file {}", path.display()))?;
+    let (user, password) = text
+        .trim()
+        .split_once(':')
+        .with_context(|| format!("{}: expected `user:password`", path.display()))?;
+    Ok((user.to_owned(), password.to_owned()))
 }
 
 /// Finds every shim socket left in `dir` and asks it how its instance is, by service.

@@ -4,11 +4,14 @@
 //! The `sluice` binary only parses arguments and calls [`cli::main`].
 
 pub mod api;
+pub mod build;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod coord;
 pub mod daemon;
 pub mod drain;
+pub mod fleet_cli;
 pub mod health;
 pub mod notify;
 pub mod policy;

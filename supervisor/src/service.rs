@@ -8,8 +8,11 @@
 //! recognised and dropped. The restart executor is in `service/restart.rs`, steering in
 //! `service/steer.rs`.
 
+mod deploy;
 mod restart;
 mod steer;
+
+pub use deploy::{DeployStatus, LocalVerb};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -68,6 +71,20 @@ enum Request {
         forget: bool,
         reply: oneshot::Sender<()>,
     },
+    /// The coordination backend named the build this host should run.
+    Desired {
+        build: Option<String>,
+        max_hosts_restarting: u32,
+    },
+    /// ZooKeeper became reachable or not.
+    Connection(bool),
+    /// The configuration node is bad (`Some`) or good again (`None`).
+    ConfigError(Option<String>),
+    /// `sluice deploy`, `promote`, `rollback` on the local backend.
+    Local {
+        verb: LocalVerb,
+        reply: Reply<String>,
+    },
 }
 
 /// The handle through which everything else talks to a service's task.
@@ -110,6 +127,30 @@ impl ServiceHandle {
         self.ask(Request::Settled).await;
     }
 
+    pub async fn desired(&self, build: Option<String>, max_hosts_restarting: u32) {
+        let _ = self
+            .tx
+            .send(Request::Desired {
+                build,
+                max_hosts_restarting,
+            })
+            .await;
+    }
+
+    pub async fn connection(&self, connected: bool) {
+        let _ = self.tx.send(Request::Connection(connected)).await;
+    }
+
+    pub async fn config_error(&self, error: Option<String>) {
+        let _ = self.tx.send(Request::ConfigError(error)).await;
+    }
+
+    pub async fn local(&self, verb: LocalVerb) -> Result<String, String> {
+        self.ask(|reply| Request::Local { verb, reply })
+            .await
+            .unwrap_or_else(|| Err("the service's task has ended".into()))
+    }
+
     /// Stops every instance and ends the task; `forget` also removes the persisted state and the
     /// service's steering.
     pub async fn stop_all(&self, forget: bool) {
@@ -118,13 +159,14 @@ impl ServiceHandle {
 }
 
 /// What is shared by every service task and never changes while the daemon runs.
-#[derive(Debug)]
 pub struct Context {
     pub host: HostConfig,
     pub shim_binary: PathBuf,
     /// The iptables backend; `None` where steering is impossible (not root), which services
     /// that need it report as their steering error.
     pub iptables: Option<Iptables>,
+    /// ZooKeeper, with the `zookeeper` backend.
+    pub coord: Option<crate::coord::Zk>,
 }
 
 /// Status of one instance as `sluice status --json` shows it.
@@ -173,6 +215,15 @@ pub struct ServiceStatus {
     /// Why the last restart failed (its failed batch was rolled back).
     pub last_restart_error: Option<String>,
     pub steering_error: Option<String>,
+    /// The build the instances run (`null` without builds).
+    pub build: Option<String>,
+    /// The build a deploy is bringing them to.
+    pub target_build: Option<String>,
+    pub deploy: Option<DeployStatus>,
+    /// The last deploy failure (hook, download, verification, restart).
+    pub deploy_error: Option<String>,
+    /// A bad configuration node in ZooKeeper; the last good configuration runs.
+    pub config_error: Option<String>,
 }
 
 /// Where one instance is in its life.
@@ -335,6 +386,18 @@ enum Event {
         epoch: u64,
         result: Result<Summary, (String, Summary)>,
     },
+    /// A deploy's download, install hooks and `pre_restart` hooks finished.
+    Installed {
+        build: String,
+        result: Result<(), String>,
+    },
+    PostRestartDone {
+        build: String,
+        result: Result<(), String>,
+    },
+    Slot {
+        result: Result<crate::coord::Slot, String>,
+    },
 }
 
 /// A caller waiting for instances to reach a goal.
@@ -379,6 +442,7 @@ pub fn spawn(
         steering: steer::Steering::default(),
         exec: restart::Executor::default(),
         restart_replies: Vec::new(),
+        coord: deploy::Coordination::default(),
     };
     service.adopt(found);
     tokio::spawn(service.run(rx, events));
@@ -403,6 +467,8 @@ struct Service {
     exec: restart::Executor,
     /// Callers of `sluice restart` waiting for the restart in progress.
     restart_replies: Vec<Reply<String>>,
+    /// Desired build, deploy in progress, fleet slot, status publishing.
+    coord: deploy::Coordination,
 }
 
 fn now_ms() -> u64 {
@@ -430,6 +496,7 @@ impl Service {
         self.steering_startup();
         self.reconcile();
         self.resume_restart();
+        self.local_desired_changed();
         self.after_change();
         loop {
             tokio::select! {
@@ -491,13 +558,28 @@ impl Service {
         }
     }
 
+    /// The release a version runs from: its build's release directory, else whatever `current`
+    /// points to.
+    fn release_for(&self, version: Version) -> Option<PathBuf> {
+        let build = match version {
+            Version::New => self
+                .state
+                .target_build
+                .as_ref()
+                .or(self.state.build.as_ref()),
+            Version::Old => self.state.build.as_ref(),
+        };
+        self.release_of(build.map(String::as_str))
+            .or_else(|| self.release_dir())
+    }
+
     fn spec(&self, index: u32, version: Version) -> Result<InstanceSpec, String> {
         InstanceSpec::build(
             &self.ctx.host,
             &self.name,
             self.config_for(version),
             index,
-            self.release_dir().as_deref(),
+            self.release_for(version).as_deref(),
         )
     }
 
@@ -616,13 +698,21 @@ impl Service {
                     self.instances.remove(&index);
                 }
             } else if self.desired_up(index) {
-                if phase == Phase::Stopped {
+                if phase == Phase::Stopped && self.waiting_for_first_build() {
+                    let instance = self.instances.get_mut(&index).expect("listed above");
+                    instance.last_error = Some("waiting for the first build to be deployed".into());
+                } else if phase == Phase::Stopped {
                     self.start(index, Version::New);
                 }
             } else if phase.is_up() {
                 self.stop(index, AfterStop::Nothing, true);
             }
         }
+    }
+
+    /// A service deployed from builds has nothing to run before its first build is installed.
+    fn waiting_for_first_build(&self) -> bool {
+        self.config.build.is_some() && self.release_for(Version::New).is_none()
     }
 
     /// Instances running an older configuration than the current one.
@@ -678,6 +768,15 @@ impl Service {
                 )));
             }
             Request::Settled(reply) => self.settled.push(reply),
+            Request::Desired {
+                build,
+                max_hosts_restarting,
+            } => self.set_desired(build, max_hosts_restarting),
+            Request::Connection(connected) => self.set_connected(connected),
+            Request::ConfigError(error) => self.coord.config_error = error,
+            Request::Local { verb, reply } => {
+                let _ = reply.send(self.local_deploy(verb));
+            }
             Request::StopAll { forget, reply } => {
                 self.stopping_all = Some((forget, reply));
                 self.abandon_restart("the service is being stopped");
@@ -1066,6 +1165,9 @@ impl Service {
                 epoch,
                 result,
             } => return self.on_warmed(*index, *epoch, result.clone()),
+            Event::Installed { .. } | Event::PostRestartDone { .. } | Event::Slot { .. } => {
+                return self.on_deploy_event(event);
+            }
         };
         let Some(instance) = self.instances.get_mut(&index) else {
             return;
@@ -1152,7 +1254,10 @@ impl Service {
             Event::Steered { .. }
             | Event::SteerRetry
             | Event::Machine { .. }
-            | Event::Warmed { .. } => unreachable!("handled above"),
+            | Event::Warmed { .. }
+            | Event::Installed { .. }
+            | Event::PostRestartDone { .. }
+            | Event::Slot { .. } => unreachable!("handled above"),
         }
     }
 
@@ -1243,9 +1348,21 @@ impl Service {
         }
     }
 
-    /// After every request and event: steering, waiting callers, start-up ordering.
+    fn on_deploy_event(&mut self, event: Event) {
+        match event {
+            Event::Installed { build, result } => self.on_installed(build, result),
+            Event::PostRestartDone { build, result } => self.on_post_restart(build, result),
+            Event::Slot { result } => self.on_slot(result),
+            _ => unreachable!("only deploy events come here"),
+        }
+    }
+
+    /// After every request and event: steering, waiting callers, start-up ordering, deploys, the
+    /// host's status in ZooKeeper.
     fn after_change(&mut self) {
         self.sync_steering();
+        self.maybe_deploy();
+        self.publish_status();
         let instances = &self.instances;
         let name = &self.name;
         let steering = &self.steering;
@@ -1361,6 +1478,11 @@ impl Service {
             }),
             last_restart_error: self.state.failed.as_ref().map(|f| f.reason.clone()),
             steering_error: self.steering.error.clone(),
+            build: self.state.build.clone(),
+            target_build: self.state.target_build.clone(),
+            deploy: self.coord.deploy.clone(),
+            deploy_error: self.coord.last_error.clone(),
+            config_error: self.coord.config_error.clone(),
         }
     }
 }

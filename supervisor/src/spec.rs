@@ -117,10 +117,10 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-type Identity = (Option<u32>, Option<u32>, Option<Vec<u32>>);
+pub type Identity = (Option<u32>, Option<u32>, Option<Vec<u32>>);
 
 /// uid, gid and supplementary groups for the configured user; all `None` when no user is set.
-fn identity(service: &str, config: &ServiceConfig) -> Result<Identity, String> {
+pub fn identity(service: &str, config: &ServiceConfig) -> Result<Identity, String> {
     use nix::unistd::{Group, User};
     let Some(user_name) = &config.user else {
         return Ok((None, None, None));

@@ -28,17 +28,43 @@ pub struct ServiceState {
     /// The configuration every instance was last brought to: what a failed batch goes back to.
     #[serde(default)]
     pub applied: Option<ServiceConfig>,
-    /// The last restart that failed, and the configuration it tried: instances are not moved to
-    /// that configuration again automatically (a new configuration or `sluice restart` is needed).
+    /// The last restart that failed, and the configuration and build it tried: instances are not
+    /// moved there again automatically (a new configuration, a new build or `sluice restart` is
+    /// needed).
     #[serde(default)]
     pub failed: Option<FailedRestart>,
+    /// The build the instances were brought to (`None`: no build deployed).
+    #[serde(default)]
+    pub build: Option<String>,
+    /// The build a deploy is restarting instances onto; equal to `build` once it is done.
+    #[serde(default)]
+    pub target_build: Option<String>,
+    /// With the `local` backend: the builds `sluice deploy` asked for.
+    #[serde(default)]
+    pub local: LocalDesired,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailedRestart {
     pub config: ServiceConfig,
+    #[serde(default)]
+    pub build: Option<String>,
     pub reason: String,
+}
+
+/// What `sluice deploy` wrote on a host without ZooKeeper: the same three facts as ZooKeeper's
+/// `enabled`, `enabled/canary` and the deploy history.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalDesired {
+    #[serde(default)]
+    pub enabled: Option<String>,
+    #[serde(default)]
+    pub canary: Option<String>,
+    /// Builds `enabled` named, oldest first (bounded): what `rollback` goes back to.
+    #[serde(default)]
+    pub history: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -97,7 +97,7 @@ impl Service {
             .state
             .failed
             .as_ref()
-            .is_some_and(|f| f.config == self.config)
+            .is_some_and(|f| f.config == self.config && f.build == self.state.target_build)
         {
             return 0;
         }
@@ -148,7 +148,7 @@ impl Service {
     }
 
     /// Feeds queued inputs to the machine, persisting it before its actions run.
-    fn drive(&mut self) {
+    pub(super) fn drive(&mut self) {
         while let Some((epoch, input)) = self.exec.inputs.pop_front() {
             let Some(machine) = self.state.restart.as_mut() else {
                 self.exec.inputs.clear();
@@ -170,7 +170,8 @@ impl Service {
         }
     }
 
-    fn execute(&mut self, actions: Vec<Step>) {
+    pub(super) fn execute(&mut self, actions: Vec<Step>) {
+        let actions = self.gate(actions);
         let epoch = self.epoch();
         let steers = self.config.steers();
         for action in actions {
@@ -403,11 +404,13 @@ impl Service {
                 tracing::error!("{reason}");
                 self.state.failed = Some(FailedRestart {
                     config: self.config.clone(),
+                    build: self.state.target_build.clone(),
                     reason,
                 });
             }
         }
         self.persist_logged();
+        self.deploy_after_restart(&result);
         for reply in self.restart_replies.drain(..) {
             let _ = reply.send(match &result {
                 Ok(()) => Ok(format!(

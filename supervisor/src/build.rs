@@ -1,0 +1,426 @@
+//! The build store: fetches a build's tarball, verifies its sha256 and extracts it into
+//! `<data_dir>/<service>/releases/<build>/`, then flips `current` and prunes old releases.
+//!
+//! A build id names a tarball in a store reached through `object_store`: `file://`,
+//! `http(s)://`, `s3://` and `gs://` URLs. The archive is streamed once: the bytes are hashed
+//! and counted as they arrive, decompressed (gzip, zstd or plain tar, told apart by their magic
+//! bytes) and extracted on a blocking thread in the same pass. Extraction happens in a temporary
+//! directory `releases/.tmp-<build>-<pid>-<n>/`, which becomes `releases/<build>` by one rename
+//! only after the whole stream was read and its sha256 matched: a partial or unverified download
+//! never becomes a release, and every failure removes the temporary directory.
+//!
+//! Credentials come from the environment (or from [`Releases::with_store_env`]):
+//!
+//! - `s3://`: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`; `AWS_REGION`
+//!   (else `AWS_DEFAULT_REGION`, else `us-east-1`); `AWS_ENDPOINT_URL` (else `AWS_ENDPOINT`) for
+//!   an S3-compatible server, which is also allowed plain HTTP when the endpoint is `http://`;
+//!   `AWS_WEB_IDENTITY_TOKEN_FILE`, `AWS_ROLE_ARN`, `AWS_ROLE_SESSION_NAME` for web identity.
+//!   Without keys, `object_store` falls back to the instance metadata service.
+//! - `gs://`: `GOOGLE_SERVICE_ACCOUNT` (a key file path), `GOOGLE_SERVICE_ACCOUNT_KEY` (the key
+//!   itself), `GOOGLE_APPLICATION_CREDENTIALS`; otherwise the metadata server.
+//! - `http(s)://` and `file://` need nothing.
+
+mod extract;
+mod store;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Default for [`Limits::max_archive_bytes`]: 4 GiB of compressed bytes read.
+pub const DEFAULT_MAX_ARCHIVE_BYTES: u64 = 4 << 30;
+/// Default for [`Limits::max_unpacked_bytes`]: 16 GiB, the sum of the archive's entry sizes.
+pub const DEFAULT_MAX_UNPACKED_BYTES: u64 = 16 << 30;
+/// Default for [`Limits::max_entries`].
+pub const DEFAULT_MAX_ENTRIES: u64 = 1_000_000;
+/// Default for [`Limits::fetch_stall_ms`]: a fetch that receives nothing for this long fails.
+pub const FETCH_STALL_MS: u64 = 30_000;
+/// Longest accepted build id, in bytes.
+pub const BUILD_ID_MAX_BYTES: usize = 128;
+
+/// The directory inside a release that sluice itself writes; archive entries may not touch it.
+const META_DIR: &str = ".sluice";
+/// The file in [`META_DIR`] holding the install time (nanoseconds since the Unix epoch), which
+/// orders releases: extraction may set arbitrary mtimes, so directory times cannot be trusted.
+const INSTALLED_FILE: &str = "installed";
+/// Prefix of temporary directories and links under the service root; never a valid build id.
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Where a build comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The archive's URL (`file://`, `http(s)://`, `s3://`, `gs://`).
+    pub url: String,
+    /// The archive's sha256 in hex. When `None`, the sidecar `<url>.sha256` is fetched and its
+    /// first whitespace-separated token is used (the format `sha256sum` writes).
+    pub sha256: Option<String>,
+}
+
+/// Bounds on one fetch, so a hostile or broken store cannot fill the disk or hang an install.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Compressed bytes read from the store, counted as they stream; default 4 GiB.
+    pub max_archive_bytes: u64,
+    /// Sum of the archive's entry sizes once unpacked; default 16 GiB.
+    pub max_unpacked_bytes: u64,
+    /// Number of archive entries (files, directories, links); default 1 000 000.
+    pub max_entries: u64,
+    /// A fetch that receives no byte for this long fails; default [`FETCH_STALL_MS`].
+    pub fetch_stall_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_archive_bytes: DEFAULT_MAX_ARCHIVE_BYTES,
+            max_unpacked_bytes: DEFAULT_MAX_UNPACKED_BYTES,
+            max_entries: DEFAULT_MAX_ENTRIES,
+            fetch_stall_ms: FETCH_STALL_MS,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("invalid build id `{id}`: {reason}")]
+    BadId { id: String, reason: String },
+    #[error("invalid build store url `{url}`: {message}")]
+    BadUrl { url: String, message: String },
+    #[error("invalid sha256 `{value}` for {url}: expected 64 hex digits")]
+    BadSha256 { url: String, value: String },
+    #[error("cannot fetch {url}: {message}")]
+    Fetch { url: String, message: String },
+    #[error("no build at {url}")]
+    NotFound { url: String },
+    #[error("fetch of {url} made no progress for {stall_ms} ms")]
+    Stalled { url: String, stall_ms: u64 },
+    #[error("checksum mismatch for {url}: expected sha256 {expected}, got {actual}")]
+    Checksum {
+        url: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("archive entry `{entry}`: {reason}")]
+    UnsafeEntry { entry: String, reason: String },
+    #[error("{url} is over {limit_name} ({limit})")]
+    TooLarge {
+        url: String,
+        limit_name: &'static str,
+        limit: u64,
+    },
+    #[error("corrupt or truncated archive {url}: {message}")]
+    Archive { url: String, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("build `{build}` is not installed")]
+    NotInstalled { build: String },
+}
+
+impl BuildError {
+    fn io(path: &Path, source: std::io::Error) -> BuildError {
+        BuildError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Checks a build id: `[A-Za-z0-9._-]{1,128}`, not starting with `.`. Ids become directory
+/// names, so anything that could name another directory (`..`, `/`) or a hidden file is refused.
+pub fn check_build_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("empty".into());
+    }
+    if id.len() > BUILD_ID_MAX_BYTES {
+        return Err(format!("longer than {BUILD_ID_MAX_BYTES} bytes"));
+    }
+    if id.starts_with('.') {
+        return Err("starts with `.`".into());
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!("contains {c:?} (allowed: A-Z a-z 0-9 . _ -)"));
+    }
+    Ok(())
+}
+
+/// Substitutes `{build}` and `{service}` in a source URL template.
+pub fn source_url(template: &str, service: &str, build: &str) -> String {
+    template
+        .replace("{service}", service)
+        .replace("{build}", build)
+}
+
+fn bad_id(id: &str) -> impl FnOnce(String) -> BuildError + '_ {
+    move |reason| BuildError::BadId {
+        id: id.to_owned(),
+        reason,
+    }
+}
+
+/// Distinguishes the temporary names made by one process (a counter, not a clock, so two
+/// installs in the same instant cannot collide).
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn tmp_suffix() -> String {
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
+}
+
+/// The releases of one service: `<data_dir>/<service>/`, holding `releases/<build>/` and the
+/// `current` symlink.
+#[derive(Debug, Clone)]
+pub struct Releases {
+    /// `<data_dir>/<service>`.
+    root: PathBuf,
+    /// Store credentials used instead of the process environment when set: the environment is
+    /// process-global, and tests (or configuration) need per-store values.
+    store_env: Option<BTreeMap<String, String>>,
+}
+
+impl Releases {
+    pub fn new(data_dir: &Path, service: &str) -> Releases {
+        Releases {
+            root: data_dir.join(service),
+            store_env: None,
+        }
+    }
+
+    /// Reads the store variables (see the module doc) from `vars` instead of the process
+    /// environment.
+    pub fn with_store_env(mut self, vars: BTreeMap<String, String>) -> Releases {
+        self.store_env = Some(vars);
+        self
+    }
+
+    fn releases_dir(&self) -> PathBuf {
+        self.root.join("releases")
+    }
+
+    fn current_link(&self) -> PathBuf {
+        self.root.join("current")
+    }
+
+    /// `<root>/releases/<build>`, whether or not it exists.
+    pub fn release_dir(&self, build: &str) -> PathBuf {
+        self.releases_dir().join(build)
+    }
+
+    /// Whether a complete release of `build` exists. Releases appear by rename after
+    /// verification, and the install marker is written before that rename, so a directory with
+    /// the marker is complete.
+    pub fn has(&self, build: &str) -> bool {
+        check_build_id(build).is_ok()
+            && self
+                .release_dir(build)
+                .join(META_DIR)
+                .join(INSTALLED_FILE)
+                .is_file()
+    }
+
+    /// Installs `build` from `source` unless a complete release already exists, in which case
+    /// nothing is downloaded (a build is downloaded once per host). Returns the release dir.
+    pub async fn install(
+        &self,
+        build: &str,
+        source: &Source,
+        limits: &Limits,
+    ) -> Result<PathBuf, BuildError> {
+        check_build_id(build).map_err(bad_id(build))?;
+        let dest = self.release_dir(build);
+        if self.has(build) {
+            return Ok(dest);
+        }
+        let releases = self.releases_dir();
+        std::fs::create_dir_all(&releases).map_err(|e| BuildError::io(&releases, e))?;
+        self.remove_stale_tmp();
+
+        let env = store::StoreEnv::new(self.store_env.as_ref());
+        let expected = match &source.sha256 {
+            Some(sha) => store::parse_sha256(&source.url, sha)?,
+            None => store::fetch_sidecar_sha256(&source.url, &env, limits).await?,
+        };
+
+        let tmp = releases.join(format!("{TMP_PREFIX}{build}-{}", tmp_suffix()));
+        let guard = TmpDir(tmp.clone());
+        std::fs::create_dir(&tmp).map_err(|e| BuildError::io(&tmp, e))?;
+        let actual = store::fetch_and_extract(&source.url, &env, limits, &tmp).await?;
+        if actual != expected {
+            return Err(BuildError::Checksum {
+                url: source.url.clone(),
+                expected,
+                actual,
+            });
+        }
+        write_install_marker(&tmp)?;
+        sync_filesystem(&tmp)?;
+        match std::fs::rename(&tmp, &dest) {
+            Ok(()) => {}
+            // Another install of the same build won the race; its release is as good as ours.
+            Err(_) if self.has(build) => return Ok(dest),
+            Err(e) => return Err(BuildError::io(&dest, e)),
+        }
+        drop(guard);
+        fsync_dir(&releases)?;
+        tracing::info!(build, url = %source.url, "installed release");
+        Ok(dest)
+    }
+
+    /// Removes `.tmp-*` leftovers of processes that are gone (a crash mid-install or
+    /// mid-prune). Directories of live processes, including ours, may be in use and are kept.
+    fn remove_stale_tmp(&self) {
+        let Ok(entries) = std::fs::read_dir(self.releases_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(rest) = name.strip_prefix(TMP_PREFIX) else {
+                continue;
+            };
+            let Some(pid) = rest.rsplit('-').nth(1) else {
+                continue;
+            };
+            let Ok(pid) = pid.parse::<u32>() else {
+                continue;
+            };
+            if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove leftover");
+            }
+        }
+    }
+
+    /// The build `current` points to, if any.
+    pub fn current(&self) -> Option<String> {
+        let target = std::fs::read_link(self.current_link()).ok()?;
+        let build = target.file_name()?.to_str()?.to_owned();
+        check_build_id(&build).ok()?;
+        Some(build)
+    }
+
+    /// Points `current` at an installed build atomically: a symlink is made under a temporary
+    /// name and renamed over `current`, so readers see the old or the new target, never none.
+    /// The old release directory is left untouched.
+    pub fn set_current(&self, build: &str) -> Result<(), BuildError> {
+        check_build_id(build).map_err(bad_id(build))?;
+        if !self.has(build) {
+            return Err(BuildError::NotInstalled {
+                build: build.to_owned(),
+            });
+        }
+        // Relative, so the data directory can be moved or bind-mounted elsewhere.
+        let target = Path::new("releases").join(build);
+        let tmp = self
+            .root
+            .join(format!("{TMP_PREFIX}current-{}", tmp_suffix()));
+        std::os::unix::fs::symlink(&target, &tmp).map_err(|e| BuildError::io(&tmp, e))?;
+        let link = self.current_link();
+        if let Err(e) = std::fs::rename(&tmp, &link) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(BuildError::io(&link, e));
+        }
+        fsync_dir(&self.root)
+    }
+
+    /// Installed builds, oldest install first.
+    pub fn list(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.releases_dir()) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(u128, String)> = entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                check_build_id(&name).ok()?;
+                let marker = entry.path().join(META_DIR).join(INSTALLED_FILE);
+                let installed = std::fs::read_to_string(marker).ok()?;
+                Some((installed.trim().parse().unwrap_or(0), name))
+            })
+            .collect();
+        found.sort();
+        found.into_iter().map(|(_, name)| name).collect()
+    }
+
+    /// Removes all but the newest `keep` releases, never the current one nor one in `in_use`.
+    /// Returns the removed build ids, oldest first.
+    pub fn prune(&self, keep: usize, in_use: &BTreeSet<String>) -> Result<Vec<String>, BuildError> {
+        let all = self.list();
+        let current = self.current();
+        let old = all.len().saturating_sub(keep);
+        let mut removed = Vec::new();
+        for build in &all[..old] {
+            if in_use.contains(build) || current.as_deref() == Some(build.as_str()) {
+                continue;
+            }
+            // Renamed first so a crash mid-removal leaves a `.tmp-*` leftover (cleaned by the
+            // next install), never a half-deleted directory that looks like a release.
+            let dir = self.release_dir(build);
+            let doomed = self
+                .releases_dir()
+                .join(format!("{TMP_PREFIX}{build}-{}", tmp_suffix()));
+            std::fs::rename(&dir, &doomed).map_err(|e| BuildError::io(&dir, e))?;
+            std::fs::remove_dir_all(&doomed).map_err(|e| BuildError::io(&doomed, e))?;
+            tracing::info!(build, "pruned release");
+            removed.push(build.clone());
+        }
+        Ok(removed)
+    }
+}
+
+/// Removes a temporary directory on drop, so every early return (and a cancelled install)
+/// cleans up after itself.
+struct TmpDir(PathBuf);
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.0.display(), error = %e, "cannot remove temporary directory");
+        }
+    }
+}
+
+fn write_install_marker(release: &Path) -> Result<(), BuildError> {
+    let meta = release.join(META_DIR);
+    std::fs::create_dir(&meta).map_err(|e| BuildError::io(&meta, e))?;
+    let path = meta.join(INSTALLED_FILE);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut file = std::fs::File::create(&path).map_err(|e| BuildError::io(&path, e))?;
+    writeln!(file, "{nanos}").map_err(|e| BuildError::io(&path, e))
+}
+
+/// Flushes the extracted files to disk before the rename publishes them: after a power loss,
+/// a release directory must not exist with empty files. One `syncfs` is much cheaper than an
+/// `fsync` per file for archives with many entries.
+fn sync_filesystem(dir: &Path) -> Result<(), BuildError> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(dir).map_err(|e| BuildError::io(dir, e))?;
+    // SAFETY: the descriptor is valid for the duration of the call, owned by `file`.
+    let rc = unsafe { libc::syncfs(file.as_raw_fd()) };
+    if rc != 0 {
+        return Err(BuildError::io(dir, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Makes a rename in `dir` durable.
+fn fsync_dir(dir: &Path) -> Result<(), BuildError> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| BuildError::io(dir, e))
+}

@@ -1,0 +1,298 @@
+//! The fleet's restart slots: a counting semaphore over ZooKeeper.
+//!
+//! Each waiting or restarting host has one EPHEMERAL_SEQUENTIAL child `lease-<host>-<seq>` of
+//! `/services/<svc>/restarting`; the holders are the `limit` children with the lowest sequence
+//! numbers, `limit` being the data of `restarting`. Waiters watch both the children (a holder
+//! left) and the limit (a raised limit takes effect at once). Leases are ephemeral: a host whose
+//! session ends frees its slot, and a lease lost with a session is lost for good
+//! ([`Slot::is_valid`] turns false); it is never re-created behind the holder's back.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use zookeeper_client::{Client, CreateMode, StateWatcher};
+
+use super::{
+    CoordError, RETRY_MAX_MS, Session, Zk, backoff, check_name, is_transient, parse_limit,
+    restarting_path,
+};
+
+/// Bound of the delete that releases a lease.
+const RELEASE_TIMEOUT_MS: u64 = 5_000;
+/// First delay before retrying after a connection loss while acquiring.
+const RETRY_MIN_MS: u64 = 100;
+
+/// One of the fleet's restart slots of a service, held by this host until released (or dropped,
+/// which releases it in the background).
+pub struct Slot {
+    /// Where the current session is published, to release through it.
+    sessions: watch::Receiver<Option<Session>>,
+    /// State of the session that made the lease.
+    state: StateWatcher,
+    /// Epoch of the session that made the lease.
+    epoch: u64,
+    /// Path of the lease node.
+    path: String,
+    released: bool,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("path", &self.path)
+            .field("valid", &self.is_valid())
+            .finish()
+    }
+}
+
+impl Slot {
+    /// False once the session that made the lease is gone: the slot may already be someone
+    /// else's.
+    pub fn is_valid(&self) -> bool {
+        !self.state.peek_state().is_terminated() && self.current().is_some()
+    }
+
+    /// Deletes the lease (if its session still lives), letting the next host in.
+    pub async fn release(mut self) {
+        self.released = true;
+        if let Some(client) = self.current() {
+            delete_lease(client, self.path.clone()).await;
+        }
+    }
+
+    /// The client of the lease's session, if that session is still the owner's current one.
+    fn current(&self) -> Option<Client> {
+        self.sessions
+            .borrow()
+            .as_ref()
+            .filter(|s| s.epoch == self.epoch)
+            .map(|s| s.client.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        if let (Some(client), Ok(runtime)) = (self.current(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(delete_lease(client, std::mem::take(&mut self.path)));
+        }
+    }
+}
+
+async fn delete_lease(client: Client, path: String) {
+    let delete = client.delete(&path, None);
+    match tokio::time::timeout(Duration::from_millis(RELEASE_TIMEOUT_MS), delete).await {
+        Ok(Ok(()) | Err(zookeeper_client::Error::NoNode)) => {}
+        Ok(Err(e)) => tracing::warn!("releasing the restart slot {path}: {e}"),
+        Err(_) => tracing::warn!(
+            "releasing the restart slot {path}: no answer within {RELEASE_TIMEOUT_MS} ms"
+        ),
+    }
+}
+
+/// The lease made by an `acquire` in progress: deleted if the call is cancelled.
+struct Pending {
+    lease: Option<(Session, String)>,
+}
+
+impl Pending {
+    fn name_in(&self, epoch: u64) -> Option<&str> {
+        match &self.lease {
+            Some((session, path)) if session.epoch == epoch => path.rsplit('/').next(),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let (Some((session, path)), Ok(runtime)) =
+            (self.lease.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(delete_lease(session.client, path));
+        }
+    }
+}
+
+/// What one look at the semaphore found.
+enum Step {
+    Held(String),
+    Wait(
+        zookeeper_client::OneshotWatcher,
+        zookeeper_client::OneshotWatcher,
+    ),
+    /// Our lease vanished (e.g. deleted by a cancelled call's cleanup): look again.
+    Again,
+}
+
+/// A failed ZooKeeper operation: what, on which node.
+type Failure = (&'static str, String, zookeeper_client::Error);
+
+pub(super) async fn acquire(zk: &Zk, service: &str) -> Result<Slot, CoordError> {
+    check_name("service", service)?;
+    let host = &zk.shared.config.host;
+    check_name("host", host)?;
+    let dir = restarting_path(service);
+    let prefix = format!("lease-{host}-");
+    let mut sessions = zk.session.clone();
+    let mut pending = Pending { lease: None };
+    let mut attempt: u32 = 0;
+    loop {
+        let session = loop {
+            if let Some(session) = sessions.borrow_and_update().clone() {
+                break session;
+            }
+            if sessions.changed().await.is_err() {
+                return Err(CoordError::NotConnected);
+            }
+        };
+        match look(zk, &session, &dir, &prefix, &mut pending).await {
+            Ok(Step::Held(path)) => {
+                pending.lease = None;
+                return Ok(Slot {
+                    sessions: zk.session.clone(),
+                    state: session.client.state_watcher(),
+                    epoch: session.epoch,
+                    path,
+                    released: false,
+                });
+            }
+            Ok(Step::Again) => {}
+            Ok(Step::Wait(children, limit)) => {
+                attempt = 0;
+                tokio::select! {
+                    _ = children.changed() => {}
+                    _ = limit.changed() => {}
+                    _ = sessions.changed() => {}
+                }
+            }
+            Err((_, _, e)) if is_transient(&e) => {
+                // The session is suspended or gone: the owner reconnects or makes a new one.
+                let delay = backoff(attempt, RETRY_MIN_MS, RETRY_MAX_MS);
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = sessions.changed() => {}
+                }
+            }
+            Err((op, path, e)) => return Err(CoordError::zk(op, &path, e)),
+        }
+    }
+}
+
+/// Makes or finds this host's lease, then ranks it.
+async fn look(
+    zk: &Zk,
+    session: &Session,
+    dir: &str,
+    prefix: &str,
+    pending: &mut Pending,
+) -> Result<Step, Failure> {
+    use zookeeper_client::Error as E;
+    let client = &session.client;
+    let acl = &zk.shared.acl;
+    client
+        .mkdir(dir, &acl.options(CreateMode::Persistent))
+        .await
+        .map_err(|e| ("create", dir.to_owned(), e))?;
+    let (children, _, children_watch) = client
+        .get_and_watch_children(dir)
+        .await
+        .map_err(|e| ("list", dir.to_owned(), e))?;
+    let (limit, _, limit_watch) = match client.get_and_watch_data(dir).await {
+        Ok(read) => read,
+        Err(E::NoNode) => return Ok(Step::Again),
+        Err(e) => return Err(("read", dir.to_owned(), e)),
+    };
+    let limit = parse_limit(Some(&limit));
+
+    let known = pending
+        .name_in(session.epoch)
+        .filter(|name| children.iter().any(|c| c == name))
+        .map(str::to_owned);
+    let ours = match known {
+        Some(name) => name,
+        None => match adopt(client, dir, prefix, &children).await? {
+            Some(name) => name,
+            None => {
+                let path = format!("{dir}/{prefix}");
+                let options = acl.options(CreateMode::EphemeralSequential);
+                let (_, sequence) = client
+                    .create(&path, &[], &options)
+                    .await
+                    .map_err(|e| ("create", path.clone(), e))?;
+                let path = format!("{path}{sequence}");
+                pending.lease = Some((session.clone(), path));
+                // Rank it with a fresh list, which has it.
+                return Ok(Step::Again);
+            }
+        },
+    };
+    let path = format!("{dir}/{ours}");
+    pending.lease = Some((session.clone(), path.clone()));
+
+    let mut ranked: Vec<(i64, &str)> = children
+        .iter()
+        .filter_map(|c| sequence_of(c).map(|s| (s, c.as_str())))
+        .collect();
+    ranked.sort_unstable();
+    match ranked.iter().position(|(_, c)| *c == ours) {
+        None => Ok(Step::Again),
+        Some(rank) if rank < limit as usize => Ok(Step::Held(path)),
+        Some(_) => Ok(Step::Wait(children_watch, limit_watch)),
+    }
+}
+
+/// Finds a lease of this host made by this session (a create whose answer was lost, or a
+/// cancelled call's lease not deleted yet): the host keeps one lease per service. Extra ones
+/// are deleted.
+async fn adopt(
+    client: &Client,
+    dir: &str,
+    prefix: &str,
+    children: &[String],
+) -> Result<Option<String>, Failure> {
+    let session = client.session_id().0;
+    let mut mine: Vec<(i64, &str)> = Vec::new();
+    for child in children.iter().filter(|c| c.starts_with(prefix)) {
+        let path = format!("{dir}/{child}");
+        match client.check_stat(&path).await {
+            Ok(Some(stat)) if stat.ephemeral_owner == session => {
+                if let Some(sequence) = sequence_of(child) {
+                    mine.push((sequence, child));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => return Err(("stat", path, e)),
+        }
+    }
+    mine.sort_unstable();
+    for (_, extra) in mine.iter().skip(1) {
+        let path = format!("{dir}/{extra}");
+        match client.delete(&path, None).await {
+            Ok(()) | Err(zookeeper_client::Error::NoNode) => {}
+            Err(e) => return Err(("delete", path, e)),
+        }
+    }
+    Ok(mine.first().map(|(_, name)| (*name).to_owned()))
+}
+
+/// The sequence number ZooKeeper appended to a lease name.
+fn sequence_of(name: &str) -> Option<i64> {
+    name.rsplit('-').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod unit {
+    use super::sequence_of;
+
+    #[test]
+    fn sequences() {
+        assert_eq!(sequence_of("lease-h1-0000000003"), Some(3));
+        assert_eq!(sequence_of("lease-my-host-0000000010"), Some(10));
+        assert_eq!(sequence_of("junk"), None);
+    }
+}

@@ -1,0 +1,725 @@
+//! Tests of the ZooKeeper backend against a real ZooKeeper: each test starts its own server on
+//! free ports with its own data directory, so they run in parallel.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use zookeeper_client::Client;
+
+use super::*;
+
+const ZK_SERVER: &str = "/usr/share/zookeeper/bin/zkServer.sh";
+/// How long a test waits for an expected event or state.
+const WAIT_MS: u64 = 15_000;
+/// How long a test watches for an unexpected extra event.
+const QUIET_MS: u64 = 300;
+/// How long the harness waits for a started server to answer.
+const SERVER_UP_MS: u64 = 30_000;
+
+/// One ZooKeeper server with its own config and data directory; killed on drop.
+struct ZkServer {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl ZkServer {
+    /// Starts a server, or returns `None` (after saying so) when ZooKeeper is not installed.
+    async fn start() -> Option<ZkServer> {
+        if !Path::new(ZK_SERVER).exists() {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("zookeeper missing: {ZK_SERVER}");
+            }
+            eprintln!("skipping: zookeeper missing");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let config = format!(
+            "tickTime=500\n\
+             initLimit=10\n\
+             syncLimit=5\n\
+             dataDir={data}\n\
+             clientPort={port}\n\
+             clientPortAddress=127.0.0.1\n\
+             admin.enableServer=false\n\
+             4lw.commands.whitelist=\n\
+             maxSessionTimeout=30000\n",
+            data = dir.path().join("data").display(),
+        );
+        std::fs::write(dir.path().join("zoo.cfg"), config).expect("write zoo.cfg");
+        let server = ZkServer { dir, port };
+        server.up().await;
+        Some(server)
+    }
+
+    fn cfg(&self) -> PathBuf {
+        self.dir.path().join("zoo.cfg")
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("data/zookeeper_server.pid")
+    }
+
+    fn connect(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn chrooted(&self) -> String {
+        format!("127.0.0.1:{}/sluice", self.port)
+    }
+
+    /// Starts the server (again, with the same data) and waits until it answers.
+    async fn up(&self) {
+        let status = tokio::process::Command::new(ZK_SERVER)
+            .arg("start")
+            .arg(self.cfg())
+            .env(
+                "JVMFLAGS",
+                "-Xmx96m -XX:+UseSerialGC -XX:TieredStopAtLevel=1",
+            )
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await
+            .expect("run zkServer.sh start");
+        assert!(status.success(), "zkServer.sh start failed");
+        let deadline = Instant::now() + Duration::from_millis(SERVER_UP_MS);
+        let address = self.connect();
+        loop {
+            let probe = Client::connector()
+                .with_fail_eagerly()
+                .with_session_timeout(Duration::from_secs(2))
+                .connect(&address);
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(3), probe).await {
+                return;
+            }
+            assert!(Instant::now() < deadline, "zookeeper did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the server (as an outage would), keeping its data.
+    async fn down(&self) {
+        let pid = self.pid();
+        let _ = tokio::process::Command::new(ZK_SERVER)
+            .arg("stop")
+            .arg(self.cfg())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await;
+        if let Some(pid) = pid {
+            // Wait until the process is gone, so a restart can bind the ports.
+            for _ in 0..100 {
+                if !alive(pid) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            kill(pid);
+        }
+    }
+
+    fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// A plain client at the chroot, for arranging and checking nodes.
+    async fn raw(&self) -> Client {
+        let client = Client::connect(&self.connect()).await.expect("connect");
+        client
+            .mkdir(
+                "/sluice",
+                &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+            )
+            .await
+            .expect("mkdir /sluice");
+        client.chroot("/sluice").expect("chroot")
+    }
+}
+
+impl Drop for ZkServer {
+    fn drop(&mut self) {
+        let pid = self.pid();
+        let _ = std::process::Command::new(ZK_SERVER)
+            .arg("stop")
+            .arg(self.cfg())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        if let Some(pid) = pid {
+            kill(pid);
+        }
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+fn kill(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("local addr").port()
+}
+
+fn config(server: &ZkServer, host: &str, session_timeout_ms: u64) -> ZkConfig {
+    ZkConfig {
+        connect: server.chrooted(),
+        host: host.into(),
+        digest: None,
+        session_timeout_ms,
+    }
+}
+
+fn meta(n: u32) -> BuildMeta {
+    BuildMeta {
+        url: format!("s3://builds/web/b{n}.tar.zst"),
+        sha256: format!("{n:064}"),
+        size: Some(1000 + u64::from(n)),
+        created: Some(format!("2024-01-0{n}T00:00:00Z")),
+    }
+}
+
+fn empty_view() -> ServiceView {
+    ServiceView {
+        enabled: None,
+        canary: None,
+        role: Role::Prod,
+        config: None,
+        max_hosts_restarting: 1,
+    }
+}
+
+/// Waits for the first event that `pick` accepts, skipping others.
+async fn wait_for<T>(
+    rx: &mut mpsc::Receiver<CoordEvent>,
+    what: &str,
+    mut pick: impl FnMut(&CoordEvent) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(WAIT_MS);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) => panic!("no {what} within {WAIT_MS} ms"),
+            Ok(None) => panic!("event channel closed while waiting for {what}"),
+            Ok(Some(event)) => {
+                if let Some(found) = pick(&event) {
+                    return found;
+                }
+            }
+        }
+    }
+}
+
+/// The next event must be a view of `web`; returns it.
+async fn next_view(rx: &mut mpsc::Receiver<CoordEvent>) -> ServiceView {
+    match tokio::time::timeout(Duration::from_millis(WAIT_MS), rx.recv()).await {
+        Ok(Some(CoordEvent::Service { name, view })) if name == "web" => view,
+        other => panic!("expected a view of web, got {other:?}"),
+    }
+}
+
+async fn expect_quiet(rx: &mut mpsc::Receiver<CoordEvent>) {
+    if let Ok(event) = tokio::time::timeout(Duration::from_millis(QUIET_MS), rx.recv()).await {
+        panic!("unexpected event {event:?}");
+    }
+}
+
+/// Polls `check` until it returns true.
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+    while !check().await {
+        assert!(Instant::now() < deadline, "not {what} within {WAIT_MS} ms");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn read(client: &Client, path: &str) -> Option<String> {
+    match client.get_data(path).await {
+        Ok((data, _)) => Some(String::from_utf8_lossy(&data).into_owned()),
+        Err(zookeeper_client::Error::NoNode) => None,
+        Err(e) => panic!("reading {path}: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_follow_every_node() {
+    let Some(server) = ZkServer::start().await else {
+        return;
+    };
+    let (_zk, mut rx) = Zk::start(config(&server, "h1", 10_000), vec!["web".into()]);
+    assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
+    assert_eq!(next_view(&mut rx).await, empty_view());
+
+    let fleet = Fleet::connect(&server.chrooted(), None).await.unwrap();
+    fleet.register_build("web", "b1", &meta(1)).await.unwrap();
+    fleet.register_build("web", "b2", &meta(2)).await.unwrap();
+    expect_quiet(&mut rx).await;
+
+    fleet.deploy("web", "b1", false).await.unwrap();
+    let mut expected = empty_view();
+    expected.enabled = Some("b1".into());
+    assert_eq!(next_view(&mut rx).await, expected);
+    expect_quiet(&mut rx).await;
+
+    fleet.deploy("web", "b2", true).await.unwrap();
+    expected.canary = Some("b2".into());
+    let view = next_view(&mut rx).await;
+    assert_eq!(view, expected);
+    assert_eq!(
+        view.desired_build(),
+        Some("b1"),
+        "a prod host ignores the canary"
+    );
+    expect_quiet(&mut rx).await;
+
+    fleet.set_role("web", "h1", Role::Canary).await.unwrap();
+    expected.role = Role::Canary;
+    let view = next_view(&mut rx).await;
+    assert_eq!(view, expected);
+    assert_eq!(
+        view.desired_build(),
+        Some("b2"),
+        "a canary host takes the canary"
+    );
+    expect_quiet(&mut rx).await;
+
+    // Another host's role is not this host's business.
+    fleet.set_role("web", "h2", Role::Canary).await.unwrap();
+    expect_quiet(&mut rx).await;
+
+    fleet
+        .set_config("web", r#"{"instances": 2}"#)
+        .await
+        .unwrap();
+    expected.config = Some(r#"{"instances": 2}"#.into());
+    assert_eq!(next_view(&mut rx).await, expected);
+    expect_quiet(&mut rx).await;
+
+    fleet.set_max_hosts_restarting("web", 3).await.unwrap();
+    expected.max_hosts_restarting = 3;
+    assert_eq!(next_view(&mut rx).await, expected);
+    expect_quiet(&mut rx).await;
+
+    // Bad data is passed through for the daemon to judge.
+    let raw = server.raw().await;
+    raw.set_data("/services/web/config", b"not json", None)
+        .await
+        .unwrap();
+    expected.config = Some("not json".into());
+    assert_eq!(next_view(&mut rx).await, expected);
+    raw.set_data("/services/web/enabled", b"b\xff", None)
+        .await
+        .unwrap();
+    expected.enabled = Some("b\u{fffd}".into());
+    assert_eq!(next_view(&mut rx).await, expected);
+
+    // A watch fires again after it was re-armed, and deleting a node counts.
+    raw.delete("/services/web/roles/h1", None).await.unwrap();
+    expected.role = Role::Prod;
+    assert_eq!(next_view(&mut rx).await, expected);
+    fleet.set_role("web", "h1", Role::Canary).await.unwrap();
+    expected.role = Role::Canary;
+    assert_eq!(next_view(&mut rx).await, expected);
+
+    // A service added by a reload is read at once; a removed one is forgotten.
+    fleet.deploy("web", "b1", false).await.unwrap();
+    expected.enabled = Some("b1".into());
+    assert_eq!(next_view(&mut rx).await, expected);
+    _zk.set_services(vec!["api".into()]).await;
+    let (name, view) = wait_for(&mut rx, "a view of api", |e| match e {
+        CoordEvent::Service { name, view } => Some((name.clone(), view.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!((name.as_str(), view), ("api", empty_view()));
+    fleet.set_config("web", "{}").await.unwrap();
+    expect_quiet(&mut rx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_rereads_everything() {
+    let Some(server) = ZkServer::start().await else {
+        return;
+    };
+    let (_zk, mut rx) = Zk::start(config(&server, "h1", 20_000), vec!["web".into()]);
+    assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
+    assert_eq!(next_view(&mut rx).await, empty_view());
+
+    let started = Instant::now();
+    server.down().await;
+    assert_eq!(rx.recv().await, Some(CoordEvent::Disconnected));
+    server.up().await;
+    // Changed by another client as soon as the server is back, racing the reconnect.
+    let raw = server.raw().await;
+    raw.mkdir(
+        "/services/web",
+        &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+    )
+    .await
+    .unwrap();
+    raw.create(
+        "/services/web/enabled",
+        b"b9",
+        &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+    )
+    .await
+    .unwrap();
+    let mut connected = false;
+    let mut expected = empty_view();
+    expected.enabled = Some("b9".into());
+    wait_for(&mut rx, "the change made during the outage", |e| match e {
+        CoordEvent::Connected => {
+            connected = true;
+            None
+        }
+        CoordEvent::Service { view, .. } if *view == expected => Some(()),
+        CoordEvent::Expired => panic!("the session must survive a short outage"),
+        _ => None,
+    })
+    .await;
+    if !connected {
+        assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
+    }
+    eprintln!(
+        "outage and recovery took {} ms",
+        started.elapsed().as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_expiry_makes_a_new_session() {
+    let Some(server) = ZkServer::start().await else {
+        return;
+    };
+    let (zk, mut rx) = Zk::start(config(&server, "h1", 2_000), vec!["web".into()]);
+    assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
+    assert_eq!(next_view(&mut rx).await, empty_view());
+    let raw = server.raw().await;
+    let status_path = "/services/web/status/h1";
+    zk.set_status("web", serde_json::json!({"v": 1})).await;
+    eventually("status published", || async {
+        read(&raw, status_path).await.as_deref() == Some(r#"{"v":1}"#)
+    })
+    .await;
+    let (_, stat) = raw.get_data(status_path).await.unwrap();
+    let old_owner = stat.ephemeral_owner;
+    drop(raw);
+
+    server.down().await;
+    assert_eq!(rx.recv().await, Some(CoordEvent::Disconnected));
+    // The latest status wins, even when set during the outage.
+    zk.set_status("web", serde_json::json!({"v": 2})).await;
+    wait_for(&mut rx, "expiry", |e| {
+        (*e == CoordEvent::Expired).then_some(())
+    })
+    .await;
+    server.up().await;
+    assert_eq!(
+        wait_for(&mut rx, "a new session", |e| match e {
+            CoordEvent::Disconnected => None,
+            other => Some(other.clone()),
+        })
+        .await,
+        CoordEvent::Connected
+    );
+    assert_eq!(next_view(&mut rx).await, empty_view(), "views are re-sent");
+
+    let raw = server.raw().await;
+    eventually("status re-created by the new session", || async {
+        match raw.get_data(status_path).await {
+            Ok((data, stat)) => data == br#"{"v":2}"# && stat.ephemeral_owner != old_owner,
+            Err(_) => false,
+        }
+    })
+    .await;
+    // The old session's expiry on the server must not take the new node with it.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let (_, stat) = raw.get_data(status_path).await.expect("status survives");
+    assert_ne!(stat.ephemeral_owner, old_owner);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_slots_are_shared_by_the_fleet() {
+    let Some(server) = ZkServer::start().await else {
+        return;
+    };
+    let fleet = Fleet::connect(&server.chrooted(), None).await.unwrap();
+    fleet.set_max_hosts_restarting("web", 1).await.unwrap();
+    let mut hosts = Vec::new();
+    for host in ["h1", "h2", "h3"] {
+        let (zk, mut rx) = Zk::start(config(&server, host, 10_000), vec![]);
+        assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
+        hosts.push((zk, rx));
+    }
+    let zk = |i: usize| hosts[i].0.clone();
+    let within = Duration::from_millis(WAIT_MS);
+    let short = Duration::from_millis(QUIET_MS * 2);
+
+    let slot1 = tokio::time::timeout(within, zk(0).acquire_slot("web"))
+        .await
+        .expect("a free slot is granted at once")
+        .unwrap();
+    assert!(slot1.is_valid());
+    // Asking again reuses the lease: still one holder.
+    let again = tokio::time::timeout(within, zk(0).acquire_slot("web"))
+        .await
+        .unwrap()
+        .unwrap();
+    // (Dropping it would release the shared lease: keep it until slot1 is released.)
+    let mut waiting = tokio::task::JoinSet::new();
+    for i in [1, 2] {
+        let zk = zk(i);
+        waiting.spawn(async move { (i, zk.acquire_slot("web").await.unwrap()) });
+    }
+    assert!(
+        tokio::time::timeout(short, waiting.join_next())
+            .await
+            .is_err(),
+        "limit 1 holds"
+    );
+
+    slot1.release().await;
+    drop(again);
+    let (first, slot_first) = tokio::time::timeout(within, waiting.join_next())
+        .await
+        .expect("the next host gets the released slot")
+        .unwrap()
+        .unwrap();
+    assert!(
+        tokio::time::timeout(short, waiting.join_next())
+            .await
+            .is_err(),
+        "one at a time"
+    );
+
+    // h1 queues again; raising the limit lets every waiter in at once.
+    let zk1 = zk(0);
+    waiting.spawn(async move { (0, zk1.acquire_slot("web").await.unwrap()) });
+    tokio::time::sleep(short).await;
+    fleet.set_max_hosts_restarting("web", 3).await.unwrap();
+    let mut held = vec![(first, slot_first)];
+    for _ in 0..2 {
+        let entry = tokio::time::timeout(within, waiting.join_next())
+            .await
+            .expect("a raised limit takes effect at once")
+            .unwrap()
+            .unwrap();
+        held.push(entry);
+    }
+    for (_, slot) in held {
+        slot.release().await;
+    }
+
+    // A host whose session closes frees its slot.
+    fleet.set_max_hosts_restarting("web", 1).await.unwrap();
+    let slot3 = tokio::time::timeout(within, zk(2).acquire_slot("web"))
+        .await
+        .unwrap()
+        .unwrap();
+    let zk2 = zk(1);
+    waiting.spawn(async move { (1, zk2.acquire_slot("web").await.unwrap()) });
+    assert!(
+        tokio::time::timeout(short, waiting.join_next())
+            .await
+            .is_err()
+    );
+    let (zk3, _rx3) = hosts.pop().unwrap();
+    drop(zk3);
+    let (i, _slot) = tokio::time::timeout(within, waiting.join_next())
+        .await
+        .expect("a closed session frees its slot")
+        .unwrap()
+        .unwrap();
+    assert_eq!(i, 1);
+    assert!(!slot3.is_valid(), "a slot dies with its session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_verbs_write_the_layout() {
+    let Some(server) = ZkServer::start().await else {
+        return;
+    };
+    let fleet = Fleet::connect(&server.chrooted(), None).await.unwrap();
+    let raw = server.raw().await;
+
+    let err = fleet.deploy("web", "b1", false).await.unwrap_err();
+    assert!(matches!(err, CoordError::UnknownBuild { .. }), "{err}");
+    assert!(err.to_string().contains("/builds/web"), "{err}");
+    for n in 1..=3 {
+        fleet
+            .register_build("web", &format!("b{n}"), &meta(n))
+            .await
+            .unwrap();
+    }
+    fleet.register_build("web", "b1", &meta(1)).await.unwrap();
+    let err = fleet
+        .register_build("web", "b1", &meta(2))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CoordError::BuildExists { .. }), "{err}");
+    let builds = fleet.builds("web").await.unwrap();
+    assert_eq!(
+        builds,
+        (1..=3)
+            .map(|n| (format!("b{n}"), meta(n)))
+            .collect::<Vec<_>>()
+    );
+
+    let history = || async { read(&raw, "/services/web/history").await.unwrap() };
+    fleet.deploy("web", "b1", false).await.unwrap();
+    fleet.deploy("web", "b2", false).await.unwrap();
+    assert_eq!(
+        read(&raw, "/services/web/enabled").await.as_deref(),
+        Some("b2")
+    );
+    assert_eq!(history().await, r#"["b1","b2"]"#);
+
+    let err = fleet.promote("web").await.unwrap_err();
+    assert!(matches!(err, CoordError::NoCanary { .. }), "{err}");
+    fleet.deploy("web", "b3", true).await.unwrap();
+    assert_eq!(
+        read(&raw, "/services/web/enabled/canary").await.as_deref(),
+        Some("b3")
+    );
+    assert_eq!(
+        read(&raw, "/services/web/enabled").await.as_deref(),
+        Some("b2")
+    );
+    assert_eq!(fleet.promote("web").await.unwrap(), "b3");
+    assert_eq!(
+        read(&raw, "/services/web/enabled").await.as_deref(),
+        Some("b3")
+    );
+    assert_eq!(history().await, r#"["b1","b2","b3"]"#);
+
+    assert_eq!(fleet.rollback("web").await.unwrap(), "b2");
+    assert_eq!(
+        read(&raw, "/services/web/enabled").await.as_deref(),
+        Some("b2")
+    );
+    assert_eq!(history().await, r#"["b1","b2"]"#);
+    assert_eq!(fleet.rollback("web").await.unwrap(), "b1");
+    assert_eq!(history().await, r#"["b1"]"#);
+    let err = fleet.rollback("web").await.unwrap_err();
+    assert!(matches!(err, CoordError::NoHistory { .. }), "{err}");
+    assert_eq!(
+        read(&raw, "/services/web/enabled").await.as_deref(),
+        Some("b1")
+    );
+
+    // The history keeps the last builds only.
+    for _ in 0..15 {
+        fleet.deploy("web", "b2", false).await.unwrap();
+        fleet.deploy("web", "b3", false).await.unwrap();
+    }
+    let kept: Vec<String> = serde_json::from_str(&history().await).unwrap();
+    assert_eq!(kept.len(), HISTORY_MAX);
+
+    assert!(fleet.set_config("web", "{").await.is_err());
+    assert!(fleet.deploy("web", "../x", false).await.is_err());
+
+    assert_eq!(fleet.hosts("web").await.unwrap(), vec![]);
+    let mut zks = Vec::new();
+    for host in ["h2", "h1"] {
+        let (zk, _rx) = Zk::start(config(&server, host, 10_000), vec![]);
+        zk.set_status("web", serde_json::json!({"host": host}))
+            .await;
+        zks.push(zk);
+    }
+    eventually("both hosts listed", || async {
+        fleet.hosts("web").await.unwrap().len() == 2
+    })
+    .await;
+    assert_eq!(
+        fleet.hosts("web").await.unwrap(),
+        vec![
+            ("h1".to_owned(), serde_json::json!({"host": "h1"})),
+            ("h2".to_owned(), serde_json::json!({"host": "h2"})),
+        ]
+    );
+    let (_, stat) = raw.get_data("/services/web/status/h1").await.unwrap();
+    assert_ne!(stat.ephemeral_owner, 0, "statuses are ephemeral");
+    drop(zks);
+    eventually("statuses gone with their sessions", || async {
+        fleet.hosts("web").await.unwrap().is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digest_acl_protects_sluice_nodes() {
+    let Some(server) = ZkServer::start().await else {
+        return;
+    };
+    let digest = Some(("sluice".to_owned(), "secret".to_owned()));
+    let mut zk_config = config(&server, "h1", 10_000);
+    zk_config.digest = digest.clone();
+    let (zk, mut rx) = Zk::start(zk_config, vec!["web".into()]);
+    assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
+    assert_eq!(next_view(&mut rx).await, empty_view());
+
+    let fleet = Fleet::connect(&server.chrooted(), digest).await.unwrap();
+    fleet.set_config("web", "{}").await.unwrap();
+    let mut expected = empty_view();
+    expected.config = Some("{}".into());
+    assert_eq!(next_view(&mut rx).await, expected);
+    zk.set_status("web", serde_json::json!({"ok": true})).await;
+    let slot = zk.acquire_slot("web").await.unwrap();
+
+    // Unauthenticated: can read, cannot write or delete.
+    let anonymous = Client::connect(&server.chrooted()).await.unwrap();
+    let status = "/services/web/status/h1";
+    eventually("status published", || async {
+        anonymous.check_stat(status).await.unwrap().is_some()
+    })
+    .await;
+    assert_eq!(
+        read(&anonymous, "/services/web/config").await.as_deref(),
+        Some("{}")
+    );
+    for path in ["/services/web/config", status] {
+        assert_eq!(
+            anonymous.set_data(path, b"x", None).await.unwrap_err(),
+            zookeeper_client::Error::NoAuth,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        anonymous.delete(status, None).await.unwrap_err(),
+        zookeeper_client::Error::NoAuth
+    );
+    // ZooKeeper shows digests only to those with ADMIN permission on the node.
+    let admin = Client::connector()
+        .with_auth("digest", b"sluice:secret")
+        .connect(&server.chrooted())
+        .await
+        .unwrap();
+    let (acls, _) = admin.get_acl("/services/web/config").await.unwrap();
+    assert!(
+        acls.iter()
+            .any(|a| a.scheme() == "digest" && a.id() == digest_id("sluice", "secret")),
+        "{acls:?}"
+    );
+    // A wrong password fails per operation, not at connect.
+    let wrong = Fleet::connect(
+        &server.chrooted(),
+        Some(("sluice".to_owned(), "wrong".to_owned())),
+    )
+    .await
+    .unwrap();
+    assert!(wrong.set_config("web", "{}").await.is_err());
+    slot.release().await;
+}
