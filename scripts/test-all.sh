@@ -29,6 +29,10 @@ if [ ! -x "$venv/bin/gunicorn" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'gunicorn==27.*'
 fi
+# Wheels for the deploy tests' offline `pip install` (the stock python-venv hook with SLUICE_WHEEL_DIR).
+if ! ls target/test-wheels/gunicorn-*.whl >/dev/null 2>&1; then
+  "$venv/bin/pip" download --quiet --disable-pip-version-check -d target/test-wheels 'gunicorn==27.*'
+fi
 
 cargo fmt --all -- --check
 cargo build --workspace --bins
