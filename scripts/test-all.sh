@@ -25,9 +25,10 @@ fi
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 # Python packages the tests run for real (gunicorn serves the WSGI test app), in a venv of ours.
 venv=target/test-venv
-if [ ! -x "$venv/bin/gunicorn" ]; then
+if [ ! -x "$venv/bin/gunicorn" ] || [ ! -x "$venv/bin/moto_server" ]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'gunicorn==27.*'
+  # gunicorn serves the WSGI test app; moto's server mode is the S3 store of the build tests.
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'gunicorn==27.*' 'moto[server]==5.*'
 fi
 # Wheels for the deploy tests' offline `pip install` (the stock python-venv hook with SLUICE_WHEEL_DIR).
 if ! ls target/test-wheels/gunicorn-*.whl >/dev/null 2>&1; then

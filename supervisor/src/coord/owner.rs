@@ -383,15 +383,15 @@ async fn forward_states(
 ) {
     // A change between the connect and the watcher's creation would otherwise go unseen.
     let now = state.peek_state();
-    if now != SessionState::SyncConnected && now != SessionState::ConnectedReadOnly {
-        if tx
+    let suspended = now != SessionState::SyncConnected && now != SessionState::ConnectedReadOnly;
+    if suspended
+        && (tx
             .send(Internal::State { epoch, state: now })
             .await
             .is_err()
-            || now.is_terminated()
-        {
-            return;
-        }
+            || now.is_terminated())
+    {
+        return;
     }
     loop {
         let changed = state.changed().await;
