@@ -40,6 +40,11 @@ pub async fn main(host: &HostConfig, verb: Command) -> anyhow::Result<()> {
             canary,
         } => {
             crate::build::check_build_id(&build).map_err(anyhow::Error::msg)?;
+            if !fleet.is_registered(&service, &build).await? {
+                eprintln!(
+                    "sluice: note: {build} is not registered in /builds/{service}; hosts fetch it from their `[build] source`"
+                );
+            }
             fleet.deploy(&service, &build, canary).await?;
             let which = if canary { "enabled/canary" } else { "enabled" };
             println!("{service}: {which} is now {build}");
@@ -191,19 +196,23 @@ fn render(service: &str, hosts: &[(String, serde_json::Value)]) -> String {
         "STATE",
         "BUILD",
         "TARGET",
-        "ENABLED",
+        "UP",
         "LAST ERROR"
     );
     for (host, status) in hosts {
         let instances = status["instances"].as_array().cloned().unwrap_or_default();
         let enabled = instances.iter().filter(|i| i["enabled"] == true).count();
+        let running = instances.iter().filter(|i| i["state"] == "running").count();
+        // Without steering, `enabled` is null: show how many run instead.
+        let steered = instances.iter().any(|i| !i["enabled"].is_null());
+        let shown = if steered { enabled } else { running };
         out.push_str(&format!(
             "{:<16} {:<11} {:<16} {:<16} {:<10} {}\n",
             host,
             status["state"].as_str().unwrap_or("?"),
             status["build"].as_str().unwrap_or("-"),
             status["target_build"].as_str().unwrap_or("-"),
-            format!("{enabled}/{}", instances.len()),
+            format!("{shown}/{}", instances.len()),
             status["last_error"].as_str().unwrap_or(""),
         ));
     }

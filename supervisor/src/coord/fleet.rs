@@ -32,17 +32,20 @@ impl Fleet {
         Ok(Fleet { client, acl })
     }
 
-    /// Writes `enabled` (or `enabled/canary`), creating parents. Refuses a build that is not in
-    /// `/builds/<svc>/`. A prod deploy is recorded in the history.
+    /// Whether `/builds/<svc>/<build>` exists.
+    pub async fn is_registered(&self, service: &str, build: &str) -> Result<bool, CoordError> {
+        check_name("service", service)?;
+        check_name("build", build)?;
+        Ok(self.read(&build_path(service, build)).await?.is_some())
+    }
+
+    /// Writes `enabled` (or `enabled/canary`), creating parents. A build need not be registered in
+    /// `/builds/<svc>/`: hosts then fetch it from their `[build] source` and its sidecar checksum,
+    /// and a build that is nowhere is reported by every host in its status. A prod deploy is
+    /// recorded in the history.
     pub async fn deploy(&self, service: &str, build: &str, canary: bool) -> Result<(), CoordError> {
         check_name("service", service)?;
         check_name("build", build)?;
-        if self.read(&build_path(service, build)).await?.is_none() {
-            return Err(CoordError::UnknownBuild {
-                service: service.to_owned(),
-                build: build.to_owned(),
-            });
-        }
         if canary {
             let path = format!("{}/enabled/canary", service_path(service));
             return self.put(&path, build.as_bytes()).await;
