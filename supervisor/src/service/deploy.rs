@@ -23,6 +23,10 @@ use crate::state::FailedRestart;
 const HISTORY_MAX: usize = 20;
 /// Pause before asking again for a slot after ZooKeeper refused one.
 const SLOT_RETRY_MS: u64 = 1_000;
+/// Bytes of a failed hook's output that go into status (the log file has all of it).
+const OUTPUT_TAIL_IN_STATUS: usize = 600;
+/// Longest pause between attempts to read a build's metadata while ZooKeeper is away.
+const META_RETRY_MAX_MS: u64 = 10_000;
 
 /// Where a deploy is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -171,17 +175,34 @@ impl Service {
         tokio::spawn(async move {
             let result = async {
                 let source = match &coord {
-                    Some(zk) => match zk.build_meta(&service, &build).await {
-                        Ok(Some(meta)) => build::Source {
-                            url: meta.url,
-                            sha256: Some(meta.sha256),
-                        },
-                        Ok(None) => build::Source {
-                            url: build::source_url(&build_config.source, &service, &build),
-                            sha256: None,
-                        },
-                        Err(e) => return Err(format!("reading /builds/{service}/{build}: {e}")),
-                    },
+                    Some(zk) => {
+                        // ZooKeeper being away delays a deploy; it never fails it.
+                        let mut pause_ms = 500;
+                        let meta = loop {
+                            match zk.build_meta(&service, &build).await {
+                                Ok(meta) => break meta,
+                                Err(e) => {
+                                    tracing::warn!(
+                                        service,
+                                        build,
+                                        "reading /builds/{service}/{build}: {e}; retrying"
+                                    );
+                                    tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+                                    pause_ms = (pause_ms * 2).min(META_RETRY_MAX_MS);
+                                }
+                            }
+                        };
+                        match meta {
+                            Some(meta) => build::Source {
+                                url: meta.url,
+                                sha256: Some(meta.sha256),
+                            },
+                            None => build::Source {
+                                url: build::source_url(&build_config.source, &service, &build),
+                                sha256: None,
+                            },
+                        }
+                    }
                     None => build::Source {
                         url: build::source_url(&build_config.source, &service, &build),
                         sha256: None,
@@ -620,6 +641,17 @@ impl HookContext {
         sluice_hooks::run_stage(&run, &hooks)
             .await
             .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(|e| match e.output_tail() {
+                // The end of its output is what an operator needs to see in status.
+                Some(tail) if !tail.trim().is_empty() => {
+                    let tail = tail.trim();
+                    let start = tail.len().saturating_sub(OUTPUT_TAIL_IN_STATUS);
+                    let start = (start..tail.len())
+                        .find(|i| tail.is_char_boundary(*i))
+                        .unwrap_or(tail.len());
+                    format!("{e}; output ends with: {}", &tail[start..])
+                }
+                _ => e.to_string(),
+            })
     }
 }
