@@ -125,6 +125,25 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The deployer's verbs, handled by [`crate::fleet_cli`].
+    pub fn is_fleet(&self) -> bool {
+        matches!(
+            self,
+            Command::Deploy { .. }
+                | Command::Promote { .. }
+                | Command::Rollback { .. }
+                | Command::Register { .. }
+                | Command::Builds { .. }
+                | Command::Hosts { .. }
+                | Command::Role { .. }
+                | Command::Limit { .. }
+                | Command::PushConfig { .. }
+                | Command::Watch { .. }
+        )
+    }
+}
+
 /// Parses the command line, runs it, and returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -156,16 +175,7 @@ async fn dispatch(cli: Cli) -> i32 {
     match cli.command {
         Command::Run => run(host).await,
         Command::Cleanup => cleanup(&host).await,
-        verb @ (Command::Deploy { .. }
-        | Command::Promote { .. }
-        | Command::Rollback { .. }
-        | Command::Register { .. }
-        | Command::Builds { .. }
-        | Command::Hosts { .. }
-        | Command::Role { .. }
-        | Command::Limit { .. }
-        | Command::PushConfig { .. }
-        | Command::Watch { .. }) => match crate::fleet_cli::main(&host, verb).await {
+        verb if verb.is_fleet() => match crate::fleet_cli::main(&host, verb).await {
             Ok(()) => exit::OK,
             Err(e) => {
                 eprintln!("sluice: {e:#}");
@@ -350,19 +360,8 @@ async fn verb_main(socket: &Path, verb: Command) -> anyhow::Result<()> {
         }))
     };
     let body = match verb {
-        Command::Run
-        | Command::CheckConfig
-        | Command::Cleanup
-        | Command::Deploy { .. }
-        | Command::Promote { .. }
-        | Command::Rollback { .. }
-        | Command::Register { .. }
-        | Command::Builds { .. }
-        | Command::Hosts { .. }
-        | Command::Role { .. }
-        | Command::Limit { .. }
-        | Command::PushConfig { .. }
-        | Command::Watch { .. } => unreachable!("handled by dispatch"),
+        // Run, check-config, cleanup and the fleet verbs never reach here.
+        _ => unreachable!("handled by dispatch"),
         Command::Status { service, json } => {
             let query = service.map(|s| format!("?service={s}")).unwrap_or_default();
             let answer =
