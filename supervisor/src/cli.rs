@@ -360,8 +360,6 @@ async fn verb_main(socket: &Path, verb: Command) -> anyhow::Result<()> {
         }))
     };
     let body = match verb {
-        // Run, check-config, cleanup and the fleet verbs never reach here.
-        _ => unreachable!("handled by dispatch"),
         Command::Status { service, json } => {
             let query = service.map(|s| format!("?service={s}")).unwrap_or_default();
             let answer =
@@ -408,6 +406,8 @@ async fn verb_main(socket: &Path, verb: Command) -> anyhow::Result<()> {
         ),
         Command::Reload => ("/v1/reload", None),
         Command::Shutdown => ("/v1/shutdown", None),
+        // Run, check-config, cleanup and the fleet verbs never reach here.
+        _ => unreachable!("handled by dispatch"),
     };
     let answer = client::call(socket, Method::POST, body.0, body.1).await?;
     if let Some(message) = answer.get("message").and_then(|m| m.as_str()) {
