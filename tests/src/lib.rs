@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod fixtures;
+pub mod fleet;
 pub mod load;
 pub mod netns;
 
@@ -342,6 +343,14 @@ impl Host {
         let path = format!("/run/netns/{}", ns.name);
         self.netns = Some(fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}")));
         self
+    }
+
+    /// Rewrites the host file (e.g. with a `[coordination]` section), aside and renamed like a
+    /// service file. Relative paths in it stay relative to the host's temp dir.
+    pub fn write_host_file(&self, toml: &str) {
+        let tmp = self.host_file.with_extension("toml.tmp");
+        fs::write(&tmp, toml).expect("writing the host file");
+        fs::rename(&tmp, &self.host_file).expect("renaming the host file");
     }
 
     /// The temp dir every file of this host lives in.

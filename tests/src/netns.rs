@@ -56,6 +56,12 @@ impl Netns {
         );
     }
 
+    /// Runs `f` on a new thread inside the namespace and returns its result (the calling thread
+    /// stays where it is).
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        run_in_named(&self.name, f)
+    }
+
     /// `iptables-save -t nat` (or ip6tables) inside the namespace, without its comment lines
     /// (they carry timestamps).
     pub fn nat_rules(&self, v6: bool) -> String {
@@ -95,6 +101,33 @@ impl Netns {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// Runs `f` on a new thread inside the namespace called `name` (which someone else owns).
+pub fn run_in_named<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                enter_named(name);
+                f()
+            })
+            .join()
+            .expect("the thread inside the namespace panicked")
+    })
+}
+
+/// Moves the calling thread into the namespace called `name` (which someone else owns).
+pub fn enter_named(name: &str) {
+    let file = std::fs::File::open(format!("/run/netns/{name}"))
+        .unwrap_or_else(|e| panic!("open /run/netns/{name}: {e}"));
+    // SAFETY: setns on a descriptor we own; it changes only the calling thread's namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "setns into {name}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 impl Drop for Netns {

@@ -101,6 +101,17 @@ impl Service {
         self.ctx.coord.is_some()
     }
 
+    /// Whether a batch is held at its start, waiting for a slot: it is not out of steering yet.
+    pub(super) fn batch_held(&self) -> bool {
+        !self.coord.held.is_empty()
+    }
+
+    /// A new restart begins: its interval in the host's status starts at its first batch.
+    pub(super) fn restart_begins(&mut self) {
+        self.coord.restart_started_ms = None;
+        self.coord.restart_finished_ms = None;
+    }
+
     pub(super) fn set_connected(&mut self, connected: bool) {
         self.coord.connected = connected;
         if connected {

@@ -73,6 +73,7 @@ impl Service {
         if self.state.applied.is_none() {
             self.state.applied = Some(self.config.clone());
         }
+        self.restart_begins();
         self.state.restart = Some(Restart::new(strategy, warm, batches));
         if let Err(e) = self.persist() {
             self.state.restart = None;

@@ -62,12 +62,11 @@ impl Service {
 
     /// The instances new connections should go to.
     fn desired_steering(&self) -> BTreeSet<u32> {
-        let out = self
-            .state
-            .restart
-            .as_ref()
-            .map(|m| m.disabled())
-            .unwrap_or_default();
+        // A batch held at its start (no fleet slot yet) keeps serving until it may begin.
+        let out = match &self.state.restart {
+            Some(machine) if !self.batch_held() => machine.disabled(),
+            _ => BTreeSet::new(),
+        };
         self.instances
             .values()
             .filter(|i| {

@@ -1,0 +1,1077 @@
+//! A fleet of sluice hosts for the deploy tests: network namespaces joined by a bridge, a real
+//! ZooKeeper ensemble, a static HTTP build store that counts what it serves, build tarballs (good
+//! and malicious ones), and one [`Host`] per namespace.
+//!
+//! ```text
+//!   hub netns: br0 10.199.0.1/24, ZooKeeper :2181.. (peers :2888.., :3888..), builds on :8000
+//!     ├─ veth ── h1 netns: eth0 10.199.0.11/24, sluice daemon, instances, iptables
+//!     ├─ veth ── h2 netns: eth0 10.199.0.12/24
+//!     └─ ...
+//! ```
+//!
+//! Only namespaces the test made get these addresses; everything (servers, namespaces, files)
+//! goes when the [`Fleet`] is dropped.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::netns::{Netns, run_in_named};
+use crate::{Host, Out, PATIENCE, fixtures, procs, require_root, run_bounded};
+
+/// The hub's address on the bridge: ZooKeeper and the build store listen here.
+pub const HUB_ADDR: &str = "10.199.0.1";
+/// Port of the build store.
+pub const HTTP_PORT: u16 = 8000;
+/// Client port of ZooKeeper server `i` is this plus `i`.
+pub const ZK_CLIENT_PORT: u16 = 2181;
+/// Quorum (peer) port of server `i` is this plus `i`.
+const ZK_PEER_PORT: u16 = 2888;
+/// Leader election port of server `i` is this plus `i`.
+const ZK_ELECTION_PORT: u16 = 3888;
+/// ZooKeeper's chroot for sluice.
+pub const ZK_CHROOT: &str = "/sluice";
+/// Session timeout written into every host file.
+pub const SESSION_TIMEOUT_MS: u64 = 4000;
+const ZK_BIN: &str = "/usr/share/zookeeper/bin";
+/// Small JVMs: three servers and the tests share two cores.
+const ZK_JVMFLAGS: &str = "-Xmx128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1";
+/// Limit of one `zkServer.sh`/`zkCli.sh` run.
+const ZK_SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Limit of one request to or from the hub made by the harness itself.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What kind of fleet a test needs.
+#[derive(Debug, Clone, Copy)]
+pub struct FleetOptions {
+    /// Host namespaces, named `h1`…`hN`.
+    pub hosts: usize,
+    /// ZooKeeper servers: 0 (hosts use the `local` backend), 1 (standalone) or 3 (an ensemble).
+    pub zookeepers: usize,
+}
+
+/// The offline wheel directory for `stock:python-venv` (`SLUICE_WHEEL_DIR`): `SLUICE_TEST_WHEELS`,
+/// else `target/test-wheels` (`scripts/test-all.sh` fills it with `pip download`). `None` (after
+/// saying so, or failing in CI) when it is missing.
+pub fn wheel_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("SLUICE_TEST_WHEELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-wheels"));
+    let has_gunicorn = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("gunicorn-"));
+    let what = format!(
+        "gunicorn wheels in {} (`target/test-venv/bin/pip download -d target/test-wheels 'gunicorn==27.*'`)",
+        dir.display()
+    );
+    if !fixtures::require(&what, has_gunicorn) {
+        return None;
+    }
+    Some(dir.canonicalize().unwrap_or(dir))
+}
+
+/// The service file of a build-deployed WSGI service `py` (2 instances on 9100.., front 9000,
+/// `drain`, http health, `stock:python-venv` offline). `build_extra` goes into `[build]`.
+pub fn py_service(wheels: &Path, build_extra: &str) -> String {
+    format!(
+        r#"command = ["{{release_dir}}/.venv/bin/gunicorn", "--bind", "127.0.0.1:{{port}}", "--workers", "1", "--worker-class", "gthread", "--threads", "4", "--keep-alive", "5", "--graceful-timeout", "5", "--chdir", "{{release_dir}}", "app:app"]
+instances = 2
+port_base = 9100
+front_port = 9000
+stop_grace_ms = 6000
+env = {{ INSTANCE = "{{instance}}" }}
+[build]
+source = "http://{HUB_ADDR}:{HTTP_PORT}/py/{{build}}.tar.gz"
+keep_releases = 3
+{build_extra}
+[hooks]
+post_install = [["stock:python-venv"]]
+env = {{ SLUICE_WHEEL_DIR = "{wheels}", SLUICE_PYTHON = "{python}" }}
+[restart]
+strategy = "drain"
+drain_timeout_ms = 3000
+[health]
+http = "/health"
+start_timeout_ms = 20000
+"#,
+        wheels = wheels.display(),
+        python = system_python().display(),
+    )
+}
+
+/// The interpreter the venvs are made with: Debian's, else `python3` on `PATH`.
+pub fn system_python() -> PathBuf {
+    let debian = Path::new("/usr/bin/python3");
+    if debian.is_file() {
+        debian.to_owned()
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// One sluice host of the fleet: a [`Host`] whose daemon and CLI run in the host's namespace.
+pub struct FleetHost {
+    /// `h1`, `h2`, …: the name in ZooKeeper (`coordination.host`).
+    pub name: String,
+    /// Its address on the bridge.
+    pub addr: String,
+    pub host: Host,
+    /// Name of its namespace (owned by the [`Fleet`]).
+    pub netns: String,
+}
+
+impl std::ops::Deref for FleetHost {
+    type Target = Host;
+    fn deref(&self) -> &Host {
+        &self.host
+    }
+}
+
+impl FleetHost {
+    /// `GET path` on `port` of this host's loopback, from inside its namespace.
+    pub fn get(&self, port: u16, path: &str) -> Result<(u16, String), String> {
+        run_in_named(&self.netns, || {
+            http_get(([127, 0, 0, 1], port).into(), path)
+        })
+    }
+}
+
+/// The whole fleet. Fields drop in declaration order: hosts (daemons, instances) first, then
+/// ZooKeeper, the build store, the namespaces, and the files.
+pub struct Fleet {
+    pub hosts: Vec<FleetHost>,
+    zk: Option<Zookeeper>,
+    http: FileServer,
+    host_ns: Vec<Netns>,
+    hub: Netns,
+    builds: Builds,
+    dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// Builds the network, starts ZooKeeper (and waits for its quorum) and the build store, and
+    /// writes each host's host file; no daemon runs yet. `None` when the test must skip (not root,
+    /// or Java/ZooKeeper/wheels missing outside CI).
+    pub fn new(opts: FleetOptions) -> Option<Fleet> {
+        assert!(opts.hosts >= 1 && opts.hosts <= 50);
+        assert!(
+            matches!(opts.zookeepers, 0 | 1 | 3),
+            "1 or 3 ZooKeeper servers"
+        );
+        if !require_root() {
+            return None;
+        }
+        if opts.zookeepers > 0 {
+            let zk = Path::new(ZK_BIN).join("zkServer.sh").is_file();
+            if !fixtures::require("ZooKeeper (Debian's zookeeper package)", zk) {
+                return None;
+            }
+            if !fixtures::require("java", Path::new("/usr/bin/java").is_file()) {
+                return None;
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-fleet-")
+            .tempdir()
+            .expect("creating a temp dir");
+        let hub = Netns::new();
+        hub.run("ip", &["link", "add", "br0", "type", "bridge"]);
+        hub.run(
+            "ip",
+            &["addr", "add", &format!("{HUB_ADDR}/24"), "dev", "br0"],
+        );
+        hub.run("ip", &["link", "set", "br0", "up"]);
+        let mut host_ns = Vec::new();
+        for i in 1..=opts.hosts {
+            let ns = Netns::new();
+            let hub_end = format!("v{i}");
+            hub.run(
+                "ip",
+                &[
+                    "link", "add", &hub_end, "type", "veth", "peer", "name", "eth0", "netns",
+                    &ns.name,
+                ],
+            );
+            hub.run("ip", &["link", "set", &hub_end, "master", "br0"]);
+            hub.run("ip", &["link", "set", &hub_end, "up"]);
+            ns.run(
+                "ip",
+                &[
+                    "addr",
+                    "add",
+                    &format!("10.199.0.{}/24", 10 + i),
+                    "dev",
+                    "eth0",
+                ],
+            );
+            ns.run("ip", &["link", "set", "eth0", "up"]);
+            host_ns.push(ns);
+        }
+        let www = dir.path().join("www");
+        std::fs::create_dir_all(&www).expect("creating the build store");
+        let http = FileServer::start(&hub, ([10, 199, 0, 1], HTTP_PORT).into(), &www);
+        let zk = (opts.zookeepers > 0).then(|| {
+            let zk = Zookeeper::new(&hub.name, &dir.path().join("zk"), opts.zookeepers);
+            zk.start_all();
+            zk.wait_quorum(PATIENCE * 3);
+            zk
+        });
+        let hosts = host_ns
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let name = format!("h{}", i + 1);
+                let host = Host::new().in_netns(ns);
+                let mut file =
+                    "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\n"
+                        .to_owned();
+                if let Some(zk) = &zk {
+                    file += &format!(
+                        "[coordination]\nbackend = \"zookeeper\"\nconnect = \"{}\"\nhost = \"{name}\"\nsession_timeout_ms = {SESSION_TIMEOUT_MS}\n",
+                        zk.connect_string()
+                    );
+                }
+                host.write_host_file(&file);
+                FleetHost {
+                    addr: format!("10.199.0.{}", 11 + i),
+                    name,
+                    host,
+                    netns: ns.name.clone(),
+                }
+            })
+            .collect();
+        let builds = Builds {
+            www,
+            stage: dir.path().join("stage"),
+        };
+        Some(Fleet {
+            hosts,
+            zk,
+            http,
+            host_ns,
+            hub,
+            builds,
+            dir,
+        })
+    }
+
+    /// The hub namespace (ZooKeeper, build store, bridge).
+    pub fn hub(&self) -> &Netns {
+        &self.hub
+    }
+
+    /// Host `i` (0-based: `host(0)` is `h1`).
+    pub fn host(&self, i: usize) -> &FleetHost {
+        &self.hosts[i]
+    }
+
+    /// The host called `name` (`h1`…).
+    pub fn by_name(&self, name: &str) -> &FleetHost {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    /// The namespace of host `i` (0-based), e.g. for a [`crate::load::Load`].
+    pub fn netns(&self, i: usize) -> &Netns {
+        &self.host_ns[i]
+    }
+
+    /// The ZooKeeper ensemble; panics when the fleet has none.
+    pub fn zk(&self) -> &Zookeeper {
+        self.zk.as_ref().expect("this fleet runs no ZooKeeper")
+    }
+
+    /// The build store.
+    pub fn http(&self) -> &FileServer {
+        &self.http
+    }
+
+    pub fn builds(&self) -> &Builds {
+        &self.builds
+    }
+
+    /// The fleet's temp dir (build store, ZooKeeper data).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes the same service file on every host.
+    pub fn service(&self, name: &str, toml: &str) {
+        for h in &self.hosts {
+            h.service(name, toml);
+        }
+    }
+
+    /// Starts every host's daemon and waits until each answers.
+    pub fn start_daemons(&self) {
+        for h in &self.hosts {
+            h.spawn_daemon(&[]);
+        }
+        for h in &self.hosts {
+            h.wait_reachable(PATIENCE);
+        }
+    }
+
+    /// A fleet verb (`deploy`, `hosts`, …) run on `h1` (its host file names ZooKeeper).
+    #[track_caller]
+    pub fn sluice(&self, args: &[&str]) -> Out {
+        self.hosts[0].sluice(args)
+    }
+
+    /// `sluice register <svc> <build> --url --sha256`, asserting success.
+    #[track_caller]
+    pub fn register(&self, service: &str, build: &BuildInfo) {
+        self.sluice(&[
+            "register",
+            service,
+            &build.id,
+            "--url",
+            &build.url,
+            "--sha256",
+            &build.sha256,
+        ])
+        .success();
+    }
+
+    /// `sluice hosts <svc> --json`, by host name; an error when the CLI fails (e.g. while ZooKeeper
+    /// elects a leader).
+    pub fn try_hosts_view(&self, service: &str) -> Result<BTreeMap<String, Value>, String> {
+        let out = run_bounded(
+            self.hosts[0].sluice_command(&["hosts", service, "--json"]),
+            crate::CLI_TIMEOUT,
+        )?;
+        if out.code != Some(0) {
+            return Err(out.to_string());
+        }
+        let value: Value = serde_json::from_str(&out.stdout)
+            .map_err(|e| format!("`sluice hosts --json` is not JSON ({e}): {out}"))?;
+        Ok(hosts_by_name(&value))
+    }
+
+    /// Polls `sluice hosts <svc> --json` until `cond` holds; fails with the last view (or error)
+    /// and each host's daemon log after `timeout`.
+    #[track_caller]
+    pub fn wait_hosts(
+        &self,
+        service: &str,
+        mut cond: impl FnMut(&BTreeMap<String, Value>) -> bool,
+        timeout: Duration,
+    ) -> BTreeMap<String, Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.try_hosts_view(service) {
+                Ok(view) if cond(&view) => return view,
+                Ok(view) => serde_json::to_string_pretty(&view).unwrap_or_default(),
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                let logs: String = self
+                    .hosts
+                    .iter()
+                    .map(|h| format!("=== {}\n{}\n", h.name, h.daemon_log_tail()))
+                    .collect();
+                panic!(
+                    "fleet condition not met within {timeout:?}; last hosts view:\n{last}\n{logs}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until every host reports `build` and `serving` in ZooKeeper.
+    #[track_caller]
+    pub fn wait_all_serving(&self, service: &str, build: &str, timeout: Duration) {
+        let names: Vec<String> = self.hosts.iter().map(|h| h.name.clone()).collect();
+        self.wait_hosts(
+            service,
+            |view| names.iter().all(|n| serving(view, n, build)),
+            timeout,
+        );
+    }
+}
+
+/// Whether host `name` of a hosts view serves `build` (state `serving`, every instance running
+/// and in steering).
+pub fn serving(view: &BTreeMap<String, Value>, name: &str, build: &str) -> bool {
+    let Some(h) = view.get(name) else {
+        return false;
+    };
+    h["build"] == build
+        && h["state"] == "serving"
+        && h["instances"]
+            .as_array()
+            .is_some_and(|i| !i.is_empty() && i.iter().all(|i| i["state"] == "running"))
+}
+
+/// `sluice hosts --json` as a map by host name, whichever of the plausible shapes it has: an
+/// object keyed by host, an array of statuses with `host`, or `{"hosts": …}` of either.
+pub fn hosts_by_name(value: &Value) -> BTreeMap<String, Value> {
+    let value = match value.get("hosts") {
+        Some(inner) if !inner.is_null() => inner,
+        _ => value,
+    };
+    match value {
+        Value::Array(items) => items
+            .iter()
+            .map(|s| (s["host"].as_str().unwrap_or("?").to_owned(), s.clone()))
+            .collect(),
+        Value::Object(map) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// `GET path` from the calling thread's namespace to `addr`, answer read to the end (the request
+/// says `Connection: close`). Returns the status and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT)).ok();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).ok();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("send to {addr}: {e}"))?;
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP answer from {addr}: {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line from {addr}: {head:?}"))?;
+    Ok((status, body.to_owned()))
+}
+
+// ------------------------------------------------------------------------------------------------
+// The build store
+
+/// A static file server on a thread inside the hub namespace: GET only, `Content-Length`, 404 for
+/// anything missing, one request per connection; counts requests per path.
+pub struct FileServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    counts: Arc<Mutex<BTreeMap<String, u64>>>,
+    root: PathBuf,
+}
+
+impl FileServer {
+    /// Serves `root` on `addr` from inside `ns`; returns once it listens.
+    pub fn start(ns: &Netns, addr: SocketAddr, root: &Path) -> FileServer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new(Mutex::new(BTreeMap::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (stop, counts, root, ns) = (
+                stop.clone(),
+                counts.clone(),
+                root.to_owned(),
+                ns.name.clone(),
+            );
+            std::thread::spawn(move || {
+                crate::netns::enter_named(&ns);
+                let listener = match TcpListener::bind(addr) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("bind {addr} in {ns}: {e}")));
+                        return;
+                    }
+                };
+                listener
+                    .set_nonblocking(true)
+                    .expect("non-blocking listener");
+                let _ = ready_tx.send(Ok(()));
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let (counts, root) = (counts.clone(), root.clone());
+                            std::thread::spawn(move || serve_one(stream, &root, &counts));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+        };
+        ready_rx
+            .recv()
+            .expect("the file server thread reports")
+            .unwrap_or_else(|e| panic!("{e}"));
+        FileServer {
+            stop,
+            thread: Some(thread),
+            counts,
+            root: root.to_owned(),
+        }
+    }
+
+    /// The directory served.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Requests for `path` (e.g. `/py/b2.tar.gz`) so far, whatever their answer.
+    pub fn count(&self, path: &str) -> u64 {
+        self.counts.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    /// Every path requested so far, with its count.
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.counts.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_one(mut stream: TcpStream, root: &Path, counts: &Mutex<BTreeMap<String, u64>>) {
+    let _ = stream.set_nonblocking(false);
+    stream.set_read_timeout(Some(IO_TIMEOUT)).ok();
+    stream.set_write_timeout(Some(Duration::from_secs(30))).ok();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&byte[..n]),
+        }
+        if head.len() > 64 * 1024 {
+            return;
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut words = head.split_whitespace();
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("").to_owned();
+    *counts.lock().unwrap().entry(path.clone()).or_default() += 1;
+    let respond = |stream: &mut TcpStream, status: &str, body: &[u8]| {
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = stream.write_all(body);
+    };
+    if method != "GET" {
+        return respond(&mut stream, "405 Method Not Allowed", b"GET only\n");
+    }
+    let relative = Path::new(path.trim_start_matches('/'));
+    let safe = relative
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)));
+    let file = root.join(relative);
+    match std::fs::File::open(&file) {
+        Ok(mut f) if safe && file.is_file() => {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+            );
+            let _ = std::io::copy(&mut f, &mut stream);
+        }
+        _ => respond(&mut stream, "404 Not Found", b"not found\n"),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Build tarballs
+
+/// One build in the store.
+#[derive(Debug, Clone)]
+pub struct BuildInfo {
+    pub id: String,
+    /// `http://10.199.0.1:8000/<svc>/<id>.tar.gz`.
+    pub url: String,
+    /// The path the build store counts: `/<svc>/<id>.tar.gz`.
+    pub path: String,
+    /// What the sidecar says (wrong on purpose for [`Bad::WrongSha256`]).
+    pub sha256: String,
+    /// The archive on disk.
+    pub file: PathBuf,
+}
+
+/// Ways a build can be bad.
+#[derive(Debug, Clone)]
+pub enum Bad {
+    /// The sidecar (and the returned `sha256`) names another digest.
+    WrongSha256,
+    /// The archive is cut in the middle of a file; the sidecar matches the cut bytes.
+    Truncated,
+    /// An entry named `entry` (e.g. `../../escaped`).
+    DotDot { entry: String },
+    /// An entry at an absolute path.
+    Absolute { path: PathBuf },
+    /// A symlink `escape-link` pointing at `target` (e.g. `../../../../etc`).
+    EscapingSymlink { target: String },
+    /// A `big.bin` of `bytes` zeros: over a small `max_unpacked_bytes`.
+    Oversized { bytes: usize },
+    /// `sluice/hooks/post_install` prints `message` on stderr and exits 1.
+    FailingHook { message: String },
+}
+
+/// Writes build tarballs of the deploy test app into the build store.
+pub struct Builds {
+    www: PathBuf,
+    stage: PathBuf,
+}
+
+impl Builds {
+    /// A good build `id` of service `svc`: `app.py`, `requirements.txt` (`gunicorn`), `BUILD`.
+    pub fn good(&self, svc: &str, id: &str) -> BuildInfo {
+        let stage = self.stage_app(id, &[]);
+        self.pack_with_tar(svc, id, &stage)
+    }
+
+    /// A bad build (see [`Bad`]).
+    pub fn bad(&self, svc: &str, id: &str, how: &Bad) -> BuildInfo {
+        match how {
+            Bad::WrongSha256 => {
+                let mut info = self.good(svc, id);
+                let wrong = if info.sha256.starts_with('0') {
+                    "1".repeat(64)
+                } else {
+                    "0".repeat(64)
+                };
+                info.sha256 = wrong;
+                write_sidecar(&info);
+                info
+            }
+            Bad::Truncated => {
+                // Incompressible bytes, so the cut lands in the middle of a file's data.
+                let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+                let noise: Vec<u8> = (0..256 * 1024)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                let stage = self.stage_app(id, &[("noise.bin", &noise, 0o644)]);
+                let mut info = self.pack_with_tar(svc, id, &stage);
+                let bytes = std::fs::read(&info.file).expect("reading the archive");
+                std::fs::write(&info.file, &bytes[..bytes.len() / 2]).expect("truncating");
+                info.sha256 = sha256_file(&info.file);
+                write_sidecar(&info);
+                info
+            }
+            Bad::DotDot { entry } => self.pack_evil(svc, id, "dotdot", entry),
+            Bad::Absolute { path } => self.pack_evil(svc, id, "absolute", &path.to_string_lossy()),
+            Bad::EscapingSymlink { target } => self.pack_evil(svc, id, "symlink", target),
+            Bad::Oversized { bytes } => {
+                let zeros = vec![0u8; *bytes];
+                let stage = self.stage_app(id, &[("big.bin", &zeros, 0o644)]);
+                self.pack_with_tar(svc, id, &stage)
+            }
+            Bad::FailingHook { message } => {
+                let script = format!("#!/bin/sh\necho '{message}' >&2\nexit 1\n");
+                let stage = self.stage_app(
+                    id,
+                    &[("sluice/hooks/post_install", script.as_bytes(), 0o755)],
+                );
+                self.pack_with_tar(svc, id, &stage)
+            }
+        }
+    }
+
+    /// The files of build `id` in a fresh staging directory, plus `extra` (path, bytes, mode).
+    fn stage_app(&self, id: &str, extra: &[(&str, &[u8], u32)]) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let stage = self.stage.join(id);
+        let _ = std::fs::remove_dir_all(&stage);
+        std::fs::create_dir_all(&stage).expect("creating a staging dir");
+        std::fs::copy(fixtures::dir().join("deploy_app.py"), stage.join("app.py"))
+            .expect("copying the app");
+        std::fs::write(stage.join("requirements.txt"), "gunicorn\n").expect("requirements");
+        std::fs::write(stage.join("BUILD"), format!("{id}\n")).expect("BUILD");
+        for (path, bytes, mode) in extra {
+            let file = stage.join(path);
+            std::fs::create_dir_all(file.parent().expect("a parent")).expect("mkdir -p");
+            std::fs::write(&file, bytes).expect("an extra file");
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(*mode)).expect("chmod");
+        }
+        stage
+    }
+
+    fn archive(&self, svc: &str, id: &str) -> (PathBuf, BuildInfo) {
+        let dir = self.www.join(svc);
+        std::fs::create_dir_all(&dir).expect("creating the store dir");
+        let file = dir.join(format!("{id}.tar.gz"));
+        let info = BuildInfo {
+            id: id.to_owned(),
+            url: format!("http://{HUB_ADDR}:{HTTP_PORT}/{svc}/{id}.tar.gz"),
+            path: format!("/{svc}/{id}.tar.gz"),
+            sha256: String::new(),
+            file: file.clone(),
+        };
+        (file, info)
+    }
+
+    /// GNU tar + gzip: entries named relative to the staging dir (no `./`), owned by root.
+    fn pack_with_tar(&self, svc: &str, id: &str, stage: &Path) -> BuildInfo {
+        let (file, mut info) = self.archive(svc, id);
+        let mut names: Vec<String> = std::fs::read_dir(stage)
+            .expect("reading the staging dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let mut cmd = Command::new("tar");
+        cmd.arg("--owner=0")
+            .arg("--group=0")
+            .arg("--numeric-owner")
+            .arg("-czf")
+            .arg(&file)
+            .arg("-C")
+            .arg(stage)
+            .args(&names);
+        check(cmd);
+        info.sha256 = sha256_file(&file);
+        write_sidecar(&info);
+        info
+    }
+
+    /// Python's tarfile, for entries GNU tar refuses to write (`fixtures/evil_tar.py`).
+    fn pack_evil(&self, svc: &str, id: &str, kind: &str, arg: &str) -> BuildInfo {
+        let stage = self.stage_app(id, &[]);
+        let (file, mut info) = self.archive(svc, id);
+        let mut cmd = Command::new(system_python());
+        cmd.arg(fixtures::dir().join("evil_tar.py"))
+            .arg(&file)
+            .arg(&stage)
+            .arg(kind)
+            .arg(arg);
+        check(cmd);
+        info.sha256 = sha256_file(&file);
+        write_sidecar(&info);
+        info
+    }
+}
+
+/// Names in a `.tar.gz`, as GNU tar lists them (leading `/` kept).
+pub fn tar_listing(file: &Path) -> Vec<String> {
+    let mut cmd = Command::new("tar");
+    cmd.arg("--list")
+        .arg("--absolute-names")
+        .arg("-zf")
+        .arg(file);
+    let out = run_bounded(cmd, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    out.stdout.lines().map(str::to_owned).collect()
+}
+
+fn write_sidecar(info: &BuildInfo) {
+    let mut sidecar = info.file.clone().into_os_string();
+    sidecar.push(".sha256");
+    let name = info
+        .file
+        .file_name()
+        .expect("a file name")
+        .to_string_lossy();
+    std::fs::write(sidecar, format!("{}  {name}\n", info.sha256)).expect("writing a sidecar");
+}
+
+/// The sha256 of a file, in hex (`sha256sum`: the tests crate has no hashing dependency).
+pub fn sha256_file(file: &Path) -> String {
+    let mut cmd = Command::new("sha256sum");
+    cmd.arg(file);
+    let out = check(cmd);
+    let hex = out
+        .stdout
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    assert_eq!(hex.len(), 64, "sha256sum output: {out}");
+    hex
+}
+
+#[track_caller]
+fn check(cmd: Command) -> Out {
+    let out = run_bounded(cmd, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.code, Some(0), "{out}");
+    out
+}
+
+// ------------------------------------------------------------------------------------------------
+// ZooKeeper
+
+/// One server of the ensemble.
+struct ZkServer {
+    cfg: PathBuf,
+    data: PathBuf,
+    port: u16,
+}
+
+/// A ZooKeeper ensemble of Debian's package, each server started with `zkServer.sh` inside the hub
+/// namespace, listening on `10.199.0.1:2181+i`. Killed when dropped.
+pub struct Zookeeper {
+    hub: String,
+    servers: Vec<ZkServer>,
+}
+
+impl Zookeeper {
+    /// Writes each server's `zoo.cfg`, `myid` and data dir under `dir`; starts nothing.
+    pub fn new(hub: &str, dir: &Path, n: usize) -> Zookeeper {
+        let servers = (0..n)
+            .map(|i| {
+                let home = dir.join(format!("zk{}", i + 1));
+                let data = home.join("data");
+                std::fs::create_dir_all(&data).expect("creating a ZooKeeper data dir");
+                std::fs::write(data.join("myid"), format!("{}\n", i + 1)).expect("myid");
+                let port = ZK_CLIENT_PORT + i as u16;
+                let mut cfg = format!(
+                    "tickTime=500\ninitLimit=10\nsyncLimit=5\ndataDir={}\nclientPort={port}\nclientPortAddress={HUB_ADDR}\nadmin.enableServer=false\n4lw.commands.whitelist=srvr,ruok\nmaxClientCnxns=0\n",
+                    data.display()
+                );
+                if n > 1 {
+                    for j in 0..n as u16 {
+                        cfg += &format!(
+                            "server.{}={HUB_ADDR}:{}:{}\n",
+                            j + 1,
+                            ZK_PEER_PORT + j,
+                            ZK_ELECTION_PORT + j
+                        );
+                    }
+                }
+                let cfg_path = home.join("zoo.cfg");
+                std::fs::write(&cfg_path, cfg).expect("writing zoo.cfg");
+                ZkServer {
+                    cfg: cfg_path,
+                    data,
+                    port,
+                }
+            })
+            .collect();
+        Zookeeper {
+            hub: hub.to_owned(),
+            servers,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+
+    /// `10.199.0.1:2181,…/sluice`: every server, then the chroot.
+    pub fn connect_string(&self) -> String {
+        format!("{}{ZK_CHROOT}", self.servers_string())
+    }
+
+    fn servers_string(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("{HUB_ADDR}:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn script(&self, script: &str, args: &[&str]) -> Out {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.hub])
+            .arg(Path::new(ZK_BIN).join(script))
+            .args(args)
+            .env("SERVER_JVMFLAGS", ZK_JVMFLAGS)
+            .env(
+                "CLIENT_JVMFLAGS",
+                "-Xmx64m -XX:+UseSerialGC -XX:TieredStopAtLevel=1",
+            )
+            .env("JMXDISABLE", "true")
+            .env("ZOO_LOG4J_PROP", "WARN,CONSOLE");
+        run_bounded(cmd, ZK_SCRIPT_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The pid of server `i` from its pid file, if it is alive.
+    pub fn pid(&self, i: usize) -> Option<i32> {
+        let text =
+            std::fs::read_to_string(self.servers[i].data.join("zookeeper_server.pid")).ok()?;
+        let pid: i32 = text.trim().parse().ok()?;
+        procs::is_live(pid).then_some(pid)
+    }
+
+    /// `zkServer.sh start` of server `i` (0-based); returns once the JVM runs.
+    #[track_caller]
+    pub fn start(&self, i: usize) {
+        let cfg = self.servers[i].cfg.to_string_lossy().into_owned();
+        let out = self.script("zkServer.sh", &["start", &cfg]);
+        assert!(
+            out.code == Some(0) && self.pid(i).is_some(),
+            "starting ZooKeeper server {i}: {out}"
+        );
+    }
+
+    /// `zkServer.sh stop` of server `i`, then waits until its JVM is gone.
+    #[track_caller]
+    pub fn stop(&self, i: usize) {
+        let pid = self.pid(i);
+        let cfg = self.servers[i].cfg.to_string_lossy().into_owned();
+        let out = self.script("zkServer.sh", &["stop", &cfg]);
+        assert_eq!(out.code, Some(0), "stopping ZooKeeper server {i}: {out}");
+        if let Some(pid) = pid {
+            let deadline = Instant::now() + PATIENCE;
+            while procs::is_live(pid) {
+                assert!(
+                    Instant::now() < deadline,
+                    "ZooKeeper server {i} (pid {pid}) did not stop"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// SIGKILLs server `i` (a crash rather than a stop).
+    pub fn kill(&self, i: usize) {
+        if let Some(pid) = self.pid(i) {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our server's.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            while procs::is_live(pid) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let _ = std::fs::remove_file(self.servers[i].data.join("zookeeper_server.pid"));
+    }
+
+    /// SIGKILLs every server at once: the ensemble is gone in an instant.
+    pub fn kill_all(&self) {
+        for i in 0..self.servers.len() {
+            self.kill(i);
+        }
+    }
+
+    pub fn start_all(&self) {
+        for i in 0..self.servers.len() {
+            self.start(i);
+        }
+    }
+
+    pub fn stop_all(&self) {
+        for i in 0..self.servers.len() {
+            self.stop(i);
+        }
+    }
+
+    /// A four-letter word (`srvr`, `ruok`) to server `i`, from inside the hub; `None` when it
+    /// does not answer.
+    pub fn four_letter(&self, i: usize, word: &str) -> Option<String> {
+        let addr: SocketAddr = format!("{HUB_ADDR}:{}", self.servers[i].port)
+            .parse()
+            .expect("an address");
+        run_in_named(&self.hub, || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            s.write_all(word.as_bytes()).ok()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).ok()?;
+            Some(text)
+        })
+    }
+
+    /// Server `i`'s mode (`leader`, `follower`, `standalone`), `None` when it is down or not
+    /// serving (no quorum). What `zkServer.sh status` prints as `Mode:`, without starting a JVM.
+    pub fn mode(&self, i: usize) -> Option<String> {
+        let text = self.four_letter(i, "srvr")?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("Mode:"))
+            .map(|m| m.trim().to_owned())
+    }
+
+    /// The index of the leader (or the standalone server); waits for an election, bounded.
+    #[track_caller]
+    pub fn leader(&self) -> usize {
+        let deadline = Instant::now() + PATIENCE * 2;
+        loop {
+            for i in 0..self.servers.len() {
+                if matches!(self.mode(i).as_deref(), Some("leader" | "standalone")) {
+                    return i;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no ZooKeeper leader within {:?}",
+                PATIENCE * 2
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until a majority serves (a leader and enough followers), then checks with `zkCli.sh
+    /// ls /` that a client gets answers.
+    #[track_caller]
+    pub fn wait_quorum(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let majority = self.servers.len() / 2 + 1;
+        loop {
+            let modes: Vec<Option<String>> =
+                (0..self.servers.len()).map(|i| self.mode(i)).collect();
+            let serving = modes.iter().flatten().count();
+            let leader = modes
+                .iter()
+                .flatten()
+                .any(|m| m == "leader" || m == "standalone");
+            if leader && serving >= majority {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ZooKeeper has no quorum within {timeout:?}: modes {modes:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // A client gets answers (retried: a server that just joined may still be syncing).
+        loop {
+            let out = self.cli(&["ls", "/"]);
+            if out.code == Some(0) && out.stdout.contains("zookeeper") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ZooKeeper quorum does not answer `zkCli.sh ls /` within {timeout:?}: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `zkCli.sh -server <all servers> args…` inside the hub (paths are absolute: no chroot).
+    pub fn cli(&self, args: &[&str]) -> Out {
+        let servers = self.servers_string();
+        let mut all = vec!["-server", servers.as_str()];
+        all.extend_from_slice(args);
+        self.script("zkCli.sh", &all)
+    }
+}
+
+impl Drop for Zookeeper {
+    fn drop(&mut self) {
+        for i in 0..self.servers.len() {
+            self.kill(i);
+        }
+    }
+}
