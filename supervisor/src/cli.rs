@@ -409,11 +409,59 @@ async fn verb_main(socket: &Path, verb: Command) -> anyhow::Result<()> {
         // Run, check-config, cleanup and the fleet verbs never reach here.
         _ => unreachable!("handled by dispatch"),
     };
-    let answer = client::call(socket, Method::POST, body.0, body.1).await?;
+    let progress_of = match &body.1 {
+        Some(request) if request["action"] == "restart" => {
+            request["service"].as_str().map(str::to_owned)
+        }
+        _ => None,
+    };
+    let call = client::call(socket, Method::POST, body.0, body.1);
+    let answer = match progress_of {
+        // A restart can take minutes: show its steps as they happen.
+        Some(service) => {
+            let progress = print_restart_progress(socket, &service);
+            tokio::pin!(call);
+            tokio::select! {
+                answer = &mut call => answer?,
+                () = progress => unreachable!("progress runs until the restart ends"),
+            }
+        }
+        None => call.await?,
+    };
     if let Some(message) = answer.get("message").and_then(|m| m.as_str()) {
         println!("{message}");
     }
     Ok(())
+}
+
+/// Prints a line whenever the restart of `service` moves to another batch or step; never returns.
+async fn print_restart_progress(socket: &Path, service: &str) {
+    const POLL_MS: u64 = 250;
+    let mut last = String::new();
+    loop {
+        let query = format!("/v1/status?service={service}");
+        if let Ok(status) = client::call(socket, Method::GET, &query, None).await {
+            let restart = &status["services"][0]["restart"];
+            if !restart.is_null() {
+                let line = format!(
+                    "{service}: batch {} {}{}, {} batch(es) left",
+                    restart["batch"],
+                    restart["step"].as_str().unwrap_or("starting"),
+                    if restart["rolling_back"] == true {
+                        " (rolling back)"
+                    } else {
+                        ""
+                    },
+                    restart["batches_left"]
+                );
+                if line != last {
+                    eprintln!("{line}");
+                    last = line;
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(POLL_MS)).await;
+    }
 }
 
 fn print_status(answer: &serde_json::Value) {
