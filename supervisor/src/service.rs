@@ -188,6 +188,8 @@ pub struct InstanceStatus {
     pub failed_starts: u32,
     pub last_exit: Option<String>,
     pub last_error: Option<String>,
+    /// Why sluice last restarted it on its own (a failed liveness probe, a failed readiness check).
+    pub last_restart_reason: Option<String>,
     /// The last warm-up: requests, errors, first and last latency windows.
     pub warmup: Option<Summary>,
     /// The instance runs with an older configuration than the current one.
@@ -308,6 +310,7 @@ struct Instance {
     after_stop: AfterStop,
     last_exit: Option<String>,
     last_error: Option<String>,
+    last_restart_reason: Option<String>,
     /// The release of the previous shim; the next spawn waits for it (the lock must be free).
     releasing: Option<tokio::task::JoinHandle<()>>,
     /// Passed its readiness check since its last start: only healthy instances get traffic.
@@ -327,6 +330,7 @@ impl Instance {
             after_stop: AfterStop::Nothing,
             last_exit: None,
             last_error: None,
+            last_restart_reason: None,
             releasing: None,
             healthy: false,
             warmup: None,
@@ -1230,6 +1234,7 @@ impl Service {
                     }
                     Err(reason) => {
                         tracing::error!(service = %self.name, index, "{reason}");
+                        instance.last_restart_reason = Some(reason.clone());
                         instance.last_error = Some(reason);
                         self.stop(index, AfterStop::FailedStart, false);
                     }
@@ -1238,6 +1243,7 @@ impl Service {
             Event::LivenessFailed { reason, .. } => {
                 if instance.phase.is_up() && !self.exec.in_batch(&self.state, index) {
                     tracing::error!(service = %self.name, index, "{reason}; restarting");
+                    instance.last_restart_reason = Some(reason.clone());
                     instance.last_error = Some(reason);
                     instance.healthy = false;
                     self.stop(index, AfterStop::Start(Version::New), true);
@@ -1459,6 +1465,7 @@ impl Service {
                 failed_starts: i.failed_starts,
                 last_exit: i.last_exit.clone(),
                 last_error: i.last_error.clone(),
+                last_restart_reason: i.last_restart_reason.clone(),
                 warmup: i.warmup.clone(),
                 outdated: self.is_outdated(i),
             })

@@ -121,3 +121,87 @@ env = { PATH = "/usr/bin:/bin" }
         "{last}"
     );
 }
+
+/// A periodic liveness probe that fails `liveness_failures` times in a row restarts the instance;
+/// the other instance is left alone.
+#[test]
+fn failing_liveness_probes_restart_only_that_instance() {
+    let h = Host::new();
+    let sick = h.path("sick");
+    h.service(
+        "live",
+        &format!(
+            r#"
+command = ["/bin/sleep", "1000"]
+instances = 2
+startup_ms = 200
+[health]
+exec = ["/bin/sh", "-c", "! test -e {sick}-{{instance}}"]
+interval_ms = 50
+liveness_interval_ms = 100
+liveness_failures = 3
+"#,
+            sick = sick.display()
+        ),
+    );
+    h.start_daemon();
+    let before = h.wait_until(
+        |s| s.all_running("live", 2) && s.instances("live").iter().all(|i| i["healthy"] == true),
+        PATIENCE,
+    );
+    std::fs::write(format!("{}-0", sick.display()), "").unwrap();
+    let after = h.wait_until(
+        |s| s.pid("live", 0).is_some() && s.pid("live", 0) != before.pid("live", 0),
+        PATIENCE,
+    );
+    std::fs::remove_file(format!("{}-0", sick.display())).unwrap();
+    assert!(
+        after.instance("live", 0)["last_restart_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("liveness probes failed in a row"),
+        "{after}"
+    );
+    let settled = h.wait_until(
+        |s| s.all_running("live", 2) && s.instance("live", 0)["healthy"] == true,
+        PATIENCE,
+    );
+    assert_eq!(
+        settled.pid("live", 1),
+        before.pid("live", 1),
+        "the healthy instance was left alone"
+    );
+}
+
+/// The `signal` strategy sends the reload signal and checks health; processes stay.
+#[test]
+fn signal_strategy_reloads_in_place() {
+    let h = Host::new();
+    h.service(
+        "hup",
+        r#"
+command = ["python3", "-u", "-c", "import signal, time\nsignal.signal(signal.SIGHUP, lambda *a: print('reloaded', flush=True))\nprint('up', flush=True)\nwhile True: time.sleep(1)"]
+instances = 2
+startup_ms = 200
+[restart]
+strategy = "signal"
+[health]
+exec = ["/bin/true"]
+"#,
+    );
+    h.start_daemon();
+    let before = h.wait_until(|s| s.all_running("hup", 2), PATIENCE);
+    for i in 0..2 {
+        h.wait_for_log("hup", i, |log| log.contains("up"), PATIENCE);
+    }
+    h.sluice(&["restart", "hup"]).success();
+    for i in 0..2 {
+        h.wait_for_log("hup", i, |log| log.contains("reloaded"), PATIENCE);
+    }
+    let after = h.status();
+    assert_eq!(
+        after.pids("hup"),
+        before.pids("hup"),
+        "a reload keeps the processes"
+    );
+}
