@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod benchkit;
 pub mod fixtures;
 pub mod fleet;
 pub mod load;

@@ -182,7 +182,8 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-fn one_shot_request(port: u16) -> Result<bool, String> {
+/// One request on a new connection; `Ok(false)` (never a stale retry) on a 200.
+pub fn one_shot_request(port: u16) -> Result<bool, String> {
     let mut stream = connect(port)?;
     stream
         .write_all(b"GET /item HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
@@ -194,14 +195,16 @@ fn one_shot_request(port: u16) -> Result<bool, String> {
     }
 }
 
+/// A keep-alive client that reconnects after [`KEEPALIVE_LIFETIME`] and retries once on a stale
+/// connection (see the module doc).
 #[derive(Default)]
-struct Client {
+pub struct Client {
     stream: Option<(TcpStream, Instant)>,
 }
 
 impl Client {
     /// One request on the kept connection; `Ok(true)` when it had to be retried on a new one.
-    fn keepalive_request(&mut self, port: u16) -> Result<bool, String> {
+    pub fn keepalive_request(&mut self, port: u16) -> Result<bool, String> {
         if let Some((_, since)) = &self.stream
             && since.elapsed() > KEEPALIVE_LIFETIME
         {

@@ -21,13 +21,6 @@ const ZK_BIN: &str = "/usr/share/zookeeper/bin";
 /// Limit of one timed operation (a fetch of the archive, a deploy).
 const OP_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn now_ms() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -43,7 +36,18 @@ fn main() {
         .prefix("deploy-bench-")
         .tempdir()
         .expect("a temp dir");
-    let machine_before = machine();
+    let machine_before = sluice_tests::benchkit::machine(&[
+        (
+            "filesystem",
+            "df -T \"${TMPDIR:-/tmp}\" | awk 'NR==2 {print $2}'",
+        ),
+        ("curl", "curl --version | head -1 | cut -d' ' -f1-2"),
+        ("tar", "tar --version | head -1"),
+        (
+            "zookeeper",
+            "dpkg-query -W -f='${Version}' zookeeper 2>/dev/null",
+        ),
+    ]);
     let mut report = json!({ "benchmark": "fetch", "machine": machine_before });
     if parts.contains('A') {
         report["fetch"] = part_a(work.path());
@@ -51,7 +55,8 @@ fn main() {
     if parts.contains('B') {
         report["zookeeper"] = part_b(work.path());
     }
-    report["load_average_after"] = json!(sh("cut -d' ' -f1-3 /proc/loadavg"));
+    report["load_average_after"] =
+        json!(sluice_tests::benchkit::sh("cut -d' ' -f1-3 /proc/loadavg"));
     std::fs::write(
         format!("{out_prefix}.json"),
         serde_json::to_string_pretty(&report).expect("json") + "\n",
@@ -290,7 +295,7 @@ fn count_files(dir: &Path) -> u64 {
 fn log_ms(log: &str, needle: &str) -> Option<f64> {
     log.lines()
         .find(|l| l.contains(needle))
-        .and_then(|l| parse_ts(l.split_whitespace().next()?))
+        .and_then(|l| sluice_tests::benchkit::parse_ts(l.split_whitespace().next()?))
 }
 
 /// One first deploy of `b1` on a fresh host: from the `sluice deploy` call until `sluice status
@@ -372,9 +377,9 @@ fn round1(x: f64) -> f64 {
 }
 
 fn part_a(work: &Path) -> Value {
-    let files = env_u64("BENCH_FILES", 4000) as usize;
-    let total = env_u64("BENCH_BUILD_MB", 200) << 20;
-    let runs = env_u64("BENCH_RUNS", 3) as usize;
+    let files = sluice_tests::benchkit::env_u64("BENCH_FILES", 4000) as usize;
+    let total = sluice_tests::benchkit::env_u64("BENCH_BUILD_MB", 200) << 20;
+    let runs = sluice_tests::benchkit::env_u64("BENCH_RUNS", 3) as usize;
     eprintln!(
         "== part A: making a build of {files} files, {} MiB",
         total >> 20
@@ -602,7 +607,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 fn part_b(work: &Path) -> Value {
-    let rounds = env_u64("BENCH_ZK_ROUNDS", 20) as usize;
+    let rounds = sluice_tests::benchkit::env_u64("BENCH_ZK_ROUNDS", 20) as usize;
     if !Path::new(ZK_BIN).join("zkServer.sh").is_file() {
         eprintln!("part B skipped: ZooKeeper (Debian package `zookeeper`) is not installed");
         return json!({ "skipped": "ZooKeeper is not installed" });
@@ -720,55 +725,6 @@ fn part_b(work: &Path) -> Value {
 }
 
 // ---------------------------------------------------------------- report
-
-/// `2026-11-26T09:04:45.055Z` → milliseconds since the Unix epoch (UTC).
-fn parse_ts(text: &str) -> Option<f64> {
-    let (date, time) = text.trim_end_matches('Z').split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let mut t = time.split(':');
-    let (hh, mm) = (
-        t.next()?.parse::<i64>().ok()?,
-        t.next()?.parse::<i64>().ok()?,
-    );
-    let ss: f64 = t.next()?.parse().ok()?;
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 86_400 + hh * 3600 + mm * 60) as f64 + ss) * 1000.0)
-}
-
-fn sh(cmd: &str) -> String {
-    Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn machine() -> Value {
-    json!({
-        "cpus": sh("nproc"),
-        "cpu_model": sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-"),
-        "memory": sh("grep MemTotal /proc/meminfo | awk '{printf \"%.0f GiB\", $2/1048576}'"),
-        "kernel": sh("uname -r"),
-        "os": sh(". /etc/os-release && echo \"$PRETTY_NAME\""),
-        "filesystem": sh("df -T \"${TMPDIR:-/tmp}\" | awk 'NR==2 {print $2}'"),
-        "curl": sh("curl --version | head -1 | cut -d' ' -f1-2"),
-        "tar": sh("tar --version | head -1"),
-        "zookeeper": sh("dpkg-query -W -f='${Version}' zookeeper 2>/dev/null"),
-        "date_utc": sh("date -u +%Y-%m-%dT%H:%M:%SZ"),
-        "commit": sh("git rev-parse --short HEAD 2>/dev/null"),
-        "dirty_tree": sh("git status --porcelain 2>/dev/null | wc -l"),
-        "load_average": sh("cut -d' ' -f1-3 /proc/loadavg"),
-        "shared": "yes: other heavy tests ran on this machine at the same time",
-    })
-}
 
 fn secs(v: &Value) -> String {
     v.as_f64()

@@ -11,8 +11,6 @@
 //! request was issued, so the restart window can be cut out of it.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,19 +24,8 @@ use sluice_tests::{Host, PATIENCE, Status, fixtures, require_root};
 const FRONT_PORT: u16 = 9000;
 const PORT_BASE: u16 = 9100;
 const INSTANCES: usize = 4;
-/// Limit of one request of the load (connect, send, full answer).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-/// Keep-alive connections are closed by the client after this long (as in the harness's load).
-const KEEPALIVE_LIFETIME: Duration = Duration::from_millis(1000);
 /// Upper bound of one variant's load.
 const LOAD_LIMIT: Duration = Duration::from_secs(240);
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() {
     let out_prefix = std::env::args()
@@ -47,10 +34,11 @@ fn main() {
     if !require_root() {
         std::process::exit(1);
     }
-    let rate = env_u64("BENCH_RATE", 150) as u32;
-    let warm_in = Duration::from_secs(env_u64("BENCH_WARM_IN_SECONDS", 10));
-    let steady = Duration::from_secs(env_u64("BENCH_STEADY_SECONDS", 10));
-    let machine_before = machine();
+    let rate = sluice_tests::benchkit::env_u64("BENCH_RATE", 150) as u32;
+    let warm_in = Duration::from_secs(sluice_tests::benchkit::env_u64("BENCH_WARM_IN_SECONDS", 10));
+    let steady = Duration::from_secs(sluice_tests::benchkit::env_u64("BENCH_STEADY_SECONDS", 10));
+    let machine_before =
+        sluice_tests::benchkit::machine(&[("java", "java -version 2>&1 | head -1")]);
 
     let classes_dir = tempfile::Builder::new()
         .prefix("sluice-bench-classes-")
@@ -72,7 +60,8 @@ fn main() {
         eprintln!("{}", serde_json::to_string(&r).unwrap_or_default());
         results.push((label, strategy, warm, r));
     }
-    let machine_after = machine();
+    let machine_after =
+        sluice_tests::benchkit::machine(&[("java", "java -version 2>&1 | head -1")]);
     let report = json!({
         "benchmark": "restart",
         "machine": machine_before,
@@ -130,7 +119,7 @@ start_timeout_ms = 30000
 /// connection the body then waits for the client's delayed ACK (~40 ms): most keep-alive requests
 /// take 40+ ms in the steady state, which hides everything a restart does to p90 and p99.
 fn nodelay() -> bool {
-    env_u64("BENCH_JAVA_NODELAY", 1) == 1
+    sluice_tests::benchkit::env_u64("BENCH_JAVA_NODELAY", 1) == 1
 }
 
 fn all_enabled(s: &Status) -> bool {
@@ -254,35 +243,13 @@ fn round3(x: f64) -> f64 {
 
 // ---------------------------------------------------------------- daemon log
 
-/// `2026-11-26T09:04:45.055Z` → milliseconds since the Unix epoch (UTC).
-fn parse_ts(text: &str) -> Option<f64> {
-    let (date, time) = text.trim_end_matches('Z').split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let mut t = time.split(':');
-    let (hh, mm) = (
-        t.next()?.parse::<i64>().ok()?,
-        t.next()?.parse::<i64>().ok()?,
-    );
-    let ss: f64 = t.next()?.parse().ok()?;
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 86_400 + hh * 3600 + mm * 60) as f64 + ss) * 1000.0)
-}
-
 /// The `restart step` lines of service `java`: (ms, action name, batch text).
 fn steps(log: &str) -> Vec<(f64, String, String)> {
     let marker = "restart step service=java action=";
     log.lines()
         .filter_map(|line| {
             let rest = line.split(marker).nth(1)?;
-            let ts = parse_ts(line.split_whitespace().next()?)?;
+            let ts = sluice_tests::benchkit::parse_ts(line.split_whitespace().next()?)?;
             let (name, args) = rest.split_once('(').unwrap_or((rest, ""));
             let batch = args.split(']').next().unwrap_or("").trim_start_matches('[');
             Some((ts, name.trim().to_owned(), batch.to_owned()))
@@ -434,8 +401,8 @@ impl TimedLoad {
             let ns_name = netns.name.clone();
             let (stop, samples) = (stop.clone(), samples.clone());
             threads.push(std::thread::spawn(move || {
-                enter_netns(&ns_name);
-                let mut client = Client::default();
+                sluice_tests::netns::enter_named(&ns_name);
+                let mut client = sluice_tests::load::Client::default();
                 // Spread the threads' phases over one interval.
                 let mut next = Instant::now() + interval.mul_f64(f64::from(n) / 4.0);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -447,7 +414,9 @@ impl TimedLoad {
                     let result = if keepalive {
                         client.keepalive_request(port)
                     } else {
-                        one_shot_request(port).map(|()| false)
+                        sluice_tests::load::one_shot_request(port)
+                            .map(drop)
+                            .map(|()| false)
                     };
                     let latency_us = begun.elapsed().as_micros() as u64;
                     let sample = Sample {
@@ -490,153 +459,7 @@ impl TimedLoad {
     }
 }
 
-/// Moves the calling thread into the namespace `name` (only this thread).
-fn enter_netns(name: &str) {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(format!("/run/netns/{name}"))
-        .unwrap_or_else(|e| panic!("open /run/netns/{name}: {e}"));
-    // SAFETY: setns on a descriptor we own; it changes only the calling thread's namespace.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(
-        rc,
-        0,
-        "setns into {name}: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-fn connect(port: u16) -> Result<TcpStream, String> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let stream =
-        TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT).map_err(|e| format!("connect: {e}"))?;
-    stream.set_read_timeout(Some(REQUEST_TIMEOUT)).ok();
-    stream.set_write_timeout(Some(REQUEST_TIMEOUT)).ok();
-    stream.set_nodelay(true).ok();
-    Ok(stream)
-}
-
-/// Reads one HTTP/1.1 response with a Content-Length; returns the status, or how it went wrong
-/// and whether any byte had arrived.
-fn read_response(stream: &mut TcpStream) -> Result<u16, (String, bool)> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let status: u16 = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| (format!("bad status line: {head:?}"), true))?;
-            let length: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .ok_or_else(|| (format!("no content-length: {head:?}"), true))?;
-            while buf.len() < end + 4 + length {
-                let n = stream
-                    .read(&mut chunk)
-                    .map_err(|e| (format!("reading body: {e}"), true))?;
-                if n == 0 {
-                    return Err(("connection closed in the body".into(), true));
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            return Ok(status);
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) => return Err(("connection closed before an answer".into(), !buf.is_empty())),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err((format!("reading: {e}"), !buf.is_empty())),
-        }
-    }
-}
-
-fn one_shot_request(port: u16) -> Result<(), String> {
-    let mut stream = connect(port)?;
-    stream
-        .write_all(b"GET /item HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("new connection: send: {e}"))?;
-    match read_response(&mut stream) {
-        Ok(200) => Ok(()),
-        Ok(status) => Err(format!("new connection: status {status}")),
-        Err((what, _)) => Err(format!("new connection: {what}")),
-    }
-}
-
-#[derive(Default)]
-struct Client {
-    stream: Option<(TcpStream, Instant)>,
-}
-
-impl Client {
-    /// One request on the kept connection; `Ok(true)` when it had to be retried on a new one.
-    fn keepalive_request(&mut self, port: u16) -> Result<bool, String> {
-        if let Some((_, since)) = &self.stream
-            && since.elapsed() > KEEPALIVE_LIFETIME
-        {
-            self.stream = None;
-        }
-        let reused = self.stream.is_some();
-        match self.try_once(port) {
-            Ok(()) => Ok(false),
-            Err((what, any_byte)) => {
-                self.stream = None;
-                if reused && !any_byte {
-                    self.try_once(port)
-                        .map(|()| true)
-                        .map_err(|(w, _)| format!("keep-alive retry: {w}"))
-                } else {
-                    Err(format!("keep-alive: {what}"))
-                }
-            }
-        }
-    }
-
-    fn try_once(&mut self, port: u16) -> Result<(), (String, bool)> {
-        if self.stream.is_none() {
-            let stream = connect(port).map_err(|e| (e, false))?;
-            self.stream = Some((stream, Instant::now()));
-        }
-        let (stream, _) = self.stream.as_mut().expect("connected above");
-        stream
-            .write_all(b"GET /item HTTP/1.1\r\nHost: test\r\n\r\n")
-            .map_err(|e| (format!("send: {e}"), false))?;
-        match read_response(stream)? {
-            200 => Ok(()),
-            status => Err((format!("status {status}"), true)),
-        }
-    }
-}
-
 // ---------------------------------------------------------------- report
-
-fn sh(cmd: &str) -> String {
-    std::process::Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
-
-fn machine() -> Value {
-    json!({
-        "cpus": sh("nproc"),
-        "cpu_model": sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-"),
-        "memory": sh("grep MemTotal /proc/meminfo | awk '{printf \"%.0f GiB\", $2/1048576}'"),
-        "kernel": sh("uname -r"),
-        "os": sh(". /etc/os-release && echo \"$PRETTY_NAME\""),
-        "java": sh("java -version 2>&1 | head -1"),
-        "date_utc": sh("date -u +%Y-%m-%dT%H:%M:%SZ"),
-        "commit": sh("git rev-parse --short HEAD 2>/dev/null"),
-        "dirty_tree": sh("git status --porcelain 2>/dev/null | wc -l"),
-        "load_average": sh("cut -d' ' -f1-3 /proc/loadavg"),
-        "shared": "yes: other heavy tests ran on this machine at the same time",
-    })
-}
 
 fn ms(v: &Value) -> String {
     match v.as_f64() {
