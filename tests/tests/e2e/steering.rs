@@ -201,28 +201,57 @@ fn drain_restarts_of_java_and_python_lose_no_request() {
     }
 }
 
+/// A host in its own namespace serving the Python app (4 instances, front port 9001) with
+/// `strategy`, every instance in steering, and a load running on the front port. Fields drop in
+/// order: the load, the host (its daemon and instances), then the namespace.
+struct PyHost {
+    load: Option<Load>,
+    h: Host,
+    ns: Netns,
+    gunicorn: std::path::PathBuf,
+    /// The status once every instance was in steering, before the load began.
+    before: Status,
+}
+
+impl PyHost {
+    /// `None` when the test must skip (not root, no gunicorn, outside CI).
+    fn start(strategy: &str) -> Option<PyHost> {
+        if !require_root() {
+            return None;
+        }
+        let ns = Netns::new();
+        let h = Host::new().in_netns(&ns);
+        let gunicorn = fixtures::gunicorn()?;
+        h.service("py", &python_service(&gunicorn, 9200, 9001, strategy, ""));
+        h.start_daemon();
+        let before = h.wait_until(|s| all_enabled(s, "py"), PATIENCE * 2);
+        let load = Load::start(&ns, 9001, RATE, LOAD_LIMIT);
+        std::thread::sleep(Duration::from_millis(500));
+        Some(PyHost {
+            load: Some(load),
+            h,
+            ns,
+            gunicorn,
+            before,
+        })
+    }
+
+    /// Waits until every instance is back in steering, then ends the load and returns its report.
+    fn finish_load(&mut self, patience: Duration) -> (Status, Report) {
+        let status = self.h.wait_until(|s| all_enabled(s, "py"), patience);
+        std::thread::sleep(Duration::from_millis(300));
+        let report = self.load.take().expect("the load runs").finish();
+        (status, report)
+    }
+}
+
 #[test]
 fn all_at_once_shows_the_failures_the_load_would_see() {
-    if !require_root() {
-        return;
-    }
-    let ns = Netns::new();
-    let h = Host::new().in_netns(&ns);
-    let Some(gunicorn) = fixtures::gunicorn() else {
+    let Some(mut py) = PyHost::start("all-at-once") else {
         return;
     };
-    h.service(
-        "py",
-        &python_service(&gunicorn, 9200, 9001, "all-at-once", ""),
-    );
-    h.start_daemon();
-    h.wait_until(|s| all_enabled(s, "py"), PATIENCE * 2);
-    let load = Load::start(&ns, 9001, RATE, LOAD_LIMIT);
-    std::thread::sleep(Duration::from_millis(500));
-    h.sluice(&["restart", "py"]).success();
-    h.wait_until(|s| all_enabled(s, "py"), PATIENCE);
-    std::thread::sleep(Duration::from_millis(300));
-    let report = load.finish();
+    py.h.sluice(&["restart", "py"]).success();
+    let (_, report) = py.finish_load(PATIENCE);
     println!(
         "all-at-once: {} ok, {} failed: {:?}",
         report.ok,
@@ -238,33 +267,20 @@ fn all_at_once_shows_the_failures_the_load_would_see() {
 
 #[test]
 fn a_batch_that_fails_its_health_check_is_rolled_back() {
-    if !require_root() {
-        return;
-    }
-    let ns = Netns::new();
-    let h = Host::new().in_netns(&ns);
-    let Some(gunicorn) = fixtures::gunicorn() else {
+    let Some(mut py) = PyHost::start("drain") else {
         return;
     };
-    h.service("py", &python_service(&gunicorn, 9200, 9001, "drain", ""));
-    h.start_daemon();
-    let before = h.wait_until(|s| all_enabled(s, "py"), PATIENCE * 2);
-    let load = Load::start(&ns, 9001, RATE, LOAD_LIMIT);
-    std::thread::sleep(Duration::from_millis(500));
-
     // A new "build" whose health check fails: the reload restarts with it, batch by batch.
-    h.service(
-        "py",
-        &python_service(&gunicorn, 9200, 9001, "drain", ", BROKEN = \"1\""),
-    );
-    h.sluice(&["reload"]).success();
-    let after = h.wait_until(
-        |s| !s.service("py")["last_restart_error"].is_null() && all_enabled(s, "py"),
+    let broken = python_service(&py.gunicorn, 9200, 9001, "drain", ", BROKEN = \"1\"");
+    py.h.service("py", &broken);
+    py.h.sluice(&["reload"]).success();
+    py.h.wait_until(
+        |s| !s.service("py")["last_restart_error"].is_null(),
         RESTART_PATIENCE,
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let report = load.finish();
+    let (after, report) = py.finish_load(PATIENCE);
     assert_no_failures("rollback", &report, 100);
+    let before = &py.before;
 
     let error = after.service("py")["last_restart_error"]
         .as_str()
@@ -291,20 +307,10 @@ fn a_batch_that_fails_its_health_check_is_rolled_back() {
 
 #[test]
 fn a_restart_interrupted_by_kill_9_finishes_with_every_instance_enabled() {
-    if !require_root() {
-        return;
-    }
-    let ns = Netns::new();
-    let h = Host::new().in_netns(&ns);
-    let Some(gunicorn) = fixtures::gunicorn() else {
+    let Some(mut py) = PyHost::start("drain") else {
         return;
     };
-    h.service("py", &python_service(&gunicorn, 9200, 9001, "drain", ""));
-    h.start_daemon();
-    let before = h.wait_until(|s| all_enabled(s, "py"), PATIENCE * 2);
-    let load = Load::start(&ns, 9001, RATE, LOAD_LIMIT);
-    std::thread::sleep(Duration::from_millis(500));
-
+    let h = &py.h;
     let mut restart = h.sluice_command(&["restart", "py"]);
     restart
         .stdout(std::process::Stdio::null())
@@ -321,10 +327,9 @@ fn a_restart_interrupted_by_kill_9_finishes_with_every_instance_enabled() {
     h.kill9_daemon();
     let _ = restart.wait();
     h.start_daemon();
-    let after = h.wait_until(|s| all_enabled(s, "py"), RESTART_PATIENCE);
-    std::thread::sleep(Duration::from_millis(300));
-    let report = load.finish();
+    let (after, report) = py.finish_load(RESTART_PATIENCE);
     assert_no_failures("kill -9 mid-batch", &report, 100);
+    let before = &py.before;
     assert!(
         after.service("py")["last_restart_error"].is_null(),
         "{after}"
@@ -336,7 +341,7 @@ fn a_restart_interrupted_by_kill_9_finishes_with_every_instance_enabled() {
             "py/{i} was restarted"
         );
     }
-    let rules = ns.nat_rules(false);
+    let rules = py.ns.nat_rules(false);
     assert_eq!(
         rules.matches("-j REDIRECT").count(),
         4,
