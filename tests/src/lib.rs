@@ -867,3 +867,38 @@ impl Rng {
         low + self.next_u64() % (high - low + 1)
     }
 }
+
+/// Checks, in a daemon's log, that every stop of an instance of `service` came after a steering
+/// update without it (an instance is never stopped with traffic steered to it), and returns how
+/// many stops there were. Panics naming the line otherwise.
+pub fn stops_after_drain(log: &str, service: &str) -> usize {
+    let mut enabled: Option<std::collections::BTreeSet<u32>> = None;
+    let mut stops = 0;
+    let steering = format!("steering updated service={service} enabled={{");
+    let stopping = format!("stopping service={service} index=");
+    for line in log.lines() {
+        if let Some(rest) = line.split(&steering).nth(1) {
+            let set = rest.split('}').next().unwrap_or_default();
+            enabled = Some(
+                set.split(',')
+                    .filter_map(|n| n.trim().parse().ok())
+                    .collect(),
+            );
+        } else if let Some(rest) = line.split(&stopping).nth(1) {
+            let index: u32 = rest
+                .split_whitespace()
+                .next()
+                .and_then(|i| i.parse().ok())
+                .expect("an index after `index=`");
+            let set = enabled
+                .as_ref()
+                .unwrap_or_else(|| panic!("a stop before any steering update:\n{line}"));
+            assert!(
+                !set.contains(&index),
+                "{service}/{index} was stopped while steering still sent it traffic ({set:?}):\n{line}"
+            );
+            stops += 1;
+        }
+    }
+    stops
+}

@@ -160,40 +160,6 @@ fn log_len(h: &FleetHost) -> usize {
     std::fs::metadata(h.path("daemon.log")).map_or(0, |m| m.len() as usize)
 }
 
-/// From a daemon log: every stop of an instance of `py` came after a steering update without it.
-/// Returns how many stops there were.
-fn stops_after_drain(log: &str) -> usize {
-    let mut enabled: Option<BTreeSet<u32>> = None;
-    let mut stops = 0;
-    let steering = format!("steering updated service={SVC} enabled={{");
-    let stopping = format!("stopping service={SVC} index=");
-    for line in log.lines() {
-        if let Some(rest) = line.split(&steering).nth(1) {
-            let set = rest.split('}').next().unwrap_or_default();
-            enabled = Some(
-                set.split(',')
-                    .filter_map(|n| n.trim().parse().ok())
-                    .collect(),
-            );
-        } else if let Some(rest) = line.split(&stopping).nth(1) {
-            let index: u32 = rest
-                .split_whitespace()
-                .next()
-                .and_then(|i| i.parse().ok())
-                .expect("an index after `index=`");
-            let set = enabled
-                .as_ref()
-                .unwrap_or_else(|| panic!("a stop before any steering update:\n{line}"));
-            assert!(
-                !set.contains(&index),
-                "{SVC}/{index} was stopped while steering still sent it traffic ({set:?}):\n{line}"
-            );
-            stops += 1;
-        }
-    }
-    stops
-}
-
 // ------------------------------------------------------------------------------------------------
 
 /// The harness itself: namespaces reach the hub, the build store counts, tarballs hold what they
@@ -361,7 +327,7 @@ fn a_deploy_reaches_every_host_once_and_loses_no_request() {
             );
         }
         assert_eq!(
-            stops_after_drain(&log_since(h, from)),
+            sluice_tests::stops_after_drain(&log_since(h, from), SVC),
             2,
             "{}: both instances were drained, then stopped",
             h.name

@@ -2,7 +2,6 @@
 //! iptables, runs the daemon there with real Java and Python services behind a front port, puts a
 //! bounded load on the front port (half new connections, half keep-alive), and restarts.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use sluice_tests::load::{Load, Report};
@@ -98,36 +97,6 @@ fn assert_no_failures(what: &str, report: &Report, min_requests: u64) {
     );
 }
 
-/// From the daemon's log: every stop of an instance of `service` came after a steering update
-/// without it. Returns how many stops there were.
-fn stops_after_drain(log: &str, service: &str) -> usize {
-    let mut enabled: Option<BTreeSet<u32>> = None;
-    let mut stops = 0;
-    let steering = "steering updated service=".to_owned() + service + " enabled={";
-    let stopping = "stopping service=".to_owned() + service + " index=";
-    for line in log.lines() {
-        if let Some(rest) = line.split(&steering).nth(1) {
-            let set = rest.split('}').next().unwrap_or_default();
-            enabled = Some(
-                set.split(',')
-                    .filter_map(|n| n.trim().parse().ok())
-                    .collect(),
-            );
-        } else if let Some(rest) = line.split(&stopping).nth(1) {
-            let index: u32 = rest.trim().parse().expect("an index after `index=`");
-            let set = enabled
-                .as_ref()
-                .expect("steering was set up before any stop");
-            assert!(
-                !set.contains(&index),
-                "{service}/{index} was stopped while steering still sent it traffic ({set:?}):\n{line}"
-            );
-            stops += 1;
-        }
-    }
-    stops
-}
-
 #[test]
 fn drain_restarts_of_java_and_python_lose_no_request() {
     if !require_root() {
@@ -181,12 +150,12 @@ fn drain_restarts_of_java_and_python_lose_no_request() {
 
     let log = std::fs::read_to_string(h.path("daemon.log")).unwrap();
     assert_eq!(
-        stops_after_drain(&log, "java"),
+        sluice_tests::stops_after_drain(&log, "java"),
         8,
         "4 instances, restarted twice"
     );
     assert_eq!(
-        stops_after_drain(&log, "py"),
+        sluice_tests::stops_after_drain(&log, "py"),
         8,
         "4 instances, restarted twice"
     );
