@@ -468,6 +468,41 @@ fn print_status(answer: &serde_json::Value) {
     let empty = Vec::new();
     let services = answer["services"].as_array().unwrap_or(&empty);
     for service in services {
+        let mut facts = Vec::new();
+        if let Some(build) = service["build"].as_str() {
+            facts.push(format!("build {build}"));
+        }
+        if let Some(deploy) = service["deploy"].as_object() {
+            facts.push(format!(
+                "deploying {} ({})",
+                deploy["build"].as_str().unwrap_or("?"),
+                deploy["phase"].as_str().unwrap_or("?")
+            ));
+        }
+        if let Some(restart) = service["restart"].as_object() {
+            facts.push(format!(
+                "restarting: batch {} {}",
+                restart["batch"],
+                restart["step"].as_str().unwrap_or("")
+            ));
+        }
+        for key in [
+            "deploy_error",
+            "last_restart_error",
+            "config_error",
+            "steering_error",
+        ] {
+            if let Some(error) = service[key].as_str() {
+                facts.push(error.to_owned());
+            }
+        }
+        if !facts.is_empty() {
+            println!(
+                "{}: {}",
+                service["service"].as_str().unwrap_or("?"),
+                facts.join("; ")
+            );
+        }
         for i in service["instances"].as_array().unwrap_or(&empty) {
             let name = format!("{}/{}", i["service"].as_str().unwrap_or("?"), i["index"]);
             let mut details = Vec::new();
@@ -479,6 +514,9 @@ fn print_status(answer: &serde_json::Value) {
             }
             if let Some(up) = i["uptime_ms"].as_u64() {
                 details.push(format!("uptime {}", human_duration(up)));
+            }
+            if i["enabled"] == false && i["pid"].is_u64() {
+                details.push("out of steering".into());
             }
             if i["outdated"].as_bool() == Some(true) {
                 details.push("outdated config".into());
