@@ -174,17 +174,26 @@ pub enum Family {
     V6,
 }
 
+/// Which iptables implementation: the system's default (`iptables-restore`, an alternatives link),
+/// or explicitly the nf_tables or the legacy (xtables) one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Variant {
+    #[default]
+    Auto,
+    Nft,
+    Legacy,
+}
+
 impl Family {
-    fn save_tool(self) -> &'static str {
-        match self {
-            Family::V4 => "iptables-save",
-            Family::V6 => "ip6tables-save",
-        }
-    }
-    fn restore_tool(self) -> &'static str {
-        match self {
-            Family::V4 => "iptables-restore",
-            Family::V6 => "ip6tables-restore",
+    fn tool(self, variant: Variant, verb: &str) -> String {
+        let base = match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        };
+        match variant {
+            Variant::Auto => format!("{base}-{verb}"),
+            Variant::Nft => format!("{base}-nft-{verb}"),
+            Variant::Legacy => format!("{base}-legacy-{verb}"),
         }
     }
 }
@@ -192,10 +201,10 @@ impl Family {
 #[derive(Debug, thiserror::Error)]
 pub enum SteeringError {
     #[error("{tool}: {message}")]
-    Tool { tool: &'static str, message: String },
+    Tool { tool: String, message: String },
     #[error("{tool} failed for chain {chain}: {message}")]
     Restore {
-        tool: &'static str,
+        tool: String,
         chain: String,
         message: String,
     },
@@ -205,26 +214,27 @@ pub enum SteeringError {
 #[derive(Debug, Clone)]
 pub struct Iptables {
     pub families: Vec<Family>,
+    pub variant: Variant,
 }
 
 impl Iptables {
-    /// IPv4, and IPv6 when the kernel has it.
-    pub fn detect() -> Self {
+    /// IPv4, and IPv6 when the kernel has it, with the given implementation.
+    pub fn detect(variant: Variant) -> Self {
         let mut families = vec![Family::V4];
         if std::path::Path::new("/proc/net/if_inet6").exists() {
             families.push(Family::V6);
         }
-        Self { families }
+        Self { families, variant }
     }
 
-    fn save(family: Family) -> Result<String, SteeringError> {
-        let tool = family.save_tool();
-        let output = Command::new(tool)
+    fn save(&self, family: Family) -> Result<String, SteeringError> {
+        let tool = family.tool(self.variant, "save");
+        let output = Command::new(&tool)
             .args(["-t", "nat"])
             .stdin(Stdio::null())
             .output()
             .map_err(|e| SteeringError::Tool {
-                tool,
+                tool: tool.clone(),
                 message: e.to_string(),
             })?;
         if !output.status.success() {
@@ -236,14 +246,14 @@ impl Iptables {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
-    fn restore(family: Family, chain: &str, input: &str) -> Result<(), SteeringError> {
-        let tool = family.restore_tool();
+    fn restore(&self, family: Family, chain: &str, input: &str) -> Result<(), SteeringError> {
+        let tool = family.tool(self.variant, "restore");
         let err = |message: String| SteeringError::Restore {
-            tool,
+            tool: tool.clone(),
             chain: chain.to_owned(),
             message,
         };
-        let mut child = Command::new(tool)
+        let mut child = Command::new(&tool)
             .args(["--noflush", "--wait", "10"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -270,16 +280,16 @@ impl Iptables {
     pub fn read(&self, service: &str) -> Result<Vec<Installed>, SteeringError> {
         self.families
             .iter()
-            .map(|f| Self::save(*f).map(|save| parse_save(&save, service)))
+            .map(|f| self.save(*f).map(|save| parse_save(&save, service)))
             .collect()
     }
 
     /// Makes the service's chain equal to `chain`, one transaction per family.
     pub fn apply(&self, chain: &Chain) -> Result<(), SteeringError> {
         for family in &self.families {
-            let installed = parse_save(&Self::save(*family)?, &chain.service);
+            let installed = parse_save(&self.save(*family)?, &chain.service);
             let input = restore_input(chain, &installed);
-            Self::restore(*family, &chain_name(&chain.service), &input)?;
+            self.restore(*family, &chain_name(&chain.service), &input)?;
         }
         Ok(())
     }
@@ -287,9 +297,9 @@ impl Iptables {
     /// Removes the service's jumps and chain, if any.
     pub fn remove(&self, service: &str) -> Result<(), SteeringError> {
         for family in &self.families {
-            let installed = parse_save(&Self::save(*family)?, service);
+            let installed = parse_save(&self.save(*family)?, service);
             if let Some(input) = removal_input(service, &installed) {
-                Self::restore(*family, &chain_name(service), &input)?;
+                self.restore(*family, &chain_name(service), &input)?;
             }
         }
         Ok(())
@@ -299,7 +309,7 @@ impl Iptables {
     pub fn owned(&self) -> Result<Vec<String>, SteeringError> {
         let mut all = Vec::new();
         for family in &self.families {
-            for service in owned_services(&Self::save(*family)?) {
+            for service in owned_services(&self.save(*family)?) {
                 if !all.contains(&service) {
                     all.push(service);
                 }

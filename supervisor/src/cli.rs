@@ -267,7 +267,7 @@ async fn cleanup(host: &HostConfig) -> i32 {
         eprintln!("sluice: a sluice daemon is running; stop it first (`systemctl stop sluice`)");
         return exit::FAILED;
     }
-    let iptables = sluice_strategies::steering::Iptables::detect();
+    let iptables = sluice_strategies::steering::Iptables::detect(host.iptables.variant());
     let result = tokio::task::spawn_blocking(move || {
         let services = iptables.owned()?;
         for service in &services {

@@ -60,8 +60,32 @@ pub struct HostConfig {
     /// The `sluice-shim` binary; next to the `sluice` binary when absent.
     #[serde(default)]
     pub shim_path: Option<PathBuf>,
+    /// Which iptables implementation steers: `auto` (the system's `iptables-restore`), `nft`, `legacy`.
+    #[serde(default)]
+    pub iptables: IptablesVariant,
     #[serde(default)]
     pub coordination: CoordinationConfig,
+}
+
+/// The iptables implementation sluice drives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IptablesVariant {
+    #[default]
+    Auto,
+    Nft,
+    Legacy,
+}
+
+impl IptablesVariant {
+    pub fn variant(self) -> sluice_strategies::steering::Variant {
+        use sluice_strategies::steering::Variant;
+        match self {
+            IptablesVariant::Auto => Variant::Auto,
+            IptablesVariant::Nft => Variant::Nft,
+            IptablesVariant::Legacy => Variant::Legacy,
+        }
+    }
 }
 
 /// Which coordination backend tells this host what to run.
@@ -145,6 +169,7 @@ impl Default for HostConfig {
             control_group: None,
             services_dir: default_services_dir(),
             shim_path: None,
+            iptables: IptablesVariant::default(),
             coordination: CoordinationConfig::default(),
         }
     }

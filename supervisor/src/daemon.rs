@@ -98,9 +98,10 @@ pub async fn run(
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     // Steering writes nat rules: only root can, and only where iptables is installed.
+    let variant = host.iptables.variant();
     let iptables = nix::unistd::geteuid()
         .is_root()
-        .then(sluice_strategies::steering::Iptables::detect);
+        .then(|| sluice_strategies::steering::Iptables::detect(variant));
     let (coord, mut coord_events) = match host.coordination.backend {
         config::Backend::Local => (None, None),
         config::Backend::Zookeeper => {

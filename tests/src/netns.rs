@@ -65,11 +65,18 @@ impl Netns {
     /// `iptables-save -t nat` (or ip6tables) inside the namespace, without its comment lines
     /// (they carry timestamps).
     pub fn nat_rules(&self, v6: bool) -> String {
-        let tool = if v6 {
-            "ip6tables-save"
+        self.nat_rules_with("", v6)
+    }
+
+    /// The same with an explicit implementation: `nft`, `legacy`, or `""` for the system default.
+    pub fn nat_rules_with(&self, variant: &str, v6: bool) -> String {
+        let family = if v6 { "ip6tables" } else { "iptables" };
+        let tool = if variant.is_empty() {
+            format!("{family}-save")
         } else {
-            "iptables-save"
+            format!("{family}-{variant}-save")
         };
+        let tool = tool.as_str();
         let out = self
             .command(tool)
             .args(["-t", "nat"])

@@ -319,41 +319,52 @@ fn a_restart_interrupted_by_kill_9_finishes_with_every_instance_enabled() {
 }
 
 #[test]
-fn rules_of_other_owners_are_never_touched() {
+fn rules_of_other_owners_are_never_touched_nft() {
+    rules_of_other_owners_are_never_touched("nft");
+}
+
+#[test]
+fn rules_of_other_owners_are_never_touched_legacy() {
+    rules_of_other_owners_are_never_touched("legacy");
+}
+
+/// Another owner's chain and jump rules (IPv4 and IPv6) are byte-identical while sluice steers and
+/// restarts a service, and after `sluice cleanup`, with the `variant` iptables implementation; the
+/// chain is rewritten by every restart step without duplicating a rule.
+fn rules_of_other_owners_are_never_touched(variant: &str) {
     if !require_root() {
         return;
     }
     let ns = Netns::new();
-    for tool in ["iptables", "ip6tables"] {
-        ns.run(tool, &["-t", "nat", "-N", "OTHER"]);
-        ns.run(
-            tool,
-            &["-t", "nat", "-A", "OTHER", "-p", "tcp", "-j", "RETURN"],
-        );
-        ns.run(
-            tool,
-            &[
-                "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "8080", "-j", "OTHER",
-            ],
-        );
-        ns.run(
-            tool,
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-p",
-                "tcp",
-                "--dport",
-                "8081",
-                "-j",
-                "OTHER",
-            ],
-        );
+    let foreign: [&[&str]; 4] = [
+        &["-t", "nat", "-N", "OTHER"],
+        &["-t", "nat", "-A", "OTHER", "-p", "tcp", "-j", "RETURN"],
+        &[
+            "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "8080", "-j", "OTHER",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "8081",
+            "-j",
+            "OTHER",
+        ],
+    ];
+    for family in ["iptables", "ip6tables"] {
+        for rule in foreign {
+            ns.run(&format!("{family}-{variant}"), rule);
+        }
     }
-    let before = (ns.nat_rules(false), ns.nat_rules(true));
+    let save = |v6: bool| ns.nat_rules_with(variant, v6);
+    let before = (save(false), save(true));
     let h = Host::new().in_netns(&ns);
+    let host_file = std::fs::read_to_string(h.host_file()).unwrap();
+    h.write_host_file(&format!("{host_file}iptables = \"{variant}\"\n"));
     h.service(
         "web",
         r#"command = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
@@ -370,32 +381,41 @@ tcp = true
         PATIENCE,
     );
     h.sluice(&["restart", "web"]).success();
-    let ours = |rules: &str| -> String {
+    h.wait_until(
+        |s| s.instances("web").iter().all(|i| i["enabled"] == true),
+        PATIENCE,
+    );
+    let others = |rules: &str| -> String {
         rules
             .lines()
             .filter(|l| !l.contains("SLUICE") && !l.contains("sluice"))
             .map(|l| format!("{l}\n"))
             .collect()
     };
-    let during = (ns.nat_rules(false), ns.nat_rules(true));
-    assert!(
-        during.0.contains(":SLUICE-web") && during.1.contains(":SLUICE-web"),
-        "IPv4 and IPv6 are steered:\n{}\n{}",
-        during.0,
-        during.1
-    );
-    assert_eq!(ours(&during.0), before.0, "IPv4 rules of others changed");
-    assert_eq!(ours(&during.1), before.1, "IPv6 rules of others changed");
+    let during = (save(false), save(true));
+    for (family, rules) in [("IPv4", &during.0), ("IPv6", &during.1)] {
+        assert!(
+            rules.contains(":SLUICE-web"),
+            "{family} is steered:\n{rules}"
+        );
+        assert_eq!(
+            rules.matches("-j REDIRECT").count(),
+            2,
+            "{family}: one rule per instance after rewrites:\n{rules}"
+        );
+    }
+    assert_eq!(others(&during.0), before.0, "IPv4 rules of others changed");
+    assert_eq!(others(&during.1), before.1, "IPv6 rules of others changed");
     h.sluice(&["shutdown"]).success();
     h.wait_daemon_exit(PATIENCE);
     h.sluice(&["cleanup"]).success();
     assert_eq!(
-        ns.nat_rules(false),
+        save(false),
         before.0,
         "after cleanup, IPv4 is byte-identical"
     );
     assert_eq!(
-        ns.nat_rules(true),
+        save(true),
         before.1,
         "after cleanup, IPv6 is byte-identical"
     );
