@@ -509,7 +509,6 @@ impl Service {
         let Some(zk) = self.ctx.coord.clone() else {
             return;
         };
-        let status = self.status();
         let state = match (&self.coord.deploy, &self.state.restart) {
             (Some(d), _) => match d.phase {
                 Phase::Installing | Phase::PreRestart => "installing",
@@ -527,13 +526,23 @@ impl Service {
             build: self.state.build.clone(),
             target_build: self.state.target_build.clone(),
             state,
-            instances: status
+            // Built here rather than from `status()`, which also compares every instance's
+            // configuration (a spec and a hash each): this runs after every event.
+            instances: self
                 .instances
-                .iter()
+                .values()
                 .map(|i| {
                     serde_json::json!({
-                        "index": i.index, "state": i.state, "pid": i.pid, "enabled": i.enabled,
-                        "healthy": i.healthy, "warmup": i.warmup, "last_error": i.last_error,
+                        "index": i.index,
+                        "state": i.phase.name(),
+                        "pid": i.shim.as_ref().map(|s| s.pid),
+                        "enabled": self
+                            .config
+                            .steers()
+                            .then(|| self.steering.installed_contains(i.index)),
+                        "healthy": i.healthy,
+                        "warmup": i.warmup,
+                        "last_error": i.last_error,
                     })
                 })
                 .collect(),
@@ -542,7 +551,7 @@ impl Service {
                 .config_error
                 .clone()
                 .or_else(|| self.coord.last_error.clone())
-                .or_else(|| status.last_restart_error.clone()),
+                .or_else(|| self.state.failed.as_ref().map(|f| f.reason.clone())),
             restart_started_ms: self.coord.restart_started_ms,
             restart_finished_ms: self.coord.restart_finished_ms,
         };
