@@ -9,6 +9,7 @@
 #   BENCH_RATE              requests per second of the load, default 150
 #   BENCH_WARM_IN_SECONDS   load before the steady window (JIT warm-in), default 10
 #   BENCH_STEADY_SECONDS    steady window before each restart, default 10
+#   BENCH_WARMUP_COUNT      warm up with this many requests instead of "until stable"
 #   BENCH_SKIP_BUILD=1      skip the cargo builds (uses target/release as it is)
 set -euo pipefail
 

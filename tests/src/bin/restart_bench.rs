@@ -89,10 +89,17 @@ fn main() {
 }
 
 fn java_service(classes: &Path, strategy: &str, warm: bool) -> String {
+    // BENCH_WARMUP_COUNT=N warms with a fixed number of requests instead of "until stable".
+    let stop_rule = match std::env::var("BENCH_WARMUP_COUNT") {
+        Ok(n) => format!("count = {n}"),
+        Err(_) => "until_stable_pct = 25\nwindow = 20".to_owned(),
+    };
     let warmup = if warm {
-        "[warmup]\nrequests = [\"GET /item\", \"GET /other/path\"]\nuntil_stable_pct = 25\nwindow = 20\nmax_duration_ms = 5000\nconcurrency = 2\n"
+        format!(
+            "[warmup]\nrequests = [\"GET /item\", \"GET /other/path\"]\n{stop_rule}\nmax_duration_ms = 10000\nconcurrency = 2\n"
+        )
     } else {
-        ""
+        String::new()
     };
     format!(
         r#"command = ["{java}", "-Xmx64m", "-XX:+UseSerialGC", "-Dsun.net.httpserver.nodelay={nodelay}", "-cp", "{classes}", "WarmApp", "{{port}}"]
