@@ -219,6 +219,14 @@ async fn dispatch(cli: Cli) -> i32 {
 }
 
 async fn run(host: HostConfig) -> i32 {
+    // A panic anywhere (a service's task included) is a broken invariant: the daemon exits at once
+    // rather than running on without the task that panicked. systemd restarts it and the new
+    // daemon adopts every instance; the shims never noticed.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::exit(exit::PANIC);
+    }));
     let services = match config::load_services(&host.services_dir) {
         Ok(services) => services,
         Err(e) => {

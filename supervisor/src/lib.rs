@@ -36,4 +36,6 @@ pub mod exit {
     /// The daemon stopped every instance on `sluice shutdown` and exited; systemd must not
     /// restart it (`RestartPreventExitStatus=`).
     pub const SHUT_DOWN: i32 = 10;
+    /// The daemon panicked (a broken invariant) and exited; systemd restarts it.
+    pub const PANIC: i32 = 101;
 }
