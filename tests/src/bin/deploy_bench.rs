@@ -746,7 +746,7 @@ fn markdown(r: &Value) -> String {
     s += "# Build fetch and ZooKeeper reaction (`bench/fetch.sh`)\n\n";
     s += &format!(
         "Machine: {} CPUs ({}), {}, Linux {}, {}, {} temp dir; {}; commit {} ({} changed files in the tree); {}, {}, ZooKeeper {}. \
-         **Shared**: another engineer's heavy tests ran at the same time (load average {} at the start, {} at the end); \
+         Machine use: {} (load average {} at the start, {} at the end); \
          the ratios compare figures of the same run.\n\n",
         m["cpus"].as_str().unwrap_or(""),
         m["cpu_model"].as_str().unwrap_or("").trim(),
@@ -760,6 +760,7 @@ fn markdown(r: &Value) -> String {
         m["curl"].as_str().unwrap_or(""),
         m["tar"].as_str().unwrap_or(""),
         m["zookeeper"].as_str().unwrap_or(""),
+        m["shared"].as_str().unwrap_or("not stated"),
         m["load_average"].as_str().unwrap_or(""),
         r["load_average_after"].as_str().unwrap_or(""),
     );

@@ -486,7 +486,7 @@ fn markdown(r: &Value) -> String {
     s += "# Restart of 4 Java instances under load (`bench/restart.sh`)\n\n";
     s += &format!(
         "Machine: {} CPUs ({}), {}, Linux {}, {}; {}; {}; commit {} ({} changed files in the tree). \
-         **Shared**: another engineer's heavy tests ran at the same time (load average {} at the start, {} at the end), \
+         Machine use: {} (load average {} at the start, {} at the end), \
          so absolute figures are noisy; the ratios compare figures of the same run.\n\n",
         m["cpus"].as_str().unwrap_or(""),
         m["cpu_model"].as_str().unwrap_or("").trim(),
@@ -497,6 +497,7 @@ fn markdown(r: &Value) -> String {
         m["java"].as_str().unwrap_or(""),
         m["commit"].as_str().unwrap_or(""),
         m["dirty_tree"].as_str().unwrap_or(""),
+        m["shared"].as_str().unwrap_or("not stated"),
         m["load_average"].as_str().unwrap_or(""),
         r["load_average_after"].as_str().unwrap_or(""),
     );
