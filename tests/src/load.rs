@@ -242,3 +242,22 @@ impl Client {
         }
     }
 }
+
+/// Fails the test when any request of `report` failed, or when the load hardly ran (fewer than
+/// `min_requests`): a load that sent nothing proves nothing.
+#[track_caller]
+pub fn assert_no_failures(what: &str, report: &Report, min_requests: u64) {
+    assert_eq!(
+        report.failed,
+        0,
+        "{what}: {} of {} requests failed: {:#?}",
+        report.failed,
+        report.total(),
+        report.failures
+    );
+    assert!(
+        report.total() >= min_requests,
+        "{what}: only {} requests were sent; the load did not run",
+        report.total()
+    );
+}

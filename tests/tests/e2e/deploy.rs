@@ -9,7 +9,7 @@ use serde_json::Value;
 use sluice_tests::fleet::{
     Bad, BuildInfo, Fleet, FleetHost, FleetOptions, py_service, serving, tar_listing, wheel_dir,
 };
-use sluice_tests::load::{Load, Report};
+use sluice_tests::load::Load;
 use sluice_tests::{PATIENCE, Status};
 
 /// Requests per second on each host's front port.
@@ -84,25 +84,12 @@ fn finish_loads(fleet: &Fleet, loads: Vec<Load>, what: &str, min_requests: u64) 
             report.stale_retries,
             report.percentile_us(0.99)
         );
-        assert_no_failures(&format!("{what} on {}", h.name), &report, min_requests);
+        sluice_tests::load::assert_no_failures(
+            &format!("{what} on {}", h.name),
+            &report,
+            min_requests,
+        );
     }
-}
-
-#[track_caller]
-fn assert_no_failures(what: &str, report: &Report, min_requests: u64) {
-    assert_eq!(
-        report.failed,
-        0,
-        "{what}: {} of {} requests failed: {:#?}",
-        report.failed,
-        report.total(),
-        report.failures
-    );
-    assert!(
-        report.total() >= min_requests,
-        "{what}: only {} requests were sent; the load did not run",
-        report.total()
-    );
 }
 
 /// The build the front port of `h` answers with (`"<build> <instance>"`).

@@ -80,23 +80,6 @@ fn all_enabled(s: &Status, service: &str) -> bool {
         && !s.restart_in_progress(service)
 }
 
-#[track_caller]
-fn assert_no_failures(what: &str, report: &Report, min_requests: u64) {
-    assert_eq!(
-        report.failed,
-        0,
-        "{what}: {} of {} requests failed: {:#?}",
-        report.failed,
-        report.total(),
-        report.failures
-    );
-    assert!(
-        report.total() >= min_requests,
-        "{what}: only {} requests were sent; the load did not run",
-        report.total()
-    );
-}
-
 #[test]
 fn drain_restarts_of_java_and_python_lose_no_request() {
     if !require_root() {
@@ -145,8 +128,8 @@ fn drain_restarts_of_java_and_python_lose_no_request() {
         py.ok,
         py.stale_retries
     );
-    assert_no_failures("java", &java, 200);
-    assert_no_failures("py", &py, 200);
+    sluice_tests::load::assert_no_failures("java", &java, 200);
+    sluice_tests::load::assert_no_failures("py", &py, 200);
 
     let log = std::fs::read_to_string(h.path("daemon.log")).unwrap();
     assert_eq!(
@@ -248,7 +231,7 @@ fn a_batch_that_fails_its_health_check_is_rolled_back() {
         RESTART_PATIENCE,
     );
     let (after, report) = py.finish_load(PATIENCE);
-    assert_no_failures("rollback", &report, 100);
+    sluice_tests::load::assert_no_failures("rollback", &report, 100);
     let before = &py.before;
 
     let error = after.service("py")["last_restart_error"]
@@ -297,7 +280,7 @@ fn a_restart_interrupted_by_kill_9_finishes_with_every_instance_enabled() {
     let _ = restart.wait();
     h.start_daemon();
     let (after, report) = py.finish_load(RESTART_PATIENCE);
-    assert_no_failures("kill -9 mid-batch", &report, 100);
+    sluice_tests::load::assert_no_failures("kill -9 mid-batch", &report, 100);
     let before = &py.before;
     assert!(
         after.service("py")["last_restart_error"].is_null(),
