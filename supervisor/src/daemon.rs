@@ -418,10 +418,7 @@ impl Daemon {
                 }
                 entry
                     .handle
-                    .desired(
-                        view.desired_build().map(str::to_owned),
-                        view.max_hosts_restarting,
-                    )
+                    .desired(view.desired_build().map(str::to_owned))
                     .await;
             }
             CoordEvent::Connected => {

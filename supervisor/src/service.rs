@@ -74,7 +74,6 @@ enum Request {
     /// The coordination backend named the build this host should run.
     Desired {
         build: Option<String>,
-        max_hosts_restarting: u32,
     },
     /// ZooKeeper became reachable or not.
     Connection(bool),
@@ -127,14 +126,8 @@ impl ServiceHandle {
         self.ask(Request::Settled).await;
     }
 
-    pub async fn desired(&self, build: Option<String>, max_hosts_restarting: u32) {
-        let _ = self
-            .tx
-            .send(Request::Desired {
-                build,
-                max_hosts_restarting,
-            })
-            .await;
+    pub async fn desired(&self, build: Option<String>) {
+        let _ = self.tx.send(Request::Desired { build }).await;
     }
 
     pub async fn connection(&self, connected: bool) {
@@ -772,10 +765,7 @@ impl Service {
                 )));
             }
             Request::Settled(reply) => self.settled.push(reply),
-            Request::Desired {
-                build,
-                max_hosts_restarting,
-            } => self.set_desired(build, max_hosts_restarting),
+            Request::Desired { build } => self.set_desired(build),
             Request::Connection(connected) => self.set_connected(connected),
             Request::ConfigError(error) => self.coord.config_error = error,
             Request::Local { verb, reply } => {

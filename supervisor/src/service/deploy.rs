@@ -60,7 +60,6 @@ pub(super) struct Coordination {
     pub(super) last_error: Option<String>,
     /// A bad configuration node: the last good configuration keeps running.
     pub(super) config_error: Option<String>,
-    pub(super) max_hosts_restarting: u32,
     slot: Option<Slot>,
     slot_pending: bool,
     /// Actions of a restart held at a batch's start until a slot is held.
@@ -120,8 +119,8 @@ impl Service {
     }
 
     /// The coordination backend named the build this host should run.
-    pub(super) fn set_desired(&mut self, build: Option<String>, max_hosts_restarting: u32) {
-        self.coord.max_hosts_restarting = max_hosts_restarting;
+    /// (The fleet's restart limit is ZooKeeper's business: the lease recipe reads it.)
+    pub(super) fn set_desired(&mut self, build: Option<String>) {
         self.coord.desired = build;
         self.maybe_deploy();
     }
@@ -501,7 +500,7 @@ impl Service {
         } else {
             local.enabled.clone()
         };
-        self.set_desired(build, 1);
+        self.set_desired(build);
     }
 
     /// Publishes this host's status to ZooKeeper when it changed.
