@@ -7,6 +7,7 @@ pub mod api;
 pub mod build;
 pub mod cli;
 pub mod client;
+pub mod clip;
 pub mod config;
 pub mod coord;
 pub mod daemon;
