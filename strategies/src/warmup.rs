@@ -203,6 +203,10 @@ impl Convergence {
         }
     }
 
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// The sibling's sample, against which `until_sibling` is judged.
     pub fn set_reference(&mut self, index: u32, window: Window) {
         if let Some(rule) = self.limits.until_sibling {
