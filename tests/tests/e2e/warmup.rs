@@ -94,6 +94,7 @@ fn gunicorn_sync_workers_restart_with_warm_up() {
     std::thread::sleep(Duration::from_millis(500));
     let out = h.sluice(&["restart", "py"]);
     assert_eq!(out.code, Some(0), "the restart succeeds: {out}");
+    println!("restart of 4 gunicorn sync instances: {:?}", out.elapsed);
     let after = h.wait_until(all_enabled, PATIENCE);
     std::thread::sleep(Duration::from_millis(300));
     let report = load.finish();
@@ -110,6 +111,16 @@ fn gunicorn_sync_workers_restart_with_warm_up() {
             "py/{i} was restarted"
         );
         let warmup = &after.instance("py", i)["warmup"];
+        println!(
+            "py/{i}: warm-up {} requests in {} ms, ended by {}; p90 sibling {} us, first window {} \
+             us, last window {} us",
+            warmup["requests"],
+            warmup["duration_ms"],
+            warmup["ending"],
+            warmup["sibling"]["window"]["p90_us"],
+            warmup["first_window"]["p90_us"],
+            warmup["last_window"]["p90_us"]
+        );
         assert_eq!(warmup["errors"], 0, "py/{i}: {warmup}");
         assert!(
             warmup["requests"].as_u64().unwrap_or(0) > 0,
