@@ -43,6 +43,9 @@ pub struct Activity {
     /// `tcpi_bytes_received` (Linux 4.1 and later): `Some(0)` is a connection that has not yet
     /// carried a request.
     pub bytes_received: Option<u64>,
+    /// `tcpi_data_segs_out` (Linux 4.6 and later): `Some(0)` after a request is a connection whose
+    /// first request is not answered yet, whatever the times say.
+    pub data_segs_out: Option<u32>,
 }
 
 /// One connection of the instance (local port = the instance's port), as the kernel reports it.
@@ -82,6 +85,11 @@ impl Connection {
         };
         if a.bytes_received == Some(0) {
             return a.last_data_recv_ms_ago < UNUSED_CONNECTION_GRACE_MS;
+        }
+        if a.data_segs_out == Some(0) {
+            // A request came and nothing went out yet: the times alone would not tell when the
+            // request came in the tick the connection was made.
+            return true;
         }
         // Data came in more recently than data went out: the instance has read a request and not
         // yet answered it. Equal times (same kernel tick) count as answered: a fast response is
@@ -165,6 +173,7 @@ mod tests {
         last_data_recv_ms_ago: 120,
         last_data_sent_ms_ago: 118,
         bytes_received: Some(4_000),
+        data_segs_out: Some(9),
     };
 
     fn conn(state: TcpState, rq: u32, wq: u32, activity: Option<Activity>) -> Connection {
@@ -185,6 +194,7 @@ mod tests {
             last_data_recv_ms_ago: recv,
             last_data_sent_ms_ago: sent,
             bytes_received: bytes,
+            data_segs_out: bytes.map(|b| u32::from(b > 0)),
         }
     }
 
@@ -234,6 +244,14 @@ mod tests {
                 false,
             ),
             (
+                "first request read in the tick of the connect, nothing sent yet",
+                est(Activity {
+                    data_segs_out: Some(0),
+                    ..activity(40, 40, Some(90))
+                }),
+                true,
+            ),
+            (
                 "old kernel without bytes_received, answered",
                 est(activity(40, 39, None)),
                 false,
@@ -264,7 +282,15 @@ mod tests {
         let busy_queue = conn(TcpState::Established, 12, 0, Some(IDLE));
         let syn = conn(TcpState::SynRecv, 0, 0, None);
         let closing = conn(TcpState::CloseWait, 0, 0, Some(IDLE));
-        let table: &[(&str, Vec<Connection>, DrainUntil, u64, Option<Ending>)] = &[
+        // (case, connections, mode, waited_ms, decision with drain_timeout_ms = 10000)
+        type Case = (
+            &'static str,
+            Vec<Connection>,
+            DrainUntil,
+            u64,
+            Option<Ending>,
+        );
+        let table: &[Case] = &[
             ("no connection", vec![], U::Idle, 0, Some(E::Closed)),
             (
                 "no connection, closed mode",
