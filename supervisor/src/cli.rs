@@ -427,7 +427,9 @@ async fn verb_main(socket: &Path, verb: Command) -> anyhow::Result<()> {
     let answer = match progress_of {
         // A restart can take minutes: show its steps as they happen.
         Some(service) => {
-            let progress = print_restart_progress(socket, &service);
+            // Drains that ended before this restart are not its own: known before it begins.
+            let before = last_drains(socket, &service).await;
+            let progress = print_restart_progress(socket, &service, before);
             tokio::pin!(call);
             tokio::select! {
                 answer = &mut call => answer?,
@@ -442,13 +444,50 @@ async fn verb_main(socket: &Path, verb: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Each instance's `last_drain` (`null` before its first drain), by index.
+type LastDrains = std::collections::BTreeMap<u64, serde_json::Value>;
+
+fn drains_in(status: &serde_json::Value) -> LastDrains {
+    let empty = Vec::new();
+    status["services"][0]["instances"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .filter_map(|i| Some((i["index"].as_u64()?, i["last_drain"].clone())))
+        .collect()
+}
+
+/// The drains of `service` so far; empty when status cannot be read (then every drain seen is
+/// printed).
+async fn last_drains(socket: &Path, service: &str) -> LastDrains {
+    let query = format!("/v1/status?service={service}");
+    client::call(socket, Method::GET, &query, None)
+        .await
+        .map(|s| drains_in(&s))
+        .unwrap_or_default()
+}
+
 /// Prints a line whenever the restart of `service` moves to another batch or step; never returns.
-async fn print_restart_progress(socket: &Path, service: &str) {
+async fn print_restart_progress(socket: &Path, service: &str, mut seen: LastDrains) {
     const POLL_MS: u64 = 250;
     let mut last = String::new();
     loop {
         let query = format!("/v1/status?service={service}");
         if let Ok(status) = client::call(socket, Method::GET, &query, None).await {
+            // Each drain once, when an instance's `last_drain` changes.
+            let now = drains_in(&status);
+            for (index, d) in &now {
+                if !d.is_null() && seen.get(index) != Some(d) {
+                    eprintln!(
+                        "{service}/{index}: drained: {}, {} connection(s) left, {} in flight, {} ms",
+                        d["ending"].as_str().unwrap_or("?"),
+                        d["connections_left"],
+                        d["in_flight_left"],
+                        d["waited_ms"]
+                    );
+                }
+            }
+            seen = now;
             let restart = &status["services"][0]["restart"];
             if !restart.is_null() {
                 let line = format!(
