@@ -185,7 +185,12 @@ async fn dispatch(cli: Cli) -> i32 {
                 }
             }
         },
-        Command::CheckConfig => match config::load_services(&host.services_dir) {
+        Command::CheckConfig => match config::load_services(&host.services_dir)
+            .map_err(|e| e.to_string())
+            .and_then(|services| {
+                crate::spec::check_identities(&host, &services)?;
+                Ok(services)
+            }) {
             Ok(services) => {
                 println!(
                     "{}: ok, {} service(s): {}",
@@ -227,13 +232,25 @@ async fn run(host: HostConfig) -> i32 {
         default_hook(info);
         std::process::exit(exit::PANIC);
     }));
-    let services = match config::load_services(&host.services_dir) {
+    let services = match config::load_services(&host.services_dir)
+        .map_err(|e| e.to_string())
+        .and_then(|services| {
+            crate::spec::check_identities(&host, &services)?;
+            Ok(services)
+        }) {
         Ok(services) => services,
         Err(e) => {
             eprintln!("sluice: {e}");
             return exit::CONFIG;
         }
     };
+    if host.coordination.backend == config::Backend::Zookeeper
+        && let Some(path) = &host.coordination.digest_file
+        && let Err(e) = crate::daemon::check_digest_file(path)
+    {
+        eprintln!("sluice: {e}");
+        return exit::CONFIG;
+    }
     let result = async {
         let shim_binary = match &host.shim_path {
             Some(path) => path.clone(),
