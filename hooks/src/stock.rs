@@ -183,6 +183,57 @@ mod tests {
         assert_eq!(entries, STOCK_HOOKS.len(), "no temp files left");
     }
 
+    /// Root makes `.venv` for the service user before `python-venv` runs; a link in its place is
+    /// refused and not followed; other stock hooks get nothing.
+    #[test]
+    fn python_venv_gets_its_directory_and_nothing_else() {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI runs this as root"
+            );
+            println!("skipping: needs root to give a directory away");
+            return;
+        }
+        let nobody = crate::Identity {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![65534],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let stock = dir.path().join("stock");
+        let release = dir.path().join("release");
+        std::fs::create_dir_all(&release).unwrap();
+        let venv_hook = stock_hook(&stock, "python-venv").unwrap();
+        let jar_hook = stock_hook(&stock, "java-jar").unwrap();
+        prepare(&jar_hook, &stock, &release, &nobody).unwrap();
+        assert!(!release.join(".venv").exists(), "java-jar writes nothing");
+        prepare(&venv_hook, &stock, &release, &nobody).unwrap();
+        let meta = std::fs::symlink_metadata(release.join(".venv")).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (65534, 65534, 0o755)
+        );
+        // Again: left as it is.
+        prepare(&venv_hook, &stock, &release, &nobody).unwrap();
+
+        let other = dir.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::remove_dir(release.join(".venv")).unwrap();
+        std::os::unix::fs::symlink(&other, release.join(".venv")).unwrap();
+        let err = prepare(&venv_hook, &stock, &release, &nobody).unwrap_err();
+        assert!(err.to_string().contains("is not a directory"), "{err}");
+        assert_eq!(
+            std::fs::metadata(&other).unwrap().uid(),
+            0,
+            "the link was not followed"
+        );
+    }
+
     #[test]
     fn unknown_names_are_errors() {
         let dir = tempfile::tempdir().unwrap();

@@ -114,7 +114,8 @@ pub enum Command {
         service: String,
         max_hosts_restarting: u32,
     },
-    /// Publish a service configuration, as JSON with the schema of a service file (ZooKeeper).
+    /// Publish a service's config node (ZooKeeper): a JSON object of the service-file keys each
+    /// host lets it set (`coordination.config_node_keys`), overriding the hosts' local files.
     PushConfig { service: String, file: PathBuf },
     /// A live view of a service across hosts (ZooKeeper); Ctrl-C ends it.
     Watch {

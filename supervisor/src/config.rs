@@ -837,7 +837,11 @@ impl ServiceConfig {
     /// the first key that is not; a granted table (`restart`) grants every key under it. Nested
     /// objects merge key by key, so `{"health": {"timeout_ms": 500}}` keeps the file's other
     /// health keys. The result is validated like a file.
-    pub fn with_config_node(&self, node: &str, granted: &[String]) -> Result<ServiceConfig, String> {
+    pub fn with_config_node(
+        &self,
+        node: &str,
+        granted: &[String],
+    ) -> Result<ServiceConfig, String> {
         let merged = self.merge_config_node(node, granted)?;
         let config: ServiceConfig = serde_json::from_value(merged).map_err(|e| e.to_string())?;
         config
@@ -1569,7 +1573,11 @@ stop_grace_ms = 5000
         assert_eq!(applied.restart.drain_timeout_ms, 1);
         let health = applied.health.as_ref().unwrap();
         assert_eq!(health.timeout_ms, 500);
-        assert_eq!(health.http.as_deref(), Some("/h"), "the file's other keys stay");
+        assert_eq!(
+            health.http.as_deref(),
+            Some("/h"),
+            "the file's other keys stay"
+        );
         assert_eq!(applied.command, base.command);
         assert_eq!(applied.user, base.user);
 
@@ -1597,7 +1605,11 @@ stop_grace_ms = 5000
         let err = base.with_config_node(&long, &granted).unwrap_err();
         assert!(err.len() < 500, "the key is clipped: {} bytes", err.len());
         assert!(base.with_config_node("[1]", &granted).is_err());
-        assert!(base.with_config_node("{bad", &granted).unwrap_err().starts_with("not JSON"));
+        assert!(
+            base.with_config_node("{bad", &granted)
+                .unwrap_err()
+                .starts_with("not JSON")
+        );
         let err = base
             .with_config_node(r#"{"instances": 0}"#, &granted)
             .unwrap_err();
@@ -1609,9 +1621,7 @@ stop_grace_ms = 5000
             .with_config_node(r#"{"env": {"LANG": "C.UTF-8"}}"#, &more)
             .unwrap();
         assert_eq!(applied.env["LANG"], "C.UTF-8");
-        assert!(
-            ServiceConfig::check_config_node(r#"{"instances": "x"}"#, &granted).is_err()
-        );
+        assert!(ServiceConfig::check_config_node(r#"{"instances": "x"}"#, &granted).is_err());
         assert!(ServiceConfig::check_config_node(r#"{"instances": 2}"#, &granted).is_ok());
     }
 

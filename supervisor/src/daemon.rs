@@ -366,17 +366,19 @@ impl Daemon {
                     entry.file = file_config.clone();
                     let config = match &entry.node {
                         None => file_config,
-                        Some(node) => match Self::apply_node_to(&self.ctx.host, &name, &file_config, node) {
-                            Ok(config) => {
-                                entry.handle.config_error(None).await;
-                                config
+                        Some(node) => {
+                            match Self::apply_node_to(&self.ctx.host, &name, &file_config, node) {
+                                Ok(config) => {
+                                    entry.handle.config_error(None).await;
+                                    config
+                                }
+                                Err(message) => {
+                                    tracing::error!("{message}");
+                                    entry.handle.config_error(Some(message)).await;
+                                    file_config
+                                }
                             }
-                            Err(message) => {
-                                tracing::error!("{message}");
-                                entry.handle.config_error(Some(message)).await;
-                                file_config
-                            }
-                        },
+                        }
                     };
                     if entry.config != config {
                         entry.config = config.clone();
@@ -551,8 +553,8 @@ async fn next_coord_event(
 /// own (root, under systemd): the password in it is write access to the whole fleet.
 pub fn check_digest_file(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| format!("the digest file {}: {e}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("the digest file {}: {e}", path.display()))?;
     let owner = nix::unistd::geteuid().as_raw();
     if meta.uid() != owner {
         return Err(format!(

@@ -126,7 +126,11 @@ pub type Identity = Option<sluice_hooks::Identity>;
 /// user or group that does not exist is an error naming it; nothing ever falls back to root.
 /// Without `user`, a root daemon runs the service as root only when the host allows root; a
 /// daemon that is not root runs it as itself.
-pub fn identity(host: &HostConfig, service: &str, config: &ServiceConfig) -> Result<Identity, String> {
+pub fn identity(
+    host: &HostConfig,
+    service: &str,
+    config: &ServiceConfig,
+) -> Result<Identity, String> {
     let daemon_uid = nix::unistd::geteuid().as_raw();
     resolve_identity(host.allow_root, daemon_uid, service, config)
 }
@@ -195,7 +199,10 @@ fn resolve_identity(
 
 /// Checks every service's identity, so that `sluice run`, `sluice reload` and `check-config`
 /// refuse a service that cannot run as configured before anything starts.
-pub fn check_identities(host: &HostConfig, services: &crate::config::Services) -> Result<(), String> {
+pub fn check_identities(
+    host: &HostConfig,
+    services: &crate::config::Services,
+) -> Result<(), String> {
     for (name, config) in services {
         identity(host, name, config)?;
     }
@@ -266,7 +273,12 @@ mod tests {
                 .unwrap_err();
             assert_eq!(err, "service web: no user named `no-such-user-x`");
             assert_eq!(
-                uid_of(resolve_identity(allow_root, 0, "web", &with_user(Some("nobody")))),
+                uid_of(resolve_identity(
+                    allow_root,
+                    0,
+                    "web",
+                    &with_user(Some("nobody"))
+                )),
                 Ok(Some(65534))
             );
         }

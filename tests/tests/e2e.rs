@@ -15,4 +15,5 @@ mod e2e {
     mod steering;
     mod stop;
     mod systemd_unit;
+    mod zk_authority;
 }
