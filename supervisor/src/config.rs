@@ -843,10 +843,12 @@ impl ServiceConfig {
         granted: &[String],
     ) -> Result<ServiceConfig, String> {
         let merged = self.merge_config_node(node, granted)?;
-        let config: ServiceConfig = serde_json::from_value(merged).map_err(|e| e.to_string())?;
+        // serde and the checks quote values, and these came from ZooKeeper: bounded.
+        let config: ServiceConfig = serde_json::from_value(merged)
+            .map_err(|e| crate::clip::clip(&e.to_string()).into_owned())?;
         config
             .validate()
-            .map_err(|(key, message)| format!("key `{key}`: {message}"))?;
+            .map_err(|(key, message)| format!("key `{key}`: {}", crate::clip::clip(&message)))?;
         Ok(config)
     }
 
@@ -856,8 +858,8 @@ impl ServiceConfig {
         node: &str,
         granted: &[String],
     ) -> Result<serde_json::Value, String> {
-        let overrides: serde_json::Value =
-            serde_json::from_str(node).map_err(|e| format!("not JSON: {e}"))?;
+        let overrides: serde_json::Value = serde_json::from_str(node)
+            .map_err(|e| format!("not JSON: {}", crate::clip::clip(&e.to_string())))?;
         let serde_json::Value::Object(overrides) = overrides else {
             return Err("must be a JSON object of service-file keys".into());
         };
@@ -874,7 +876,7 @@ impl ServiceConfig {
         let merged = base.merge_config_node(node, granted)?;
         serde_json::from_value::<ServiceConfig>(merged)
             .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(|e| crate::clip::clip(&e.to_string()).into_owned())
     }
 
     /// Checks what serde cannot: ranges, placeholders, octal strings. Returns the key at fault.
@@ -1604,6 +1606,9 @@ stop_grace_ms = 5000
         let long = format!(r#"{{"{}": 1}}"#, "k".repeat(10_000));
         let err = base.with_config_node(&long, &granted).unwrap_err();
         assert!(err.len() < 500, "the key is clipped: {} bytes", err.len());
+        let long = format!(r#"{{"instances": "{}"}}"#, "v".repeat(10_000));
+        let err = base.with_config_node(&long, &granted).unwrap_err();
+        assert!(err.len() < 500, "the value is clipped: {} bytes", err.len());
         assert!(base.with_config_node("[1]", &granted).is_err());
         assert!(
             base.with_config_node("{bad", &granted)
