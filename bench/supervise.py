@@ -216,7 +216,7 @@ def run_sluice(work, tag):
     os.makedirs(os.path.join(d, "services"))
     host = os.path.join(d, "host.toml")
     with open(host, "w") as f:
-        f.write('data_dir = "data"\nruntime_dir = "run"\nservices_dir = "services"\n')
+        f.write('data_dir = "data"\nruntime_dir = "run"\nservices_dir = "services"\nallow_root = true\n')
     path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
     with open(os.path.join(d, "services", "idle.toml"), "w") as f:
         f.write(

@@ -27,7 +27,12 @@
 //!
 //! # How a hook runs
 //!
-//! - As the service's user: supplementary groups, gid, then uid are set in the child before exec.
+//! - As the service's user: supplementary groups, gid, then uid are set in the child before exec
+//!   ([`process::confine`]). The caller resolves the user; an unresolvable one is its error, never
+//!   a reason to run as root.
+//! - A stock hook that writes into the release (`python-venv` writes `.venv`, see
+//!   [`STOCK_WRITES`]) gets that one directory made for the user by root; the rest of the release
+//!   stays root's, and the user is given no path that root follows later.
 //! - In the release directory if there is one, else in `/`; stdin is `/dev/null`.
 //! - stdout and stderr share one pipe, so the log keeps their order. The whole output goes to
 //!   `<log_dir>/<build>-<stage>-<n>.log` (replaced on each run, capped at [`LOG_MAX_BYTES`]); the last
@@ -44,6 +49,7 @@
 
 mod done;
 mod output;
+pub mod process;
 mod runner;
 mod stock;
 
@@ -53,7 +59,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 pub use runner::{Run, run_stage};
-pub use stock::{STOCK_HOOKS, stock_hook};
+pub use stock::{STOCK_HOOKS, STOCK_WRITES, stock_hook};
 
 /// Bytes of a hook's output kept in memory for the error: the tail, which usually says what failed.
 pub const OUTPUT_TAIL_BYTES: usize = 4 * 1024;

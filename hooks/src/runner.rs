@@ -4,10 +4,9 @@
 use std::collections::BTreeMap;
 use std::ffi::CStr;
 use std::io;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::net::unix::pipe;
@@ -15,6 +14,7 @@ use tokio::sync::oneshot;
 
 use crate::done;
 use crate::output::{self, Captured};
+use crate::process::{self, GroupChild};
 use crate::{DEFAULT_PATH, Hook, HookError, Identity, Outcome, Stage, io_error};
 
 /// Everything about one stage of one deploy that its hooks need.
@@ -112,6 +112,9 @@ async fn run_one(run: &Run<'_>, hook: &Hook, index: usize) -> Result<(), HookErr
     );
     let env = environment(run, home_of(uid));
 
+    if let (Some(identity), Some(release_dir)) = (&run.identity, run.release_dir) {
+        crate::stock::prepare(Path::new(program), run.stock_dir, release_dir, identity)?;
+    }
     let mut command = std::process::Command::new(program);
     command
         .args(&hook.argv[1..])
@@ -120,71 +123,27 @@ async fn run_one(run: &Run<'_>, hook: &Hook, index: usize) -> Result<(), HookErr
         .current_dir(run.release_dir.unwrap_or(Path::new("/")))
         .stdin(Stdio::null())
         .stdout(writer)
-        .stderr(writer_for_stderr)
-        .process_group(0);
-    let identity = run.identity.clone();
-    // Read before the fork: the closure below must not call into the C library's internals.
-    let sigrtmax = libc::SIGRTMAX();
-    // SAFETY (whole closure): only async-signal-safe libc calls on values prepared before the fork;
-    // nothing is allocated.
-    let pre_exec = move || -> io::Result<()> {
-        unsafe {
-            // Ignored dispositions and the signal mask survive exec; a hook starts with the defaults.
-            let mut default: libc::sigaction = std::mem::zeroed();
-            default.sa_sigaction = libc::SIG_DFL;
-            for signum in 1..=sigrtmax {
-                if signum != libc::SIGKILL && signum != libc::SIGSTOP {
-                    // EINVAL for the signals glibc reserves is expected and harmless.
-                    libc::sigaction(signum, &default, std::ptr::null_mut());
-                }
-            }
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            check(libc::sigprocmask(
-                libc::SIG_SETMASK,
-                &empty,
-                std::ptr::null_mut(),
-            ))?;
-            // Groups, then gid, then uid: each step needs the privilege the next one drops. std's
-            // uid()/gid() would drop the supplementary groups instead of setting them.
-            if let Some(id) = &identity {
-                check(libc::setgroups(id.groups.len(), id.groups.as_ptr()))?;
-                check(libc::setgid(id.gid))?;
-                check(libc::setuid(id.uid))?;
-            }
-        }
-        Ok(())
-    };
-    // SAFETY: see the closure.
-    unsafe { command.pre_exec(pre_exec) };
-    let spawned = command.spawn();
+        .stderr(writer_for_stderr);
+    process::confine(&mut command, run.identity.as_ref());
+    let spawned = GroupChild::spawn(&mut command);
     // The command holds the parent's copies of the pipe's write end; the output only reaches end of
     // file once they are closed.
     drop(command);
-    let child = spawned.map_err(|e| spawn_error(format!("{program}: {e}")))?;
-    let pgid = child.id() as libc::pid_t;
-    let group = Arc::new(Group {
-        pgid,
-        reaped: Mutex::new(false),
-    });
-    // If this future is dropped (the deploy was cancelled), the hook must not run on.
-    let _kill_on_drop = KillOnDrop(Arc::clone(&group));
+    // If this future is dropped (the deploy was cancelled), the hook must not run on: dropping
+    // the child kills its group.
+    let mut child = spawned.map_err(|e| spawn_error(format!("{program}: {e}")))?;
+    let pgid = child.pgid();
 
     let (exited, exited_rx) = oneshot::channel();
     let output = tokio::spawn(output::pump(pipe, log, exited_rx));
-    let mut waiter = tokio::task::spawn_blocking({
-        let group = Arc::clone(&group);
-        move || wait_and_reap(child, &group)
-    });
     let timeout = Duration::from_millis(run.timeout_ms);
-    let (status, timed_out) = match tokio::time::timeout(timeout, &mut waiter).await {
-        Ok(joined) => (joined, false),
+    let (status, timed_out) = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(status) => (status, false),
         Err(_) => {
-            group.kill();
-            (waiter.await, true)
+            child.kill();
+            (child.wait().await, true)
         }
     };
-    let status = status.unwrap_or_else(|e| Err(io::Error::other(e)));
     let _ = exited.send(());
     let Captured { tail, log_error } = output.await.unwrap_or_default();
     let output_tail = tail.text();
@@ -251,73 +210,6 @@ fn home_of(uid: u32) -> String {
         }
         let dir = CStr::from_ptr(entry.pw_dir).to_string_lossy().into_owned();
         if dir.is_empty() { "/".to_owned() } else { dir }
-    }
-}
-
-/// The process group of a running hook; its id is the leader's pid.
-struct Group {
-    pgid: libc::pid_t,
-    /// Set once the leader is reaped. Until then its pid, and so the group id, cannot be reused, which
-    /// is what makes `kill(-pgid)` safe; the lock keeps a kill and the reaping apart.
-    reaped: Mutex<bool>,
-}
-
-impl Group {
-    /// SIGKILL to every process of the group, unless the leader was already reaped.
-    fn kill(&self) {
-        let reaped = self.reaped.lock().unwrap_or_else(PoisonError::into_inner);
-        if !*reaped {
-            // SAFETY: plain syscall. ESRCH (nothing left in the group) is fine.
-            unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
-        }
-    }
-}
-
-struct KillOnDrop(Arc<Group>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        self.0.kill();
-    }
-}
-
-/// Waits for the leader to exit without reaping it, kills what it left in its group, then reaps it.
-/// Blocking: runs on tokio's blocking pool.
-fn wait_and_reap(mut child: std::process::Child, group: &Group) -> io::Result<ExitStatus> {
-    loop {
-        // SAFETY: a zeroed siginfo_t is a valid out-parameter.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: plain syscall on our own child.
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                group.pgid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
-        if rc == 0 {
-            break;
-        }
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::Interrupted {
-            // Someone else reaped it (ECHILD): the id may be reused, so never kill it again.
-            *group.reaped.lock().unwrap_or_else(PoisonError::into_inner) = true;
-            return Err(error);
-        }
-    }
-    group.kill();
-    let mut reaped = group.reaped.lock().unwrap_or_else(PoisonError::into_inner);
-    let status = child.wait();
-    *reaped = true;
-    status
-}
-
-fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
 

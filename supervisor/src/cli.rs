@@ -114,7 +114,8 @@ pub enum Command {
         service: String,
         max_hosts_restarting: u32,
     },
-    /// Publish a service configuration, as JSON with the schema of a service file (ZooKeeper).
+    /// Publish a service's config node (ZooKeeper): a JSON object of the service-file keys each
+    /// host lets it set (`coordination.config_node_keys`), overriding the hosts' local files.
     PushConfig { service: String, file: PathBuf },
     /// A live view of a service across hosts (ZooKeeper); Ctrl-C ends it.
     Watch {
@@ -185,7 +186,12 @@ async fn dispatch(cli: Cli) -> i32 {
                 }
             }
         },
-        Command::CheckConfig => match config::load_services(&host.services_dir) {
+        Command::CheckConfig => match config::load_services(&host.services_dir)
+            .map_err(|e| e.to_string())
+            .and_then(|services| {
+                crate::spec::check_identities(&host, &services)?;
+                Ok(services)
+            }) {
             Ok(services) => {
                 println!(
                     "{}: ok, {} service(s): {}",
@@ -227,13 +233,25 @@ async fn run(host: HostConfig) -> i32 {
         default_hook(info);
         std::process::exit(exit::PANIC);
     }));
-    let services = match config::load_services(&host.services_dir) {
+    let services = match config::load_services(&host.services_dir)
+        .map_err(|e| e.to_string())
+        .and_then(|services| {
+            crate::spec::check_identities(&host, &services)?;
+            Ok(services)
+        }) {
         Ok(services) => services,
         Err(e) => {
             eprintln!("sluice: {e}");
             return exit::CONFIG;
         }
     };
+    if host.coordination.backend == config::Backend::Zookeeper
+        && let Some(path) = &host.coordination.digest_file
+        && let Err(e) = crate::daemon::check_digest_file(path)
+    {
+        eprintln!("sluice: {e}");
+        return exit::CONFIG;
+    }
     let result = async {
         let shim_binary = match &host.shim_path {
             Some(path) => path.clone(),

@@ -63,6 +63,10 @@ pub struct HostConfig {
     /// Which iptables implementation steers: `auto` (the system's `iptables-restore`), `nft`, `legacy`.
     #[serde(default)]
     pub iptables: IptablesVariant,
+    /// Whether anything (instance, hook, `exec` probe) may run as root: a service that sets no
+    /// `user`, or `user = "root"`, is a configuration error naming it unless this is true.
+    #[serde(default)]
+    pub allow_root: bool,
     #[serde(default)]
     pub coordination: CoordinationConfig,
 }
@@ -109,6 +113,46 @@ pub struct CoordinationConfig {
     /// With the `local` backend: whether this host takes `deploy --canary` builds.
     #[serde(default)]
     pub canary: bool,
+    /// The service-file keys a ZooKeeper config node may set on this host (dotted, e.g.
+    /// `health.timeout_ms`; a table such as `restart` grants every key under it). A node that sets
+    /// any other key is refused whole.
+    #[serde(default = "default_config_node_keys")]
+    pub config_node_keys: Vec<String>,
+}
+
+/// What a ZooKeeper config node may set by default: the operational keys (instance count,
+/// restart, drain and health timings, warm-up), never what decides which program runs, as whom,
+/// with which environment, or which files root touches for it.
+pub const DEFAULT_CONFIG_NODE_KEYS: &[&str] = &[
+    "instances",
+    "stop_grace_ms",
+    "startup_ms",
+    "start_retries",
+    "backoff_initial_ms",
+    "backoff_max_ms",
+    "restart",
+    "health.expect_status",
+    "health.timeout_ms",
+    "health.interval_ms",
+    "health.start_timeout_ms",
+    "health.liveness_interval_ms",
+    "health.liveness_failures",
+    "warmup.requests",
+    "warmup.count",
+    "warmup.duration_ms",
+    "warmup.until_stable_pct",
+    "warmup.window",
+    "warmup.max_duration_ms",
+    "warmup.concurrency",
+    "warmup.timeout_ms",
+    "warmup.max_errors",
+];
+
+fn default_config_node_keys() -> Vec<String> {
+    DEFAULT_CONFIG_NODE_KEYS
+        .iter()
+        .map(|k| (*k).to_owned())
+        .collect()
 }
 
 fn default_session_timeout_ms() -> u64 {
@@ -124,6 +168,7 @@ impl Default for CoordinationConfig {
             digest_file: None,
             session_timeout_ms: default_session_timeout_ms(),
             canary: false,
+            config_node_keys: default_config_node_keys(),
         }
     }
 }
@@ -170,6 +215,7 @@ impl Default for HostConfig {
             services_dir: default_services_dir(),
             shim_path: None,
             iptables: IptablesVariant::default(),
+            allow_root: false,
             coordination: CoordinationConfig::default(),
         }
     }
@@ -823,13 +869,52 @@ impl ServiceConfig {
         Ok(config)
     }
 
-    /// Parses and validates a configuration node from ZooKeeper (JSON, the same schema as a file).
-    pub fn from_json(text: &str) -> Result<ServiceConfig, String> {
-        let config: ServiceConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    /// Applies a ZooKeeper config node to this service file (the base): the node is a JSON object
+    /// of service-file keys that override the file's. Every key it sets must be one of `granted`
+    /// (the host file's `coordination.config_node_keys`), else the whole node is refused naming
+    /// the first key that is not; a granted table (`restart`) grants every key under it. Nested
+    /// objects merge key by key, so `{"health": {"timeout_ms": 500}}` keeps the file's other
+    /// health keys. The result is validated like a file.
+    pub fn with_config_node(
+        &self,
+        node: &str,
+        granted: &[String],
+    ) -> Result<ServiceConfig, String> {
+        let merged = self.merge_config_node(node, granted)?;
+        // serde and the checks quote values, and these came from ZooKeeper: bounded.
+        let config: ServiceConfig = serde_json::from_value(merged)
+            .map_err(|e| crate::clip::clip(&e.to_string()).into_owned())?;
         config
             .validate()
-            .map_err(|(key, message)| format!("key `{key}`: {message}"))?;
+            .map_err(|(key, message)| format!("key `{key}`: {}", crate::clip::clip(&message)))?;
         Ok(config)
+    }
+
+    /// The base as JSON with the node's keys merged in, after checking that each is granted.
+    fn merge_config_node(
+        &self,
+        node: &str,
+        granted: &[String],
+    ) -> Result<serde_json::Value, String> {
+        let overrides: serde_json::Value = serde_json::from_str(node)
+            .map_err(|e| format!("not JSON: {}", crate::clip::clip(&e.to_string())))?;
+        let serde_json::Value::Object(overrides) = overrides else {
+            return Err("must be a JSON object of service-file keys".into());
+        };
+        check_granted("", &overrides, granted)?;
+        let mut base = serde_json::to_value(self).expect("a service configuration serializes");
+        merge_json(&mut base, serde_json::Value::Object(overrides));
+        Ok(base)
+    }
+
+    /// What `sluice push-config` can check without a host's service file: the node is a JSON
+    /// object, sets only keys `granted` allows, and its values have the right types.
+    pub fn check_config_node(node: &str, granted: &[String]) -> Result<(), String> {
+        let base = ServiceConfig::with_command(vec!["true".into()]);
+        let merged = base.merge_config_node(node, granted)?;
+        serde_json::from_value::<ServiceConfig>(merged)
+            .map(drop)
+            .map_err(|e| crate::clip::clip(&e.to_string()).into_owned())
     }
 
     /// Checks what serde cannot: ranges, placeholders, octal strings. Returns the key at fault.
@@ -1068,6 +1153,54 @@ impl ServiceConfig {
 
     pub fn port(&self, index: u32) -> Option<u16> {
         self.port_base.map(|base| base + index as u16)
+    }
+}
+
+/// Refuses the first key of a config node that no granted key covers. A key is covered when it
+/// is granted or lies under a granted table; an object is looked into only when some granted key
+/// lies under it, so `env` is named whole rather than by one of its variables.
+fn check_granted(
+    prefix: &str,
+    node: &serde_json::Map<String, serde_json::Value>,
+    granted: &[String],
+) -> Result<(), String> {
+    for (name, value) in node {
+        let key = format!("{prefix}{name}");
+        let covered = granted
+            .iter()
+            .any(|g| *g == key || key.starts_with(&format!("{g}.")));
+        if covered {
+            continue;
+        }
+        let inner = format!("{key}.");
+        if let serde_json::Value::Object(map) = value
+            && granted.iter().any(|g| g.starts_with(&inner))
+        {
+            check_granted(&inner, map, granted)?;
+            continue;
+        }
+        return Err(format!(
+            "key `{}` may not be set by a config node on this host (the host file's `coordination.config_node_keys` does not grant it)",
+            crate::clip::clip(&key)
+        ));
+    }
+    Ok(())
+}
+
+/// Merges `overrides` into `base`: objects key by key, anything else replaced.
+fn merge_json(base: &mut serde_json::Value, overrides: serde_json::Value) {
+    match (base, overrides) {
+        (serde_json::Value::Object(base), serde_json::Value::Object(overrides)) => {
+            for (key, value) in overrides {
+                match base.get_mut(&key) {
+                    Some(slot) => merge_json(slot, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (slot, value) => *slot = value,
     }
 }
 
@@ -1476,6 +1609,80 @@ stop_grace_ms = 5000
         assert_eq!(Signal::parse("9"), Some(Signal(9)));
         assert_eq!(Signal::parse("0"), None);
         assert_eq!(Signal::parse("NOPE"), None);
+    }
+
+    /// A config node overrides only granted keys of the local file; anything else refuses the
+    /// whole node, naming the key (clipped).
+    #[test]
+    fn config_nodes_set_only_granted_keys() {
+        let base = parse(
+            "command = [\"/bin/web\"]\nuser = \"web\"\nport_base = 9100\n[health]\nhttp = \"/h\"\ntimeout_ms = 900\n",
+        )
+        .unwrap();
+        let granted = default_config_node_keys();
+        let applied = base
+            .with_config_node(
+                r#"{"instances": 3, "health": {"timeout_ms": 500}, "restart": {"drain_timeout_ms": 1}}"#,
+                &granted,
+            )
+            .unwrap();
+        assert_eq!(applied.instances, 3);
+        assert_eq!(applied.restart.drain_timeout_ms, 1);
+        let health = applied.health.as_ref().unwrap();
+        assert_eq!(health.timeout_ms, 500);
+        assert_eq!(
+            health.http.as_deref(),
+            Some("/h"),
+            "the file's other keys stay"
+        );
+        assert_eq!(applied.command, base.command);
+        assert_eq!(applied.user, base.user);
+
+        for (node, key) in [
+            (r#"{"command": ["/bin/sh"]}"#, "command"),
+            (r#"{"instances": 2, "user": "root"}"#, "user"),
+            (r#"{"user": null}"#, "user"),
+            (r#"{"group": "root"}"#, "group"),
+            (r#"{"env": {"LD_PRELOAD": "/tmp/x.so"}}"#, "env"),
+            (r#"{"directory": "/"}"#, "directory"),
+            (r#"{"hooks": {"pre_restart": [["/bin/sh"]]}}"#, "hooks"),
+            (r#"{"health": {"exec": ["/bin/sh"]}}"#, "health.exec"),
+            (r#"{"health": null}"#, "health"),
+            (r#"{"log": {"dir": "/etc"}}"#, "log"),
+            (r#"{"build": {"source": "file:///x/{build}"}}"#, "build"),
+            (r#"{"warmup": {"file": "/etc/shadow"}}"#, "warmup.file"),
+        ] {
+            let err = base.with_config_node(node, &granted).unwrap_err();
+            assert!(
+                err.starts_with(&format!("key `{key}` may not be set by a config node")),
+                "{node}: {err}"
+            );
+        }
+        let long = format!(r#"{{"{}": 1}}"#, "k".repeat(10_000));
+        let err = base.with_config_node(&long, &granted).unwrap_err();
+        assert!(err.len() < 500, "the key is clipped: {} bytes", err.len());
+        let long = format!(r#"{{"instances": "{}"}}"#, "v".repeat(10_000));
+        let err = base.with_config_node(&long, &granted).unwrap_err();
+        assert!(err.len() < 500, "the value is clipped: {} bytes", err.len());
+        assert!(base.with_config_node("[1]", &granted).is_err());
+        assert!(
+            base.with_config_node("{bad", &granted)
+                .unwrap_err()
+                .starts_with("not JSON")
+        );
+        let err = base
+            .with_config_node(r#"{"instances": 0}"#, &granted)
+            .unwrap_err();
+        assert!(err.contains("key `instances`"), "{err}");
+        // A host may grant more, down to one variable.
+        let mut more = granted.clone();
+        more.push("env.LANG".into());
+        let applied = base
+            .with_config_node(r#"{"env": {"LANG": "C.UTF-8"}}"#, &more)
+            .unwrap();
+        assert_eq!(applied.env["LANG"], "C.UTF-8");
+        assert!(ServiceConfig::check_config_node(r#"{"instances": "x"}"#, &granted).is_err());
+        assert!(ServiceConfig::check_config_node(r#"{"instances": 2}"#, &granted).is_ok());
     }
 
     /// Every key of the host and service files is documented in docs/config.md, and nothing more.

@@ -73,9 +73,12 @@ pub enum Request {
 pub type Requests = mpsc::Sender<Request>;
 
 struct Entry {
+    /// The configuration in force: the service file with the config node's granted keys applied.
     config: ServiceConfig,
-    /// The configuration from ZooKeeper's config node, which wins over the file while it exists.
-    from_zookeeper: Option<ServiceConfig>,
+    /// The service file as last loaded: the base that a config node overrides.
+    file: ServiceConfig,
+    /// The text of ZooKeeper's config node, while one exists; applied again after each reload.
+    node: Option<String>,
     handle: ServiceHandle,
 }
 
@@ -107,7 +110,12 @@ pub async fn run(
         config::Backend::Zookeeper => {
             let digest = match &host.coordination.digest_file {
                 Some(path) => Some(read_digest(path)?),
-                None => None,
+                None => {
+                    tracing::warn!(
+                        "no `coordination.digest_file`: the fleet's zookeeper nodes (configs, enabled builds, roles) are writable by anyone who reaches zookeeper"
+                    );
+                    None
+                }
             };
             let zk_config = crate::coord::ZkConfig {
                 connect: host
@@ -172,8 +180,9 @@ pub async fn run(
         daemon.services.insert(
             name,
             Entry {
+                file: config.clone(),
                 config,
-                from_zookeeper: None,
+                node: None,
                 handle,
             },
         );
@@ -335,6 +344,8 @@ impl Daemon {
     async fn reload(&mut self) -> Result<String, String> {
         let services = config::load_services(&self.ctx.host.services_dir)
             .map_err(|e| format!("{INVALID_CONFIG}: {e}"))?;
+        crate::spec::check_identities(&self.ctx.host, &services)
+            .map_err(|e| format!("{INVALID_CONFIG}: {e}"))?;
         let mut summary = Vec::new();
         let removed: Vec<String> = self
             .services
@@ -350,8 +361,25 @@ impl Daemon {
         for (name, file_config) in services {
             match self.services.get_mut(&name) {
                 Some(entry) => {
-                    // ZooKeeper's config node wins over the file while it exists.
-                    let config = entry.from_zookeeper.clone().unwrap_or(file_config);
+                    // The config node's keys are applied again onto the new file. Should they no
+                    // longer fit it, the file is what the local operator just asked for.
+                    entry.file = file_config.clone();
+                    let config = match &entry.node {
+                        None => file_config,
+                        Some(node) => {
+                            match Self::apply_node_to(&self.ctx.host, &name, &file_config, node) {
+                                Ok(config) => {
+                                    entry.handle.config_error(None).await;
+                                    config
+                                }
+                                Err(message) => {
+                                    tracing::error!("{message}");
+                                    entry.handle.config_error(Some(message)).await;
+                                    file_config
+                                }
+                            }
+                        }
+                    };
                     if entry.config != config {
                         entry.config = config.clone();
                         summary.push(entry.handle.reconfigure(config).await?);
@@ -368,8 +396,9 @@ impl Daemon {
                     self.services.insert(
                         name,
                         Entry {
+                            file: file_config.clone(),
                             config: file_config,
-                            from_zookeeper: None,
+                            node: None,
                             handle,
                         },
                     );
@@ -395,10 +424,15 @@ impl Daemon {
                 let Some(entry) = self.services.get_mut(&name) else {
                     return;
                 };
-                match view.config.as_deref().map(ServiceConfig::from_json) {
-                    Some(Ok(config)) => {
+                let node = view.config.clone();
+                let config = match &node {
+                    None => Ok(entry.file.clone()),
+                    Some(text) => Self::apply_node_to(&self.ctx.host, &name, &entry.file, text),
+                };
+                match config {
+                    Ok(config) => {
                         entry.handle.config_error(None).await;
-                        entry.from_zookeeper = Some(config.clone());
+                        entry.node = node;
                         if entry.config != config {
                             entry.config = config.clone();
                             match entry.handle.reconfigure(config).await {
@@ -407,14 +441,12 @@ impl Daemon {
                             }
                         }
                     }
-                    Some(Err(e)) => {
-                        let message = format!(
-                            "/services/{name}/config is invalid, the last good configuration keeps running: {e}"
-                        );
+                    Err(message) => {
+                        // Refused whole: the last good configuration (and the node it came
+                        // from, for the next reload) stays.
                         tracing::error!("{message}");
                         entry.handle.config_error(Some(message)).await;
                     }
-                    None => entry.from_zookeeper = None,
                 }
                 entry
                     .handle
@@ -426,6 +458,7 @@ impl Daemon {
                 for entry in self.services.values() {
                     entry.handle.connection(true).await;
                 }
+                self.check_acls();
             }
             CoordEvent::Disconnected | CoordEvent::Expired => {
                 tracing::warn!("zookeeper is away; serving instances are left alone");
@@ -434,6 +467,56 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// With a digest, every (re)connect reads the ACLs of the nodes each service obeys and
+    /// reports in its status the ones that anyone may write. Without one they all are, which
+    /// `run` says once at start-up.
+    fn check_acls(&self) {
+        let Some(zk) = self.ctx.coord.clone() else {
+            return;
+        };
+        if self.ctx.host.coordination.digest_file.is_none() {
+            return;
+        }
+        for (name, entry) in &self.services {
+            let (zk, name, handle) = (zk.clone(), name.clone(), entry.handle.clone());
+            tokio::spawn(async move {
+                match zk.world_writable(&name).await {
+                    Ok(nodes) => {
+                        if !nodes.is_empty() {
+                            tracing::warn!(
+                                service = %name,
+                                "zookeeper nodes that anyone may write steer this service: {}",
+                                nodes.join(", ")
+                            );
+                        }
+                        handle.world_writable(nodes).await;
+                    }
+                    Err(e) => tracing::warn!(service = %name, "reading zookeeper acls: {e}"),
+                }
+            });
+        }
+    }
+
+    /// The service file with a config node applied, checked like a file (identity included); the
+    /// error names the node and says that the last good configuration keeps running.
+    fn apply_node_to(
+        host: &HostConfig,
+        name: &str,
+        file: &ServiceConfig,
+        node: &str,
+    ) -> Result<ServiceConfig, String> {
+        file.with_config_node(node, &host.coordination.config_node_keys)
+            .and_then(|config| {
+                crate::spec::identity(host, name, &config)?;
+                Ok(config)
+            })
+            .map_err(|e| {
+                format!(
+                    "/services/{name}/config is refused, the last good configuration keeps running: {e}"
+                )
+            })
     }
 
     /// Stops every service, in the reverse of start order, each completely before the next.
@@ -466,6 +549,31 @@ async fn next_coord_event(
 }
 
 /// Reads `user:password` for ZooKeeper's digest authentication.
+/// Refuses a digest file that anyone but its owner may read, or that the daemon's user does not
+/// own (root, under systemd): the password in it is write access to the whole fleet.
+pub fn check_digest_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("the digest file {}: {e}", path.display()))?;
+    let owner = nix::unistd::geteuid().as_raw();
+    if meta.uid() != owner {
+        return Err(format!(
+            "the digest file {} is owned by uid {}, not by uid {owner} that runs sluice: it would let that user write the fleet's zookeeper nodes",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "the digest file {} has mode {mode:04o}: others may read its password; make it 0600 (`chmod 600 {}`)",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 pub fn read_digest(path: &Path) -> anyhow::Result<(String, String)> {
     use anyhow::Context as _;
     let text = std::fs::read_to_string(path)

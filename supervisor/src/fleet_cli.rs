@@ -120,7 +120,8 @@ pub async fn main(host: &HostConfig, verb: Command) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             // Refuse here what every host would refuse: the fleet keeps its configuration.
-            ServiceConfig::from_json(&text)
+            // Checked against this host file's `config_node_keys`; every host checks against its own.
+            ServiceConfig::check_config_node(&text, &host.coordination.config_node_keys)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             fleet.set_config(&service, &text).await?;
             println!("{service}: configuration published");

@@ -1,7 +1,14 @@
 //! Health probes of one instance: `http` (a GET on the instance port answering the expected
 //! status), `tcp` (the port accepts a connection) or `exec` (a command exits 0), each bounded by
 //! `timeout_ms`; and the readiness wait that repeats a probe until it passes or time runs out.
+//!
+//! An `exec` probe runs like its instance: as the service's user, with the instance's environment
+//! (plus `PATH` `/usr/local/bin:/usr/bin:/bin` when that sets none) and in its working directory,
+//! never with the daemon's environment or directory. It leads a process group of its own, and
+//! the whole group is killed when the probe times out or exits, so nothing it started runs on.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,7 +24,22 @@ pub struct Probe {
     pub port: Option<u16>,
     /// The `exec` command after substitution.
     pub argv: Option<Vec<String>>,
+    /// Who and where an `exec` probe runs, or why that cannot be worked out (an unresolvable
+    /// user, for one): then the probe fails with that reason and runs nothing.
+    pub exec_as: Result<ExecContext, String>,
 }
+
+/// The identity, environment and working directory of an `exec` probe: its instance's.
+#[derive(Debug, Clone)]
+pub struct ExecContext {
+    /// `None`: as the daemon (only when the daemon is not root, or root is allowed).
+    pub identity: Option<sluice_hooks::Identity>,
+    pub env: BTreeMap<String, String>,
+    pub directory: PathBuf,
+}
+
+/// Bytes of an `exec` probe's stderr kept for its error message.
+const EXEC_STDERR_TAIL_BYTES: usize = 200;
 
 impl Probe {
     /// One probe; `Err` says what failed.
@@ -38,7 +60,8 @@ impl Probe {
                     .map(drop)
                     .map_err(|e| format!("connect to port {port}: {e}"))
             } else if let Some(argv) = &self.argv {
-                exec(argv).await
+                let context = self.exec_as.as_ref().map_err(Clone::clone)?;
+                exec(argv, context).await
             } else {
                 Ok(())
             }
@@ -99,31 +122,55 @@ async fn http(port: u16, path: &str, expect: u16) -> Result<(), String> {
     }
 }
 
-async fn exec(argv: &[String]) -> Result<(), String> {
-    let output = tokio::process::Command::new(&argv[0])
+/// Runs an `exec` probe to its end. When the caller's timeout drops this future, dropping the
+/// child kills its whole process group.
+async fn exec(argv: &[String], context: &ExecContext) -> Result<(), String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut env = context.env.clone();
+    env.entry("PATH".to_owned())
+        .or_insert_with(|| sluice_hooks::DEFAULT_PATH.to_owned());
+    let (reader, writer) = std::io::pipe().map_err(|e| format!("{}: stderr pipe: {e}", argv[0]))?;
+    let mut stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(reader.into())
+        .map_err(|e| format!("{}: stderr pipe: {e}", argv[0]))?;
+    let mut command = std::process::Command::new(&argv[0]);
+    command
         .args(&argv[1..])
+        .env_clear()
+        .envs(&env)
+        .current_dir(&context.directory)
         .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| format!("{}: {e}", argv[0]))?;
-    if output.status.success() {
+        .stdout(std::process::Stdio::null())
+        .stderr(writer);
+    sluice_hooks::process::confine(&mut command, context.identity.as_ref());
+    let spawned = sluice_hooks::process::GroupChild::spawn(&mut command);
+    // The write end must be closed here, or the pipe never reaches end of file.
+    drop(command);
+    let mut child = spawned.map_err(|e| format!("{}: {e}", argv[0]))?;
+    let read_tail = async {
+        let mut tail = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            match stderr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    tail.extend_from_slice(&buf[..n]);
+                    let excess = tail.len().saturating_sub(EXEC_STDERR_TAIL_BYTES);
+                    tail.drain(..excess);
+                }
+            }
+        }
+        tail
+    };
+    let (status, tail) = tokio::join!(child.wait(), read_tail);
+    let status = status.map_err(|e| format!("{}: {e}", argv[0]))?;
+    if status.success() {
         return Ok(());
     }
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let tail: String = stderr
-        .trim()
-        .chars()
-        .rev()
-        .take(200)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
+    let stderr = String::from_utf8_lossy(&tail);
     Err(format!(
-        "{} exited with {}: {tail}",
-        argv.join(" "),
-        output.status
+        "{} exited with {status}: {}",
+        crate::clip::clip(&argv.join(" ")),
+        stderr.trim()
     ))
 }
 
@@ -134,7 +181,16 @@ mod tests {
     fn probe(toml: &str, port: Option<u16>) -> Probe {
         let config: HealthConfig = toml::from_str(toml).unwrap();
         let argv = config.exec.clone();
-        Probe { config, port, argv }
+        Probe {
+            config,
+            port,
+            argv,
+            exec_as: Ok(ExecContext {
+                identity: None,
+                env: BTreeMap::new(),
+                directory: "/".into(),
+            }),
+        }
     }
 
     #[tokio::test]

@@ -79,6 +79,8 @@ enum Request {
     Connection(bool),
     /// The configuration node is bad (`Some`) or good again (`None`).
     ConfigError(Option<String>),
+    /// ZooKeeper nodes this service obeys that the world may write (read after each connect).
+    WorldWritable(Vec<String>),
     /// `sluice deploy`, `promote`, `rollback` on the local backend.
     Local {
         verb: LocalVerb,
@@ -136,6 +138,10 @@ impl ServiceHandle {
 
     pub async fn config_error(&self, error: Option<String>) {
         let _ = self.tx.send(Request::ConfigError(error)).await;
+    }
+
+    pub async fn world_writable(&self, nodes: Vec<String>) {
+        let _ = self.tx.send(Request::WorldWritable(nodes)).await;
     }
 
     pub async fn local(&self, verb: LocalVerb) -> Result<String, String> {
@@ -222,6 +228,9 @@ pub struct ServiceStatus {
     pub deploy_error: Option<String>,
     /// A bad configuration node in ZooKeeper; the last good configuration runs.
     pub config_error: Option<String>,
+    /// ZooKeeper nodes this service obeys whose ACL lets anyone write them (checked with a
+    /// `digest_file`, after each connect): whoever reaches ZooKeeper can steer this service.
+    pub world_writable_nodes: Vec<String>,
 }
 
 /// Where one instance is in its life.
@@ -609,10 +618,32 @@ impl Service {
                 .map(|a| subst.apply(a).unwrap_or_else(|_| a.clone()))
                 .collect()
         });
+        // The instance's own identity, environment and directory; a spec that cannot be built
+        // (an unresolvable user) fails the probe naming why, and runs nothing.
+        let exec_as = match config.exec {
+            None => Err("not an exec probe".to_owned()),
+            Some(_) => self.spec(index, Version::New),
+        }
+        .map(|spec| {
+            let identity = match (spec.uid, spec.gid) {
+                (Some(uid), Some(gid)) => Some(sluice_hooks::Identity {
+                    uid,
+                    gid,
+                    groups: spec.groups.unwrap_or_default(),
+                }),
+                _ => None,
+            };
+            crate::health::ExecContext {
+                identity,
+                env: spec.env,
+                directory: spec.directory,
+            }
+        });
         Some(Probe {
             config,
             port: self.config.port(index),
             argv,
+            exec_as,
         })
     }
 
@@ -774,6 +805,7 @@ impl Service {
             Request::Desired { build } => self.set_desired(build),
             Request::Connection(connected) => self.set_connected(connected),
             Request::ConfigError(error) => self.coord.config_error = error,
+            Request::WorldWritable(nodes) => self.coord.world_writable = nodes,
             Request::Local { verb, reply } => {
                 let _ = reply.send(self.local_deploy(verb));
             }
@@ -1482,6 +1514,7 @@ impl Service {
             deploy: self.coord.deploy.clone(),
             deploy_error: self.coord.last_error.clone(),
             config_error: self.coord.config_error.clone(),
+            world_writable_nodes: self.coord.world_writable.clone(),
         }
     }
 }

@@ -63,7 +63,7 @@ impl InstanceSpec {
             Some(d) => PathBuf::from(subst.apply(d)?),
             None => PathBuf::from("/"),
         };
-        let (uid, gid, groups) = identity(service, config)?;
+        let identity = identity(host, service, config)?;
         let log_dir = config
             .log
             .dir
@@ -75,9 +75,9 @@ impl InstanceSpec {
             argv,
             env,
             directory,
-            uid,
-            gid,
-            groups,
+            uid: identity.as_ref().map(|i| i.uid),
+            gid: identity.as_ref().map(|i| i.gid),
+            groups: identity.map(|i| i.groups),
             umask: config.umask.as_deref().and_then(parse_umask),
             nofile: config.nofile,
             stdout_log: log_dir.join(format!("{service}-{index}.stdout.log")),
@@ -117,17 +117,52 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-pub type Identity = (Option<u32>, Option<u32>, Option<Vec<u32>>);
+/// Who an instance, a hook or an `exec` probe of a service runs as; `None`: as the daemon itself
+/// (a daemon that is not root, or a root daemon whose host allows root for a service without
+/// `user`).
+pub type Identity = Option<sluice_hooks::Identity>;
 
-/// uid, gid and supplementary groups for the configured user; all `None` when no user is set.
-pub fn identity(service: &str, config: &ServiceConfig) -> Result<Identity, String> {
+/// Resolves the service's `user` (and `group`, `groups`) and applies the host's `allow_root`. A
+/// user or group that does not exist is an error naming it; nothing ever falls back to root.
+/// Without `user`, a root daemon runs the service as root only when the host allows root; a
+/// daemon that is not root runs it as itself.
+pub fn identity(
+    host: &HostConfig,
+    service: &str,
+    config: &ServiceConfig,
+) -> Result<Identity, String> {
+    let daemon_uid = nix::unistd::geteuid().as_raw();
+    resolve_identity(host.allow_root, daemon_uid, service, config)
+}
+
+fn resolve_identity(
+    allow_root: bool,
+    daemon_uid: u32,
+    service: &str,
+    config: &ServiceConfig,
+) -> Result<Identity, String> {
     use nix::unistd::{Group, User};
     let Some(user_name) = &config.user else {
-        return Ok((None, None, None));
+        if daemon_uid != 0 {
+            return Ok(None);
+        }
+        if !allow_root {
+            return Err(format!(
+                "service {service} sets no `user`, so it would run as root, and the host file does not set `allow_root = true`"
+            ));
+        }
+        // As the daemon, root: the same launch spec (and tag) as before `allow_root` existed,
+        // so hosts that allow root restart nothing when they upgrade.
+        return Ok(None);
     };
     let user = User::from_name(user_name)
         .map_err(|e| format!("service {service}: cannot look up user `{user_name}`: {e}"))?
         .ok_or_else(|| format!("service {service}: no user named `{user_name}`"))?;
+    if user.uid.is_root() && !allow_root {
+        return Err(format!(
+            "service {service}: user `{user_name}` is root, and the host file does not set `allow_root = true`"
+        ));
+    }
     let group_id = |name: &str| -> Result<u32, String> {
         Group::from_name(name)
             .map_err(|e| format!("service {service}: cannot look up group `{name}`: {e}"))?
@@ -155,7 +190,23 @@ pub fn identity(service: &str, config: &ServiceConfig) -> Result<Identity, Strin
                 .collect()
         }
     };
-    Ok((Some(user.uid.as_raw()), Some(gid), Some(groups)))
+    Ok(Some(sluice_hooks::Identity {
+        uid: user.uid.as_raw(),
+        gid,
+        groups,
+    }))
+}
+
+/// Checks every service's identity, so that `sluice run`, `sluice reload` and `check-config`
+/// refuse a service that cannot run as configured before anything starts.
+pub fn check_identities(
+    host: &HostConfig,
+    services: &crate::config::Services,
+) -> Result<(), String> {
+    for (name, config) in services {
+        identity(host, name, config)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -166,6 +217,7 @@ mod tests {
     fn builds_argv_env_and_logs() {
         let host = HostConfig {
             data_dir: "/var/lib/sluice".into(),
+            allow_root: true,
             ..HostConfig::default()
         };
         let mut c =
@@ -199,5 +251,55 @@ mod tests {
         c.user = Some("no-such-user-here".into());
         let err = InstanceSpec::build(&host, "web", &c, 0, None).unwrap_err();
         assert!(err.contains("no user named `no-such-user-here`"), "{err}");
+    }
+
+    /// The identity matrix without processes: {no user, unknown, nobody, root} × root allowed or
+    /// not × a root daemon or not. Nothing unresolvable or disallowed becomes root.
+    #[test]
+    fn identity_follows_user_and_allow_root() {
+        let with_user = |user: Option<&str>| {
+            let mut c = ServiceConfig::with_command(vec!["x".into()]);
+            c.user = user.map(str::to_owned);
+            c
+        };
+        let uid_of = |r: Result<Identity, String>| r.map(|i| i.map(|i| i.uid));
+        for allow_root in [false, true] {
+            // A daemon that is not root runs a service without `user` as itself.
+            assert_eq!(
+                uid_of(resolve_identity(allow_root, 1000, "web", &with_user(None))),
+                Ok(None)
+            );
+            let err = resolve_identity(allow_root, 0, "web", &with_user(Some("no-such-user-x")))
+                .unwrap_err();
+            assert_eq!(err, "service web: no user named `no-such-user-x`");
+            assert_eq!(
+                uid_of(resolve_identity(
+                    allow_root,
+                    0,
+                    "web",
+                    &with_user(Some("nobody"))
+                )),
+                Ok(Some(65534))
+            );
+        }
+        // Root, as the daemon or by name, only when the host allows it.
+        assert_eq!(
+            uid_of(resolve_identity(true, 0, "web", &with_user(None))),
+            Ok(None)
+        );
+        assert_eq!(
+            uid_of(resolve_identity(true, 0, "web", &with_user(Some("root")))),
+            Ok(Some(0))
+        );
+        let err = resolve_identity(false, 0, "web", &with_user(None)).unwrap_err();
+        assert!(
+            err.starts_with("service web sets no `user`") && err.contains("allow_root = true"),
+            "{err}"
+        );
+        let err = resolve_identity(false, 0, "web", &with_user(Some("root"))).unwrap_err();
+        assert!(
+            err.starts_with("service web: user `root` is root") && err.contains("allow_root"),
+            "{err}"
+        );
     }
 }

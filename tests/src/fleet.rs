@@ -233,7 +233,7 @@ impl Fleet {
                 let name = format!("h{}", i + 1);
                 let host = Host::new().in_netns(ns);
                 let mut file =
-                    "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\n"
+                    "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\nallow_root = true\n"
                         .to_owned();
                 if let Some(zk) = &zk {
                     file += &format!(

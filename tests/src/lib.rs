@@ -323,7 +323,7 @@ impl Host {
         // (unix socket paths are limited to 107 bytes) short.
         fs::write(
             &host_file,
-            "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\n",
+            "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\nallow_root = true\n",
         )
         .expect("writing the host file");
         Host {

@@ -17,4 +17,5 @@ mod e2e {
     mod stop;
     mod systemd_unit;
     mod warmup;
+    mod zk_authority;
 }

@@ -278,6 +278,51 @@ impl Zk {
         parse_build_meta(&path, &data).map(Some)
     }
 
+    /// The nodes this host obeys for `service` (the service node, `config`, `enabled`,
+    /// `enabled/canary`, `roles` and this host's role, `restarting`, `/builds` and
+    /// `/builds/<service>`) whose ACL lets anyone write them, or create or delete their children,
+    /// each with the permissions the world has. Nodes that do not exist are skipped.
+    pub async fn world_writable(&self, service: &str) -> Result<Vec<String>, CoordError> {
+        check_name("service", service)?;
+        let Some(session) = self.session.borrow().clone() else {
+            return Err(CoordError::NotConnected);
+        };
+        let base = service_path(service);
+        let host = &self.shared.config.host;
+        let paths = [
+            base.clone(),
+            format!("{base}/config"),
+            format!("{base}/enabled"),
+            format!("{base}/enabled/canary"),
+            format!("{base}/roles"),
+            format!("{base}/roles/{host}"),
+            format!("{base}/restarting"),
+            "/builds".to_owned(),
+            format!("/builds/{service}"),
+        ];
+        let timeout_ms = self.shared.config.session_timeout_ms.max(1);
+        let mut open = Vec::new();
+        for path in paths {
+            let read = session.client.get_acl(&path);
+            let acls = match tokio::time::timeout(Duration::from_millis(timeout_ms), read).await {
+                Err(_) => return Err(CoordError::Timeout { path, timeout_ms }),
+                Ok(Err(zookeeper_client::Error::NoNode)) => continue,
+                Ok(Err(e)) => return Err(CoordError::zk("read the acl", &path, e)),
+                Ok(Ok((acls, _))) => acls,
+            };
+            let unsafe_perms = Permission::WRITE | Permission::CREATE | Permission::DELETE;
+            let world = acls
+                .iter()
+                .filter(|a| a.scheme() == "world" && a.id() == "anyone")
+                .map(|a| a.permission())
+                .find(|p| (*p & unsafe_perms) != Permission::NONE);
+            if let Some(perms) = world {
+                open.push(format!("{path} (world: {perms})"));
+            }
+        }
+        Ok(open)
+    }
+
     /// Waits until this host holds one of the `max_hosts_restarting` restart slots of
     /// `service`. Cancel-safe: a lease made by a cancelled call is deleted. A host holds at
     /// most one lease per service: calling again while holding a slot returns another handle to

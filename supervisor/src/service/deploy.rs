@@ -60,6 +60,8 @@ pub(super) struct Coordination {
     pub(super) last_error: Option<String>,
     /// A bad configuration node: the last good configuration keeps running.
     pub(super) config_error: Option<String>,
+    /// Nodes this service obeys that the world may write (see `Zk::world_writable`).
+    pub(super) world_writable: Vec<String>,
     slot: Option<Slot>,
     slot_pending: bool,
     /// Actions of a restart held at a batch's start until a slot is held.
@@ -567,15 +569,9 @@ impl Service {
 
     /// What the hooks of this service's deploys need.
     fn hook_context(&self, build: &str) -> HookContext {
-        let identity = crate::spec::identity(&self.name, &self.config)
-            .ok()
-            .and_then(|(uid, gid, groups)| {
-                Some(sluice_hooks::Identity {
-                    uid: uid?,
-                    gid: gid?,
-                    groups: groups.unwrap_or_default(),
-                })
-            });
+        // Resolved now, reported when a stage has a hook to run: an unresolvable user fails that
+        // stage naming the user, and no hook ever runs as root in its place.
+        let identity = crate::spec::identity(&self.ctx.host, &self.name, &self.config);
         let mut env = self.config.env.clone();
         env.extend(self.config.hooks.env.clone());
         HookContext {
@@ -617,7 +613,8 @@ pub enum LocalVerb {
 struct HookContext {
     service: String,
     configured: BTreeMap<String, Vec<Vec<String>>>,
-    identity: Option<sluice_hooks::Identity>,
+    /// Who the hooks run as (`None`: as the daemon), or why the service's user cannot be resolved.
+    identity: Result<crate::spec::Identity, String>,
     env: BTreeMap<String, String>,
     timeout_ms: u64,
     log_dir: PathBuf,
@@ -643,6 +640,10 @@ impl HookContext {
         if hooks.is_empty() {
             return Ok(());
         }
+        let identity = self
+            .identity
+            .clone()
+            .map_err(|e| format!("{stage} hooks not run: {e}"))?;
         std::fs::create_dir_all(&self.log_dir)
             .map_err(|e| format!("{}: {e}", self.log_dir.display()))?;
         let run = sluice_hooks::Run {
@@ -651,7 +652,7 @@ impl HookContext {
             build,
             previous_build: previous,
             release_dir,
-            identity: self.identity.clone(),
+            identity,
             extra_env: &self.env,
             timeout_ms: self.timeout_ms,
             log_dir: &self.log_dir,

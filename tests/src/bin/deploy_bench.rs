@@ -633,7 +633,7 @@ fn part_b(work: &Path) -> Value {
     std::fs::write(
         h.host_file(),
         format!(
-            "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\n[coordination]\nbackend = \"zookeeper\"\nconnect = \"127.0.0.1:{}/sluice\"\nhost = \"h1\"\n",
+            "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\nallow_root = true\n[coordination]\nbackend = \"zookeeper\"\nconnect = \"127.0.0.1:{}/sluice\"\nhost = \"h1\"\n",
             zk.port
         ),
     )

@@ -925,3 +925,62 @@ fn e_invalid_json_in_the_config_node_changes_nothing() {
     assert!(steady(&status, "b1"), "{status}");
     assert_eq!(front_build(h), "b1");
 }
+
+/// A Python service with `user` set, deployed with `stock:python-venv` (issue 8): root makes
+/// `.venv` for the user, the hook builds the venv in it as that user, and the instances serve
+/// from it as that user; the rest of the release stays root's.
+#[test]
+fn a_python_service_with_a_user_serves_from_its_venv() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Some(fleet) = Fleet::new(FleetOptions {
+        hosts: 1,
+        zookeepers: 0,
+    }) else {
+        return;
+    };
+    let Some(wheels) = wheel_dir() else {
+        return;
+    };
+    let h = fleet.host(0);
+    // The host's temp dir is 0700: the service user must reach its release under data/.
+    std::fs::set_permissions(h.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    fleet.builds().good(SVC, "b1");
+    h.service(
+        SVC,
+        &format!("user = \"nobody\"\n{}", py_service(&wheels, "")),
+    );
+    h.start_daemon();
+    h.sluice(&["deploy", SVC, "b1"]).success();
+    let status = h.wait_until(
+        |s| s.service(SVC)["build"] == "b1" || s.service(SVC)["deploy_error"].is_string(),
+        DEPLOY_PATIENCE,
+    );
+    assert!(
+        status.service(SVC)["deploy_error"].is_null(),
+        "the deploy failed: {status}\n{}",
+        h.daemon_log_tail()
+    );
+    let status = h.wait_until(|s| steady(s, "b1"), PATIENCE);
+    assert_eq!(front_build(h), "b1");
+
+    let release = h.path("data/py/releases/b1");
+    let owner = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().uid();
+    assert_eq!(
+        owner(&release.join(".venv")),
+        65534,
+        "the venv is the user's"
+    );
+    assert_eq!(owner(&release.join(".venv/bin/python")), 65534);
+    assert_eq!(owner(&release), 0, "the release stays root's");
+    assert_eq!(owner(&release.join("app.py")), 0);
+    for pid in status.pids(SVC) {
+        let pid = pid.expect("running instances have pids");
+        let uid = sluice_tests::procs::status_field(pid, "Uid").unwrap_or_default();
+        assert_eq!(uid, "65534 65534 65534 65534", "pid {pid} runs as nobody");
+        let cmdline = sluice_tests::procs::get(pid).unwrap().cmdline.join(" ");
+        assert!(
+            cmdline.contains(&format!("{}/.venv/bin/", release.display())),
+            "pid {pid} runs from the venv: {cmdline}"
+        );
+    }
+}
