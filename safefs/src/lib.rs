@@ -462,6 +462,42 @@ impl Dir {
         Ok(())
     }
 
+    /// Another handle on the same directory (a duplicated descriptor).
+    pub fn try_clone(&self) -> io::Result<Dir> {
+        let fd = self.fd.try_clone().map_err(|e| with_path(&self.path, e))?;
+        Ok(Dir {
+            fd,
+            path: self.path.clone(),
+        })
+    }
+
+    /// For a relative path below this directory (`sluice/warmup.txt`): opens the directories on
+    /// the way with [`Dir::open_dir`] (no link, no `..`, nothing absolute) and returns the last
+    /// one with the final name, to be opened with the other methods.
+    pub fn beneath(&self, relative: &Path) -> io::Result<(Dir, OsString)> {
+        let mut names = Vec::new();
+        for component in relative.components() {
+            match component {
+                Component::Normal(name) => names.push(name),
+                Component::CurDir => {}
+                _ => {
+                    return Err(refused(
+                        &self.path.join(relative),
+                        "the path must stay below the directory (no `..`, not absolute)",
+                    ));
+                }
+            }
+        }
+        let Some((last, dirs)) = names.split_last() else {
+            return Err(refused(&self.path.join(relative), "no file name"));
+        };
+        let mut dir = self.try_clone()?;
+        for name in dirs {
+            dir = dir.open_dir(name)?;
+        }
+        Ok((dir, (*last).to_owned()))
+    }
+
     /// Opens a subdirectory, refusing a link or anything that is not a directory.
     pub fn open_dir(&self, name: impl AsRef<OsStr>) -> io::Result<Dir> {
         let name = name.as_ref();

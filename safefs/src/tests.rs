@@ -256,3 +256,25 @@ fn symlink_and_read_link_make_an_atomic_current() {
     assert!(sub.entries().unwrap().is_empty());
     dir.sync().unwrap();
 }
+
+#[test]
+fn beneath_walks_down_without_links_or_dotdot() {
+    let t = TempDir::new("beneath");
+    std::fs::create_dir_all(t.join("rel/sluice")).unwrap();
+    std::fs::write(t.join("rel/sluice/warmup.txt"), "GET /\n").unwrap();
+    std::fs::create_dir(t.join("secret")).unwrap();
+    std::fs::write(t.join("secret/warmup.txt"), "secret").unwrap();
+    symlink(t.join("secret"), t.join("rel/linked")).unwrap();
+    let rel = Dir::open(&t.join("rel")).unwrap();
+    let (dir, name) = rel.beneath(Path::new("sluice/warmup.txt")).unwrap();
+    assert_eq!(dir.read(&name, 100).unwrap(), b"GET /\n");
+    let (dir, name) = rel.beneath(Path::new("./sluice/./warmup.txt")).unwrap();
+    assert_eq!(dir.read(&name, 100).unwrap(), b"GET /\n");
+    assert_refused(
+        rel.beneath(Path::new("linked/warmup.txt")),
+        "a symbolic link",
+    );
+    assert_refused(rel.beneath(Path::new("../secret/warmup.txt")), "stay below");
+    assert_refused(rel.beneath(Path::new("/etc/passwd")), "stay below");
+    assert_refused(rel.beneath(Path::new("")), "no file name");
+}
