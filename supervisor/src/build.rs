@@ -304,7 +304,7 @@ impl Releases {
             if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
                 continue;
             }
-            if let Err(e) = releases.remove_tree(&name, RELEASE_MAX_DEPTH) {
+            if let Err(e) = releases.remove_tree(name, RELEASE_MAX_DEPTH) {
                 tracing::warn!(error = %crate::clip::clip(&e.to_string()), "cannot remove leftover");
             }
         }
