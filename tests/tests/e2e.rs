@@ -14,5 +14,6 @@ mod e2e {
     mod restart_policy;
     mod steering;
     mod stop;
+    mod symlinks;
     mod systemd_unit;
 }
