@@ -440,3 +440,109 @@ fn nix_gid(group: &str) -> u32 {
         .and_then(|g| g.trim().parse().ok())
         .unwrap_or_else(|| panic!("no gid for {group}: {out}"))
 }
+
+/// Packs `build` (one file, `hello`) as `store/<build>.tar.gz` with its `.sha256` sidecar.
+fn pack(h: &Host, build: &str) {
+    let stage = h.path(&format!("stage-{build}"));
+    std::fs::create_dir_all(&stage).unwrap();
+    std::fs::write(stage.join("hello"), format!("this is {build}\n")).unwrap();
+    let archive = h.path(&format!("store/{build}.tar.gz"));
+    std::fs::create_dir_all(archive.parent().unwrap()).unwrap();
+    let mut cmd = Command::new("tar");
+    cmd.arg("-czf").arg(&archive).arg("-C").arg(&stage).arg(".");
+    let out = run_bounded(cmd, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.code, Some(0), "{out}");
+    let mut cmd = Command::new("sha256sum");
+    cmd.arg(&archive);
+    let out = run_bounded(cmd, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    let mut sidecar = archive.into_os_string();
+    sidecar.push(".sha256");
+    std::fs::write(sidecar, out.stdout).unwrap();
+}
+
+#[test]
+fn service_user_plants_links_and_fifos_in_its_releases_and_deploy_and_prune_never_follow_them() {
+    if !require_root() {
+        return;
+    }
+    let h = Host::new();
+    std::fs::set_permissions(h.root(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let secret = Target::new(h.path("secret"), "ROOT-ONLY-RELEASE-SECRET\n");
+    // A root-only directory with a file: pruning must not descend into it through a link.
+    let vault = h.path("vault");
+    std::fs::create_dir(&vault).unwrap();
+    std::fs::set_permissions(&vault, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let kept = Target::new(vault.join("kept"), "VAULT-CONTENT\n");
+    for build in ["b1", "b2", "b3"] {
+        pack(&h, build);
+    }
+    h.service(
+        "web",
+        &format!(
+            r#"
+command = ["/bin/sh", "-c", "cat {{release_dir}}/hello; exec sleep 1000"]
+user = "nobody"
+stop_grace_ms = 2000
+env = {{ PATH = "/usr/bin:/bin" }}
+[build]
+source = "file://{}/{{build}}.tar.gz"
+keep_releases = 1
+"#,
+            h.path("store").display()
+        ),
+    );
+    h.start_daemon();
+    let releases = h.path("data/web/releases");
+    let q = |p: &Path| sh_quote(p);
+    // The release handed to the service's user (as a hook running as that user would own what it
+    // made), who then fills it with links to root-only files, a link to a root-only directory,
+    // fifos, and links where sluice's own files are.
+    let plant = |build: &str| {
+        let dir = releases.join(build);
+        let mut cmd = Command::new("chown");
+        cmd.args(["-R", "--no-dereference", "65534:65534"])
+            .arg(&dir);
+        let out = run_bounded(cmd, Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out.code, Some(0), "{out}");
+        as_nobody(&format!(
+            "cd {dir} && ln -sfn {secret} hello && ln -s {vault} vaultlink && mkfifo pipe \
+             && mkdir -p deep/a/b && ln -s {secret} deep/a/b/f && ln -s {vault} deep/a/v \
+             && mkfifo deep/a/pipe",
+            dir = q(&dir),
+            secret = q(&secret.path),
+            vault = q(&vault),
+        ));
+    };
+    let mut last_pid = None;
+    for (n, build) in ["b1", "b2", "b3"].into_iter().enumerate() {
+        h.sluice(&["deploy", "web", build]).success();
+        let s = h.wait_until(
+            |s| {
+                s.service("web")["build"] == build
+                    && s.service("web")["deploy"].is_null()
+                    && s.running("web") == 1
+                    && s.pid("web", 0) != last_pid
+            },
+            PATIENCE,
+        );
+        last_pid = s.pid("web", 0);
+        plant(build);
+        for t in [&secret, &kept] {
+            t.assert_untouched(&format!("after deploy {}", n + 1));
+        }
+    }
+    // keep_releases 1 keeps the serving release and the one before: b1 goes.
+    wait(&h, "b1 is pruned", || !releases.join("b1").exists());
+    assert!(releases.join("b2").is_dir() && releases.join("b3").is_dir());
+    for t in [&secret, &kept] {
+        t.assert_untouched("after pruning");
+    }
+    assert!(
+        vault.join("kept").is_file(),
+        "the linked directory was not emptied"
+    );
+    // Supervision goes on: the instance is the one b3 started, the status answers.
+    let s = h.status();
+    assert_eq!(s.pid("web", 0), last_pid, "{s}");
+    assert_eq!(s.state("web", 0), "running", "{s}");
+}
