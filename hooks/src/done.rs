@@ -79,10 +79,18 @@ pub(crate) fn forget(path: &Path) -> Result<(), HookError> {
 /// Records `digest` at `path`, atomically (temp file, then rename).
 pub(crate) fn record(path: &Path, digest: &str) -> Result<(), HookError> {
     let dir = path.parent().expect("a marker path has a parent");
-    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-    // A new temporary file (never one a link planted under its name points to), then a rename,
-    // relative to the directory's descriptor.
-    let (dir, name) = sluice_safefs::split(path).map_err(io_error(path))?;
+    let name = path.file_name().expect("a marker path has a file name");
+    // The release may belong to the service's user: `.sluice/hooks-done` is made below the
+    // release's descriptor without following a link (nothing is created where one points), and
+    // the marker is a new temporary file (never one a link planted under its name points to),
+    // then a rename.
+    let depth = Path::new(DONE_DIR).components().count();
+    let dir = match dir.ancestors().nth(depth) {
+        Some(release) => sluice_safefs::Dir::open(release)
+            .and_then(|release| release.make_dirs(Path::new(DONE_DIR), 0o755)),
+        None => sluice_safefs::Dir::open(dir),
+    }
+    .map_err(io_error(dir))?;
     dir.write_atomic(name, format!("{digest}\n").as_bytes(), 0o644)
         .map_err(io_error(path))
 }

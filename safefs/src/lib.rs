@@ -498,6 +498,31 @@ impl Dir {
         Ok((dir, (*last).to_owned()))
     }
 
+    /// Opens the directory `relative` below this one, creating (with `mode`, less the umask) the
+    /// components that are missing; a link or a non-directory on the way is refused, so nothing
+    /// is created where a link points.
+    pub fn make_dirs(&self, relative: &Path, mode: u32) -> io::Result<Dir> {
+        let mut dir = self.try_clone()?;
+        for component in relative.components() {
+            let name = match component {
+                Component::Normal(name) => name,
+                Component::CurDir => continue,
+                _ => {
+                    return Err(refused(
+                        &self.path.join(relative),
+                        "the path must stay below the directory (no `..`, not absolute)",
+                    ));
+                }
+            };
+            match dir.create_dir(name, mode) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+            dir = dir.open_dir(name)?;
+        }
+        Ok(dir)
+    }
+
     /// Opens a subdirectory, refusing a link or anything that is not a directory.
     pub fn open_dir(&self, name: impl AsRef<OsStr>) -> io::Result<Dir> {
         let name = name.as_ref();

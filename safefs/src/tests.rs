@@ -278,3 +278,26 @@ fn beneath_walks_down_without_links_or_dotdot() {
     assert_refused(rel.beneath(Path::new("/etc/passwd")), "stay below");
     assert_refused(rel.beneath(Path::new("")), "no file name");
 }
+
+#[test]
+fn make_dirs_creates_below_and_never_through_a_link() {
+    let t = TempDir::new("makedirs");
+    std::fs::create_dir(t.join("rel")).unwrap();
+    std::fs::create_dir(t.join("elsewhere")).unwrap();
+    let rel = Dir::open(&t.join("rel")).unwrap();
+    let made = rel
+        .make_dirs(Path::new(".sluice/hooks-done"), 0o755)
+        .unwrap();
+    made.write_atomic("m", b"x", 0o644).unwrap();
+    assert!(t.join("rel/.sluice/hooks-done/m").is_file());
+    // Again: existing directories are fine.
+    rel.make_dirs(Path::new(".sluice/hooks-done"), 0o755)
+        .unwrap();
+    symlink(t.join("elsewhere"), t.join("rel/linked")).unwrap();
+    assert_refused(
+        rel.make_dirs(Path::new("linked/new"), 0o755),
+        "a symbolic link",
+    );
+    assert!(!t.join("elsewhere/new").exists());
+    assert_refused(rel.make_dirs(Path::new("../x"), 0o755), "stay below");
+}
