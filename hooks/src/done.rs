@@ -54,13 +54,23 @@ fn hex(bytes: &[u8]) -> String {
 /// Whether the marker at `path` records `digest`. A missing or unreadable marker means "not done":
 /// the worst outcome is running a hook again.
 pub(crate) fn is_done(path: &Path, digest: &str) -> bool {
-    std::fs::read_to_string(path).is_ok_and(|recorded| recorded.trim() == digest)
+    // The release may belong to the service's user: read without following a link or a fifo.
+    sluice_safefs::split(path)
+        .and_then(|(dir, name)| dir.read(name, MARKER_MAX_BYTES))
+        .is_ok_and(|recorded| String::from_utf8_lossy(&recorded).trim() == digest)
 }
+
+/// Largest marker read, in bytes (it holds one hex sha256).
+const MARKER_MAX_BYTES: u64 = 256;
 
 /// Forgets a marker before its hook runs, so that a hook that fails half-way is never taken for done
 /// under an older command that happens to come back.
 pub(crate) fn forget(path: &Path) -> Result<(), HookError> {
-    match std::fs::remove_file(path) {
+    let removed = match sluice_safefs::split(path) {
+        Ok((dir, name)) => dir.unlink(name),
+        Err(e) => Err(e),
+    };
+    match removed {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error(path)(e)),
         _ => Ok(()),
     }
@@ -69,10 +79,20 @@ pub(crate) fn forget(path: &Path) -> Result<(), HookError> {
 /// Records `digest` at `path`, atomically (temp file, then rename).
 pub(crate) fn record(path: &Path, digest: &str) -> Result<(), HookError> {
     let dir = path.parent().expect("a marker path has a parent");
-    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-    let temp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&temp, format!("{digest}\n")).map_err(io_error(&temp))?;
-    std::fs::rename(&temp, path).map_err(io_error(path))
+    let name = path.file_name().expect("a marker path has a file name");
+    // The release may belong to the service's user: `.sluice/hooks-done` is made below the
+    // release's descriptor without following a link (nothing is created where one points), and
+    // the marker is a new temporary file (never one a link planted under its name points to),
+    // then a rename.
+    let depth = Path::new(DONE_DIR).components().count();
+    let dir = match dir.ancestors().nth(depth) {
+        Some(release) => sluice_safefs::Dir::open(release)
+            .and_then(|release| release.make_dirs(Path::new(DONE_DIR), 0o755)),
+        None => sluice_safefs::Dir::open(dir),
+    }
+    .map_err(io_error(dir))?;
+    dir.write_atomic(name, format!("{digest}\n").as_bytes(), 0o644)
+        .map_err(io_error(path))
 }
 
 #[cfg(test)]

@@ -11,6 +11,16 @@ use tokio::time::{Duration, Instant};
 
 use crate::{LOG_MAX_BYTES, OUTPUT_DRAIN_MS, OUTPUT_TAIL_BYTES};
 
+/// Mode of a hook's log file (less the umask).
+const LOG_FILE_MODE: u32 = 0o640;
+
+/// Creates (or empties) the hook's log file `name` in `dir` without following a link or opening a
+/// fifo put there (`sluice-safefs`): it is written as root.
+pub(crate) fn create_log(dir: &std::path::Path, name: &str) -> io::Result<tokio::fs::File> {
+    let file = sluice_safefs::Dir::open(dir)?.create_truncate(name, LOG_FILE_MODE)?;
+    Ok(tokio::fs::File::from_std(file))
+}
+
 /// The last `OUTPUT_TAIL_BYTES` bytes seen.
 #[derive(Debug, Default)]
 pub(crate) struct Tail {

@@ -92,9 +92,11 @@ async fn run_one(run: &Run<'_>, hook: &Hook, index: usize) -> Result<(), HookErr
     let log_path = run
         .log_dir
         .join(format!("{}-{stage}-{index}.log", file_name_safe(run.build)));
-    let log = tokio::fs::File::create(&log_path)
-        .await
-        .map_err(io_error(&log_path))?;
+    let log = output::create_log(
+        run.log_dir,
+        &format!("{}-{stage}-{index}.log", file_name_safe(run.build)),
+    )
+    .map_err(io_error(&log_path))?;
 
     // One pipe for both streams, so the log keeps the order in which the hook wrote them.
     let (reader, writer) =

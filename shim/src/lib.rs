@@ -10,10 +10,11 @@
 //! - `startup`: fork away from the brain, take the instance lock, bind the socket, spawn, handshake.
 //! - `child`: spawning the child (process group, credentials, limits, parent-death signal).
 //! - `event_loop`: the single-threaded `poll` loop that owns all state after start-up.
-//! - `logfile`: append with size-based rotation.
+//! - `logfile`: append with size-based rotation, through `sluice-safefs` (the log directory may be
+//!   the service user's).
 //! - `sys`: the few libc wrappers std lacks.
 //!
-//! Architecture Invariant: std and libc only, one thread, no async runtime — a hundred shims must cost
+//! Architecture Invariant: std and libc only (plus `sluice-safefs`, itself std and libc only), one thread, no async runtime — a hundred shims must cost
 //! little memory and must not depend on anything the brain depends on.
 
 pub mod proto;

@@ -180,14 +180,24 @@ pub fn write_all_fd(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Points fds 0, 1 and 2 at /dev/null: after the handshake the brain must see EOF on our stdout, and
+/// Points fds 0, 1 and (see below) 2 at /dev/null: after the handshake the brain must see EOF on our stdout, and
 /// nothing the shim might print later may block on or fail at a pipe nobody reads.
+///
+/// stderr is kept when it is a file or a socket (the journal under systemd, the daemon's log file in
+/// tests): the shim reports refused log files there. A pipe is replaced too, because its reader
+/// would wait for every writer, and the shim outlives whoever started the brain.
 pub fn stdio_to_dev_null() -> io::Result<()> {
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/null")?;
-    for target in 0..=2 {
+    // SAFETY: an all-zero stat is a valid value for fstat to overwrite; fd 2 may be closed (EBADF).
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is writable.
+    let keep_stderr = unsafe { libc::fstat(2, &mut st) } == 0
+        && matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFSOCK);
+    let last = if keep_stderr { 1 } else { 2 };
+    for target in 0..=last {
         // SAFETY: dup2 onto the standard descriptors, which this process owns.
         cvt(unsafe { libc::dup2(null.as_raw_fd(), target) })?;
     }

@@ -101,10 +101,18 @@ pub async fn serve(listener: UnixListener, daemon: Requests, stop: impl Future<O
             },
             () = &mut stop => break,
         };
-        let allowed = stream
-            .peer_cred()
-            .map(|cred| peer_allowed(cred.uid(), cred.gid(), cred.pid(), socket_gid))
-            .unwrap_or(false);
+        // SO_PEERCRED: the credentials the peer had when it connected. Membership of the socket's
+        // group is then looked up in the group database by uid, never in /proc/<pid> (the pid may
+        // already belong to another process).
+        let cred = stream.peer_cred().ok().map(|c| (c.uid(), c.gid()));
+        let allowed = match cred {
+            Some((uid, gid)) => {
+                tokio::task::spawn_blocking(move || peer_allowed(uid, gid, socket_gid))
+                    .await
+                    .unwrap_or(false)
+            }
+            None => false,
+        };
         let daemon = daemon.clone();
         let service = hyper::service::service_fn(move |request| {
             let daemon = daemon.clone();
@@ -132,34 +140,30 @@ pub async fn serve(listener: UnixListener, daemon: Requests, stop: impl Future<O
     let _ = tokio::time::timeout(Duration::from_millis(DRAIN_MS), graceful.shutdown()).await;
 }
 
-/// Root, the daemon's own user, and members of the socket's group may use the API.
-fn peer_allowed(uid: u32, gid: u32, pid: Option<i32>, socket_gid: Option<u32>) -> bool {
+/// Root, the daemon's own user, and members of the socket's group may use the API: the peer's
+/// gid at connect, or the group database's groups of its uid (`getgrouplist`).
+fn peer_allowed(uid: u32, gid: u32, socket_gid: Option<u32>) -> bool {
     if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
         return true;
     }
     let Some(socket_gid) = socket_gid else {
         return false;
     };
-    if gid == socket_gid {
-        return true;
-    }
-    // Supplementary groups of the peer process, as the kernel has them.
-    let Some(pid) = pid else {
+    gid == socket_gid || member_of(uid, socket_gid)
+}
+
+/// Whether the group database makes user `uid` a member of group `gid` (as primary or
+/// supplementary group). An unknown uid is a member of nothing.
+fn member_of(uid: u32, gid: u32) -> bool {
+    use nix::unistd::{Gid, Uid, User};
+    let Ok(Some(user)) = User::from_uid(Uid::from_raw(uid)) else {
         return false;
     };
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|groups| {
-                    groups
-                        .split_whitespace()
-                        .any(|g| g.parse::<u32>() == Ok(socket_gid))
-                })
-        })
-        .unwrap_or(false)
+    let Ok(name) = std::ffi::CString::new(user.name) else {
+        return false;
+    };
+    nix::unistd::getgrouplist(&name, user.gid)
+        .is_ok_and(|groups| groups.contains(&Gid::from_raw(gid)))
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
@@ -365,15 +369,25 @@ async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<Body>> 
 }
 
 /// The last `lines` lines of a log file, then (with `follow`) whatever is appended, across rotations.
+///
+/// The log directory may belong to the service's user, who can put a link to any file in place of
+/// the log: the directory is opened once and the file through `sluice-safefs`, so a link, fifo or
+/// hard link is refused (an error naming the file, or with `follow` a note in the daemon's log
+/// while it stays refused), and nothing is ever read through it.
 async fn logs(path: PathBuf, lines: usize, follow: bool) -> Response<Body> {
-    let (tail, offset) = match tail(&path, lines).await {
+    let opened = tokio::task::spawn_blocking(move || open_log(&path, lines))
+        .await
+        .expect("opening a log does not panic");
+    let (log, tail, offset) = match opened {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), 0),
         Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("{}: {e}", path.display()),
-            );
+            let status = if sluice_safefs::is_refused(&e) {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            // The error names the file; a name the service user chose is quoted bounded.
+            return error(status, crate::clip::clip(&e.to_string()).into_owned());
         }
     };
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(8);
@@ -381,9 +395,9 @@ async fn logs(path: PathBuf, lines: usize, follow: bool) -> Response<Body> {
         if !tail.is_empty() && tx.send(Frame::data(Bytes::from(tail))).await.is_err() {
             return;
         }
-        if follow {
+        if follow && let Some(log) = log {
             // Ends when the client goes away (the send fails).
-            let _ = follow_file(&path, offset, &mut tx).await;
+            let _ = follow_file(log, offset, &mut tx).await;
         }
     });
     Response::builder()
@@ -392,15 +406,38 @@ async fn logs(path: PathBuf, lines: usize, follow: bool) -> Response<Body> {
         .expect("static response parts are valid")
 }
 
+/// A log file reached through its directory's descriptor.
+struct LogRef {
+    dir: sluice_safefs::Dir,
+    name: std::ffi::OsString,
+}
+
+/// Opens the log's directory and reads the tail of the file: (the directory, unless it does not
+/// exist yet; the tail; the file's length). A missing file is an empty log.
+fn open_log(path: &Path, lines: usize) -> std::io::Result<(Option<LogRef>, Vec<u8>, u64)> {
+    let (dir, name) = match sluice_safefs::split(path) {
+        Ok(found) => found,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, Vec::new(), 0)),
+        Err(e) => return Err(e),
+    };
+    let (tail, offset) = match dir.open_read(&name) {
+        Ok(mut file) => tail(&mut file, lines)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), 0),
+        Err(e) => return Err(e),
+    };
+    Ok((Some(LogRef { dir, name }), tail, offset))
+}
+
 /// Reads the last `lines` lines (looking at most at the last 4 MiB) and the file's length.
-async fn tail(path: &Path, lines: usize) -> std::io::Result<(Vec<u8>, u64)> {
+fn tail(file: &mut std::fs::File, lines: usize) -> std::io::Result<(Vec<u8>, u64)> {
+    use std::io::{Read, Seek};
     const WINDOW: u64 = 4 * 1024 * 1024;
-    let mut file = tokio::fs::File::open(path).await?;
-    let len = file.metadata().await?.len();
+    let len = file.metadata()?.len();
     let start = len.saturating_sub(WINDOW);
-    file.seek(SeekFrom::Start(start)).await?;
+    file.seek(SeekFrom::Start(start))?;
     let mut buf = Vec::with_capacity((len - start) as usize);
-    (&mut file).take(len - start).read_to_end(&mut buf).await?;
+    file.take(len - start).read_to_end(&mut buf)?;
     let mut cut = buf.len();
     let mut seen = 0;
     // A trailing newline ends the last line; it does not start another.
@@ -428,32 +465,51 @@ async fn tail(path: &Path, lines: usize) -> std::io::Result<(Vec<u8>, u64)> {
 }
 
 async fn follow_file(
-    path: &Path,
+    log: LogRef,
     mut offset: u64,
     tx: &mut http_body_util::channel::Sender<Bytes, std::io::Error>,
 ) -> Result<(), ()> {
-    use std::os::unix::fs::MetadataExt;
-    let mut inode = tokio::fs::metadata(path).await.map(|m| m.ino()).ok();
+    let log = std::sync::Arc::new(log);
+    let mut inode = log.dir.meta_of(&log.name).map(|m| m.ino).ok();
     let mut buf = vec![0u8; 64 * 1024];
+    // Reported once per stretch of refusals, not once per poll.
+    let mut reported = false;
     loop {
-        if let Ok(mut file) = tokio::fs::File::open(path).await {
-            let meta = file.metadata().await.map_err(drop)?;
-            if Some(meta.ino()) != inode || meta.len() < offset {
-                // Rotated (or truncated): the new file is read from its start.
-                inode = Some(meta.ino());
-                offset = 0;
-            }
-            file.seek(SeekFrom::Start(offset)).await.map_err(drop)?;
-            loop {
-                let n = file.read(&mut buf).await.map_err(drop)?;
-                if n == 0 {
-                    break;
+        let opened = {
+            let log = std::sync::Arc::clone(&log);
+            tokio::task::spawn_blocking(move || log.dir.open_read(&log.name))
+                .await
+                .expect("opening a log does not panic")
+        };
+        match opened {
+            Ok(file) => {
+                reported = false;
+                let mut file = tokio::fs::File::from_std(file);
+                let meta = file.metadata().await.map_err(drop)?;
+                if Some(std::os::unix::fs::MetadataExt::ino(&meta)) != inode || meta.len() < offset
+                {
+                    // Rotated (or truncated): the new file is read from its start.
+                    inode = Some(std::os::unix::fs::MetadataExt::ino(&meta));
+                    offset = 0;
                 }
-                offset += n as u64;
-                tx.send(Frame::data(Bytes::copy_from_slice(&buf[..n])))
-                    .await
-                    .map_err(drop)?;
+                file.seek(SeekFrom::Start(offset)).await.map_err(drop)?;
+                loop {
+                    let n = file.read(&mut buf).await.map_err(drop)?;
+                    if n == 0 {
+                        break;
+                    }
+                    offset += n as u64;
+                    tx.send(Frame::data(Bytes::copy_from_slice(&buf[..n])))
+                        .await
+                        .map_err(drop)?;
+                }
             }
+            Err(e) if sluice_safefs::is_refused(&e) && !reported => {
+                reported = true;
+                tracing::warn!("logs --follow: {}", crate::clip::clip(&e.to_string()));
+            }
+            // Missing between a rotation's renames, or still refused: look again later.
+            Err(_) => {}
         }
         tokio::time::sleep(Duration::from_millis(FOLLOW_POLL_MS)).await;
     }
@@ -463,23 +519,55 @@ async fn follow_file(
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn tail_takes_the_last_lines() {
+    #[test]
+    fn tail_takes_the_last_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         std::fs::write(&path, "a\nb\nc\nd\n").unwrap();
-        assert_eq!(tail(&path, 2).await.unwrap(), (b"c\nd\n".to_vec(), 8));
-        assert_eq!(tail(&path, 10).await.unwrap().0, b"a\nb\nc\nd\n");
+        assert_eq!(open_log(&path, 2).unwrap().1, b"c\nd\n".to_vec());
+        assert_eq!(open_log(&path, 2).unwrap().2, 8);
+        assert_eq!(open_log(&path, 10).unwrap().1, b"a\nb\nc\nd\n");
         std::fs::write(&path, "a\nb\npartial").unwrap();
-        assert_eq!(tail(&path, 1).await.unwrap().0, b"partial");
-        assert_eq!(tail(&path, 0).await.unwrap().0, b"");
+        assert_eq!(open_log(&path, 1).unwrap().1, b"partial");
+        assert_eq!(open_log(&path, 0).unwrap().1, b"");
+        assert!(
+            open_log(&dir.path().join("missing"), 5)
+                .unwrap()
+                .1
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_log_replaced_by_a_link_or_fifo_is_refused_and_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "root:secret-hash:19000::::::\n").unwrap();
+        let path = dir.path().join("web-0.stdout.log");
+        std::os::unix::fs::symlink(&secret, &path).unwrap();
+        let e = open_log(&path, 10).err().expect("a link is refused");
+        assert!(sluice_safefs::is_refused(&e), "{e}");
+        assert!(e.to_string().contains("web-0.stdout.log"), "{e}");
+        assert!(!e.to_string().contains("secret-hash"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: nul-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
+        let e = open_log(&path, 10)
+            .err()
+            .expect("a fifo is refused, without blocking");
+        assert!(e.to_string().contains("a fifo"), "{e}");
     }
 
     #[test]
     fn peers() {
-        assert!(peer_allowed(0, 0, None, None));
-        assert!(peer_allowed(1234, 4242, None, Some(4242)));
-        assert!(!peer_allowed(1234, 1234, None, Some(4242)));
-        assert!(!peer_allowed(1234, 1234, None, None));
+        assert!(peer_allowed(0, 0, None));
+        assert!(peer_allowed(1234, 4242, Some(4242)));
+        assert!(!peer_allowed(1234, 1234, Some(4242)));
+        assert!(!peer_allowed(1234, 1234, None));
+        // The group database: root's primary group is 0 on every Linux system.
+        assert!(member_of(0, 0));
+        // A uid nobody has is a member of nothing.
+        assert!(!member_of(3_999_999_999, 0));
     }
 }

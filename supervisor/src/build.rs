@@ -48,6 +48,13 @@ const META_DIR: &str = ".sluice";
 const INSTALLED_FILE: &str = "installed";
 /// Prefix of temporary directories and links under the service root; never a valid build id.
 const TMP_PREFIX: &str = ".tmp-";
+/// The `current` link's name in `<data_dir>/<service>`.
+const CURRENT_LINK: &str = "current";
+/// Largest install marker read, in bytes (it holds one number).
+const INSTALLED_FILE_MAX_BYTES: u64 = 64;
+/// Deepest release tree that pruning removes, in directories; a deeper one (which no archive
+/// extraction makes) is left as a `.tmp-*` leftover and reported.
+const RELEASE_MAX_DEPTH: usize = 128;
 
 /// Where a build comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,7 +213,7 @@ impl Releases {
     }
 
     fn current_link(&self) -> PathBuf {
-        self.root.join("current")
+        self.root.join(CURRENT_LINK)
     }
 
     /// `<root>/releases/<build>`, whether or not it exists.
@@ -219,11 +226,8 @@ impl Releases {
     /// the marker is complete.
     pub fn has(&self, build: &str) -> bool {
         check_build_id(build).is_ok()
-            && self
-                .release_dir(build)
-                .join(META_DIR)
-                .join(INSTALLED_FILE)
-                .is_file()
+            && sluice_safefs::Dir::open(&self.releases_dir())
+                .is_ok_and(|releases| read_install_marker(&releases, build).is_ok())
     }
 
     /// Installs `build` from `source` unless a complete release already exists, in which case
@@ -262,7 +266,10 @@ impl Releases {
         }
         write_install_marker(&tmp)?;
         sync_filesystem(&tmp)?;
-        match std::fs::rename(&tmp, &dest) {
+        let releases_fd =
+            sluice_safefs::Dir::open(&releases).map_err(|e| BuildError::io(&releases, e))?;
+        let tmp_name = tmp.file_name().expect("a temporary name");
+        match releases_fd.rename(tmp_name, build) {
             Ok(()) => {}
             // Another install of the same build won the race; its release is as good as ours.
             Err(_) if self.has(build) => return Ok(dest),
@@ -277,11 +284,13 @@ impl Releases {
     /// Removes `.tmp-*` leftovers of processes that are gone (a crash mid-install or
     /// mid-prune). Directories of live processes, including ours, may be in use and are kept.
     fn remove_stale_tmp(&self) {
-        let Ok(entries) = std::fs::read_dir(self.releases_dir()) else {
+        let Ok(releases) = sluice_safefs::Dir::open(&self.releases_dir()) else {
             return;
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
+        let Ok(entries) = releases.entries() else {
+            return;
+        };
+        for name in entries {
             let Some(name) = name.to_str() else { continue };
             let Some(rest) = name.strip_prefix(TMP_PREFIX) else {
                 continue;
@@ -295,15 +304,18 @@ impl Releases {
             if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
                 continue;
             }
-            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
-                tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove leftover");
+            if let Err(e) = releases.remove_tree(name, RELEASE_MAX_DEPTH) {
+                tracing::warn!(error = %crate::clip::clip(&e.to_string()), "cannot remove leftover");
             }
         }
     }
 
     /// The build `current` points to, if any.
     pub fn current(&self) -> Option<String> {
-        let target = std::fs::read_link(self.current_link()).ok()?;
+        let target = sluice_safefs::Dir::open(&self.root)
+            .ok()?
+            .read_link(CURRENT_LINK)
+            .ok()?;
         let build = target.file_name()?.to_str()?.to_owned();
         check_build_id(&build).ok()?;
         Some(build)
@@ -321,31 +333,33 @@ impl Releases {
         }
         // Relative, so the data directory can be moved or bind-mounted elsewhere.
         let target = Path::new("releases").join(build);
-        let tmp = self
-            .root
-            .join(format!("{TMP_PREFIX}current-{}", tmp_suffix()));
-        std::os::unix::fs::symlink(&target, &tmp).map_err(|e| BuildError::io(&tmp, e))?;
-        let link = self.current_link();
-        if let Err(e) = std::fs::rename(&tmp, &link) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(BuildError::io(&link, e));
+        let root =
+            sluice_safefs::Dir::open(&self.root).map_err(|e| BuildError::io(&self.root, e))?;
+        let tmp = format!("{TMP_PREFIX}current-{}", tmp_suffix());
+        root.symlink(&target, &tmp)
+            .map_err(|e| BuildError::io(&root.child_path(&tmp), e))?;
+        if let Err(e) = root.rename(&tmp, CURRENT_LINK) {
+            let _ = root.unlink(&tmp);
+            return Err(BuildError::io(&self.current_link(), e));
         }
-        fsync_dir(&self.root)
+        root.sync().map_err(|e| BuildError::io(&self.root, e))
     }
 
     /// Installed builds, oldest install first.
     pub fn list(&self) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(self.releases_dir()) else {
+        let Ok(releases) = sluice_safefs::Dir::open(&self.releases_dir()) else {
+            return Vec::new();
+        };
+        let Ok(entries) = releases.entries() else {
             return Vec::new();
         };
         let mut found: Vec<(u128, String)> = entries
-            .flatten()
-            .filter_map(|entry| {
-                let name = entry.file_name().into_string().ok()?;
+            .into_iter()
+            .filter_map(|name| {
+                let name = name.into_string().ok()?;
                 check_build_id(&name).ok()?;
-                let marker = entry.path().join(META_DIR).join(INSTALLED_FILE);
-                let installed = std::fs::read_to_string(marker).ok()?;
-                Some((installed.trim().parse().unwrap_or(0), name))
+                let installed = read_install_marker(&releases, &name).ok()?;
+                Some((installed, name))
             })
             .collect();
         found.sort();
@@ -365,12 +379,18 @@ impl Releases {
             }
             // Renamed first so a crash mid-removal leaves a `.tmp-*` leftover (cleaned by the
             // next install), never a half-deleted directory that looks like a release.
+            // Relative to the releases directory's descriptor, and without following a link the
+            // service user may have put anywhere in the release.
             let dir = self.release_dir(build);
-            let doomed = self
-                .releases_dir()
-                .join(format!("{TMP_PREFIX}{build}-{}", tmp_suffix()));
-            std::fs::rename(&dir, &doomed).map_err(|e| BuildError::io(&dir, e))?;
-            std::fs::remove_dir_all(&doomed).map_err(|e| BuildError::io(&doomed, e))?;
+            let releases = sluice_safefs::Dir::open(&self.releases_dir())
+                .map_err(|e| BuildError::io(&self.releases_dir(), e))?;
+            let doomed = format!("{TMP_PREFIX}{build}-{}", tmp_suffix());
+            releases
+                .rename(build, &doomed)
+                .map_err(|e| BuildError::io(&dir, e))?;
+            releases
+                .remove_tree(&doomed, RELEASE_MAX_DEPTH)
+                .map_err(|e| BuildError::io(&releases.child_path(&doomed), e))?;
             tracing::info!(build, "pruned release");
             removed.push(build.clone());
         }
@@ -384,12 +404,24 @@ struct TmpDir(PathBuf);
 
 impl Drop for TmpDir {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0)
+        let removed = sluice_safefs::split(&self.0)
+            .and_then(|(parent, name)| parent.remove_tree(name, RELEASE_MAX_DEPTH));
+        if let Err(e) = removed
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(path = %self.0.display(), error = %e, "cannot remove temporary directory");
         }
     }
+}
+
+/// Reads `releases/<build>/.sluice/installed` without following a link anywhere on the way (the
+/// release may belong to the service's user): the install time, nanoseconds.
+fn read_install_marker(releases: &sluice_safefs::Dir, build: &str) -> std::io::Result<u128> {
+    let text = releases
+        .open_dir(build)?
+        .open_dir(META_DIR)?
+        .read(INSTALLED_FILE, INSTALLED_FILE_MAX_BYTES)?;
+    Ok(String::from_utf8_lossy(&text).trim().parse().unwrap_or(0))
 }
 
 fn write_install_marker(release: &Path) -> Result<(), BuildError> {

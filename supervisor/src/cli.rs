@@ -321,17 +321,33 @@ async fn cleanup(host: &HostConfig) -> i32 {
 
 /// Holds `runtime_dir/sluice.lock` for the daemon's life: a second daemon on the same host
 /// would adopt and fight over the same shims.
+///
+/// Nobody else may take the lock (a local user holding it would keep the daemon from starting): the
+/// file is mode 0600, owned by the daemon's user, in a directory only root (or that user) can
+/// change, so nobody else can open it, create it first, or put a link in its place.
 fn lock_daemon(runtime_dir: &Path) -> anyhow::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(runtime_dir)
         .with_context(|| format!("creating {}", runtime_dir.display()))?;
-    let path = runtime_dir.join("sluice.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
+    let dir = sluice_safefs::Dir::open(runtime_dir)
+        .with_context(|| format!("opening runtime_dir {}", runtime_dir.display()))?;
+    dir.require_trusted()
+        .context("runtime_dir must be writable by root alone")?;
+    let path = dir.child_path(DAEMON_LOCK_FILE);
+    let file = dir
+        .open_append(DAEMON_LOCK_FILE, DAEMON_LOCK_MODE)
         .with_context(|| format!("opening {}", path.display()))?;
+    let meta = sluice_safefs::fstat(std::os::fd::AsFd::as_fd(&file))?;
+    anyhow::ensure!(
+        meta.uid == nix::unistd::geteuid().as_raw(),
+        "{} is owned by uid {}, not by the daemon's user; remove it",
+        path.display(),
+        meta.uid
+    );
+    // A lock left by an older sluice may be 0644.
+    file.set_permissions(std::fs::Permissions::from_mode(DAEMON_LOCK_MODE))
+        .with_context(|| format!("chmod {}", path.display()))?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         anyhow::bail!(
@@ -342,18 +358,47 @@ fn lock_daemon(runtime_dir: &Path) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
+/// The daemon lock's name in `runtime_dir`.
+const DAEMON_LOCK_FILE: &str = "sluice.lock";
+/// The daemon lock's mode: no one but the daemon's user may open it (and so `flock` it).
+const DAEMON_LOCK_MODE: u32 = 0o600;
+/// The control socket's mode: root and `control_group` (connecting needs write permission).
+const CONTROL_SOCKET_MODE: u32 = 0o660;
+
+/// Binds the control socket, mode 0660, group `control_group` (else the daemon's group). Its
+/// directory must be writable by root alone, or someone else could replace the socket and answer
+/// the operators' commands.
 fn bind_control_socket(host: &HostConfig) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     let path = host.control_socket();
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("control_socket {}: no file name", path.display()))?;
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let dir = sluice_safefs::Dir::open(&parent).with_context(|| {
+        format!(
+            "opening the control socket's directory {}",
+            parent.display()
+        )
+    })?;
+    dir.require_trusted()
+        .context("the control socket's directory must be writable by root alone")?;
+    // We hold the daemon lock, so a socket file left here belongs to a dead daemon. unlinkat
+    // removes the entry whatever it is, never what a link points to.
+    match dir.unlink(name) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).context("removing the old control socket");
+        }
+        _ => {}
     }
-    // We hold the daemon lock, so a socket file left here belongs to a dead daemon.
-    let _ = std::fs::remove_file(&path);
+    // Until the chmod below the socket has the umask's mode (0755 under the unit's UMask=0022):
+    // nobody but its owner can connect (connecting needs write permission) in that moment.
     let listener = tokio::net::UnixListener::bind(&path)
         .with_context(|| format!("binding the control socket {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("chmod {}", path.display()))?;
     if let Some(group) = &host.control_group {
         let gid = nix::unistd::Group::from_name(group)
             .with_context(|| format!("looking up control_group `{group}`"))?
@@ -362,6 +407,8 @@ fn bind_control_socket(host: &HostConfig) -> anyhow::Result<tokio::net::UnixList
         nix::unistd::chown(&path, None, Some(gid))
             .with_context(|| format!("chown {} to group {group}", path.display()))?;
     }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(CONTROL_SOCKET_MODE))
+        .with_context(|| format!("chmod {}", path.display()))?;
     Ok(listener)
 }
 

@@ -100,6 +100,14 @@ pub async fn run(
     for dir in [host.state_dir(), host.shim_dir()] {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // runtime_dir is traversable by everyone (0711 in the unit) so `control_group` can reach the
+    // control socket; the shims' sockets and locks are root's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let shims = host.shim_dir();
+        std::fs::set_permissions(&shims, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", shims.display()))?;
+    }
     // Steering writes nat rules: only root can, and only where iptables is installed.
     let variant = host.iptables.variant();
     let iptables = nix::unistd::geteuid()

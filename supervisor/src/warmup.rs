@@ -98,8 +98,8 @@ pub fn load_requests(
             format!("warm-up file `{file}` is relative to the release, and there is no release")
         })?;
         let path = dir.join(file);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("warm-up file {}: {e}", path.display()))?;
+        let text = read_release_file(dir, Path::new(file))
+            .map_err(|e| format!("warm-up file: {}", crate::clip::clip(&e.to_string())))?;
         for (n, line) in text.lines().enumerate() {
             if line.trim().is_empty() || line.trim_start().starts_with('#') {
                 continue;
@@ -119,6 +119,22 @@ pub fn load_requests(
         return Err("the warm-up has no requests".into());
     }
     Ok(requests)
+}
+
+/// Largest warm-up file read, in bytes; [`REQUESTS_MAX`] lines fit with room to spare.
+const WARMUP_FILE_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Reads `relative` below the release, which its service user may own: no link, fifo or `..` on
+/// the way is followed (see `sluice-safefs`).
+fn read_release_file(release: &Path, relative: &Path) -> std::io::Result<String> {
+    let (dir, name) = sluice_safefs::Dir::open(release)?.beneath(relative)?;
+    let bytes = dir.read(&name, WARMUP_FILE_MAX_BYTES)?;
+    String::from_utf8(bytes).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: not UTF-8", dir.child_path(&name).display()),
+        )
+    })
 }
 
 /// The convergence limits a warm-up config stands for. The sibling criterion is on when asked

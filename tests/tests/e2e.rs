@@ -15,6 +15,7 @@ mod e2e {
     mod restart_policy;
     mod steering;
     mod stop;
+    mod symlinks;
     mod systemd_unit;
     mod warmup;
     mod zk_authority;
