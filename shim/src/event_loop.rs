@@ -17,8 +17,14 @@ use crate::logfile::LogFile;
 use crate::proto::{Command, MAX_CLIENTS, MAX_LINE_BYTES, Outcome, Status};
 use crate::sys;
 
-/// Largest read from the child's pipes in one go (also the pipe's default capacity).
-const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Largest read from the child's pipes in one go: 8 KiB, glibc's `BUFSIZ`, the chunk a
+/// block-buffered service flushes at once. The buffer is most of a shim's private memory, and a
+/// hundred shims must together cost less than supervisord alone; a smaller read loses nothing
+/// (the pipe holds 64 KiB and the loop reads again on the next wake-up), it only costs a few more
+/// reads for a service that logs faster than 8 KiB per wake-up. Measured in BENCHMARKS.md.
+const READ_CHUNK_BYTES: usize = 8 * 1024;
+// Client command lines are read through the same buffer.
+const _: () = assert!(MAX_LINE_BYTES < READ_CHUNK_BYTES);
 /// After the child exited, how long to keep reading its pipes for output still in flight. Bounded
 /// because a grandchild that escaped the process group with setsid could hold them open forever.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
