@@ -1232,6 +1232,14 @@ impl Service {
                 None => instance.cgroup_error = None,
             }
         }
+        // Started without a cgroup (isolation turned off meanwhile, or making it failed): the
+        // directory of its previous process is empty now and goes.
+        if matches!(&event, Event::Spawned { cgroup, .. } if !matches!(cgroup, Some(Ok(_)))) {
+            self.remove_cgroup(index);
+        }
+        let Some(instance) = self.instances.get_mut(&index) else {
+            return;
+        };
         match event {
             Event::Spawned { result, .. } => match result {
                 Ok((info, adopted)) => {
