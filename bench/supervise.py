@@ -22,7 +22,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SLUICE = os.path.join(REPO, "target", "release", "sluice")
+# BENCH_SLUICE runs another daemon binary (the release build is what the report is for).
+SLUICE = os.environ.get("BENCH_SLUICE") or os.path.join(REPO, "target", "release", "sluice")
 # BENCH_SHIM compares another shim binary (e.g. an older build) with the same daemon.
 SHIM = os.environ.get("BENCH_SHIM") or os.path.join(REPO, "target", "release", "sluice-shim")
 # Appended to the result file names, so runs of one day (e.g. two shims) do not overwrite each other.
