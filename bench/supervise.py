@@ -242,8 +242,9 @@ def run_sluice(work, tag):
     with open(host, "w") as f:
         f.write('data_dir = "data"\nruntime_dir = "run"\nservices_dir = "services"\n')
         f.write(f"shim_path = {json.dumps(os.path.abspath(SHIM))}\n")
-        # As root, instances get cgroups (CPU isolation): under a parent of this run's own, which
-        # `cleanup` removes if the run is interrupted.
+        # With `cgroups = "auto"` (BENCH_CGROUPS=auto) and root, instances get cgroups: under a
+        # parent of this run's own, which `cleanup` removes if the run is interrupted.
+        f.write(f"cgroups = {json.dumps(os.environ.get('BENCH_CGROUPS', 'off'))}\n")
         f.write(f"cgroup_parent = {json.dumps(cgroup_parent(work))}\n")
     path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
     with open(os.path.join(d, "services", "idle.toml"), "w") as f:

@@ -64,7 +64,7 @@ pub struct HostConfig {
     #[serde(default)]
     pub iptables: IptablesVariant,
     /// Whether starting instances get a cgroup of their own with a low CPU weight: `auto` (where the
-    /// host lets sluice make one) or `off`.
+    /// host lets sluice make one) or `off` (the default).
     #[serde(default)]
     pub cgroups: CgroupsMode,
     /// Name of the cgroup sluice owns, made under the daemon's own cgroup; one child per instance.
@@ -86,8 +86,10 @@ fn default_true() -> bool {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CgroupsMode {
-    #[default]
     Auto,
+    /// The default until serving instances leave the shared parent: under cgroup v1 the parent
+    /// competes with the rest of the host as one group (see docs/config.md).
+    #[default]
     Off,
 }
 

@@ -165,7 +165,7 @@ fn a_starting_instance_runs_at_the_lowest_cpu_weight_until_it_is_enabled() {
     let ns = Netns::new();
     let h = Host::new().in_netns(&ns);
     h.write_host_file(&format!(
-        "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\ncgroup_parent = \"{}\"\n",
+        "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\ncgroups = \"auto\"\ncgroup_parent = \"{}\"\n",
         parent.name
     ));
     h.service("slow", &service(9100, 9000, START_DELAY_S));
@@ -326,7 +326,7 @@ fn a_restarted_daemon_reapplies_the_weight_from_the_instance_state() {
     let ns = Netns::new();
     let h = Host::new().in_netns(&ns);
     h.write_host_file(&format!(
-        "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\ncgroup_parent = \"{}\"\n",
+        "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\ncgroups = \"auto\"\ncgroup_parent = \"{}\"\n",
         parent.name
     ));
     h.service("slow", &service(9100, 9000, SLOW_START_DELAY_S));
