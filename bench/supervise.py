@@ -22,8 +22,12 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SLUICE = os.path.join(REPO, "target", "release", "sluice")
-SHIM = os.path.join(REPO, "target", "release", "sluice-shim")
+# BENCH_SLUICE runs another daemon binary (the release build is what the report is for).
+SLUICE = os.environ.get("BENCH_SLUICE") or os.path.join(REPO, "target", "release", "sluice")
+# BENCH_SHIM compares another shim binary (e.g. an older build) with the same daemon.
+SHIM = os.environ.get("BENCH_SHIM") or os.path.join(REPO, "target", "release", "sluice-shim")
+# Appended to the result file names, so runs of one day (e.g. two shims) do not overwrite each other.
+LABEL = os.environ.get("BENCH_LABEL", "")
 VENV = os.path.join(REPO, "target", "bench-venv")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -211,12 +215,37 @@ def own_cpu_ticks(pids):
 # -------------------------------------------------------------------------------------------- sluice
 
 
+def cgroup_parent(work):
+    return os.path.basename(work.rstrip("/"))
+
+
+def remove_cgroups(work):
+    """Removes this run's cgroup parent (children first) wherever the cpu hierarchy has it."""
+    name = cgroup_parent(work)
+    for root, dirs, _ in os.walk("/sys/fs/cgroup", topdown=False):
+        if os.path.basename(root) == name:
+            for child in dirs:
+                try:
+                    os.rmdir(os.path.join(root, child))
+                except OSError:
+                    pass
+            try:
+                os.rmdir(root)
+            except OSError:
+                pass
+
+
 def run_sluice(work, tag):
     d = os.path.join(work, "sluice")
     os.makedirs(os.path.join(d, "services"))
     host = os.path.join(d, "host.toml")
     with open(host, "w") as f:
         f.write('data_dir = "data"\nruntime_dir = "run"\nservices_dir = "services"\nallow_root = true\n')
+        f.write(f"shim_path = {json.dumps(os.path.abspath(SHIM))}\n")
+        # With `cgroups = "auto"` (BENCH_CGROUPS=auto) and root, instances get cgroups: under a
+        # parent of this run's own, which `cleanup` removes if the run is interrupted.
+        f.write(f"cgroups = {json.dumps(os.environ.get('BENCH_CGROUPS', 'off'))}\n")
+        f.write(f"cgroup_parent = {json.dumps(cgroup_parent(work))}\n")
     path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
     with open(os.path.join(d, "services", "idle.toml"), "w") as f:
         f.write(
@@ -565,6 +594,7 @@ def main():
             log(f"cleanup: sent {sig.name} to {len(killed)} processes")
             if wait_untagged(work, 5):
                 break
+        remove_cgroups(work)
         return 0
     assert cmd == "run", cmd
     assert tag == work, "BENCH_TAG must be the work dir"
@@ -585,10 +615,10 @@ def main():
     results = os.path.join(REPO, "bench", "results")
     os.makedirs(results, exist_ok=True)
     day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    path = os.path.join(results, f"supervise-{day}.md")
+    path = os.path.join(results, f"supervise-{day}{LABEL}.md")
     with open(path, "w") as f:
         f.write(text)
-    with open(os.path.join(results, f"supervise-{day}.json"), "w") as f:
+    with open(os.path.join(results, f"supervise-{day}{LABEL}.json"), "w") as f:
         json.dump({"machine": m, "sluice": s, "supervisord": v}, f, indent=2, default=str)
     print(text)
     log(f"written {os.path.relpath(path, REPO)}")

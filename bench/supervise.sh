@@ -7,6 +7,7 @@
 #   BENCH_QUIET_SECONDS   length of the idle CPU window, default 60
 #   BENCH_INSTANCES       instances per supervisor, default 100
 #   BENCH_SKIP_BUILD=1    skip `cargo build --release --workspace`
+#   BENCH_SLUICE, BENCH_SHIM, BENCH_LABEL   other binaries, a result file suffix (bench/README.md)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,8 +41,8 @@ if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
     echo "== cargo build --release --workspace" >&2
     timeout 1800 cargo build --release --workspace
 fi
-for bin in sluice sluice-shim; do
-    [[ -x "$repo/target/release/$bin" ]] || { echo "missing target/release/$bin" >&2; exit 1; }
+for bin in "${BENCH_SLUICE:-$repo/target/release/sluice}" "${BENCH_SHIM:-$repo/target/release/sluice-shim}"; do
+    [[ -x "$bin" ]] || { echo "missing $bin" >&2; exit 1; }
 done
 
 if ! "$venv/bin/python" -c 'import supervisor.options as o, sys; sys.exit(0 if o.VERSION.startswith("4.3.") else 1)' 2>/dev/null; then

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Printed after an argument error.
 pub const USAGE: &str = "usage: sluice-shim --id SVC/INDEX --socket PATH --lock PATH --stdout-log PATH \
 --stderr-log PATH [--log-max-bytes N] [--log-backups N] [--tag STRING] [--cwd DIR] [--uid N] [--gid N] \
-[--groups N,N,...] [--umask OCTAL] [--nofile N] -- PROGRAM [ARGS...]";
+[--groups N,N,...] [--umask OCTAL] [--nofile N] [--cgroup DIR] -- PROGRAM [ARGS...]";
 
 /// Default for `--log-max-bytes`: 50 MiB per log file before it is rotated.
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 50 * 1024 * 1024;
@@ -45,6 +45,8 @@ pub struct Args {
     pub umask: Option<u32>,
     /// `RLIMIT_NOFILE` (soft and hard) of the child.
     pub nofile: Option<u64>,
+    /// A cgroup directory the child joins (through its `cgroup.procs`) before it execs.
+    pub cgroup: Option<PathBuf>,
     /// Program to run, an absolute path or a name looked up in `PATH`.
     pub program: OsString,
     /// Its arguments.
@@ -68,6 +70,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
     let mut groups = None;
     let mut umask = None;
     let mut nofile = None;
+    let mut cgroup = None;
     let mut command = None;
 
     while let Some(arg) = argv.next() {
@@ -120,6 +123,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
                 }
             }
             "--nofile" => nofile = Some(number(&flag, &text()?)?),
+            "--cgroup" => cgroup = Some(PathBuf::from(value)),
             _ => return Err(format!("unknown flag: {flag}")),
         }
     }
@@ -146,6 +150,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
         groups: groups.or_else(|| uid.map(|_| Vec::new())),
         umask,
         nofile,
+        cgroup,
         program,
         program_args: command.collect(),
     })
@@ -198,6 +203,7 @@ mod tests {
         assert_eq!(args.log_backups, DEFAULT_LOG_BACKUPS);
         assert_eq!(args.tag, "-");
         assert_eq!(args.groups, None);
+        assert_eq!(args.cgroup, None);
         assert_eq!(args.program, "sleep");
         assert_eq!(args.program_args, vec![OsString::from("100")]);
     }
@@ -222,6 +228,8 @@ mod tests {
             "027",
             "--nofile",
             "4096",
+            "--cgroup",
+            "/sys/fs/cgroup/cpu/sluice/api@0",
             "--",
             "/bin/app",
             "--",
@@ -240,6 +248,10 @@ mod tests {
         );
         assert_eq!(args.umask, Some(0o027));
         assert_eq!(args.nofile, Some(4096));
+        assert_eq!(
+            args.cgroup,
+            Some(PathBuf::from("/sys/fs/cgroup/cpu/sluice/api@0"))
+        );
         assert_eq!(args.program, "/bin/app");
         assert_eq!(
             args.program_args,

@@ -1,7 +1,8 @@
 //! Spawning the supervised child: its own process group, credentials, limits and a death signal.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
@@ -40,6 +41,21 @@ pub fn spawn(args: &Args, shim_pid: libc::pid_t) -> io::Result<Spawned> {
     let umask = args.umask;
     let nofile = args.nofile;
     let sigrtmax = libc::SIGRTMAX();
+    // Opened before the fork (std opens with O_CLOEXEC, so the service never inherits it); the
+    // child writes "0" (itself) to it first thing, while still root, so that everything the service
+    // ever runs starts inside its cgroup. The file stays open in the shim only until spawn returns.
+    let cgroup_procs = match &args.cgroup {
+        Some(dir) => {
+            let path = dir.join("cgroup.procs");
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| io::Error::new(e.kind(), format!("cgroup {}: {e}", path.display())))?;
+            Some(file)
+        }
+        None => None,
+    };
+    let cgroup_fd = cgroup_procs.as_ref().map(AsRawFd::as_raw_fd);
 
     let pre_exec = move || -> io::Result<()> {
         let check = |ret: libc::c_int| {
@@ -51,6 +67,12 @@ pub fn spawn(args: &Args, shim_pid: libc::pid_t) -> io::Result<Spawned> {
         };
         // SAFETY (whole block): only async-signal-safe libc calls on values prepared before the fork.
         unsafe {
+            if let Some(fd) = cgroup_fd {
+                let me = b"0";
+                if libc::write(fd, me.as_ptr().cast(), me.len()) != me.len() as isize {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             // The shim ignores SIGPIPE/SIGHUP/SIGINT and blocks SIGTERM; ignored dispositions and the
             // mask survive exec, and a service must start with the defaults.
             let mut default: libc::sigaction = std::mem::zeroed();
@@ -111,7 +133,10 @@ pub fn spawn(args: &Args, shim_pid: libc::pid_t) -> io::Result<Spawned> {
     // SAFETY: the closure only makes async-signal-safe calls and does not allocate.
     unsafe { command.pre_exec(pre_exec) };
 
-    let mut child = command.spawn()?;
+    let spawned = command.spawn();
+    // Closed now: the child has joined (or failed to, which fails the spawn) and exec closed its copy.
+    drop(cgroup_procs);
+    let mut child = spawned?;
     let pid = child.id() as libc::pid_t;
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         unreachable!("stdout and stderr were set to piped");

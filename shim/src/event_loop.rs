@@ -17,8 +17,13 @@ use crate::logfile::LogFile;
 use crate::proto::{Command, MAX_CLIENTS, MAX_LINE_BYTES, Outcome, Status};
 use crate::sys;
 
-/// Largest read from the child's pipes in one go (also the pipe's default capacity).
+/// Largest read from the child's pipes in one go (also the pipe's default capacity): a read takes
+/// the whole pipe, so a chunk holds whole lines when the service writes whole lines, and rotation
+/// never splits one. The buffer's pages beyond the first go back to the kernel after every read
+/// that touched them ([`sys::PageBuffer`]), so an idle shim keeps 4 KiB of it, not 64.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+// Client command lines are read through the same buffer.
+const _: () = assert!(MAX_LINE_BYTES < READ_CHUNK_BYTES);
 /// After the child exited, how long to keep reading its pipes for output still in flight. Bounded
 /// because a grandchild that escaped the process group with setsid could hold them open forever.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
@@ -107,8 +112,8 @@ pub struct Shim {
     stop_deadline: Option<Instant>,
     /// When the post-exit drain of the pipes gives up.
     drain_deadline: Option<Instant>,
-    /// Reused read buffer, so the steady state allocates nothing.
-    buffer: Vec<u8>,
+    /// Reused read buffer, so the steady state allocates nothing; resident only while in use.
+    buffer: sys::PageBuffer,
     /// Reused poll set and what each entry stands for.
     pollfds: Vec<libc::pollfd>,
     sources: Vec<Source>,
@@ -149,7 +154,8 @@ impl Shim {
             stopping: false,
             stop_deadline: None,
             drain_deadline: None,
-            buffer: vec![0; READ_CHUNK_BYTES],
+            // Out of memory here is what a failed Vec allocation would be: an abort.
+            buffer: sys::PageBuffer::new(READ_CHUNK_BYTES).expect("mapping the read buffer"),
             pollfds: Vec::with_capacity(5 + MAX_CLIENTS),
             sources: Vec::with_capacity(5 + MAX_CLIENTS),
         }
@@ -266,9 +272,13 @@ impl Shim {
         let stream = &mut self.streams[i];
         let Some(pipe) = &mut stream.pipe else { return };
         // One read per wake-up keeps stdout and stderr (and the clients) fairly served.
-        match pipe.read(&mut self.buffer) {
+        let buffer = self.buffer.as_mut_slice();
+        match pipe.read(buffer) {
             Ok(0) => stream.pipe = None,
-            Ok(n) => stream.log.append(&self.buffer[..n]),
+            Ok(n) => {
+                stream.log.append(&buffer[..n]);
+                self.buffer.release_after(n);
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -371,7 +381,8 @@ impl Shim {
         let readable = revents & (libc::POLLIN | libc::POLLHUP) != 0;
         if readable && !client.waiting && !client.eof && !client.closing && !client.dead {
             // Never more than one line's worth at a time: input stays bounded.
-            let room = &mut self.buffer[..MAX_LINE_BYTES + 1];
+            // Within the buffer's first page, which stays resident: nothing to release after.
+            let room = &mut self.buffer.as_mut_slice()[..MAX_LINE_BYTES + 1];
             match client.stream.read(room) {
                 Ok(0) => client.eof = true,
                 Ok(n) => client.input.extend_from_slice(&room[..n]),

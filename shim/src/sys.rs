@@ -225,3 +225,77 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// A buffer of anonymous pages of its own (not the heap's), so that the pages a large read
+/// touched can be handed back to the kernel afterwards: a hundred idle shims then do not each keep
+/// a 64 KiB buffer resident. The first page stays, so small reads cost no extra system call.
+pub struct PageBuffer {
+    ptr: *mut u8,
+    len: usize,
+    page: usize,
+}
+
+impl PageBuffer {
+    /// Maps `len` bytes (rounded up to whole pages), readable and writable, zero-filled.
+    pub fn new(len: usize) -> io::Result<PageBuffer> {
+        // SAFETY: sysconf has no preconditions.
+        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            n if n > 0 => n as usize,
+            _ => 4096,
+        };
+        let len = len.div_ceil(page).max(1) * page;
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(PageBuffer {
+            ptr: ptr.cast(),
+            len,
+            page,
+        })
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` maps `len` bytes for as long as `self` lives, and `&mut self` makes this
+        // the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// After a read of `used` bytes: the pages past the first that it touched go back to the
+    /// kernel (they read as zeros when touched again). Nothing to do for reads within one page.
+    pub fn release_after(&mut self, used: usize) {
+        if used <= self.page {
+            return;
+        }
+        let end = used.min(self.len).div_ceil(self.page) * self.page;
+        // SAFETY: a page-aligned range inside our own mapping; no reference into it is held
+        // (callers pass `&mut self`). MADV_DONTNEED cannot fail on a valid private anonymous range,
+        // and if it did the pages would merely stay resident.
+        unsafe {
+            libc::madvise(
+                self.ptr.add(self.page).cast(),
+                end - self.page,
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
+}
+
+impl Drop for PageBuffer {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`, once.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}

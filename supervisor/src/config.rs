@@ -67,8 +67,34 @@ pub struct HostConfig {
     /// `user`, or `user = "root"`, is a configuration error naming it unless this is true.
     #[serde(default)]
     pub allow_root: bool,
+    /// Whether starting instances get a cgroup of their own with a low CPU weight: `auto` (where the
+    /// host lets sluice make one) or `off` (the default).
+    #[serde(default)]
+    pub cgroups: CgroupsMode,
+    /// Name of the cgroup sluice owns, made under the daemon's own cgroup; one child per instance.
+    #[serde(default = "default_cgroup_parent")]
+    pub cgroup_parent: String,
     #[serde(default)]
     pub coordination: CoordinationConfig,
+}
+
+fn default_cgroup_parent() -> String {
+    "sluice".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Whether sluice puts instances into cgroups of its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupsMode {
+    Auto,
+    /// The default until serving instances leave the shared parent: under cgroup v1 the parent
+    /// competes with the rest of the host as one group (see docs/config.md).
+    #[default]
+    Off,
 }
 
 /// The iptables implementation sluice drives.
@@ -216,6 +242,8 @@ impl Default for HostConfig {
             shim_path: None,
             iptables: IptablesVariant::default(),
             allow_root: false,
+            cgroups: CgroupsMode::default(),
+            cgroup_parent: default_cgroup_parent(),
             coordination: CoordinationConfig::default(),
         }
     }
@@ -252,6 +280,24 @@ impl HostConfig {
         .flatten()
         {
             *dir = base.join(&*dir);
+        }
+        let parent = &config.cgroup_parent;
+        let parent_ok = !parent.is_empty()
+            && parent.len() <= 64
+            && !parent.starts_with('.')
+            && parent
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !parent_ok {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: line_of_key(&text, "cgroup_parent"),
+                key: "cgroup_parent".into(),
+                message: format!(
+                    "must be one directory name of at most 64 letters, digits, `-`, `_` or `.`, not starting with `.`: {}",
+                    crate::clip::clip(parent)
+                ),
+            });
         }
         if config.coordination.backend == Backend::Zookeeper
             && config.coordination.connect.is_none()
@@ -633,6 +679,10 @@ pub struct RestartConfig {
     /// The signal of the `signal` strategy.
     #[serde(default = "default_reload_signal")]
     pub reload_signal: Signal,
+    /// An instance that starts runs at a low CPU weight in a cgroup of its own until it is enabled,
+    /// so its start-up (a JVM's JIT and GC threads) takes only CPU the serving instances leave idle.
+    #[serde(default = "default_true")]
+    pub cpu_isolation: bool,
 }
 
 fn default_batch_size() -> BatchSpec {
@@ -653,6 +703,7 @@ impl Default for RestartConfig {
             drain_until: Default::default(),
             drain_timeout_ms: default_drain_timeout_ms(),
             reload_signal: default_reload_signal(),
+            cpu_isolation: true,
         }
     }
 }

@@ -140,11 +140,15 @@ pub async fn run(
             (Some(zk), Some(events))
         }
     };
+    // Before any shim is spawned: under cgroup v2 the daemon moves to a leaf of its own cgroup,
+    // and the shims it spawns must start there too.
+    let cgroups = crate::cgroup::detect(&host);
     let ctx = Arc::new(Context {
         host,
         shim_binary,
         iptables,
         coord,
+        cgroups,
     });
     let mut found = scan_shims(&ctx.host.shim_dir()).await;
     let mut daemon = Daemon {

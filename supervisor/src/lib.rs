@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod build;
+pub mod cgroup;
 pub mod cli;
 pub mod client;
 pub mod clip;

@@ -8,6 +8,7 @@
 //! recognised and dropped. The restart executor is in `service/restart.rs`, steering in
 //! `service/steer.rs`.
 
+mod cpu;
 mod deploy;
 mod restart;
 mod steer;
@@ -166,6 +167,8 @@ pub struct Context {
     pub iptables: Option<Iptables>,
     /// ZooKeeper, with the `zookeeper` backend.
     pub coord: Option<crate::coord::Zk>,
+    /// The parent cgroup of starting instances, or why there is none.
+    pub cgroups: crate::cgroup::Detected,
 }
 
 /// Status of one instance as `sluice status --json` shows it.
@@ -196,6 +199,10 @@ pub struct InstanceStatus {
     pub last_drain: Option<sluice_strategies::drain::Outcome>,
     /// The instance runs with an older configuration than the current one.
     pub outdated: bool,
+    /// The cgroup directory the instance runs in; `null` without CPU isolation.
+    pub cgroup: Option<String>,
+    /// `low` while it starts and warms up, `normal` once enabled; `null` without a cgroup.
+    pub cpu_weight: Option<&'static str>,
 }
 
 /// A restart in progress, as status shows it.
@@ -231,6 +238,9 @@ pub struct ServiceStatus {
     /// ZooKeeper nodes this service obeys whose ACL lets anyone write them (checked with a
     /// `digest_file`, after each connect): whoever reaches ZooKeeper can steer this service.
     pub world_writable_nodes: Vec<String>,
+    /// Why instances of a service with `restart.cpu_isolation` run without a cgroup (the host has
+    /// none for sluice, or making one failed).
+    pub cgroups_error: Option<String>,
 }
 
 /// Where one instance is in its life.
@@ -322,6 +332,13 @@ struct Instance {
     healthy: bool,
     warmup: Option<Summary>,
     last_drain: Option<sluice_strategies::drain::Outcome>,
+    /// The cgroup directory its process (or its last one) was placed in; removed when the
+    /// instance is gone for good.
+    cgroup: Option<PathBuf>,
+    /// The weight last written to that cgroup; `None` when unknown (adopted from an earlier daemon).
+    cpu_weight: Option<crate::cgroup::Weight>,
+    /// Why its last start or weight change could not use a cgroup.
+    cgroup_error: Option<String>,
 }
 
 impl Instance {
@@ -341,6 +358,9 @@ impl Instance {
             healthy: false,
             warmup: None,
             last_drain: None,
+            cgroup: None,
+            cpu_weight: None,
+            cgroup_error: None,
         }
     }
 }
@@ -350,6 +370,8 @@ enum Event {
         index: u32,
         generation: u64,
         result: Result<(ShimInfo, bool), ShimError>,
+        /// The cgroup made for it (`None`: not wanted).
+        cgroup: Option<Result<PathBuf, String>>,
     },
     Exited {
         index: u32,
@@ -455,6 +477,7 @@ pub fn spawn(
         exec: restart::Executor::default(),
         restart_replies: Vec::new(),
         coord: deploy::Coordination::default(),
+        cgroup_removals: BTreeMap::new(),
     };
     service.adopt(found);
     tokio::spawn(service.run(rx, events));
@@ -481,6 +504,9 @@ struct Service {
     restart_replies: Vec<Reply<String>>,
     /// Desired build, deploy in progress, fleet slot, status publishing.
     coord: deploy::Coordination,
+    /// Removals of instance cgroups in progress, by index: a new start of the index waits for its
+    /// removal, and the task does not end before they finish.
+    cgroup_removals: BTreeMap<u32, tokio::task::JoinHandle<()>>,
 }
 
 fn now_ms() -> u64 {
@@ -524,6 +550,7 @@ impl Service {
                 && self.instances.values().all(|i| !i.phase.has_process())
             {
                 let (forget, reply) = self.stopping_all.take().expect("checked above");
+                self.finish_cgroup_removals().await;
                 if forget {
                     self.forget().await;
                 }
@@ -653,6 +680,7 @@ impl Service {
         for (index, status) in found {
             let mut instance = Instance::new(index);
             instance.generation = 1;
+            instance.cgroup = self.existing_cgroup(index);
             match status {
                 Status::Running {
                     shim_pid,
@@ -729,6 +757,7 @@ impl Service {
                 if phase.has_process() {
                     self.stop(index, AfterStop::Remove, true);
                 } else {
+                    self.remove_cgroup(index);
                     self.instances.remove(&index);
                 }
             } else if self.desired_up(index) {
@@ -1003,6 +1032,9 @@ impl Service {
         let releasing = instance.releasing.take();
         let shim_binary = self.ctx.shim_binary.clone();
         let events = self.events_tx.clone();
+        let cgroups = self.cgroups_wanted().cloned();
+        let removal = self.cgroup_removals.remove(&index);
+        let service = self.name.clone();
         for log in [&spec.stdout_log, &spec.stderr_log] {
             if let Some(dir) = log.parent()
                 && let Err(e) = std::fs::create_dir_all(dir)
@@ -1014,8 +1046,23 @@ impl Service {
             if let Some(releasing) = releasing {
                 let _ = releasing.await;
             }
+            // A removal of the index's cgroup must not race its making: stop it, and wait until it
+            // is really gone (a removal stopped half-way leaves the directory, which is reused).
+            if let Some(removal) = removal {
+                removal.abort();
+                let _ = removal.await;
+            }
+            let cgroup = cgroups.map(|c| c.prepare(&service, index, crate::cgroup::Weight::Low));
+            let cgroup_dir = cgroup.as_ref().and_then(|c| c.as_ref().ok());
             let tag = spec.tag();
-            let result = match shim::spawn(&shim_binary, &paths, &spec).await {
+            let result = match shim::spawn(
+                &shim_binary,
+                &paths,
+                &spec,
+                cgroup_dir.map(PathBuf::as_path),
+            )
+            .await
+            {
                 Ok((shim_pid, pid)) => Ok((
                     ShimInfo {
                         shim_pid,
@@ -1035,6 +1082,7 @@ impl Service {
                     index,
                     generation,
                     result,
+                    cgroup,
                 })
                 .await;
         });
@@ -1209,6 +1257,29 @@ impl Service {
         if instance.generation != generation {
             return;
         }
+        if let Event::Spawned { cgroup, .. } = &event {
+            instance.cpu_weight = None;
+            match cgroup {
+                Some(Ok(dir)) => {
+                    instance.cgroup = Some(dir.clone());
+                    instance.cpu_weight = Some(crate::cgroup::Weight::Low);
+                    instance.cgroup_error = None;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(service = %self.name, index, "{e}; the instance runs without cpu isolation");
+                    instance.cgroup_error = Some(e.clone());
+                }
+                None => instance.cgroup_error = None,
+            }
+        }
+        // Started without a cgroup (isolation turned off meanwhile, or making it failed): the
+        // directory of its previous process is empty now and goes.
+        if matches!(&event, Event::Spawned { cgroup, .. } if !matches!(cgroup, Some(Ok(_)))) {
+            self.remove_cgroup(index);
+        }
+        let Some(instance) = self.instances.get_mut(&index) else {
+            return;
+        };
         match event {
             Event::Spawned { result, .. } => match result {
                 Ok((info, adopted)) => {
@@ -1329,6 +1400,7 @@ impl Service {
         if was == Phase::Stopping {
             match after {
                 AfterStop::Remove => {
+                    self.remove_cgroup(index);
                     self.instances.remove(&index);
                 }
                 AfterStop::Start(version) if desired_up => self.start(index, version),
@@ -1390,6 +1462,7 @@ impl Service {
     /// host's status in ZooKeeper.
     fn after_change(&mut self) {
         self.sync_steering();
+        self.sync_cgroups();
         self.maybe_deploy();
         self.publish_status();
         let instances = &self.instances;
@@ -1492,6 +1565,11 @@ impl Service {
                 warmup: i.warmup.clone(),
                 last_drain: i.last_drain,
                 outdated: self.is_outdated(i),
+                cgroup: i.cgroup.as_ref().map(|d| d.display().to_string()),
+                cpu_weight: i.cgroup.as_ref().and(i.cpu_weight).map(|w| match w {
+                    crate::cgroup::Weight::Low => "low",
+                    crate::cgroup::Weight::Normal => "normal",
+                }),
             })
             .collect();
         ServiceStatus {
@@ -1515,6 +1593,7 @@ impl Service {
             deploy_error: self.coord.last_error.clone(),
             config_error: self.coord.config_error.clone(),
             world_writable_nodes: self.coord.world_writable.clone(),
+            cgroups_error: self.cgroups_error(),
         }
     }
 }

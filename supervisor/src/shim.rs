@@ -63,6 +63,7 @@ pub async fn spawn(
     shim_binary: &Path,
     paths: &ShimPaths,
     spec: &InstanceSpec,
+    cgroup: Option<&Path>,
 ) -> Result<(u32, u32), ShimError> {
     let instance = format!("{}/{}", spec.service, spec.index);
     let spawn_err = |message: String| ShimError::Spawn {
@@ -102,6 +103,9 @@ pub async fn spawn(
     }
     if let Some(nofile) = spec.nofile {
         cmd.arg("--nofile").arg(nofile.to_string());
+    }
+    if let Some(dir) = cgroup {
+        cmd.arg("--cgroup").arg(dir);
     }
     cmd.arg("--").args(&spec.argv);
     cmd.env_clear()

@@ -321,9 +321,14 @@ impl Host {
         let host_file = root.join("sluice.toml");
         // Relative paths are relative to the host file, which keeps the file short and the paths
         // (unix socket paths are limited to 107 bytes) short.
+        // As root, instances get cgroups: under a parent named after this host's temp dir, so that
+        // hosts of parallel tests with the same service names never share one; teardown removes it.
         fs::write(
             &host_file,
-            "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\nallow_root = true\n",
+            format!(
+                "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\nallow_root = true\ncgroup_parent = \"{}\"\n",
+                cgroup_parent_of(&root)
+            ),
         )
         .expect("writing the host file");
         Host {
@@ -659,6 +664,11 @@ impl Host {
     }
 
     fn teardown(&self) {
+        self.kill_everything();
+        remove_cgroup_parent(&cgroup_parent_of(&self.root));
+    }
+
+    fn kill_everything(&self) {
         let daemon_alive = {
             let mut daemon = self.daemon.lock().unwrap();
             daemon
@@ -712,6 +722,42 @@ impl Drop for Host {
             }
         }
     }
+}
+
+/// The `cgroup_parent` of a host's default host file: its temp dir's name.
+fn cgroup_parent_of(root: &Path) -> String {
+    root.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .expect("a temp dir has a name")
+}
+
+/// Removes a host's cgroup parent (its instance cgroups first) from the v1 `cpu` hierarchy at
+/// the test process's own cgroup, where the daemon made it. Best effort: teardown never panics.
+fn remove_cgroup_parent(name: &str) {
+    let Ok(own) = fs::read_to_string("/proc/self/cgroup") else {
+        return;
+    };
+    let Some(own) = own.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "cpu")
+            .then(|| path.to_owned())
+    }) else {
+        return;
+    };
+    let dir = Path::new("/sys/fs/cgroup/cpu")
+        .join(own.trim_start_matches('/'))
+        .join(name);
+    if let Ok(entries) = fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            if entry.path().is_dir() {
+                let _ = fs::remove_dir(entry.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(&dir);
 }
 
 /// `/proc` scans: pids, parents, process groups, states and command lines.

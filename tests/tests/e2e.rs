@@ -5,6 +5,7 @@
 //! so nextest runs them in parallel.
 
 mod e2e {
+    mod cgroup;
     mod deploy;
     mod drain;
     mod identity;

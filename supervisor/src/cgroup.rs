@@ -1,0 +1,461 @@
+//! CPU isolation of starting instances: one cgroup per instance under a parent sluice owns, found
+//! at start-up on cgroup v2 (the `cpu` controller delegated to the daemon, `Delegate=yes`) or v1
+//! (the `cpu` controller's own hierarchy), with a low weight until the instance is enabled.
+//!
+//! Layout: `<cpu hierarchy><daemon's cgroup>/<cgroup_parent>/<service>@<index>`. Each instance has a
+//! directory of its own, so a later change can also kill an instance's whole process tree through
+//! it; a directory is removed when its instance is gone for good.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::clip::clip;
+use crate::config::{CgroupsMode, HostConfig};
+
+/// v1 `cpu.shares` of a starting instance: the kernel's minimum.
+pub const V1_LOW_SHARES: u32 = 2;
+/// v1 `cpu.shares` of an enabled instance: the kernel's default.
+pub const V1_NORMAL_SHARES: u32 = 1024;
+/// v2 `cpu.weight` of a starting instance: the minimum.
+pub const V2_LOW_WEIGHT: u32 = 1;
+/// v2 `cpu.weight` of an enabled instance: the default.
+pub const V2_NORMAL_WEIGHT: u32 = 100;
+/// Pause between attempts to remove an instance's cgroup whose last processes are still exiting.
+pub const REMOVE_RETRY_MS: u64 = 50;
+/// Attempts to remove an instance's cgroup before giving up (about 2 s at `REMOVE_RETRY_MS`).
+pub const REMOVE_ATTEMPTS: u32 = 40;
+
+/// Which cgroup version the host runs the `cpu` controller under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+/// The CPU weight an instance should have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weight {
+    /// Starting or warming up, not yet enabled: only CPU that serving instances leave idle.
+    Low,
+    /// Enabled (or draining after having served): the same weight as any other process group.
+    Normal,
+}
+
+impl Weight {
+    /// The value written to `cpu.shares` (v1) or `cpu.weight` (v2).
+    pub fn value(self, version: Version) -> u32 {
+        match (self, version) {
+            (Weight::Low, Version::V1) => V1_LOW_SHARES,
+            (Weight::Normal, Version::V1) => V1_NORMAL_SHARES,
+            (Weight::Low, Version::V2) => V2_LOW_WEIGHT,
+            (Weight::Normal, Version::V2) => V2_NORMAL_WEIGHT,
+        }
+    }
+}
+
+/// What start-up found: cgroups to use, cgroups turned off, or why there are none.
+#[derive(Debug, Clone)]
+pub enum Detected {
+    Ready(Cgroups),
+    Off,
+    Unavailable(String),
+}
+
+impl Detected {
+    pub fn cgroups(&self) -> Option<&Cgroups> {
+        match self {
+            Detected::Ready(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Why instances run without a cgroup, for status; `None` when they have one or it is off.
+    pub fn error(&self) -> Option<String> {
+        match self {
+            Detected::Unavailable(reason) => Some(reason.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// The parent cgroup sluice owns, ready for instance cgroups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroups {
+    pub version: Version,
+    /// `<cpu hierarchy><daemon's cgroup>/<cgroup_parent>`.
+    pub root: PathBuf,
+}
+
+/// Finds the `cpu` controller and makes the parent cgroup; never fails the daemon.
+pub fn detect(host: &HostConfig) -> Detected {
+    if host.cgroups == CgroupsMode::Off {
+        return Detected::Off;
+    }
+    let read = |path: &str| {
+        std::fs::read_to_string(path).map_err(|e| format!("cgroups: cannot read {path}: {e}"))
+    };
+    let found = read("/proc/self/mountinfo").and_then(|mountinfo| {
+        let own = read("/proc/self/cgroup")?;
+        let mounts = parse_mountinfo(&mountinfo);
+        setup(&mounts, &own, &host.cgroup_parent)
+    });
+    match found {
+        Ok(cgroups) => {
+            tracing::info!(root = %cgroups.root.display(), version = ?cgroups.version, "cgroups for starting instances");
+            Detected::Ready(cgroups)
+        }
+        Err(reason) => {
+            tracing::warn!("{reason}; instances run without cpu isolation");
+            Detected::Unavailable(reason)
+        }
+    }
+}
+
+/// The cgroup mounts of interest: (mount point, root of the mount inside the hierarchy).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Mounts {
+    pub v1_cpu: Option<(PathBuf, String)>,
+    pub v2: Option<(PathBuf, String)>,
+}
+
+/// Reads `/proc/self/mountinfo`: a cgroup v1 mount whose options name the `cpu` controller, and the
+/// cgroup2 mount. Octal escapes in mount points (`\040` for a space) are decoded.
+pub fn parse_mountinfo(text: &str) -> Mounts {
+    let mut mounts = Mounts::default();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fields: Vec<&str> = left.split(' ').collect();
+        let right: Vec<&str> = right.split(' ').collect();
+        let (Some(root), Some(point), Some(fstype)) = (fields.get(3), fields.get(4), right.first())
+        else {
+            continue;
+        };
+        let entry = (PathBuf::from(unescape(point)), unescape(root));
+        match *fstype {
+            "cgroup2" if mounts.v2.is_none() => mounts.v2 = Some(entry),
+            "cgroup"
+                if mounts.v1_cpu.is_none()
+                    && right
+                        .get(2)
+                        .is_some_and(|o| o.split(',').any(|opt| opt == "cpu")) =>
+            {
+                mounts.v1_cpu = Some(entry)
+            }
+            _ => {}
+        }
+    }
+    mounts
+}
+
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let code = bytes[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
+            if let Ok(code) = u8::try_from(code) {
+                out.push(code);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The daemon's cgroup path in the v1 `cpu` hierarchy, or in the v2 one, from `/proc/self/cgroup`.
+pub fn own_path(proc_cgroup: &str, version: Version) -> Option<String> {
+    proc_cgroup.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let wanted = match version {
+            Version::V2 => id == "0" && controllers.is_empty(),
+            Version::V1 => controllers.split(',').any(|c| c == "cpu"),
+        };
+        wanted.then(|| path.to_owned())
+    })
+}
+
+/// The directory of cgroup `path` (as `/proc/self/cgroup` names it) under a mount whose root in
+/// the hierarchy is `mount_root`.
+fn under_mount(point: &Path, mount_root: &str, path: &str) -> Option<PathBuf> {
+    let rel = if mount_root == "/" {
+        path
+    } else {
+        let rest = path.strip_prefix(mount_root)?;
+        if !(rest.is_empty() || rest.starts_with('/')) {
+            return None;
+        }
+        rest
+    };
+    Some(point.join(rel.trim_start_matches('/')))
+}
+
+/// The name of the v2 leaf the daemon and its shims move to.
+pub fn daemon_leaf(parent: &str) -> String {
+    format!("{parent}-daemon")
+}
+
+fn setup(mounts: &Mounts, proc_cgroup: &str, parent: &str) -> Result<Cgroups, String> {
+    let mut v2_reason = None;
+    if let Some((point, mount_root)) = &mounts.v2 {
+        match setup_v2(point, mount_root, proc_cgroup, parent) {
+            Ok(c) => return Ok(c),
+            Err(e) => v2_reason = Some(e),
+        }
+    }
+    if let Some((point, mount_root)) = &mounts.v1_cpu {
+        let own = own_path(proc_cgroup, Version::V1)
+            .ok_or("cgroups: /proc/self/cgroup names no cgroup of the v1 cpu controller")?;
+        let own_dir = under_mount(point, mount_root, &own).ok_or_else(|| {
+            format!(
+                "cgroups: the daemon's cgroup {} is outside the cpu mount {}",
+                clip(&own),
+                point.display()
+            )
+        })?;
+        let root = own_dir.join(parent);
+        make_dir(&root)?;
+        return Ok(Cgroups {
+            version: Version::V1,
+            root,
+        });
+    }
+    Err(v2_reason.unwrap_or_else(|| "cgroups: no cgroup hierarchy with the cpu controller".into()))
+}
+
+fn setup_v2(
+    point: &Path,
+    mount_root: &str,
+    proc_cgroup: &str,
+    parent: &str,
+) -> Result<Cgroups, String> {
+    let own = own_path(proc_cgroup, Version::V2)
+        .ok_or("cgroups: /proc/self/cgroup names no cgroup2 path")?;
+    let mut own_dir = under_mount(point, mount_root, &own).ok_or_else(|| {
+        format!(
+            "cgroups: the daemon's cgroup {} is outside the cgroup2 mount {}",
+            clip(&own),
+            point.display()
+        )
+    })?;
+    // A daemon started inside its own leaf (by hand, from a shell that was moved) owns its parent.
+    let leaf = daemon_leaf(parent);
+    if own_dir.file_name().is_some_and(|n| n == leaf.as_str()) {
+        own_dir.pop();
+    }
+    let controllers = read_file(&own_dir.join("cgroup.controllers"))?;
+    if !controllers.split_whitespace().any(|c| c == "cpu") {
+        return Err(format!(
+            "cgroups: the cpu controller is not delegated to {} (cgroup v2 needs Delegate=yes in sluice.service)",
+            own_dir.display()
+        ));
+    }
+    // A cgroup with processes cannot hand controllers to its children ("no internal processes"),
+    // so everything in the daemon's cgroup (itself, shims of an earlier daemon) moves to a leaf.
+    // The root cgroup is exempt, and its processes are not ours to move.
+    if own_dir != point {
+        let leaf_dir = own_dir.join(&leaf);
+        make_dir(&leaf_dir)?;
+        let procs = read_file(&own_dir.join("cgroup.procs"))?;
+        for pid in procs.split_whitespace() {
+            match std::fs::write(leaf_dir.join("cgroup.procs"), pid) {
+                // Gone meanwhile.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => {
+                    return Err(format!(
+                        "cgroups: cannot move pid {pid} to {}: {e}",
+                        leaf_dir.display()
+                    ));
+                }
+                Ok(()) => {}
+            }
+        }
+    }
+    enable_cpu(&own_dir)?;
+    let root = own_dir.join(parent);
+    make_dir(&root)?;
+    enable_cpu(&root)?;
+    Ok(Cgroups {
+        version: Version::V2,
+        root,
+    })
+}
+
+fn enable_cpu(dir: &Path) -> Result<(), String> {
+    let path = dir.join("cgroup.subtree_control");
+    if read_file(&path)?.split_whitespace().any(|c| c == "cpu") {
+        return Ok(());
+    }
+    std::fs::write(&path, "+cpu")
+        .map_err(|e| format!("cgroups: writing +cpu to {}: {e}", path.display()))
+}
+
+fn make_dir(dir: &Path) -> Result<(), String> {
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() != ErrorKind::AlreadyExists => {
+            Err(format!("cgroups: cannot make {}: {e}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn read_file(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| format!("cgroups: cannot read {}: {e}", path.display()))
+}
+
+impl Cgroups {
+    /// The directory of one instance's cgroup.
+    pub fn dir(&self, service: &str, index: u32) -> PathBuf {
+        self.root.join(format!("{service}@{index}"))
+    }
+
+    /// Makes the instance's cgroup (kept if it exists) with `weight`, and returns its directory,
+    /// which the shim's child joins before it execs.
+    pub fn prepare(&self, service: &str, index: u32, weight: Weight) -> Result<PathBuf, String> {
+        let dir = self.dir(service, index);
+        make_dir(&dir)?;
+        self.set_weight(&dir, weight)?;
+        Ok(dir)
+    }
+
+    /// Sets the weight of the cgroup `dir`. Idle first (cleared), then the weight, then idle (set):
+    /// the kernel refuses a weight on an idle group and resets it when the group leaves idle.
+    pub fn set_weight(&self, dir: &Path, weight: Weight) -> Result<(), String> {
+        let idle = dir.join("cpu.idle");
+        let has_idle = idle.exists();
+        if has_idle && weight == Weight::Normal {
+            write(&idle, "0")?;
+        }
+        let file = match self.version {
+            Version::V1 => "cpu.shares",
+            Version::V2 => "cpu.weight",
+        };
+        let current = read_file(&dir.join(file))?;
+        // An idle group reports its internal weight and refuses writes; it is already as low as it
+        // gets.
+        let idle_now = has_idle && read_file(&idle)?.trim() == "1";
+        if !idle_now && current.trim() != weight.value(self.version).to_string() {
+            write(&dir.join(file), &weight.value(self.version).to_string())?;
+        }
+        if has_idle && weight == Weight::Low && !idle_now {
+            write(&idle, "1")?;
+        }
+        Ok(())
+    }
+
+    /// Removes the instance's cgroup once its last process is gone, retrying while processes of
+    /// the instance's group are still exiting. A cgroup that was never made is fine.
+    pub async fn remove(&self, dir: &Path) -> Result<(), String> {
+        let mut last = None;
+        for attempt in 0..REMOVE_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(REMOVE_RETRY_MS)).await;
+            }
+            match std::fs::remove_dir(dir) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        let pids = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        Err(format!(
+            "cgroups: cannot remove {} after {REMOVE_ATTEMPTS} attempts ({}); processes left: {}",
+            dir.display(),
+            last.map_or_else(String::new, |e| e.to_string()),
+            clip(&pids.split_whitespace().collect::<Vec<_>>().join(" "))
+        ))
+    }
+}
+
+fn write(path: &Path, value: &str) -> Result<(), String> {
+    std::fs::write(path, value)
+        .map_err(|e| format!("cgroups: writing {value} to {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn finds_the_cpu_hierarchies() {
+        let mounts = parse_mountinfo(MOUNTINFO);
+        assert_eq!(
+            mounts.v1_cpu,
+            Some((PathBuf::from("/sys/fs/cgroup/cpu"), "/".into()))
+        );
+        assert_eq!(
+            mounts.v2,
+            Some((PathBuf::from("/sys/fs/cgroup/unified"), "/".into()))
+        );
+        // Debian 12: unified only; cpu,cpuacct co-mounted on older hosts.
+        let unified = "25 20 0:23 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        let mounts = parse_mountinfo(unified);
+        assert_eq!(mounts.v1_cpu, None);
+        assert_eq!(mounts.v2.unwrap().0, PathBuf::from("/sys/fs/cgroup"));
+        let comounted =
+            "32 31 0:29 /ctr /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpuacct,cpu\n";
+        assert_eq!(
+            parse_mountinfo(comounted).v1_cpu,
+            Some((PathBuf::from("/sys/fs/cgroup/cpu,cpuacct"), "/ctr".into()))
+        );
+        let cpuset_only = "34 31 0:31 / /sys/fs/cgroup/cpuset rw - cgroup cgroup rw,cpuset\n";
+        assert_eq!(parse_mountinfo(cpuset_only).v1_cpu, None);
+        assert_eq!(unescape(r"/a\040b"), "/a b");
+    }
+
+    #[test]
+    fn finds_the_daemons_own_cgroup() {
+        let text = "9:name=systemd:/system.slice/sluice.service\n2:cpuacct,cpu:/system.slice/sluice.service\n0::/system.slice/sluice.service\n";
+        assert_eq!(
+            own_path(text, Version::V1).as_deref(),
+            Some("/system.slice/sluice.service")
+        );
+        assert_eq!(
+            own_path(text, Version::V2).as_deref(),
+            Some("/system.slice/sluice.service")
+        );
+        assert_eq!(own_path("2:cpuacct:/\n0::/x\n", Version::V1), None);
+        let point = Path::new("/sys/fs/cgroup/cpu");
+        assert_eq!(
+            under_mount(point, "/", "/a/b"),
+            Some(PathBuf::from("/sys/fs/cgroup/cpu/a/b"))
+        );
+        assert_eq!(under_mount(point, "/", "/"), Some(point.to_path_buf()));
+        assert_eq!(
+            under_mount(point, "/ctr", "/ctr/a"),
+            Some(PathBuf::from("/sys/fs/cgroup/cpu/a"))
+        );
+        assert_eq!(under_mount(point, "/ctr", "/ctrl/a"), None);
+    }
+
+    #[test]
+    fn weights() {
+        assert_eq!(Weight::Low.value(Version::V1), 2);
+        assert_eq!(Weight::Normal.value(Version::V1), 1024);
+        assert_eq!(Weight::Low.value(Version::V2), 1);
+        assert_eq!(Weight::Normal.value(Version::V2), 100);
+    }
+}

@@ -1,0 +1,365 @@
+//! CPU isolation of starting instances (issue 7): during a drain restart the new process runs in
+//! its instance's cgroup at the lowest CPU weight while it starts and warms up, at the normal
+//! weight once it is enabled, and the cgroup goes when the instance is stopped or removed.
+//! Needs root and the cgroup v1 `cpu` controller (CI has both); each test owns a cgroup parent.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sluice_tests::netns::Netns;
+use sluice_tests::{Host, PATIENCE, Status, fixtures, require_root};
+
+/// Where the v1 `cpu` controller is mounted on the test machines.
+const CPU_MOUNT: &str = "/sys/fs/cgroup/cpu";
+/// How long the service sleeps before it listens: long enough to see it starting.
+const START_DELAY_S: &str = "2";
+/// The same for the test that restarts the daemon while instances start: room for a daemon start.
+const SLOW_START_DELAY_S: &str = "6";
+/// How long each warm-up request takes; the warm-up is 8 of them, one at a time.
+const REQUEST_DELAY_S: &str = "0.25";
+/// Longest wait for one restart of one slow-starting instance on a loaded machine.
+const RESTART_PATIENCE: Duration = Duration::from_secs(90);
+
+/// The cgroup parent one test owns, removed (children first) when the test ends, pass or fail.
+struct CgroupParent {
+    name: String,
+    dir: PathBuf,
+}
+
+impl CgroupParent {
+    /// `None` (after saying why) when the machine has no writable v1 `cpu` controller outside CI.
+    fn new(tag: &str) -> Option<CgroupParent> {
+        let present = Path::new(CPU_MOUNT).join("cpu.shares").exists();
+        if !fixtures::require(
+            "the cgroup v1 cpu controller at /sys/fs/cgroup/cpu",
+            present,
+        ) {
+            return None;
+        }
+        let own = std::fs::read_to_string("/proc/self/cgroup").expect("reading /proc/self/cgroup");
+        let own = own
+            .lines()
+            .find_map(|l| {
+                let mut parts = l.splitn(3, ':');
+                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                controllers
+                    .split(',')
+                    .any(|c| c == "cpu")
+                    .then(|| path.to_owned())
+            })
+            .expect("a cpu line in /proc/self/cgroup");
+        let name = format!("sluice-test-{tag}-{}", std::process::id());
+        let dir = Path::new(CPU_MOUNT)
+            .join(own.trim_start_matches('/'))
+            .join(&name);
+        Some(CgroupParent { name, dir })
+    }
+
+    fn instance(&self, service: &str, index: u32) -> PathBuf {
+        self.dir.join(format!("{service}@{index}"))
+    }
+}
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                if entry.path().is_dir() {
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        .trim()
+        .to_owned()
+}
+
+/// The cgroup of `pid` in the `cpu` hierarchy, as `/proc/<pid>/cgroup` names it.
+fn cpu_cgroup_of(pid: i32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "cpu")
+            .then(|| path.to_owned())
+    })
+}
+
+/// `cpu.shares` of a cgroup, and whether it is idle (`cpu.idle` 1; absent on older kernels).
+fn weight_of(dir: &Path) -> (u32, bool) {
+    let shares = read(&dir.join("cpu.shares"))
+        .parse()
+        .expect("cpu.shares is a number");
+    let idle = dir.join("cpu.idle");
+    (shares, idle.exists() && read(&idle) == "1")
+}
+
+/// The lowest weight: shares at the minimum (an idle group reads as 3, the kernel's idle weight).
+fn is_low(dir: &Path) -> bool {
+    let (shares, idle) = weight_of(dir);
+    shares <= 3 && (idle || !dir.join("cpu.idle").exists())
+}
+
+fn is_normal(dir: &Path) -> bool {
+    weight_of(dir) == (1024, false)
+}
+
+fn service(port_base: u16, front: u16, start_delay_s: &str) -> String {
+    format!(
+        r#"command = ["python3", "{app}", "{{port}}"]
+instances = 2
+port_base = {port_base}
+front_port = {front}
+startup_ms = 500
+stop_grace_ms = 3000
+env = {{ START_DELAY_S = "{start_delay_s}", REQUEST_DELAY_S = "{REQUEST_DELAY_S}" }}
+[restart]
+strategy = "drain"
+drain_timeout_ms = 1000
+[health]
+http = "/health"
+start_timeout_ms = 30000
+[warmup]
+requests = ["GET /work"]
+count = 8
+concurrency = 1
+"#,
+        app = fixtures::dir().join("slow_start_app.py").display(),
+    )
+}
+
+fn both_enabled(s: &Status) -> bool {
+    let instances = s.instances("slow");
+    instances.len() == 2
+        && instances
+            .iter()
+            .all(|i| i["state"] == "running" && i["enabled"] == true)
+        && !s.restart_in_progress("slow")
+}
+
+#[track_caller]
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_starting_instance_runs_at_the_lowest_cpu_weight_until_it_is_enabled() {
+    if !require_root() {
+        return;
+    }
+    let Some(parent) = CgroupParent::new("drain") else {
+        return;
+    };
+    let ns = Netns::new();
+    let h = Host::new().in_netns(&ns);
+    h.write_host_file(&format!(
+        "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\ncgroups = \"auto\"\ncgroup_parent = \"{}\"\n",
+        parent.name
+    ));
+    h.service("slow", &service(9100, 9000, START_DELAY_S));
+    h.start_daemon();
+    let before = h.wait_until(both_enabled, PATIENCE * 3);
+    for i in 0..2 {
+        let dir = parent.instance("slow", i);
+        let pid = before.pid("slow", i).expect("a pid");
+        h.note_pids(&[pid]);
+        assert_eq!(
+            cpu_cgroup_of(pid)
+                .as_deref()
+                .map(|p| p.ends_with(&format!("/{}/slow@{i}", parent.name))),
+            Some(true),
+            "instance {i} (pid {pid}) is in its cgroup: {:?}",
+            cpu_cgroup_of(pid)
+        );
+        assert!(
+            is_normal(&dir),
+            "enabled instance {i}: {:?}",
+            weight_of(&dir)
+        );
+        assert_eq!(
+            before.instance("slow", i)["cpu_weight"],
+            "normal",
+            "{}",
+            before.instance("slow", i)
+        );
+    }
+    assert!(
+        before.service("slow")["cgroups_error"].is_null(),
+        "{before}"
+    );
+
+    // A drain restart: each new process must be seen low while it starts (no listener yet) and
+    // while it warms up, and normal once enabled.
+    let restart = {
+        let mut cmd = h.sluice_command(&["restart", "slow"]);
+        cmd.stdout(std::process::Stdio::null());
+        cmd.stderr(std::process::Stdio::null());
+        cmd.spawn().expect("spawning `sluice restart`")
+    };
+    let mut restart = Guard(restart);
+    let old: Vec<i32> = before.pids("slow").into_iter().flatten().collect();
+    let mut seen_starting = [false; 2];
+    let mut seen_warming = [false; 2];
+    let deadline = Instant::now() + RESTART_PATIENCE * 2;
+    loop {
+        let s = h.status();
+        for i in 0..2u32 {
+            let inst = s.instance("slow", i);
+            let Some(pid) = s.pid("slow", i) else {
+                continue;
+            };
+            if old.contains(&pid) || inst["enabled"] == true {
+                continue;
+            }
+            h.note_pids(&[pid]);
+            let dir = parent.instance("slow", i);
+            let Some(cgroup) = cpu_cgroup_of(pid) else {
+                continue;
+            };
+            assert!(
+                cgroup.ends_with(&format!("/{}/slow@{i}", parent.name)),
+                "new instance {i} (pid {pid}) runs in its cgroup from its first instruction: {cgroup}"
+            );
+            // Re-read the status after the weight: an enable may land between the two reads.
+            let low = is_low(&dir);
+            let again = h.status();
+            if again.pid("slow", i) != Some(pid) || again.instance("slow", i)["enabled"] == true {
+                continue;
+            }
+            assert!(
+                low,
+                "starting/warming instance {i}: {:?}\n{s}",
+                weight_of(&dir)
+            );
+            assert_eq!(again.instance("slow", i)["cpu_weight"], "low", "{again}");
+            match again.service("slow")["restart"]["step"].as_str() {
+                Some("warming") => seen_warming[i as usize] = true,
+                Some("starting" | "checking") => seen_starting[i as usize] = true,
+                _ => {}
+            }
+        }
+        if both_enabled(&s) && s.pids("slow").iter().flatten().all(|p| !old.contains(p)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restart not done in time\n{s}\n{}",
+            h.daemon_log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let code = restart.0.wait().expect("waiting for `sluice restart`");
+    assert!(code.success(), "sluice restart: {code}");
+    assert_eq!(
+        seen_starting,
+        [true, true],
+        "each new instance was seen starting at low weight"
+    );
+    assert_eq!(
+        seen_warming,
+        [true, true],
+        "each new instance was seen warming at low weight"
+    );
+
+    let after = h.status();
+    for i in 0..2 {
+        let dir = parent.instance("slow", i);
+        assert!(
+            is_normal(&dir),
+            "re-enabled instance {i}: {:?}",
+            weight_of(&dir)
+        );
+        let pid = after.pid("slow", i).expect("a pid");
+        assert_eq!(
+            cpu_cgroup_of(pid).map(|p| p.ends_with(&format!("/{}/slow@{i}", parent.name))),
+            Some(true)
+        );
+    }
+
+    // Stopped for good: the cgroups go. Started again: they come back. Removed: they go.
+    h.sluice(&["stop", "slow"]).success();
+    for i in 0..2 {
+        let dir = parent.instance("slow", i);
+        wait_for(
+            &format!("{} removed after stop", dir.display()),
+            PATIENCE,
+            || !dir.exists(),
+        );
+    }
+    h.sluice(&["start", "slow"]).success();
+    h.wait_until(both_enabled, PATIENCE * 3);
+    assert!(parent.instance("slow", 0).is_dir() && parent.instance("slow", 1).is_dir());
+    std::fs::remove_file(h.service_file("slow")).expect("removing the service file");
+    h.sluice(&["reload"]).success();
+    for i in 0..2 {
+        let dir = parent.instance("slow", i);
+        wait_for(
+            &format!("{} removed with its service", dir.display()),
+            PATIENCE,
+            || !dir.exists(),
+        );
+    }
+}
+
+/// A brain killed while an instance starts re-applies the low weight from the instance's state,
+/// and raises it once the instance is enabled.
+#[test]
+fn a_restarted_daemon_reapplies_the_weight_from_the_instance_state() {
+    if !require_root() {
+        return;
+    }
+    let Some(parent) = CgroupParent::new("kill9") else {
+        return;
+    };
+    let ns = Netns::new();
+    let h = Host::new().in_netns(&ns);
+    h.write_host_file(&format!(
+        "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\ncgroups = \"auto\"\ncgroup_parent = \"{}\"\n",
+        parent.name
+    ));
+    h.service("slow", &service(9100, 9000, SLOW_START_DELAY_S));
+    h.start_daemon();
+    // Both start slowly: kill the brain while they do, and lift the weight behind its back, as a
+    // stale value a new brain must not trust.
+    h.wait_until(|s| s.pids("slow").iter().all(Option::is_some), PATIENCE * 3);
+    let dir = parent.instance("slow", 0);
+    assert!(is_low(&dir), "starting: {:?}", weight_of(&dir));
+    h.kill9_daemon();
+    let _ = std::fs::write(dir.join("cpu.idle"), "0");
+    std::fs::write(dir.join("cpu.shares"), "1024").expect("writing cpu.shares");
+    h.start_daemon();
+    let s = h.status();
+    if s.instance("slow", 0)["enabled"] != true {
+        wait_for("the new daemon lowers the weight again", PATIENCE, || {
+            is_low(&dir) || h.status().instance("slow", 0)["enabled"] == true
+        });
+    }
+    h.wait_until(both_enabled, PATIENCE * 3);
+    assert!(is_normal(&dir), "enabled: {:?}", weight_of(&dir));
+    h.sluice(&["stop", "slow"]).success();
+    wait_for("cgroup removed after stop", PATIENCE, || !dir.exists());
+}
+
+/// Kills and reaps the `sluice restart` child if the test fails before it finishes.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
