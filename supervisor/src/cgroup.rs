@@ -83,8 +83,12 @@ impl Detected {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cgroups {
     pub version: Version,
-    /// `<cpu hierarchy><daemon's cgroup>/<cgroup_parent>`.
+    /// `<cpu hierarchy><daemon's cgroup>/<cgroup_parent>`: itself at the lowest weight, so that
+    /// everything inside it together takes only CPU the rest of the host leaves idle.
     pub root: PathBuf,
+    /// Where the daemon and its shims run (v1: the daemon's own cgroup; v2: its leaf), and where an
+    /// instance's processes go back to once it is enabled.
+    pub home: PathBuf,
 }
 
 /// Finds the `cpu` controller and makes the parent cgroup; never fails the daemon.
@@ -229,10 +233,13 @@ fn setup(mounts: &Mounts, proc_cgroup: &str, parent: &str) -> Result<Cgroups, St
         })?;
         let root = own_dir.join(parent);
         make_dir(&root)?;
-        return Ok(Cgroups {
+        let cgroups = Cgroups {
             version: Version::V1,
             root,
-        });
+            home: own_dir,
+        };
+        cgroups.set_weight(&cgroups.root, Weight::Low)?;
+        return Ok(cgroups);
     }
     Err(v2_reason.unwrap_or_else(|| "cgroups: no cgroup hierarchy with the cpu controller".into()))
 }
@@ -267,6 +274,11 @@ fn setup_v2(
     // A cgroup with processes cannot hand controllers to its children ("no internal processes"),
     // so everything in the daemon's cgroup (itself, shims of an earlier daemon) moves to a leaf.
     // The root cgroup is exempt, and its processes are not ours to move.
+    let home = if own_dir != point {
+        own_dir.join(&leaf)
+    } else {
+        own_dir.clone()
+    };
     if own_dir != point {
         let leaf_dir = own_dir.join(&leaf);
         make_dir(&leaf_dir)?;
@@ -289,10 +301,13 @@ fn setup_v2(
     let root = own_dir.join(parent);
     make_dir(&root)?;
     enable_cpu(&root)?;
-    Ok(Cgroups {
+    let cgroups = Cgroups {
         version: Version::V2,
         root,
-    })
+        home,
+    };
+    cgroups.set_weight(&cgroups.root, Weight::Low)?;
+    Ok(cgroups)
 }
 
 fn enable_cpu(dir: &Path) -> Result<(), String> {
@@ -358,13 +373,19 @@ impl Cgroups {
         Ok(())
     }
 
-    /// Removes the instance's cgroup once its last process is gone, retrying while processes of
-    /// the instance's group are still exiting. A cgroup that was never made is fine.
+    /// Removes the instance's cgroup: whatever still runs in it (an instance just enabled, or the
+    /// last processes of one that is exiting) moves back to [`Cgroups::home`], then the directory
+    /// goes, retried while processes are still moving or forking. A cgroup that was never made is
+    /// fine.
     pub async fn remove(&self, dir: &Path) -> Result<(), String> {
         let mut last = None;
         for attempt in 0..REMOVE_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(REMOVE_RETRY_MS)).await;
+            }
+            if let Err(e) = self.move_home(dir) {
+                last = Some(std::io::Error::other(e));
+                continue;
             }
             match std::fs::remove_dir(dir) {
                 Ok(()) => return Ok(()),
@@ -379,6 +400,32 @@ impl Cgroups {
             last.map_or_else(String::new, |e| e.to_string()),
             clip(&pids.split_whitespace().collect::<Vec<_>>().join(" "))
         ))
+    }
+}
+
+impl Cgroups {
+    /// Moves every process of the cgroup `dir` to [`Cgroups::home`]; one that exits meanwhile is
+    /// fine. A process forked during the move may be left behind: the caller retries.
+    fn move_home(&self, dir: &Path) -> Result<(), String> {
+        let procs = match std::fs::read_to_string(dir.join("cgroup.procs")) {
+            Ok(procs) => procs,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("cgroups: cannot read {}: {e}", dir.display())),
+        };
+        let target = self.home.join("cgroup.procs");
+        for pid in procs.split_whitespace() {
+            match std::fs::write(&target, pid) {
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => {
+                    return Err(format!(
+                        "cgroups: cannot move pid {pid} to {}: {e}",
+                        self.home.display()
+                    ));
+                }
+                Ok(()) => {}
+            }
+        }
+        Ok(())
     }
 }
 

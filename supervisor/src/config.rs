@@ -67,8 +67,8 @@ pub struct HostConfig {
     /// `user`, or `user = "root"`, is a configuration error naming it unless this is true.
     #[serde(default)]
     pub allow_root: bool,
-    /// Whether starting instances get a cgroup of their own with a low CPU weight: `auto` (where the
-    /// host lets sluice make one) or `off` (the default).
+    /// Whether starting instances get a cgroup of their own with a low CPU weight: `auto` (the
+    /// default: where the host lets sluice make one) or `off`.
     #[serde(default)]
     pub cgroups: CgroupsMode,
     /// Name of the cgroup sluice owns, made under the daemon's own cgroup; one child per instance.
@@ -90,10 +90,10 @@ fn default_true() -> bool {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CgroupsMode {
-    Auto,
-    /// The default until serving instances leave the shared parent: under cgroup v1 the parent
-    /// competes with the rest of the host as one group (see docs/config.md).
+    /// Starting instances that have a serving sibling run in a low-weight cgroup where the host
+    /// lets sluice make one; everything else runs as it would without.
     #[default]
+    Auto,
     Off,
 }
 

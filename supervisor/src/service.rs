@@ -201,7 +201,8 @@ pub struct InstanceStatus {
     pub outdated: bool,
     /// The cgroup directory the instance runs in; `null` without CPU isolation.
     pub cgroup: Option<String>,
-    /// `low` while it starts and warms up, `normal` once enabled; `null` without a cgroup.
+    /// `low` while it starts and warms up beside a serving sibling; `null` otherwise (it then runs
+    /// outside sluice's cgroups, at the weight of any other process).
     pub cpu_weight: Option<&'static str>,
 }
 
@@ -1032,7 +1033,11 @@ impl Service {
         let releasing = instance.releasing.take();
         let shim_binary = self.ctx.shim_binary.clone();
         let events = self.events_tx.clone();
-        let cgroups = self.cgroups_wanted().cloned();
+        // Only an instance that has a serving sibling to yield to starts in a low-weight cgroup.
+        let cgroups = self
+            .cgroups_wanted()
+            .filter(|_| self.sibling_serving(index))
+            .cloned();
         let removal = self.cgroup_removals.remove(&index);
         let service = self.name.clone();
         for log in [&spec.stdout_log, &spec.stderr_log] {

@@ -38,11 +38,28 @@ impl Service {
         })
     }
 
-    /// Whether the instance is starting or warming up and not yet enabled: it then takes only CPU
-    /// that the serving instances leave idle. An instance that serves, or that leaves steering to be
-    /// drained (it still answers the requests in flight), runs at the normal weight.
+    /// Whether another instance of the service serves (in steering, or running and healthy for a
+    /// service without steering): only then is there anyone for a starting instance to yield to.
+    /// A first start of the whole service, or a restart of all at once, runs at the normal weight,
+    /// so a busy host cannot starve a service that has nothing else serving.
+    pub(super) fn sibling_serving(&self, index: u32) -> bool {
+        self.instances.values().any(|other| {
+            other.index != index
+                && other.phase.is_up()
+                && other.healthy
+                && (!self.config.steers() || self.steering.installed_contains(other.index))
+        })
+    }
+
+    /// Whether the instance is starting or warming up and not yet enabled while a sibling serves:
+    /// it then takes only CPU that the serving instances leave idle. An instance that serves, or
+    /// that leaves steering to be drained (it still answers the requests in flight), runs at the
+    /// normal weight, outside any cgroup of sluice's.
     fn wants_low(&self, instance: &Instance) -> bool {
-        if self.cgroups_wanted().is_none() || !instance.phase.is_up() {
+        if self.cgroups_wanted().is_none()
+            || !instance.phase.is_up()
+            || !self.sibling_serving(instance.index)
+        {
             return false;
         }
         if self.config.steers() && self.steering.installed_contains(instance.index) {
@@ -59,25 +76,27 @@ impl Service {
         !instance.healthy || warming
     }
 
-    /// Brings every instance's cgroup to the weight its state calls for, and removes the cgroups
-    /// of instances that are gone for good. Called after every change; writes only differences.
+    /// Keeps every starting instance's cgroup at the low weight, moves an instance that no longer
+    /// wants it (enabled, or nothing else serving) out of its cgroup and removes the cgroup, and
+    /// removes the cgroups of instances that are gone for good. Called after every change; writes
+    /// only differences.
     pub(super) fn sync_cgroups(&mut self) {
         let Some(cgroups) = self.ctx.cgroups.cgroups().cloned() else {
             return;
         };
-        let wanted: Vec<(u32, Weight)> = self
+        let (low, released): (Vec<u32>, Vec<u32>) = self
             .instances
             .values()
             .filter(|i| i.cgroup.is_some() && i.phase.has_process())
-            .map(|i| {
-                let weight = if self.wants_low(i) {
-                    Weight::Low
-                } else {
-                    Weight::Normal
-                };
-                (i.index, weight)
-            })
-            .filter(|(index, weight)| self.instances[index].cpu_weight != Some(*weight))
+            .map(|i| i.index)
+            .partition(|index| self.wants_low(&self.instances[index]));
+        for index in released {
+            self.remove_cgroup(index);
+        }
+        let wanted: Vec<(u32, Weight)> = low
+            .into_iter()
+            .filter(|index| self.instances[index].cpu_weight != Some(Weight::Low))
+            .map(|index| (index, Weight::Low))
             .collect();
         for (index, weight) in wanted {
             let instance = self.instances.get_mut(&index).expect("listed above");

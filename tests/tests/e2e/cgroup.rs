@@ -1,6 +1,7 @@
 //! CPU isolation of starting instances (issue 7): during a drain restart the new process runs in
-//! its instance's cgroup at the lowest CPU weight while it starts and warms up, at the normal
-//! weight once it is enabled, and the cgroup goes when the instance is stopped or removed.
+//! its instance's cgroup, inside sluice's low-weight parent, while it starts and warms up; once it
+//! is enabled it moves back beside the daemon and its cgroup goes. A first start (no sibling to
+//! yield to) gets no cgroup.
 //! Needs root and the cgroup v1 `cpu` controller (CI has both); each test owns a cgroup parent.
 
 use std::path::{Path, PathBuf};
@@ -93,6 +94,11 @@ fn cpu_cgroup_of(pid: i32) -> Option<String> {
     })
 }
 
+/// Whether `pid` runs inside the test's cgroup parent.
+fn in_parent(pid: i32, parent: &CgroupParent) -> bool {
+    cpu_cgroup_of(pid).is_some_and(|p| p.contains(&format!("/{}/", parent.name)))
+}
+
 /// `cpu.shares` of a cgroup, and whether it is idle (`cpu.idle` 1; absent on older kernels).
 fn weight_of(dir: &Path) -> (u32, bool) {
     let shares = read(&dir.join("cpu.shares"))
@@ -106,10 +112,6 @@ fn weight_of(dir: &Path) -> (u32, bool) {
 fn is_low(dir: &Path) -> bool {
     let (shares, idle) = weight_of(dir);
     shares <= 3 && (idle || !dir.join("cpu.idle").exists())
-}
-
-fn is_normal(dir: &Path) -> bool {
-    weight_of(dir) == (1024, false)
 }
 
 fn service(port_base: u16, front: u16, start_delay_s: &str) -> String {
@@ -165,32 +167,28 @@ fn a_starting_instance_runs_at_the_lowest_cpu_weight_until_it_is_enabled() {
     let ns = Netns::new();
     let h = Host::new().in_netns(&ns);
     h.write_host_file(&format!(
-        "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\ncgroups = \"auto\"\ncgroup_parent = \"{}\"\n",
+        "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\nallow_root = true\ncgroups = \"auto\"\ncgroup_parent = \"{}\"\n",
         parent.name
     ));
     h.service("slow", &service(9100, 9000, START_DELAY_S));
     h.start_daemon();
     let before = h.wait_until(both_enabled, PATIENCE * 3);
+    assert!(
+        is_low(&parent.dir),
+        "the parent: {:?}",
+        weight_of(&parent.dir)
+    );
     for i in 0..2 {
-        let dir = parent.instance("slow", i);
         let pid = before.pid("slow", i).expect("a pid");
         h.note_pids(&[pid]);
-        assert_eq!(
-            cpu_cgroup_of(pid)
-                .as_deref()
-                .map(|p| p.ends_with(&format!("/{}/slow@{i}", parent.name))),
-            Some(true),
-            "instance {i} (pid {pid}) is in its cgroup: {:?}",
-            cpu_cgroup_of(pid)
-        );
         assert!(
-            is_normal(&dir),
-            "enabled instance {i}: {:?}",
-            weight_of(&dir)
+            !in_parent(pid, &parent),
+            "a first start has no sibling to yield to: instance {i} (pid {pid}) runs outside: {:?}",
+            cpu_cgroup_of(pid)
         );
-        assert_eq!(
-            before.instance("slow", i)["cpu_weight"],
-            "normal",
+        assert!(!parent.instance("slow", i).exists());
+        assert!(
+            before.instance("slow", i)["cgroup"].is_null(),
             "{}",
             before.instance("slow", i)
         );
@@ -228,16 +226,17 @@ fn a_starting_instance_runs_at_the_lowest_cpu_weight_until_it_is_enabled() {
             let Some(cgroup) = cpu_cgroup_of(pid) else {
                 continue;
             };
-            assert!(
-                cgroup.ends_with(&format!("/{}/slow@{i}", parent.name)),
-                "new instance {i} (pid {pid}) runs in its cgroup from its first instruction: {cgroup}"
-            );
-            // Re-read the status after the weight: an enable may land between the two reads.
-            let low = is_low(&dir);
+            // Re-read the status after the cgroup and the weight: an enable (which moves the
+            // instance out) may land between the reads.
+            let low = dir.exists() && is_low(&dir);
             let again = h.status();
             if again.pid("slow", i) != Some(pid) || again.instance("slow", i)["enabled"] == true {
                 continue;
             }
+            assert!(
+                cgroup.ends_with(&format!("/{}/slow@{i}", parent.name)),
+                "new instance {i} (pid {pid}) runs in its cgroup from its first instruction: {cgroup}"
+            );
             assert!(
                 low,
                 "starting/warming instance {i}: {:?}\n{s}",
@@ -273,48 +272,27 @@ fn a_starting_instance_runs_at_the_lowest_cpu_weight_until_it_is_enabled() {
         "each new instance was seen warming at low weight"
     );
 
+    // Enabled: back beside the daemon, and the instance cgroups are gone.
     let after = h.status();
     for i in 0..2 {
         let dir = parent.instance("slow", i);
-        assert!(
-            is_normal(&dir),
-            "re-enabled instance {i}: {:?}",
-            weight_of(&dir)
+        wait_for(
+            &format!("{} removed once enabled", dir.display()),
+            PATIENCE,
+            || !dir.exists(),
         );
         let pid = after.pid("slow", i).expect("a pid");
-        assert_eq!(
-            cpu_cgroup_of(pid).map(|p| p.ends_with(&format!("/{}/slow@{i}", parent.name))),
-            Some(true)
+        assert!(
+            !in_parent(pid, &parent),
+            "enabled instance {i} (pid {pid}) left sluice's cgroups: {:?}",
+            cpu_cgroup_of(pid)
         );
     }
-
-    // Stopped for good: the cgroups go. Started again: they come back. Removed: they go.
     h.sluice(&["stop", "slow"]).success();
-    for i in 0..2 {
-        let dir = parent.instance("slow", i);
-        wait_for(
-            &format!("{} removed after stop", dir.display()),
-            PATIENCE,
-            || !dir.exists(),
-        );
-    }
-    h.sluice(&["start", "slow"]).success();
-    h.wait_until(both_enabled, PATIENCE * 3);
-    assert!(parent.instance("slow", 0).is_dir() && parent.instance("slow", 1).is_dir());
-    std::fs::remove_file(h.service_file("slow")).expect("removing the service file");
-    h.sluice(&["reload"]).success();
-    for i in 0..2 {
-        let dir = parent.instance("slow", i);
-        wait_for(
-            &format!("{} removed with its service", dir.display()),
-            PATIENCE,
-            || !dir.exists(),
-        );
-    }
 }
 
-/// A brain killed while an instance starts re-applies the low weight from the instance's state,
-/// and raises it once the instance is enabled.
+/// A brain killed while a restarted instance starts re-applies the low weight from the instance's
+/// state, and moves it out once it is enabled.
 #[test]
 fn a_restarted_daemon_reapplies_the_weight_from_the_instance_state() {
     if !require_root() {
@@ -326,30 +304,53 @@ fn a_restarted_daemon_reapplies_the_weight_from_the_instance_state() {
     let ns = Netns::new();
     let h = Host::new().in_netns(&ns);
     h.write_host_file(&format!(
-        "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\ncgroups = \"auto\"\ncgroup_parent = \"{}\"\n",
+        "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\nallow_root = true\ncgroups = \"auto\"\ncgroup_parent = \"{}\"\n",
         parent.name
     ));
     h.service("slow", &service(9100, 9000, SLOW_START_DELAY_S));
     h.start_daemon();
-    // Both start slowly: kill the brain while they do, and lift the weight behind its back, as a
-    // stale value a new brain must not trust.
-    h.wait_until(|s| s.pids("slow").iter().all(Option::is_some), PATIENCE * 3);
+    let before = h.wait_until(both_enabled, PATIENCE * 4);
+    let old: Vec<i32> = before.pids("slow").into_iter().flatten().collect();
+    let restart = {
+        let mut cmd = h.sluice_command(&["restart", "slow"]);
+        cmd.stdout(std::process::Stdio::null());
+        cmd.stderr(std::process::Stdio::null());
+        cmd.spawn().expect("spawning `sluice restart`")
+    };
+    let _restart = Guard(restart);
+    // The first batch's new process starts slowly: kill the brain while it does, and lift the
+    // weight behind its back, as a stale value a new brain must not trust.
     let dir = parent.instance("slow", 0);
-    assert!(is_low(&dir), "starting: {:?}", weight_of(&dir));
+    wait_for(
+        "instance 0 restarted into its cgroup",
+        RESTART_PATIENCE,
+        || {
+            h.status()
+                .pid("slow", 0)
+                .is_some_and(|pid| !old.contains(&pid) && in_parent(pid, &parent))
+                && dir.exists()
+                && is_low(&dir)
+        },
+    );
     h.kill9_daemon();
     let _ = std::fs::write(dir.join("cpu.idle"), "0");
     std::fs::write(dir.join("cpu.shares"), "1024").expect("writing cpu.shares");
     h.start_daemon();
-    let s = h.status();
-    if s.instance("slow", 0)["enabled"] != true {
-        wait_for("the new daemon lowers the weight again", PATIENCE, || {
-            is_low(&dir) || h.status().instance("slow", 0)["enabled"] == true
-        });
+    wait_for("the new daemon lowers the weight again", PATIENCE, || {
+        !dir.exists() || is_low(&dir)
+    });
+    let after = h.wait_until(
+        |s| both_enabled(s) && s.pids("slow").iter().flatten().all(|p| !old.contains(p)),
+        RESTART_PATIENCE * 2,
+    );
+    for i in 0..2 {
+        let dir = parent.instance("slow", i);
+        wait_for("cgroup removed once enabled", PATIENCE, || !dir.exists());
+        let pid = after.pid("slow", i).expect("a pid");
+        h.note_pids(&[pid]);
+        assert!(!in_parent(pid, &parent), "{:?}", cpu_cgroup_of(pid));
     }
-    h.wait_until(both_enabled, PATIENCE * 3);
-    assert!(is_normal(&dir), "enabled: {:?}", weight_of(&dir));
     h.sluice(&["stop", "slow"]).success();
-    wait_for("cgroup removed after stop", PATIENCE, || !dir.exists());
 }
 
 /// Kills and reaps the `sluice restart` child if the test fails before it finishes.
