@@ -285,7 +285,7 @@ impl Drop for HttpClient {
 }
 
 /// Debian's nginx inside a namespace: listens on `127.0.0.1:listen_port` and proxies everything
-/// to `127.0.0.1:upstream_port` with upstream keep-alive, its config, pid, logs and temp files in
+/// to `127.0.0.1:<upstream port>` (round robin over several) with upstream keep-alive, its config, pid, logs and temp files in
 /// `dir`. Its access log records each request's upstream statuses, which is where its own
 /// retries show (`502, 200`: a cached upstream connection was closed under it and it tried
 /// again). Stopped on drop.
@@ -308,13 +308,22 @@ pub struct NginxLog {
 
 impl Nginx {
     /// `None` (after saying so) when nginx is not installed.
-    pub fn start(ns: &Netns, dir: &Path, listen_port: u16, upstream_port: u16) -> Option<Nginx> {
+    pub fn start(
+        ns: &Netns,
+        dir: &Path,
+        listen_port: u16,
+        upstream_ports: &[u16],
+    ) -> Option<Nginx> {
         let nginx = Path::new("/usr/sbin/nginx");
         if !fixtures::require("nginx (Debian's nginx-light)", nginx.exists()) {
             return None;
         }
         std::fs::create_dir_all(dir.join("logs")).expect("creating nginx's dirs");
         let d = dir.display();
+        let servers: String = upstream_ports
+            .iter()
+            .map(|p| format!("        server 127.0.0.1:{p};\n"))
+            .collect();
         // Keep-alive upstream as the nginx docs prescribe it: `keepalive` in the upstream block,
         // HTTP/1.1 and an empty Connection header towards the upstream.
         let conf = format!(
@@ -334,8 +343,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     upstream app {{
-        server 127.0.0.1:{upstream_port};
-        keepalive 32;
+{servers}        keepalive 32;
     }}
     server {{
         listen 127.0.0.1:{listen_port};
@@ -397,6 +405,17 @@ http {{
             }
         }
         log
+    }
+
+    /// The pids of nginx's master and workers (its process group), for CPU accounting.
+    pub fn pids(&self) -> Vec<i32> {
+        let Some(child) = &self.child else {
+            return Vec::new();
+        };
+        crate::procs::live_in_group(child.id() as i32)
+            .iter()
+            .map(|p| p.pid)
+            .collect()
     }
 
     /// nginx's error log (for failure messages).

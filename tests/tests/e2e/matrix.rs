@@ -82,7 +82,7 @@ fn restart_matrix(server: Server) {
     );
     h.start_daemon();
     let before = h.wait_until(all_enabled, PATIENCE * 3);
-    let Some(nginx) = Nginx::start(&ns, &h.path("nginx"), NGINX_PORT, FRONT_PORT) else {
+    let Some(nginx) = Nginx::start(&ns, &h.path("nginx"), NGINX_PORT, &[FRONT_PORT]) else {
         return;
     };
     let limits = ClientLimits {
