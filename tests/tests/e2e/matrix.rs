@@ -4,9 +4,10 @@
 //! of the matrix: an aiohttp keep-alive pool that never closes an idle connection, aiohttp opening
 //! a new connection per request, and Debian's nginx proxying with upstream keep-alive (driven by
 //! an aiohttp pool). Every cell must lose no request; the restart must succeed and leave all 4 in
-//! steering; and no drain may run to `drain_timeout_ms` — with keep-alive servers every drain ends
-//! because no request was in flight (`idle`). The four servers are four tests, run in parallel,
-//! each in its own namespace.
+//! steering; and no drain may run to `drain_timeout_ms`: each ends because no request was in
+//! flight (`idle`, with keep-alive connections left) or no connection was left (`closed`), as the
+//! daemon's log records it. The four servers are four tests, run in parallel, each in its own
+//! namespace.
 
 use std::time::{Duration, Instant};
 
@@ -207,23 +208,20 @@ fn restart_matrix(server: Server) {
         server.name(),
         h.daemon_log_tail()
     );
-    for ending in &endings {
-        if server.keeps_alive() {
-            // The pools hold connections to every instance: only the idle rule can end the drain
-            // before the timeout.
-            assert_eq!(
-                ending,
-                "idle",
-                "{}: every drain ends because no request was in flight, not at drain_timeout_ms: {endings:?}",
-                server.name()
-            );
-        } else {
-            assert_ne!(
-                ending,
-                "timeout",
-                "{}: no drain runs to drain_timeout_ms: {endings:?}",
-                server.name()
-            );
-        }
+    // `idle`: connections were left but none had a request in flight; `closed`: none was left at
+    // all. Either way the drain ended on its own, never at `drain_timeout_ms`.
+    assert!(
+        endings.iter().all(|e| e == "idle" || e == "closed"),
+        "{}: every drain ends because no request was in flight, not at drain_timeout_ms: {endings:?}",
+        server.name()
+    );
+    if server.keeps_alive() {
+        // The pools keep connections to the instances: the idle rule, not an empty instance, is
+        // what ended the drains.
+        assert!(
+            endings.iter().any(|e| e == "idle"),
+            "{}: with keep-alive pools, drains end with connections left and idle: {endings:?}",
+            server.name()
+        );
     }
 }
