@@ -19,7 +19,8 @@
 #   BENCH_APPS                    subset of java-nodelay,java-default,python (default all three)
 #   BENCH_VARIANTS                subset by position: 1 defaults, 2 warm-up off, 3 CPU isolation
 #                                 off, 4 all-at-once, 5 supervisord + nginx (default all)
-#   BENCH_CPU_ISOLATION_OFF       the service-file line that turns CPU isolation off
+#   BENCH_CPU_ISOLATION_OFF       the [restart] line that turns CPU isolation off
+#                                 (default cpu_isolation = false)
 #   BENCH_MACHINE_NOTE            says in the report whether the machine was busy
 #   BENCH_SKIP_BUILD=1            skip the cargo builds (uses target/release as it is)
 set -euo pipefail

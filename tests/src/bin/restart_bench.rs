@@ -114,7 +114,7 @@ impl App {
 
 #[derive(Debug, Clone)]
 enum Variant {
-    /// sluice with these extra service-file lines (after the defaults) and `[warmup]` or not.
+    /// sluice with these extra `[restart]` lines and `[warmup]` or not.
     Sluice {
         label: &'static str,
         strategy: Option<&'static str>,
@@ -133,8 +133,8 @@ impl Variant {
     }
 }
 
-/// The service-file line that turns CPU isolation of starting instances off
-/// (`BENCH_CPU_ISOLATION_OFF`, default the key of the `cgroup` work).
+/// The `[restart]` line that turns CPU isolation of starting instances off
+/// (`BENCH_CPU_ISOLATION_OFF`, default `restart.cpu_isolation = false`).
 fn cpu_isolation_off() -> String {
     std::env::var("BENCH_CPU_ISOLATION_OFF").unwrap_or_else(|_| "cpu_isolation = false".into())
 }
@@ -308,9 +308,9 @@ port_base = {PORT_BASE}
 front_port = {FRONT_PORT}
 stop_grace_ms = 8000
 env = {{ INSTANCE = "{{instance}}" }}
-{extra}
 [restart]
-{strategy}[health]
+{strategy}{extra}
+[health]
 http = "/health"
 start_timeout_ms = {start_timeout_ms}
 {warmup}"#,
