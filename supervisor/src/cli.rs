@@ -446,9 +446,33 @@ async fn verb_main(socket: &Path, verb: Command) -> anyhow::Result<()> {
 async fn print_restart_progress(socket: &Path, service: &str) {
     const POLL_MS: u64 = 250;
     let mut last = String::new();
+    // Each instance's `last_drain` as last seen: a drain is printed once it differs (one that
+    // ended before this restart is not).
+    let mut drains: Option<std::collections::BTreeMap<u64, serde_json::Value>> = None;
     loop {
         let query = format!("/v1/status?service={service}");
         if let Ok(status) = client::call(socket, Method::GET, &query, None).await {
+            let empty = Vec::new();
+            let instances = status["services"][0]["instances"]
+                .as_array()
+                .unwrap_or(&empty);
+            let now: std::collections::BTreeMap<u64, serde_json::Value> = instances
+                .iter()
+                .filter_map(|i| Some((i["index"].as_u64()?, i["last_drain"].clone())))
+                .collect();
+            let seen = drains.get_or_insert_with(|| now.clone());
+            for (index, d) in &now {
+                if !d.is_null() && seen.get(index) != Some(d) {
+                    eprintln!(
+                        "{service}/{index}: drained: {}, {} connection(s) left, {} in flight, {} ms",
+                        d["ending"].as_str().unwrap_or("?"),
+                        d["connections_left"],
+                        d["in_flight_left"],
+                        d["waited_ms"]
+                    );
+                }
+            }
+            *seen = now;
             let restart = &status["services"][0]["restart"];
             if !restart.is_null() {
                 let line = format!(

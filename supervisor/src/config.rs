@@ -578,7 +578,10 @@ pub struct RestartConfig {
     pub strategy: Option<StrategyName>,
     #[serde(default = "default_batch_size")]
     pub batch_size: BatchSpec,
-    /// Longest wait for a drained instance's established connections to end before it is stopped.
+    /// What a drain waits for: no request in flight (`idle`), or no connection (`closed`).
+    #[serde(default)]
+    pub drain_until: sluice_strategies::drain::DrainUntil,
+    /// Longest drain wait before a drained instance is stopped with what is left.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
     /// The signal of the `signal` strategy.
@@ -601,6 +604,7 @@ impl Default for RestartConfig {
         Self {
             strategy: None,
             batch_size: default_batch_size(),
+            drain_until: Default::default(),
             drain_timeout_ms: default_drain_timeout_ms(),
             reload_signal: default_reload_signal(),
         }

@@ -185,6 +185,9 @@ pub struct InstanceStatus {
     pub last_restart_reason: Option<String>,
     /// The last warm-up: requests, errors, first and last latency windows.
     pub warmup: Option<Summary>,
+    /// How its last drain ended (`idle`, `closed`, `timeout`), with the connections left and the
+    /// wait.
+    pub last_drain: Option<sluice_strategies::drain::Outcome>,
     /// The instance runs with an older configuration than the current one.
     pub outdated: bool,
 }
@@ -309,6 +312,7 @@ struct Instance {
     /// Passed its readiness check since its last start: only healthy instances get traffic.
     healthy: bool,
     warmup: Option<Summary>,
+    last_drain: Option<sluice_strategies::drain::Outcome>,
 }
 
 impl Instance {
@@ -327,6 +331,7 @@ impl Instance {
             releasing: None,
             healthy: false,
             warmup: None,
+            last_drain: None,
         }
     }
 }
@@ -361,11 +366,12 @@ enum Event {
         generation: u64,
         reason: String,
     },
-    /// A stop waited for the instance's connections to end.
-    DrainedForStop {
+    /// A drain wait ended (`outcome` is `None` for an instance without a port: nothing to wait
+    /// for).
+    Drained {
         index: u32,
-        generation: u64,
-        left: usize,
+        waiter: steer::DrainFor,
+        outcome: Option<sluice_strategies::drain::Outcome>,
     },
     /// An iptables transaction finished; `Ok` carries the instances now steered to.
     Steered {
@@ -1147,12 +1153,14 @@ impl Service {
             | Event::LivenessFailed {
                 index, generation, ..
             }
-            | Event::DrainedForStop {
-                index, generation, ..
-            }
             | Event::StartupElapsed { index, generation }
             | Event::BackoffElapsed { index, generation } => (*index, *generation),
             Event::Steered { .. } | Event::SteerRetry => return self.on_steering_event(event),
+            Event::Drained {
+                index,
+                waiter,
+                outcome,
+            } => return self.on_drained(*index, *waiter, *outcome),
             Event::Machine { epoch, input } => return self.feed(*epoch, input.clone()),
             Event::Warmed {
                 index,
@@ -1239,15 +1247,8 @@ impl Service {
                     self.stop(index, AfterStop::Start(Version::New), true);
                 }
             }
-            Event::DrainedForStop { left, .. } => {
-                if instance.phase == Phase::Draining {
-                    if left > 0 {
-                        tracing::warn!(service = %self.name, index, left, "drain timeout: stopping with connections left");
-                    }
-                    self.stop_now(index);
-                }
-            }
-            Event::Steered { .. }
+            Event::Drained { .. }
+            | Event::Steered { .. }
             | Event::SteerRetry
             | Event::Machine { .. }
             | Event::Warmed { .. }
@@ -1457,6 +1458,7 @@ impl Service {
                 last_error: i.last_error.clone(),
                 last_restart_reason: i.last_restart_reason.clone(),
                 warmup: i.warmup.clone(),
+                last_drain: i.last_drain,
                 outdated: self.is_outdated(i),
             })
             .collect();

@@ -6,6 +6,7 @@
 
 mod e2e {
     mod deploy;
+    mod drain;
     mod identity;
     mod kill9;
     mod logs;

@@ -11,9 +11,9 @@ use sluice_strategies::restart::{
 };
 use sluice_strategies::warmup::Summary;
 
+use super::steer::DrainFor;
 use super::{AfterStop, Event, Phase, Service};
 use crate::config::StrategyName;
-use crate::drain;
 use crate::state::{FailedRestart, ServiceState};
 
 /// What the restart in progress waits for; rebuilt by `resume` after a crash.
@@ -484,7 +484,6 @@ impl Service {
 
     /// Steering changed (or is as it should be): drains can begin, enables are done.
     pub(super) fn restart_after_steering(&mut self) {
-        let drain_timeout_ms = self.config.restart.drain_timeout_ms;
         let out: Vec<(u32, u64)> = self
             .exec
             .drain
@@ -494,18 +493,7 @@ impl Service {
             .collect();
         for (index, epoch) in out {
             self.exec.drain.remove(&index);
-            let port = self.config.port(index);
-            let events = self.events_tx.clone();
-            tokio::spawn(async move {
-                if let Some(port) = port {
-                    let left = drain::wait(port, drain_timeout_ms).await;
-                    if left > 0 {
-                        tracing::warn!(index, left, "drain timeout: connections left");
-                    }
-                }
-                let input = Input::Drained(index);
-                let _ = events.send(Event::Machine { epoch, input }).await;
-            });
+            self.begin_drain(index, DrainFor::Machine { epoch });
         }
         let enabled: Vec<(u32, u64)> = self
             .exec

@@ -6,6 +6,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use sluice_strategies::drain::{Ending, Outcome};
+use sluice_strategies::restart::Input;
 use sluice_strategies::steering::Chain;
 
 use super::{Event, Phase, Service, targets};
@@ -24,6 +26,14 @@ pub(super) struct Steering {
     /// Instances (with their generation) whose drain-before-stop wait has begun.
     drain_watches: BTreeSet<(u32, u64)>,
     pub(super) error: Option<String>,
+}
+
+/// Who waits for a drain: a stop of a steered instance (the instance's generation), or the restart
+/// machine's `Drained` input (the action's epoch). Both go through [`Service::begin_drain`].
+#[derive(Debug, Clone, Copy)]
+pub(super) enum DrainFor {
+    Stop { generation: u64 },
+    Machine { epoch: u64 },
 }
 
 impl Steering {
@@ -156,10 +166,64 @@ impl Service {
         }
     }
 
+    /// The one drain wait, for an instance already out of the chain: reads its connections until
+    /// the drain decision says it may be stopped, then reports to `waiter`.
+    pub(super) fn begin_drain(&self, index: u32, waiter: DrainFor) {
+        let port = self.config.port(index);
+        let until = self.config.restart.drain_until;
+        let timeout_ms = self.config.restart.drain_timeout_ms;
+        let service = self.name.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let outcome = match port {
+                Some(port) => Some(drain::wait(&service, index, port, until, timeout_ms).await),
+                None => None,
+            };
+            let _ = events
+                .send(Event::Drained {
+                    index,
+                    waiter,
+                    outcome,
+                })
+                .await;
+        });
+    }
+
+    /// A drain ended: record how, then let its waiter go on.
+    pub(super) fn on_drained(&mut self, index: u32, waiter: DrainFor, outcome: Option<Outcome>) {
+        if let Some(o) = outcome {
+            let (ending, left, in_flight, waited_ms) = (
+                o.ending.name(),
+                o.connections_left,
+                o.in_flight_left,
+                o.waited_ms,
+            );
+            if o.ending == Ending::Timeout {
+                tracing::warn!(service = %self.name, index, ending, left, in_flight, waited_ms, "drain timeout: stopping with connections left");
+            } else {
+                tracing::info!(service = %self.name, index, ending, left, in_flight, waited_ms, "drained");
+            }
+            if let Some(instance) = self.instances.get_mut(&index) {
+                instance.last_drain = Some(o);
+            }
+        }
+        match waiter {
+            DrainFor::Stop { generation } => {
+                let draining = self
+                    .instances
+                    .get(&index)
+                    .is_some_and(|i| i.generation == generation && i.phase == Phase::Draining);
+                if draining {
+                    self.stop_now(index);
+                }
+            }
+            DrainFor::Machine { epoch } => self.feed(epoch, Input::Drained(index)),
+        }
+    }
+
     /// Whatever waited for the chain: drains before a stop, and the restart's drains and enables.
     fn after_steering(&mut self) {
-        let drain_timeout_ms = self.config.restart.drain_timeout_ms;
-        let ready: Vec<(u32, u64, u16)> = self
+        let ready: Vec<(u32, u64)> = self
             .instances
             .values()
             .filter(|i| i.phase == Phase::Draining && !self.steering.installed_contains(i.index))
@@ -169,25 +233,11 @@ impl Service {
                     .drain_watches
                     .contains(&(i.index, i.generation))
             })
-            .filter_map(|i| {
-                self.config
-                    .port(i.index)
-                    .map(|p| (i.index, i.generation, p))
-            })
+            .map(|i| (i.index, i.generation))
             .collect();
-        for (index, generation, port) in ready {
+        for (index, generation) in ready {
             self.steering.drain_watches.insert((index, generation));
-            let events = self.events_tx.clone();
-            tokio::spawn(async move {
-                let left = drain::wait(port, drain_timeout_ms).await;
-                let _ = events
-                    .send(Event::DrainedForStop {
-                        index,
-                        generation,
-                        left,
-                    })
-                    .await;
-            });
+            self.begin_drain(index, DrainFor::Stop { generation });
         }
         // Forget the watches of instances that have moved on.
         let instances = &self.instances;
