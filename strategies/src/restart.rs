@@ -103,6 +103,15 @@ pub struct Restart {
     pub version: Version,
     /// Why the current batch is being rolled back.
     pub failure: Option<String>,
+    /// Warm-ups of the old version that failed during the rollback of the current batch. The old
+    /// version is known good, so its warm-up is best effort: it goes back into steering anyway, and
+    /// the final message says so.
+    #[serde(default)]
+    pub rollback_warmup_failures: Vec<String>,
+    /// The batch a failed restart ended on (its members' final state is for the executor to
+    /// report); empty while running and after a restart that succeeded.
+    #[serde(default)]
+    pub failed_batch: Vec<u32>,
     /// Instances restarted onto the new version.
     pub done: Vec<u32>,
     pub finished: bool,
@@ -123,6 +132,8 @@ impl Restart {
             waiting: BTreeSet::new(),
             version: Version::New,
             failure: None,
+            rollback_warmup_failures: Vec::new(),
+            failed_batch: Vec::new(),
             done: Vec::new(),
             finished: false,
             epoch: 0,
@@ -172,6 +183,7 @@ impl Restart {
         self.batch = batch;
         self.version = Version::New;
         self.failure = None;
+        self.rollback_warmup_failures.clear();
         let first = match self.strategy {
             Strategy::Drain => Step::Draining,
             Strategy::Rolling | Strategy::AllAtOnce => Step::Stopping,
@@ -181,6 +193,9 @@ impl Restart {
     }
 
     fn finish(&mut self, result: Result<(), String>) -> Vec<Action> {
+        if result.is_err() {
+            self.failed_batch = self.batch.clone();
+        }
         self.finished = true;
         self.step = None;
         self.waiting.clear();
@@ -216,9 +231,9 @@ impl Restart {
             }
             Version::Old => {
                 let first = self.failure.take().unwrap_or_default();
-                self.finish(Err(format!(
-                    "{first}; rolling back failed too, {message}; the batch stays out of steering"
-                )))
+                // What each member was left as (running or not, in steering or not) is known
+                // only to the executor, which adds it to the message.
+                self.finish(Err(format!("{first}; rolling back failed too, {message}")))
             }
         }
     }
@@ -250,7 +265,15 @@ impl Restart {
             return Vec::new();
         }
         if let Some(why) = failure {
-            return self.fail(index, why);
+            if step == Step::Warming && self.version == Version::Old {
+                // The old version ran before this restart and is healthy again: a warm-up that
+                // goes wrong (a request list of the new build, a cold dependency) must not keep
+                // it out of steering, which would leave the service short of an instance.
+                self.rollback_warmup_failures
+                    .push(format!("instance {index}: {why}"));
+            } else {
+                return self.fail(index, why);
+            }
         }
         self.waiting.remove(&index);
         if !self.waiting.is_empty() {
@@ -264,7 +287,15 @@ impl Restart {
 
     fn batch_done(&mut self) -> Vec<Action> {
         if let Some(failure) = self.failure.take() {
-            return self.finish(Err(format!("{failure}; the batch was rolled back")));
+            let mut message = format!("{failure}; the batch was rolled back");
+            if !self.rollback_warmup_failures.is_empty() {
+                message.push_str(&format!(
+                    "; the old version's warm-up failed too ({}), and the old version went back \
+                     into steering anyway: it is known good",
+                    self.rollback_warmup_failures.join("; ")
+                ));
+            }
+            return self.finish(Err(message));
         }
         self.done.extend(self.batch.iter().copied());
         self.next_batch()
@@ -421,6 +452,161 @@ mod tests {
         assert!(r.done.is_empty(), "batch 2 never began");
     }
 
+    /// Drives a drain restart of one batch `[0, 1]` with warm-up through `script`, one input at a
+    /// time (each answering the current epoch), and returns the actions of the last input.
+    fn drive_batch(r: &mut Restart, script: &[Input]) -> Vec<Action> {
+        let mut last = Vec::new();
+        for input in script {
+            last = r.on(r.epoch, input.clone());
+        }
+        last
+    }
+
+    /// The new version of batch `[0, 1]` is started and healthy, and instance 1's warm-up fails;
+    /// the old version is started again and is healthy.
+    fn to_rollback_warmup() -> (Restart, Vec<Action>) {
+        use Input::*;
+        let mut r = Restart::new(Strategy::Drain, true, vec![vec![0, 1], vec![2]]);
+        r.resume();
+        let actions = drive_batch(
+            &mut r,
+            &[
+                Drained(0),
+                Drained(1),
+                Exited(0),
+                Exited(1),
+                Started(0),
+                Started(1),
+                Healthy(0),
+                Healthy(1),
+                Warmed(0),
+                WarmFailed(1, "warm-up: GET /: status 500".into()),
+                Exited(0),
+                Exited(1),
+                Started(0),
+                Started(1),
+                Healthy(0),
+                Healthy(1),
+            ],
+        );
+        (r, actions)
+    }
+
+    /// What a case is, the inputs from the old version's warm-up on, the actions of the last
+    /// input, and the restart's final message (`None`: not finished).
+    type RollbackCase = (&'static str, Vec<Input>, Vec<Action>, Option<String>);
+
+    #[test]
+    fn rollback_table() {
+        use Input::*;
+        let (r, actions) = to_rollback_warmup();
+        assert_eq!(
+            actions,
+            vec![Action::WarmUp(vec![0, 1])],
+            "the old version is warmed too"
+        );
+        assert_eq!(r.version, Version::Old);
+        let first = "instance 1: warm-up: GET /: status 500; the batch was rolled back";
+        // (what, inputs from the old version's warm-up on, the actions of the last, the end)
+        let cases: Vec<RollbackCase> = vec![
+            (
+                "its warm-up goes well",
+                vec![Warmed(0), Warmed(1)],
+                vec![Action::Enable(vec![0, 1])],
+                Some(first.to_owned()),
+            ),
+            (
+                "one warm-up of the old version fails: it goes back into steering anyway",
+                vec![
+                    Warmed(0),
+                    WarmFailed(1, "warm-up: GET /: status 500".into()),
+                ],
+                vec![Action::Enable(vec![0, 1])],
+                Some(format!(
+                    "{first}; the old version's warm-up failed too (instance 1: warm-up: GET /: \
+                     status 500), and the old version went back into steering anyway: it is known good"
+                )),
+            ),
+            (
+                "both fail",
+                vec![
+                    WarmFailed(1, "warm-up: connect: connection refused".into()),
+                    WarmFailed(0, "warm-up: GET /: timed out".into()),
+                ],
+                vec![Action::Enable(vec![0, 1])],
+                Some(format!(
+                    "{first}; the old version's warm-up failed too (instance 1: warm-up: connect: \
+                     connection refused; instance 0: warm-up: GET /: timed out), and the old \
+                     version went back into steering anyway: it is known good"
+                )),
+            ),
+            (
+                "a repeated failure of the same member is dropped",
+                vec![WarmFailed(1, "a".into()), WarmFailed(1, "b".into())],
+                vec![],
+                None,
+            ),
+        ];
+        for (what, inputs, want, end) in cases {
+            let mut r = r.clone();
+            assert_eq!(drive_batch(&mut r, &inputs), want, "{what}");
+            let Some(end) = end else {
+                assert_eq!(r.step, Some(Step::Warming), "{what}: still waits for 0");
+                continue;
+            };
+            assert_eq!(r.disabled(), BTreeSet::new(), "{what}: back in steering");
+            let finished = drive_batch(&mut r, &[Enabled(0), Enabled(1)]);
+            assert_eq!(finished, vec![Action::Finished(Err(end))], "{what}");
+            assert_eq!(r.failed_batch, vec![0, 1], "{what}");
+            assert!(r.done.is_empty(), "{what}: batch 2 never began");
+            // Survives a crash of the daemon in the middle.
+            assert_eq!(persisted(&r), r, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_rollback_that_fails_its_check_names_both_failures() {
+        let (mut r, _) = to_rollback_warmup();
+        // Back to where the old version is being checked: a fresh rollback of the same kind.
+        let mut r2 = Restart::new(Strategy::Drain, true, vec![vec![0, 1]]);
+        r2.resume();
+        use Input::*;
+        let end = drive_batch(
+            &mut r2,
+            &[
+                Drained(0),
+                Drained(1),
+                Exited(0),
+                Exited(1),
+                Started(0),
+                Started(1),
+                Unhealthy(0, "GET /health: status 500".into()),
+                Exited(0),
+                Exited(1),
+                Started(0),
+                Started(1),
+                Healthy(1),
+                Unhealthy(0, "GET /health: status 503".into()),
+            ],
+        );
+        assert_eq!(
+            end,
+            vec![Action::Finished(Err(
+                "instance 0: GET /health: status 500; rolling back failed too, instance 0: \
+                 GET /health: status 503"
+                    .into()
+            ))]
+        );
+        assert_eq!(r2.failed_batch, vec![0, 1]);
+        assert!(r2.finished);
+        // The warm-up failure of the old version is not a failure of the rollback.
+        let end = drive_batch(
+            &mut r,
+            &[WarmFailed(0, "x".into()), WarmFailed(1, "y".into())],
+        );
+        assert_eq!(end, vec![Action::Enable(vec![0, 1])]);
+    }
+
     #[test]
     fn late_and_repeated_inputs_are_ignored() {
         let mut r = Restart::new(Strategy::Drain, false, vec![vec![0]]);
@@ -478,6 +664,9 @@ mod tests {
         // so that a rollback it causes succeeds and the outcome stays predictable).
         let flapping = !bad_build && rng.random_bool(0.2);
         let mut flapped = false;
+        // The old version's warm-up fails now and then (a cold dependency): best effort, it must
+        // not change the outcome of a rollback.
+        let old_warm_flaky = rng.random_bool(0.3);
         let mut host = Host::default();
         for &i in &all {
             host.running.insert(i, Version::Old);
@@ -535,10 +724,17 @@ mod tests {
                             } else {
                                 Input::Healthy(i)
                             });
-                            // A warm-up answers like a check in this model.
+                            // A warm-up answers like a check in this model, but the old
+                            // version's warm-up may fail where its check passed.
                             if let Some(Step::Warming) = machine.step {
+                                let old_warm_fails = old_warm_flaky
+                                    && version == Some(Version::Old)
+                                    && rng.random_bool(0.5);
                                 let last = answers.pop().expect("just pushed");
                                 answers.push(match last {
+                                    Input::Healthy(i) if old_warm_fails => {
+                                        Input::WarmFailed(i, "cold".into())
+                                    }
                                     Input::Healthy(i) => Input::Warmed(i),
                                     Input::Unhealthy(i, w) => Input::WarmFailed(i, w),
                                     other => other,
@@ -591,7 +787,7 @@ mod tests {
             // and the restart stopped there; batches before it stay on the new one.
             let m = result.as_ref().unwrap_err();
             assert!(
-                m.ends_with("the batch was rolled back"),
+                m.contains("the batch was rolled back"),
                 "round {round}: {m}"
             );
             assert_eq!(host.running.len(), n as usize, "round {round}: {host:?}");
@@ -621,9 +817,14 @@ mod tests {
             }
             (Err(m), true, false) => {
                 assert!(
-                    m.ends_with("the batch was rolled back"),
+                    m.contains("the batch was rolled back"),
                     "round {round}: {m}"
                 );
+                assert!(
+                    !m.contains("rolling back failed"),
+                    "round {round}: a failed warm-up of the old version is no failed rollback: {m}"
+                );
+                assert!(!machine.failed_batch.is_empty(), "round {round}");
                 assert_eq!(host.running.len(), n as usize, "round {round}: {host:?}");
                 assert!(
                     host.running.values().all(|v| *v == Version::Old),

@@ -479,10 +479,12 @@ async fn print_restart_progress(socket: &Path, service: &str) {
                     "{service}: batch {} {}{}, {} batch(es) left",
                     restart["batch"],
                     restart["step"].as_str().unwrap_or("starting"),
-                    if restart["rolling_back"] == true {
-                        " (rolling back)"
-                    } else {
-                        ""
+                    match (restart["rolling_back"] == true, restart["step"].as_str()) {
+                        // The old version goes back into steering whatever its warm-up says.
+                        (true, Some("warming")) =>
+                            " (rolling back; the old version's warm-up is best effort)",
+                        (true, _) => " (rolling back)",
+                        (false, _) => "",
                     },
                     restart["batches_left"]
                 );

@@ -694,8 +694,42 @@ pub struct WarmupConfig {
     /// Failed requests (transport error or 5xx) tolerated before the warm-up fails.
     #[serde(default)]
     pub max_errors: u64,
+    /// What ends the warm-up early: `sibling` (as fast as a serving sibling) or `stable` (the
+    /// median stopped improving); unset, `sibling` when none of `count`, `duration_ms` and
+    /// `until_stable_pct` is set.
+    #[serde(default)]
+    pub until: Option<WarmupUntil>,
+    /// The new instance's latency percentile may be at most this many times the sibling's.
+    #[serde(default = "default_warmup_sibling_ratio")]
+    pub sibling_ratio: f64,
+    /// Which percentile is compared: 50, 90 or 99.
+    #[serde(default = "default_warmup_sibling_percentile")]
+    pub sibling_percentile: u32,
+    /// Warm-up requests sent to the sibling to measure it (at most [`SIBLING_SAMPLE_MAX`]).
+    #[serde(default = "default_warmup_sibling_sample")]
+    pub sibling_sample: u32,
 }
 
+/// The criterion that ends a warm-up before `max_duration_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmupUntil {
+    Sibling,
+    Stable,
+}
+
+/// Most requests a sibling's sample may hold: the sibling serves clients meanwhile.
+pub const SIBLING_SAMPLE_MAX: u32 = 1_000;
+
+fn default_warmup_sibling_ratio() -> f64 {
+    1.2
+}
+fn default_warmup_sibling_percentile() -> u32 {
+    90
+}
+fn default_warmup_sibling_sample() -> u32 {
+    20
+}
 fn default_warmup_window() -> u32 {
     20
 }
@@ -985,6 +1019,23 @@ impl ServiceConfig {
                 return bad(
                     "warmup.until_stable_pct",
                     "must be a percentage of 0 or more".into(),
+                );
+            }
+            if !(warmup.sibling_ratio >= 1.0 && warmup.sibling_ratio.is_finite()) {
+                return bad(
+                    "warmup.sibling_ratio",
+                    "must be a finite number of 1 or more".into(),
+                );
+            }
+            if sluice_strategies::warmup::Percentile::from_number(warmup.sibling_percentile)
+                .is_none()
+            {
+                return bad("warmup.sibling_percentile", "must be 50, 90 or 99".into());
+            }
+            if !(1..=SIBLING_SAMPLE_MAX).contains(&warmup.sibling_sample) {
+                return bad(
+                    "warmup.sibling_sample",
+                    format!("must be 1 to {SIBLING_SAMPLE_MAX}"),
                 );
             }
         }

@@ -336,24 +336,37 @@ impl Service {
         }
     }
 
+    /// The version the restart in progress starts its batch with.
+    fn batch_version(&self) -> Version {
+        self.state
+            .restart
+            .as_ref()
+            .map_or(Version::New, |m| m.version)
+    }
+
     fn execute_warmup(&mut self, index: u32, epoch: u64) {
-        let (Some(config), Some(port)) = (self.config.warmup.clone(), self.config.port(index))
-        else {
+        // Each version is warmed with its own requests: a rollback judges the old version by
+        // the list it was deployed with, not by the new build's.
+        let version = self.batch_version();
+        let config = self.config_for(version);
+        let (Some(warmup), Some(port)) = (config.warmup.clone(), config.port(index)) else {
             self.exec.inputs.push_back((epoch, Input::Warmed(index)));
             return;
         };
-        let requests = match crate::warmup::load_requests(&config, self.release_dir().as_deref()) {
-            Ok(r) => r,
-            Err(why) => {
-                self.exec
-                    .inputs
-                    .push_back((epoch, Input::WarmFailed(index, why)));
-                return;
-            }
-        };
+        let requests =
+            match crate::warmup::load_requests(&warmup, self.release_for(version).as_deref()) {
+                Ok(r) => r,
+                Err(why) => {
+                    self.exec
+                        .inputs
+                        .push_back((epoch, Input::WarmFailed(index, format!("warm-up: {why}"))));
+                    return;
+                }
+            };
+        let sibling = self.serving_sibling(index);
         let events = self.events_tx.clone();
         tokio::spawn(async move {
-            let result = crate::warmup::run(port, requests, &config).await;
+            let result = crate::warmup::run(port, requests, &warmup, sibling).await;
             let _ = events
                 .send(Event::Warmed {
                     index,
@@ -364,12 +377,54 @@ impl Service {
         });
     }
 
+    /// An instance of this service that serves clients now (running, healthy, not in the batch,
+    /// and in steering when the service steers), to measure how fast a warm instance answers;
+    /// `Err` says why there is none.
+    fn serving_sibling(&self, index: u32) -> Result<crate::warmup::Sibling, String> {
+        if self.config.instances < 2 {
+            return Err("no sibling: the service has one instance".into());
+        }
+        let batch = self
+            .state
+            .restart
+            .as_ref()
+            .map(|m| m.in_flight().to_vec())
+            .unwrap_or_default();
+        let steers = self.config.steers();
+        self.instances
+            .values()
+            .filter(|i| i.index != index && i.index < self.config.instances)
+            .filter(|i| !batch.contains(&i.index))
+            .filter(|i| i.phase == Phase::Running && i.healthy)
+            .filter(|i| !steers || self.steering.installed_contains(i.index))
+            .find_map(|i| {
+                self.config
+                    .port(i.index)
+                    .map(|port| crate::warmup::Sibling {
+                        index: i.index,
+                        port,
+                    })
+            })
+            .ok_or_else(|| {
+                format!(
+                    "no serving sibling: no other instance of {} is running{}",
+                    self.name,
+                    if steers {
+                        " and in steering"
+                    } else {
+                        " and healthy"
+                    }
+                )
+            })
+    }
+
     pub(super) fn on_warmed(
         &mut self,
         index: u32,
         epoch: u64,
         result: Result<Summary, (String, Summary)>,
     ) {
+        let rolling_back = self.epoch() == epoch && self.batch_version() == Version::Old;
         let input = match result {
             Ok(summary) => {
                 tracing::info!(service = %self.name, index, ?summary, "warmed up");
@@ -379,14 +434,70 @@ impl Service {
                 Input::Warmed(index)
             }
             Err((why, summary)) => {
+                let error = if rolling_back {
+                    // The machine puts a known-good old version back into steering anyway.
+                    format!(
+                        "warm-up of the old version failed (best effort in a rollback; it goes \
+                         back into steering): {why}"
+                    )
+                } else {
+                    format!("warm-up: {why}")
+                };
+                tracing::warn!(service = %self.name, index, rolling_back, "{error}");
                 if let Some(instance) = self.instances.get_mut(&index) {
                     instance.warmup = Some(summary);
-                    instance.last_error = Some(format!("warm-up: {why}"));
+                    instance.last_error = Some(error);
                 }
                 Input::WarmFailed(index, format!("warm-up: {why}"))
             }
         };
         self.feed(epoch, input);
+    }
+
+    /// What each member of a failed batch was left as, in words: whether it runs and which
+    /// version, and whether steering sends it clients once the restart is over.
+    fn left_as(&self, members: &[u32]) -> String {
+        let steering = self.desired_steering();
+        let steers = self.config.steers();
+        let tag_of = |version: Version, i: u32| self.spec(i, version).map(|s| s.tag()).ok();
+        members
+            .iter()
+            .map(|&i| {
+                let Some(instance) = self.instances.get(&i) else {
+                    return format!("instance {i} is no longer configured");
+                };
+                let running = instance.shim.as_ref().map(|s| s.tag.clone());
+                let what = if instance.phase.is_up() {
+                    let version = if running.is_some() && running == tag_of(Version::Old, i) {
+                        " the old version"
+                    } else if running.is_some() && running == tag_of(Version::New, i) {
+                        " the new version"
+                    } else {
+                        ""
+                    };
+                    let health = if instance.healthy {
+                        ""
+                    } else {
+                        ", not healthy"
+                    };
+                    format!("runs{version}{health}")
+                } else {
+                    let exit = instance
+                        .last_exit
+                        .as_ref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default();
+                    format!("is {}{exit}", instance.phase.name())
+                };
+                let steered = match (steers, steering.contains(&i)) {
+                    (false, _) => "",
+                    (true, true) => " and is in steering",
+                    (true, false) => " and is out of steering",
+                };
+                format!("instance {i} {what}{steered}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn finish_restart(&mut self, result: Result<(), String>) {
@@ -401,7 +512,14 @@ impl Service {
                 self.state.failed = None;
             }
             Err(reason) => {
-                let reason = format!("restart of {} failed: {reason}", self.name);
+                // The machine knows what it asked for; what each instance was left as (running
+                // or not, in steering or not) is known here, and is what an operator needs.
+                let left = self.left_as(&machine.failed_batch);
+                let reason = if left.is_empty() {
+                    format!("restart of {} failed: {reason}", self.name)
+                } else {
+                    format!("restart of {} failed: {reason}; now {left}", self.name)
+                };
                 tracing::error!("{reason}");
                 self.state.failed = Some(FailedRestart {
                     config: self.config.clone(),
@@ -419,7 +537,12 @@ impl Service {
                     self.name,
                     machine.done.len()
                 )),
-                Err(reason) => Err(format!("restart of {} failed: {reason}", self.name)),
+                Err(_) => Err(self
+                    .state
+                    .failed
+                    .as_ref()
+                    .map(|f| f.reason.clone())
+                    .unwrap_or_default()),
             });
         }
         if result.is_ok() {

@@ -71,7 +71,7 @@ impl Service {
     }
 
     /// The instances new connections should go to.
-    fn desired_steering(&self) -> BTreeSet<u32> {
+    pub(super) fn desired_steering(&self) -> BTreeSet<u32> {
         // A batch held at its start (no fleet slot yet) keeps serving until it may begin.
         let out = match &self.state.restart {
             Some(machine) if !self.batch_held() => machine.disabled(),
