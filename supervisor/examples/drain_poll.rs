@@ -132,6 +132,8 @@ fn main() {
         }
         let mut diag = SockDiag::open().expect("sock_diag socket");
         let (diag_us, diag_seen) = per_poll_us(polls, || diag.connections(port).unwrap().len());
+        let mut per_family = SockDiag::open().expect("sock_diag socket").per_family();
+        let (fam_us, fam_seen) = per_poll_us(polls, || per_family.connections(port).unwrap().len());
         let (proc_us, proc_seen) = per_poll_us(polls, || proc_count(port));
 
         let cpu = process_cpu_us();
@@ -144,8 +146,11 @@ fn main() {
         assert_eq!(left, POOL);
 
         println!(
-            "| {scenario} | sock_diag | {diag_us:.1} | {diag_seen} | {diag_drain_ms:.2} ({} polls) |",
+            "| {scenario} | sock_diag, one walk (TCPDIAG_GETSOCK) | {diag_us:.1} | {diag_seen} | {diag_drain_ms:.2} ({} polls) |",
             outcome.polls
+        );
+        println!(
+            "| {scenario} | sock_diag, per family (SOCK_DIAG_BY_FAMILY ×2) | {fam_us:.1} | {fam_seen} | |"
         );
         println!(
             "| {scenario} | /proc/net/tcp{{,6}} | {proc_us:.1} | {proc_seen} | {proc_drain_ms:.2} |"

@@ -427,7 +427,9 @@ async fn verb_main(socket: &Path, verb: Command) -> anyhow::Result<()> {
     let answer = match progress_of {
         // A restart can take minutes: show its steps as they happen.
         Some(service) => {
-            let progress = print_restart_progress(socket, &service);
+            // Drains that ended before this restart are not its own: known before it begins.
+            let before = last_drains(socket, &service).await;
+            let progress = print_restart_progress(socket, &service, before);
             tokio::pin!(call);
             tokio::select! {
                 answer = &mut call => answer?,
@@ -442,25 +444,38 @@ async fn verb_main(socket: &Path, verb: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Each instance's `last_drain` (`null` before its first drain), by index.
+type LastDrains = std::collections::BTreeMap<u64, serde_json::Value>;
+
+fn drains_in(status: &serde_json::Value) -> LastDrains {
+    let empty = Vec::new();
+    status["services"][0]["instances"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .filter_map(|i| Some((i["index"].as_u64()?, i["last_drain"].clone())))
+        .collect()
+}
+
+/// The drains of `service` so far; empty when status cannot be read (then every drain seen is
+/// printed).
+async fn last_drains(socket: &Path, service: &str) -> LastDrains {
+    let query = format!("/v1/status?service={service}");
+    client::call(socket, Method::GET, &query, None)
+        .await
+        .map(|s| drains_in(&s))
+        .unwrap_or_default()
+}
+
 /// Prints a line whenever the restart of `service` moves to another batch or step; never returns.
-async fn print_restart_progress(socket: &Path, service: &str) {
+async fn print_restart_progress(socket: &Path, service: &str, mut seen: LastDrains) {
     const POLL_MS: u64 = 250;
     let mut last = String::new();
-    // Each instance's `last_drain` as last seen: a drain is printed once it differs (one that
-    // ended before this restart is not).
-    let mut drains: Option<std::collections::BTreeMap<u64, serde_json::Value>> = None;
     loop {
         let query = format!("/v1/status?service={service}");
         if let Ok(status) = client::call(socket, Method::GET, &query, None).await {
-            let empty = Vec::new();
-            let instances = status["services"][0]["instances"]
-                .as_array()
-                .unwrap_or(&empty);
-            let now: std::collections::BTreeMap<u64, serde_json::Value> = instances
-                .iter()
-                .filter_map(|i| Some((i["index"].as_u64()?, i["last_drain"].clone())))
-                .collect();
-            let seen = drains.get_or_insert_with(|| now.clone());
+            // Each drain once, when an instance's `last_drain` changes.
+            let now = drains_in(&status);
             for (index, d) in &now {
                 if !d.is_null() && seen.get(index) != Some(d) {
                     eprintln!(
@@ -472,7 +487,7 @@ async fn print_restart_progress(socket: &Path, service: &str) {
                     );
                 }
             }
-            *seen = now;
+            seen = now;
             let restart = &status["services"][0]["restart"];
             if !restart.is_null() {
                 let line = format!(

@@ -32,6 +32,9 @@ const DIAG_MAX_CONNECTIONS: usize = 65_536;
 
 // Kernel ABI (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h, linux/tcp.h).
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// The older request (`inet_diag_req`), which dumps both address families in one walk.
+const TCPDIAG_GETSOCK: u16 = 18;
+const INET_DIAG_REQ_V1_BYTES: usize = 60;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -69,9 +72,18 @@ pub enum DiagError {
 }
 
 /// A netlink socket for sock_diag requests.
+///
+/// The kernel answers a dump by walking the host's whole established-socket hash table (IPv4 and
+/// IPv6 share it; 262,144 buckets on a 24 GiB host, whatever the namespace holds), once per
+/// request: that walk, not the answer, is the cost of a poll. `SOCK_DIAG_BY_FAMILY` takes one
+/// family per request, so two walks; the older `TCPDIAG_GETSOCK` request dumps both families in
+/// one walk with the same filter and attributes, and is used while the kernel accepts it.
 pub struct SockDiag {
     fd: OwnedFd,
     seq: u32,
+    /// One `TCPDIAG_GETSOCK` walk for both families; false after the kernel refused it (then one
+    /// `SOCK_DIAG_BY_FAMILY` request per family).
+    one_walk: bool,
 }
 
 impl SockDiag {
@@ -112,16 +124,48 @@ impl SockDiag {
                 source: io::Error::last_os_error(),
             });
         }
-        Ok(Self { fd, seq: 0 })
+        Ok(Self {
+            fd,
+            seq: 0,
+            one_walk: true,
+        })
+    }
+
+    /// Uses one `SOCK_DIAG_BY_FAMILY` request per family instead of the one-walk request (for
+    /// the benchmark that compares them).
+    pub fn per_family(mut self) -> Self {
+        self.one_walk = false;
+        self
     }
 
     /// The TCP connections whose local port is `port` (IPv4 and IPv6) in the states a drain
     /// looks at, each with its queues and `tcp_info`.
     pub fn connections(&mut self, port: u16) -> Result<Vec<Connection>, DiagError> {
         let mut out = Vec::new();
+        if self.one_walk {
+            match self.dump(Shape::BothFamilies, port, &mut out) {
+                Err(DiagError::Refused { .. }) => {
+                    self.one_walk = false;
+                    out.clear();
+                }
+                result => return result.map(|()| out),
+            }
+        }
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            self.dump(Shape::Family(family), port, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn dump(
+        &mut self,
+        shape: Shape,
+        port: u16,
+        out: &mut Vec<Connection>,
+    ) -> Result<(), DiagError> {
+        {
             self.seq = self.seq.wrapping_add(1);
-            let request = request(family, port, self.seq);
+            let request = request(shape, port, self.seq);
             // SAFETY: send(2) of a live buffer with its length.
             let sent = unsafe {
                 libc::send(
@@ -137,9 +181,8 @@ impl SockDiag {
                     source: io::Error::last_os_error(),
                 });
             }
-            self.read_dump(port, self.seq, &mut out)?;
+            self.read_dump(port, self.seq, out)
         }
-        Ok(out)
     }
 
     fn read_dump(&self, port: u16, seq: u32, out: &mut Vec<Connection>) -> Result<(), DiagError> {
@@ -174,8 +217,17 @@ impl SockDiag {
     }
 }
 
-/// `nlmsghdr` + `inet_diag_req_v2` + the bytecode attribute "local port >= port and <= port".
-fn request(family: u8, port: u16, seq: u32) -> Vec<u8> {
+/// Which request a dump sends.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    /// `TCPDIAG_GETSOCK` with `inet_diag_req`: IPv4 and IPv6 in one walk.
+    BothFamilies,
+    /// `SOCK_DIAG_BY_FAMILY` with `inet_diag_req_v2` for this family.
+    Family(u8),
+}
+
+/// `nlmsghdr` + the request + the bytecode attribute "local port >= port and <= port".
+fn request(shape: Shape, port: u16, seq: u32) -> Vec<u8> {
     let states: u32 = (1 << TCP_ESTABLISHED) | (1 << TCP_SYN_RECV) | (1 << TCP_CLOSE_WAIT);
     // Two comparisons of two ops (4 bytes each) each. `yes` goes to the next comparison; `no`
     // jumps 4 bytes past the end, which the kernel takes as "reject".
@@ -191,22 +243,34 @@ fn request(family: u8, port: u16, seq: u32) -> Vec<u8> {
     bytecode.extend_from_slice(&port.to_ne_bytes());
 
     let attr_len = 4 + bytecode.len();
-    let total = NLMSG_HDR_BYTES + INET_DIAG_REQ_V2_BYTES + attr_len;
+    let (kind, body) = match shape {
+        Shape::BothFamilies => (TCPDIAG_GETSOCK, INET_DIAG_REQ_V1_BYTES),
+        Shape::Family(_) => (SOCK_DIAG_BY_FAMILY, INET_DIAG_REQ_V2_BYTES),
+    };
+    let total = NLMSG_HDR_BYTES + body + attr_len;
     let mut m = Vec::with_capacity(total);
     m.extend_from_slice(&(total as u32).to_ne_bytes());
-    m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
     m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     m.extend_from_slice(&seq.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes());
-    // inet_diag_req_v2: family, protocol, ext (bit INET_DIAG_INFO - 1), pad, states, sockid.
-    m.extend_from_slice(&[
-        family,
-        libc::IPPROTO_TCP as u8,
-        1 << (INET_DIAG_INFO - 1),
-        0,
-    ]);
-    m.extend_from_slice(&states.to_ne_bytes());
-    m.extend_from_slice(&[0u8; 48]);
+    let ext = 1 << (INET_DIAG_INFO - 1);
+    match shape {
+        Shape::BothFamilies => {
+            // inet_diag_req: family (ignored: both), src_len, dst_len, ext, sockid, states, dbs.
+            m.extend_from_slice(&[0, 0, 0, ext]);
+            m.extend_from_slice(&[0u8; 48]);
+            m.extend_from_slice(&states.to_ne_bytes());
+            m.extend_from_slice(&0u32.to_ne_bytes());
+        }
+        Shape::Family(family) => {
+            // inet_diag_req_v2: family, protocol, ext (bit INET_DIAG_INFO - 1), pad, states,
+            // sockid.
+            m.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, ext, 0]);
+            m.extend_from_slice(&states.to_ne_bytes());
+            m.extend_from_slice(&[0u8; 48]);
+        }
+    }
     m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
     m.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
     m.extend_from_slice(&bytecode);
@@ -260,7 +324,7 @@ fn parse_messages(
                     source: io::Error::from_raw_os_error(-errno),
                 });
             }
-            SOCK_DIAG_BY_FAMILY => {
+            SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK => {
                 if let Some(c) =
                     parse_connection(payload).ok_or(malformed("short inet_diag_msg"))?
                 {
@@ -395,11 +459,25 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
 
-    fn wait_for(port: u16, what: &str, ok: impl Fn(&[Connection]) -> bool) -> Vec<Connection> {
-        let mut diag = SockDiag::open().expect("sock_diag socket");
+    fn diag(one_walk: bool) -> SockDiag {
+        let d = SockDiag::open().expect("sock_diag socket");
+        if one_walk { d } else { d.per_family() }
+    }
+
+    fn wait_for(
+        one_walk: bool,
+        port: u16,
+        what: &str,
+        ok: impl Fn(&[Connection]) -> bool,
+    ) -> Vec<Connection> {
+        let mut diag = diag(one_walk);
         // Bounded: the kernel updates queues as segments arrive, within milliseconds on loopback.
         for _ in 0..200 {
             let conns = diag.connections(port).expect("sock_diag dump");
+            assert_eq!(
+                diag.one_walk, one_walk,
+                "the kernel took the request asked for"
+            );
             if ok(&conns) {
                 return conns;
             }
@@ -413,19 +491,18 @@ mod tests {
     /// the client side of each connection (another local port) and the listener do not show.
     #[test]
     fn reads_idle_and_busy_connections() {
-        for addr in ["127.0.0.1:0", "[::1]:0"] {
+        for (one_walk, addr) in [
+            (true, "127.0.0.1:0"),
+            (true, "[::1]:0"),
+            (false, "127.0.0.1:0"),
+            (false, "[::1]:0"),
+        ] {
             let Ok(listener) = TcpListener::bind(addr) else {
                 eprintln!("skipping {addr}: no such loopback address here");
                 continue;
             };
             let port = listener.local_addr().unwrap().port();
-            assert!(
-                SockDiag::open()
-                    .unwrap()
-                    .connections(port)
-                    .unwrap()
-                    .is_empty()
-            );
+            assert!(diag(one_walk).connections(port).unwrap().is_empty());
 
             // Keep-alive client: a request, its answer, then nothing.
             let mut idle = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
@@ -439,7 +516,7 @@ mod tests {
                 .unwrap();
             let mut resp = [0u8; 38];
             idle.read_exact(&mut resp).unwrap();
-            let conns = wait_for(port, "one idle connection", |c| {
+            let conns = wait_for(one_walk, port, "one idle connection", |c| {
                 c.len() == 1 && !c[0].in_flight()
             });
             assert_eq!(conns[0].state, TcpState::Established);
@@ -449,7 +526,7 @@ mod tests {
             let mut busy = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
             let (mut busy_srv, _) = listener.accept().unwrap();
             busy.write_all(b"GET /slow HTTP/1.1\r\n\r\n").unwrap();
-            let conns = wait_for(port, "the unread request", |c| {
+            let conns = wait_for(one_walk, port, "the unread request", |c| {
                 c.iter().any(|c| c.recv_queue_bytes == 22)
             });
             assert_eq!(conns.len(), 2, "{conns:?}");
@@ -461,7 +538,7 @@ mod tests {
             let mut req = [0u8; 22];
             busy_srv.read_exact(&mut req).unwrap();
             std::thread::sleep(Duration::from_millis(30));
-            let conns = wait_for(port, "the request read", |c| {
+            let conns = wait_for(one_walk, port, "the request read", |c| {
                 c.iter().all(|c| c.recv_queue_bytes == 0)
             });
             assert_eq!(Tally::of(&conns).in_flight, 1, "{conns:?}");
@@ -474,7 +551,7 @@ mod tests {
                 .unwrap();
             let mut resp = [0u8; 38];
             busy.read_exact(&mut resp).unwrap();
-            let conns = wait_for(port, "both idle", |c| Tally::of(c).in_flight == 0);
+            let conns = wait_for(one_walk, port, "both idle", |c| Tally::of(c).in_flight == 0);
             let tally = Tally::of(&conns);
             // Two, not four: the clients' ends (other local ports) are filtered out by the kernel.
             assert_eq!(tally.open, 2, "{conns:?}");
@@ -485,7 +562,9 @@ mod tests {
             assert_eq!(decide(tally, DrainUntil::Closed, 0, 10_000), None);
 
             drop((idle, idle_srv, busy, busy_srv));
-            let conns = wait_for(port, "all closed", |c| c.iter().all(|c| !c.is_open()));
+            let conns = wait_for(one_walk, port, "all closed", |c| {
+                c.iter().all(|c| !c.is_open())
+            });
             assert_eq!(
                 decide(Tally::of(&conns), DrainUntil::Closed, 0, 10_000),
                 Some(Ending::Closed)
@@ -500,7 +579,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (_server, _) = listener.accept().unwrap();
-        let conns = wait_for(port, "one connection", |c| c.len() == 1);
+        let conns = wait_for(true, port, "one connection", |c| c.len() == 1);
         let a = conns[0].activity.expect("tcp_info");
         if a.bytes_received.is_none() {
             eprintln!("skipping: this kernel's tcp_info has no bytes_received");
@@ -536,7 +615,11 @@ mod tests {
 
     #[test]
     fn request_is_well_formed() {
-        let r = request(libc::AF_INET as u8, 0x1234, 7);
+        let r = request(Shape::BothFamilies, 0x1234, 7);
+        assert_eq!(r.len(), 16 + 60 + 4 + 16);
+        assert_eq!(u16_at(&r, 4), Some(TCPDIAG_GETSOCK));
+        assert_eq!(u16_at(&r, 16 + 60 + 4 + 6), Some(0x1234));
+        let r = request(Shape::Family(libc::AF_INET as u8), 0x1234, 7);
         assert_eq!(r.len(), 16 + 56 + 4 + 16);
         assert_eq!(u32_at(&r, 0), Some(r.len() as u32));
         assert_eq!(u16_at(&r, 4), Some(SOCK_DIAG_BY_FAMILY));

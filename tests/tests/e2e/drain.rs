@@ -233,6 +233,13 @@ start_timeout_ms = 30000
         waited_ms < DRAIN_TIMEOUT_MS,
         "four drains waited {waited_ms} ms in all; a drain to the timeout waits {DRAIN_TIMEOUT_MS} ms each"
     );
+    for index in 0..4 {
+        let line = format!("java/{index}: drained: idle,");
+        assert!(
+            out.stderr.contains(&line),
+            "`sluice restart` prints each drain's ending ({line}): {out}"
+        );
+    }
     let log = std::fs::read_to_string(h.path("daemon.log")).unwrap();
     assert!(
         !log.contains("drain timeout"),
