@@ -68,6 +68,9 @@ pub enum Input {
     SignalFailed(u32, String),
     /// Back in steering.
     Enabled(u32),
+    /// The member went down unasked during a warm-up: a failure even where a failed warm-up is
+    /// not (the old version's, in a rollback), since a process that is gone cannot go back in.
+    WentDown(u32, String),
 }
 
 /// What the executor must do.
@@ -248,6 +251,7 @@ impl Restart {
         if epoch != self.epoch {
             return Vec::new();
         }
+        let went_down = matches!(input, Input::WentDown(..));
         let (index, expected, failure) = match input {
             Input::Drained(i) => (i, Step::Draining, None),
             Input::Exited(i) => (i, Step::Stopping, None),
@@ -260,12 +264,13 @@ impl Restart {
             Input::Signalled(i) => (i, Step::Signalling, None),
             Input::SignalFailed(i, why) => (i, Step::Signalling, Some(why)),
             Input::Enabled(i) => (i, Step::Enabling, None),
+            Input::WentDown(i, why) => (i, Step::Warming, Some(format!("went down: {why}"))),
         };
         if step != expected || !self.waiting.contains(&index) {
             return Vec::new();
         }
         if let Some(why) = failure {
-            if step == Step::Warming && self.version == Version::Old {
+            if step == Step::Warming && self.version == Version::Old && !went_down {
                 // The old version ran before this restart and is healthy again: a warm-up that
                 // goes wrong (a request list of the new build, a cold dependency) must not keep
                 // it out of steering, which would leave the service short of an instance.
@@ -562,6 +567,22 @@ mod tests {
             // Survives a crash of the daemon in the middle.
             assert_eq!(persisted(&r), r, "{what}");
         }
+    }
+
+    #[test]
+    fn an_old_version_that_goes_down_while_warming_fails_the_rollback() {
+        let (mut r, _) = to_rollback_warmup();
+        r.on(r.epoch, Input::Warmed(1));
+        let end = r.on(r.epoch, Input::WentDown(0, "exited with code 1".into()));
+        assert_eq!(
+            end,
+            vec![Action::Finished(Err(
+                "instance 1: warm-up: GET /: status 500; rolling back failed too, instance 0: \
+                 went down: exited with code 1"
+                    .into()
+            ))]
+        );
+        assert_eq!(r.failed_batch, vec![0, 1]);
     }
 
     #[test]

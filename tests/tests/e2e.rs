@@ -17,4 +17,5 @@ mod e2e {
     mod steering;
     mod stop;
     mod systemd_unit;
+    mod warmup;
 }

@@ -485,9 +485,9 @@ impl Service {
                     let exit = instance
                         .last_exit
                         .as_ref()
-                        .map(|e| format!(" ({e})"))
+                        .map(|e| format!(", {e}"))
                         .unwrap_or_default();
-                    format!("is {}{exit}", instance.phase.name())
+                    format!("is not running ({}{exit})", instance.phase.name())
                 };
                 let steered = match (steers, steering.contains(&i)) {
                     (false, _) => "",
@@ -588,7 +588,8 @@ impl Service {
             Some(Phase_::Stopping) => Input::Exited(index),
             Some(Phase_::Starting) => Input::StartFailed(index, why),
             Some(Phase_::Checking) => Input::Unhealthy(index, why),
-            Some(Phase_::Warming) => Input::WarmFailed(index, why),
+            // Not a failed warm-up, which a rollback may shrug off: the process is gone.
+            Some(Phase_::Warming) => Input::WentDown(index, why),
             Some(Phase_::Signalling) => Input::SignalFailed(index, why),
             Some(Phase_::Enabling) => {
                 // It was done; let the machine move on, then the restart policy brings it back.
