@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
-# Benchmark: a full restart of 4 Java instances (tests/fixtures/WarmApp.java) behind a front port,
-# under a steady load, three ways: `drain` with warm-up, `drain` without, `all-at-once`.
-# Reports failed requests, restart-window latency against the steady state of the same run, and
-# the restart's total time against its unavoidable waits. Needs root (network namespaces,
-# iptables) and a JDK. Run from anywhere: bench/restart.sh. See bench/README.md.
+# Benchmark: a restart of 4 instances one by one under a steady load, for the Java app
+# (tests/fixtures/WarmApp.java, with -Dsun.net.httpserver.nodelay=true and with the JDK's default)
+# and the Python app (tests/fixtures/wsgi_app.py under gunicorn, 2 sync workers), five ways side by
+# side in the same run: sluice with its defaults, sluice with warm-up off, sluice with CPU isolation
+# off, sluice all-at-once, and supervisord 4.3 behind nginx restarting one at a time with a /health
+# wait. Reports failed requests and closed-idle retries, restart-window and first-requests latency
+# against the steady state of the same run, the restart's total time against the app's own stop,
+# start and warm-up, and the supervisor's CPU. Needs root (network namespaces, iptables), a JDK,
+# nginx (nginx-light) and the test virtualenv's gunicorn. Run from anywhere: bench/restart.sh.
+# See bench/README.md.
 #
 # Env:
-#   BENCH_RATE              requests per second of the load, default 150
-#   BENCH_WARM_IN_SECONDS   load before the steady window (JIT warm-in), default 10
-#   BENCH_STEADY_SECONDS    steady window before each restart, default 10
-#   BENCH_WARMUP_COUNT      warm up with this many requests instead of "until stable"
-#   BENCH_SKIP_BUILD=1      skip the cargo builds (uses target/release as it is)
+#   BENCH_RATE                    requests per second of the load, default 300
+#   BENCH_WARM_IN_SECONDS         load before the steady window (JIT warm-in), default 10
+#   BENCH_STEADY_SECONDS          steady window before each restart, default 10
+#   BENCH_POOL_CONNECTIONS        keep-alive connections of the load (half the rate), default 12
+#   BENCH_NEW_CONNECTION_THREADS  threads opening a connection per request (the other half), default 6
+#   BENCH_APPS                    subset of java-nodelay,java-default,python (default all three)
+#   BENCH_VARIANTS                subset by position: 1 defaults, 2 warm-up off, 3 CPU isolation
+#                                 off, 4 all-at-once, 5 supervisord + nginx (default all)
+#   BENCH_CPU_ISOLATION_OFF       the [restart] line that turns CPU isolation off
+#                                 (default cpu_isolation = false)
+#   BENCH_MACHINE_NOTE            says in the report whether the machine was busy
+#   BENCH_SKIP_BUILD=1            skip the cargo builds (uses target/release as it is)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,11 +32,22 @@ source "$repo/bench/lib.sh"
 
 [[ "$(id -u)" -eq 0 ]] || { echo "bench/restart.sh needs root (network namespaces, iptables)" >&2; exit 1; }
 command -v javac >/dev/null || { echo "needs a JDK (openjdk-17-jdk-headless)" >&2; exit 1; }
+[[ -x /usr/sbin/nginx ]] || { echo "needs nginx (apt-get install nginx-light)" >&2; exit 1; }
+[[ -x "$repo/target/test-venv/bin/gunicorn" ]] || { echo "needs target/test-venv with gunicorn (scripts/test-all.sh makes it)" >&2; exit 1; }
+
+# supervisord 4.3 in a venv of the benchmark's own (as bench/supervise.sh makes it).
+venv="$repo/target/bench-venv"
+if ! "$venv/bin/python" -c 'import supervisor.options as o, sys; sys.exit(0 if o.VERSION.startswith("4.3.") else 1)' 2>/dev/null; then
+    echo "== installing supervisor 4.3.x into $venv" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    timeout 600 "$venv/bin/pip" install --quiet --disable-pip-version-check 'supervisor==4.3.*'
+fi
 
 if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
     echo "== cargo build --release --workspace; cargo build --release -p sluice-tests --bins" >&2
-    timeout 1800 cargo build --release --workspace
-    timeout 1800 cargo build --release -p sluice-tests --bins
+    timeout 2400 cargo build --release --workspace
+    timeout 2400 cargo build --release -p sluice-tests --bins
 fi
 for bin in sluice sluice-shim restart_bench; do
     [[ -x "$repo/target/release/$bin" ]] || { echo "missing target/release/$bin" >&2; exit 1; }
@@ -34,13 +57,14 @@ mkdir -p "$repo/bench/results"
 out="$repo/bench/results/restart-$(date -u +%F)"
 # Short path: unix socket paths are limited to 108 bytes. Every temp dir of the run is in it.
 work=$(mktemp -d /tmp/sluice-bench.XXXXXX)
-export TMPDIR="$work" BENCH_TAG="$work" SLUICE_BIN_DIR="$repo/target/release"
+export TMPDIR="$work" BENCH_TAG="$work" SLUICE_BIN_DIR="$repo/target/release" BENCH_SUPERVISOR_VENV="$venv"
 unset CI
 
-# Bounded: three variants take ~3 minutes; 15 minutes means something hung (the trap cleans up).
+# Bounded: 15 runs take ~15 minutes on a quiet machine; 60 minutes means something hung (the trap
+# cleans up).
 "$repo/target/release/restart_bench" "$out" &
 runner_pid=$!
-( sleep 900; kill -KILL "$runner_pid" 2>/dev/null ) &
+( sleep 3600; kill -KILL "$runner_pid" 2>/dev/null ) &
 watchdog=$!
 wait "$runner_pid"
 kill "$watchdog" 2>/dev/null || true

@@ -13,6 +13,8 @@ command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v javac >/dev/null || need_apt+=(openjdk-17-jdk-headless)
 [ -x /usr/share/zookeeper/bin/zkServer.sh ] || need_apt+=(zookeeper)
+# nginx proxies one client of the restart matrix (tests/tests/e2e/matrix.rs) with upstream keep-alive.
+[ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing packages: ${need_apt[*]} (run as root to install them)" >&2
@@ -29,6 +31,11 @@ if [ ! -x "$venv/bin/gunicorn" ] || [ ! -x "$venv/bin/moto_server" ]; then
   python3 -m venv "$venv"
   # gunicorn serves the WSGI test app; moto's server mode is the S3 store of the build tests.
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'gunicorn==27.*' 'moto[server]==5.*'
+fi
+# The restart matrix's servers and clients: uvicorn serves the ASGI test app, aiohttp is the
+# keep-alive pool and the new-connection client (tests/fixtures/http_client.py).
+if [ ! -x "$venv/bin/uvicorn" ] || ! "$venv/bin/python" -c 'import aiohttp' 2>/dev/null; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'uvicorn==0.54.*' 'aiohttp==3.14.*'
 fi
 # Wheels for the deploy tests' offline `pip install` (the stock python-venv hook with SLUICE_WHEEL_DIR).
 if ! ls target/test-wheels/gunicorn-*.whl >/dev/null 2>&1; then

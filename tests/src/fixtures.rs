@@ -1,5 +1,6 @@
 //! The real services the restart tests run: a Java `com.sun.net.httpserver` app compiled by the
-//! test, and a WSGI app under gunicorn from the test virtualenv (`scripts/test-all.sh` makes it).
+//! test, a WSGI app under gunicorn and an ASGI app under uvicorn from the test virtualenv
+//! (`scripts/test-all.sh` makes it), and the virtualenv's Python for the real HTTP clients.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,13 +46,23 @@ pub fn java() -> PathBuf {
     which("java").expect("a JDK has java")
 }
 
-/// gunicorn from the test virtualenv (`SLUICE_TEST_VENV`, else `target/test-venv`).
-pub fn gunicorn() -> Option<PathBuf> {
-    let venv = std::env::var_os("SLUICE_TEST_VENV")
+/// The test virtualenv: `SLUICE_TEST_VENV`, else `target/test-venv` (`scripts/test-all.sh` makes it).
+pub fn venv() -> PathBuf {
+    std::env::var_os("SLUICE_TEST_VENV")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv"));
-    let path = venv.join("bin/gunicorn");
-    require(&format!("gunicorn ({})", path.display()), path.exists()).then_some(path)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-venv"))
+}
+
+/// A program of the test virtualenv (`gunicorn`, `uvicorn`, `python`); `None` (after saying so)
+/// when it is missing.
+pub fn venv_bin(name: &str) -> Option<PathBuf> {
+    let path = venv().join("bin").join(name);
+    require(&format!("{name} ({})", path.display()), path.exists()).then_some(path)
+}
+
+/// gunicorn from the test virtualenv.
+pub fn gunicorn() -> Option<PathBuf> {
+    venv_bin("gunicorn")
 }
 
 fn which(program: &str) -> Option<PathBuf> {

@@ -31,6 +31,7 @@ pub mod benchkit;
 pub mod fixtures;
 pub mod fleet;
 pub mod load;
+pub mod matrix;
 pub mod netns;
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine running tests in

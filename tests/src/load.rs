@@ -138,9 +138,17 @@ fn connect(port: u16) -> Result<TcpStream, String> {
     Ok(stream)
 }
 
-/// Reads one HTTP/1.1 response with a Content-Length; returns the status, or how it went wrong
-/// and whether any byte had arrived.
-fn read_response(stream: &mut TcpStream) -> Result<u16, (String, bool)> {
+/// One answer: its status, its body, and whether the server will close the connection after it
+/// (`Connection: close`, or HTTP/1.0 without `Connection: keep-alive`).
+struct Response {
+    status: u16,
+    body: Vec<u8>,
+    closes: bool,
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length, or how it went wrong and whether any byte
+/// had arrived.
+fn read_response(stream: &mut TcpStream) -> Result<Response, (String, bool)> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 4096];
     loop {
@@ -159,6 +167,16 @@ fn read_response(stream: &mut TcpStream) -> Result<u16, (String, bool)> {
                         .then(|| v.trim().parse().ok())?
                 })
                 .ok_or_else(|| (format!("no content-length: {head:?}"), true))?;
+            let connection = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("connection")
+                    .then(|| v.trim().to_ascii_lowercase())
+            });
+            let closes = match connection.as_deref() {
+                Some("close") => true,
+                Some("keep-alive") => false,
+                _ => head.starts_with("HTTP/1.0"),
+            };
             while buf.len() < end + 4 + length {
                 let n = stream
                     .read(&mut chunk)
@@ -168,7 +186,11 @@ fn read_response(stream: &mut TcpStream) -> Result<u16, (String, bool)> {
                 }
                 buf.extend_from_slice(&chunk[..n]);
             }
-            return Ok(status);
+            return Ok(Response {
+                status,
+                body: buf[end + 4..end + 4 + length].to_vec(),
+                closes,
+            });
         }
         match stream.read(&mut chunk) {
             Ok(0) => return Err(("connection closed before an answer".into(), !buf.is_empty())),
@@ -184,41 +206,73 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// One request on a new connection; `Ok(false)` (never a stale retry) on a 200.
 pub fn one_shot_request(port: u16) -> Result<bool, String> {
+    one_shot_request_body(port).map(|_| false)
+}
+
+/// One request on a new connection; the body of its 200 answer.
+pub fn one_shot_request_body(port: u16) -> Result<Vec<u8>, String> {
     let mut stream = connect(port)?;
     stream
         .write_all(b"GET /item HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
         .map_err(|e| format!("new connection: send: {e}"))?;
     match read_response(&mut stream) {
-        Ok(200) => Ok(false),
-        Ok(status) => Err(format!("new connection: status {status}")),
+        Ok(Response {
+            status: 200, body, ..
+        }) => Ok(body),
+        Ok(r) => Err(format!("new connection: status {}", r.status)),
         Err((what, _)) => Err(format!("new connection: {what}")),
     }
 }
 
-/// A keep-alive client that reconnects after [`KEEPALIVE_LIFETIME`] and retries once on a stale
-/// connection (see the module doc).
-#[derive(Default)]
+/// A keep-alive client that reconnects after [`KEEPALIVE_LIFETIME`] (or never, as a pool that
+/// keeps its connections: [`Client::never_closing`]) and retries once on a stale connection (see
+/// the module doc).
 pub struct Client {
     stream: Option<(TcpStream, Instant)>,
+    /// `None`: the client never closes its connection; only the server does.
+    lifetime: Option<Duration>,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Client {
+            stream: None,
+            lifetime: Some(KEEPALIVE_LIFETIME),
+        }
+    }
 }
 
 impl Client {
+    /// A client that keeps its connection for as long as the server does, as the connection
+    /// pools of HTTP client libraries and nginx's upstream keep-alive do.
+    pub fn never_closing() -> Client {
+        Client {
+            stream: None,
+            lifetime: None,
+        }
+    }
+
     /// One request on the kept connection; `Ok(true)` when it had to be retried on a new one.
     pub fn keepalive_request(&mut self, port: u16) -> Result<bool, String> {
-        if let Some((_, since)) = &self.stream
-            && since.elapsed() > KEEPALIVE_LIFETIME
+        self.keepalive_request_body(port).map(|(stale, _)| stale)
+    }
+
+    /// The same, with the body of the 200 answer.
+    pub fn keepalive_request_body(&mut self, port: u16) -> Result<(bool, Vec<u8>), String> {
+        if let (Some((_, since)), Some(lifetime)) = (&self.stream, self.lifetime)
+            && since.elapsed() > lifetime
         {
             self.stream = None;
         }
         let reused = self.stream.is_some();
         match self.try_once(port) {
-            Ok(()) => Ok(false),
+            Ok(body) => Ok((false, body)),
             Err((what, any_byte)) => {
                 self.stream = None;
                 if reused && !any_byte {
                     // The server closed the idle connection: the request was never seen.
                     self.try_once(port)
-                        .map(|()| true)
+                        .map(|body| (true, body))
                         .map_err(|(w, _)| format!("keep-alive retry: {w}"))
                 } else {
                     Err(format!("keep-alive: {what}"))
@@ -227,7 +281,7 @@ impl Client {
         }
     }
 
-    fn try_once(&mut self, port: u16) -> Result<(), (String, bool)> {
+    fn try_once(&mut self, port: u16) -> Result<Vec<u8>, (String, bool)> {
         if self.stream.is_none() {
             let stream = connect(port).map_err(|e| (e, false))?;
             self.stream = Some((stream, Instant::now()));
@@ -236,8 +290,14 @@ impl Client {
         stream
             .write_all(b"GET /item HTTP/1.1\r\nHost: test\r\n\r\n")
             .map_err(|e| (format!("send: {e}"), false))?;
-        match read_response(stream)? {
-            200 => Ok(()),
+        let response = read_response(stream)?;
+        if response.closes {
+            // The server closes this connection after the answer: the next request needs a new
+            // one, as every HTTP client knows (no stale retry, nothing was lost).
+            self.stream = None;
+        }
+        match response.status {
+            200 => Ok(response.body),
             status => Err((format!("status {status}"), true)),
         }
     }

@@ -11,6 +11,7 @@ mod e2e {
     mod identity;
     mod kill9;
     mod logs;
+    mod matrix;
     mod notify;
     mod reload;
     mod restart_policy;
