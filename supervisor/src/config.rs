@@ -67,8 +67,8 @@ pub struct HostConfig {
     /// `user`, or `user = "root"`, is a configuration error naming it unless this is true.
     #[serde(default)]
     pub allow_root: bool,
-    /// Whether starting instances get a cgroup of their own with a low CPU weight: `auto` (the
-    /// default: where the host lets sluice make one) or `off`.
+    /// Whether starting instances get a cgroup of their own with a low CPU weight: `auto` (where
+    /// the host lets sluice make one) or `off` (the default).
     #[serde(default)]
     pub cgroups: CgroupsMode,
     /// Name of the cgroup sluice owns, made under the daemon's own cgroup; one child per instance.
@@ -92,8 +92,10 @@ fn default_true() -> bool {
 pub enum CgroupsMode {
     /// Starting instances that have a serving sibling run in a low-weight cgroup where the host
     /// lets sluice make one; everything else runs as it would without.
-    #[default]
     Auto,
+    /// The default for now: on a saturated host a starting instance at the lowest weight gets no
+    /// CPU, its health deadline runs out and the batch is rolled back (see docs/config.md).
+    #[default]
     Off,
 }
 
