@@ -105,17 +105,26 @@ pub enum BuildError {
     },
     #[error("archive entry `{entry}`: {reason}")]
     UnsafeEntry { entry: String, reason: String },
-    #[error("{url} is over {limit_name} ({limit})")]
+    #[error("{url} is over {limit_name} ({limit}){at}")]
     TooLarge {
         url: String,
         limit_name: &'static str,
         limit: u64,
+        /// Where in the archive the limit was crossed (` at entry `name``, the name clipped), or
+        /// empty when the download itself was too large.
+        at: String,
     },
     #[error("corrupt or truncated archive {url}: {message}")]
     Archive { url: String, message: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write archive entry `{entry}`: {source}")]
+    Write {
+        /// The entry's name, clipped.
+        entry: String,
         source: std::io::Error,
     },
     #[error("build `{build}` is not installed")]
@@ -129,6 +138,24 @@ impl BuildError {
             source,
         }
     }
+}
+
+/// Extracts an archive held in memory into `dest` (an existing empty directory) with the same
+/// checks as an install, without a store or a checksum: the entry point of the archive fuzz
+/// target (`fuzz/`).
+#[doc(hidden)]
+pub fn extract_bytes_for_fuzzing(
+    bytes: &[u8],
+    dest: &Path,
+    limits: &Limits,
+) -> Result<(), BuildError> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    // Both fit in the channel, so nothing blocks before the extractor reads.
+    let sent = tx
+        .try_send(extract::Chunk::Data(bytes::Bytes::copy_from_slice(bytes)))
+        .and_then(|()| tx.try_send(extract::Chunk::End));
+    assert!(sent.is_ok(), "a channel of 2 holds 2 chunks");
+    extract::extract(rx, dest, "memory:///fuzz", limits)
 }
 
 /// Checks a build id: `[A-Za-z0-9._-]{1,128}`, not starting with `.`. Ids become directory
@@ -161,7 +188,7 @@ pub fn source_url(template: &str, service: &str, build: &str) -> String {
 
 fn bad_id(id: &str) -> impl FnOnce(String) -> BuildError + '_ {
     move |reason| BuildError::BadId {
-        id: id.to_owned(),
+        id: crate::clip::clip(id).into_owned(),
         reason,
     }
 }
@@ -255,7 +282,7 @@ impl Releases {
         let actual = store::fetch_and_extract(&source.url, &env, limits, &tmp).await?;
         if actual != expected {
             return Err(BuildError::Checksum {
-                url: source.url.clone(),
+                url: crate::clip::clip(&source.url).into_owned(),
                 expected,
                 actual,
             });
