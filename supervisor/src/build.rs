@@ -66,7 +66,8 @@ pub struct Limits {
     pub max_archive_bytes: u64,
     /// Sum of the archive's entry sizes once unpacked; default 16 GiB.
     pub max_unpacked_bytes: u64,
-    /// Number of archive entries (files, directories, links); default 1 000 000.
+    /// Number of tar headers: entries (files, directories, links) and the metadata headers
+    /// (pax, GNU long names) that describe them; default 1 000 000.
     pub max_entries: u64,
     /// A fetch that receives no byte for this long fails; default [`FETCH_STALL_MS`].
     pub fetch_stall_ms: u64,

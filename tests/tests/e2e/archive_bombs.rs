@@ -20,6 +20,9 @@ const STATUS_MAX_BYTES: usize = 64 << 10;
 /// How long one refused deploy may take on a loaded 2-core machine.
 const DEPLOY_PATIENCE: Duration = Duration::from_secs(120);
 const SVC: &str = "bombs";
+/// The service's `build.max_entries`: small, so the debug daemon reaches it in seconds (the
+/// default, 1 000 000, is the same code path at 512 MB of headers).
+const MAX_ENTRIES: u64 = 20_000;
 
 /// One tar header block (ustar, or GNU when `gnu`), checksummed.
 fn header(name: &str, kind: u8, size: u64, gnu: bool) -> [u8; 512] {
@@ -115,7 +118,7 @@ fn bombs() -> Vec<(&'static str, Vec<u8>, Vec<&'static str>)> {
         b"",
         BOMB_BYTES,
     );
-    // 1.1 M pax global headers: over the default max_entries (1 000 000) without a file written.
+    // 1.1 M pax global headers (over 500 MiB): far over MAX_ENTRIES without a file written.
     let global = header("PaxHeaders/global", b'g', 0, false);
     let block: Vec<u8> = global.iter().copied().cycle().take(512 * 2048).collect();
     let count = gzip_stream(&[], &block, 550, &zeros(1024));
@@ -140,7 +143,7 @@ fn bombs() -> Vec<(&'static str, Vec<u8>, Vec<&'static str>)> {
         (
             "entry-count",
             count,
-            vec!["max_entries", "PaxHeaders/global"],
+            vec!["max_entries (20000)", "PaxHeaders/global"],
         ),
         (
             "deep-path",
@@ -202,6 +205,7 @@ instances = 1
 port_base = {port}
 [build]
 source = "file://{store}/{{build}}.tar.gz"
+max_entries = {MAX_ENTRIES}
 "#,
             store = store.display()
         ),
