@@ -22,5 +22,9 @@ fuzz_target!(|data: &[u8]| {
         .flatten()
         .map(|e| e.file_name())
         .collect();
-    assert_eq!(names, ["release"], "an entry was written outside the release");
+    assert_eq!(
+        names,
+        ["release"],
+        "an entry was written outside the release"
+    );
 });

@@ -12,7 +12,11 @@ fuzz_target!(|data: &[u8]| {
     for line in text.split('\n') {
         if let Ok(status) = Status::parse(line) {
             let again = Status::parse(&status.to_string());
-            assert_eq!(again.as_ref(), Ok(&status), "status `{line}` does not round-trip");
+            assert_eq!(
+                again.as_ref(),
+                Ok(&status),
+                "status `{line}` does not round-trip"
+            );
         }
         if let Ok(command) = Command::parse(line) {
             let again = Command::parse(&command.to_string());
@@ -20,7 +24,11 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Ok((shim_pid, pid)) = parse_handshake(line) {
             let again = parse_handshake(&format_handshake(shim_pid, pid));
-            assert_eq!(again, Ok((shim_pid, pid)), "handshake `{line}` does not round-trip");
+            assert_eq!(
+                again,
+                Ok((shim_pid, pid)),
+                "handshake `{line}` does not round-trip"
+            );
         }
     }
 });
