@@ -4,10 +4,15 @@
 # 20) on a copy of its committed seed corpus, two at a time. Prints the build time and, per
 # target, the executions run; a crash, a timeout or an out-of-memory fails the script and leaves
 # the input in fuzz/artifacts/<target>/ (make it a regression test beside the code it hit).
+# The build goes to SLUICE_FUZZ_TARGET_DIR (default /var/cache/sluice-fuzz, outside the checkout):
+# an instrumented build of the whole dependency tree takes long cold (object_store's aws-lc-sys
+# above all), and a later run on the same machine, in any clone, reuses its dependencies.
 # Usage: scripts/fuzz.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-20}
+target_dir=${SLUICE_FUZZ_TARGET_DIR:-/var/cache/sluice-fuzz}
+mkdir -p "$target_dir"
 # At most this many targets run at once (the CI machine has 2 cores).
 parallel=2
 
@@ -15,11 +20,11 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   cargo +nightly install --locked cargo-fuzz
 fi
 started=$(date +%s)
-cargo +nightly fuzz build --fuzz-dir fuzz --sanitizer none
+cargo +nightly fuzz build --fuzz-dir fuzz --sanitizer none --target-dir "$target_dir"
 echo "fuzz: build took $(( $(date +%s) - started )) s"
 
 triple=$(rustc +nightly -vV | sed -n 's/^host: //p')
-bin="fuzz/target/$triple/release"
+bin="$target_dir/$triple/release"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mapfile -t targets < <(cargo +nightly fuzz list --fuzz-dir fuzz)

@@ -44,4 +44,4 @@ cargo nextest run --workspace --profile "$profile" "$@"
 # The fuzz targets (fuzz/, nightly): a short bounded run of each on its committed corpus; the
 # script installs cargo-fuzz when it is missing.
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
-scripts/fuzz.sh "${SLUICE_FUZZ_SECONDS:-20}"
+scripts/fuzz.sh "${SLUICE_FUZZ_SECONDS:-15}"
