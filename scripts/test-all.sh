@@ -48,3 +48,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
 cargo nextest run --workspace --profile "$profile" "$@"
+# The fuzz targets (fuzz/, nightly): a short bounded run of each on its committed corpus; the
+# script installs cargo-fuzz when it is missing.
+rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+scripts/fuzz.sh "${SLUICE_FUZZ_SECONDS:-15}"

@@ -73,7 +73,8 @@ pub struct Limits {
     pub max_archive_bytes: u64,
     /// Sum of the archive's entry sizes once unpacked; default 16 GiB.
     pub max_unpacked_bytes: u64,
-    /// Number of archive entries (files, directories, links); default 1 000 000.
+    /// Number of tar headers: entries (files, directories, links) and the metadata headers
+    /// (pax, GNU long names) that describe them; default 1 000 000.
     pub max_entries: u64,
     /// A fetch that receives no byte for this long fails; default [`FETCH_STALL_MS`].
     pub fetch_stall_ms: u64,
@@ -112,17 +113,26 @@ pub enum BuildError {
     },
     #[error("archive entry `{entry}`: {reason}")]
     UnsafeEntry { entry: String, reason: String },
-    #[error("{url} is over {limit_name} ({limit})")]
+    #[error("{url} is over {limit_name} ({limit}){at}")]
     TooLarge {
         url: String,
         limit_name: &'static str,
         limit: u64,
+        /// Where in the archive the limit was crossed (` at entry `name``, the name clipped), or
+        /// empty when the download itself was too large.
+        at: String,
     },
     #[error("corrupt or truncated archive {url}: {message}")]
     Archive { url: String, message: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write archive entry `{entry}`: {source}")]
+    Write {
+        /// The entry's name, clipped.
+        entry: String,
         source: std::io::Error,
     },
     #[error("build `{build}` is not installed")]
@@ -136,6 +146,24 @@ impl BuildError {
             source,
         }
     }
+}
+
+/// Extracts an archive held in memory into `dest` (an existing empty directory) with the same
+/// checks as an install, without a store or a checksum: the entry point of the archive fuzz
+/// target (`fuzz/`).
+#[doc(hidden)]
+pub fn extract_bytes_for_fuzzing(
+    bytes: &[u8],
+    dest: &Path,
+    limits: &Limits,
+) -> Result<(), BuildError> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    // Both fit in the channel, so nothing blocks before the extractor reads.
+    let sent = tx
+        .try_send(extract::Chunk::Data(bytes::Bytes::copy_from_slice(bytes)))
+        .and_then(|()| tx.try_send(extract::Chunk::End));
+    assert!(sent.is_ok(), "a channel of 2 holds 2 chunks");
+    extract::extract(rx, dest, "memory:///fuzz", limits)
 }
 
 /// Checks a build id: `[A-Za-z0-9._-]{1,128}`, not starting with `.`. Ids become directory
@@ -168,7 +196,7 @@ pub fn source_url(template: &str, service: &str, build: &str) -> String {
 
 fn bad_id(id: &str) -> impl FnOnce(String) -> BuildError + '_ {
     move |reason| BuildError::BadId {
-        id: id.to_owned(),
+        id: crate::clip::clip(id).into_owned(),
         reason,
     }
 }
@@ -259,7 +287,7 @@ impl Releases {
         let actual = store::fetch_and_extract(&source.url, &env, limits, &tmp).await?;
         if actual != expected {
             return Err(BuildError::Checksum {
-                url: source.url.clone(),
+                url: crate::clip::clip(&source.url).into_owned(),
                 expected,
                 actual,
             });

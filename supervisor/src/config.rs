@@ -540,6 +540,9 @@ pub struct BuildConfig {
     /// Largest release accepted (sum of its files' sizes).
     #[serde(default = "default_max_unpacked_bytes")]
     pub max_unpacked_bytes: u64,
+    /// Most tar headers accepted (entries, and the pax / GNU long-name headers describing them).
+    #[serde(default = "default_max_entries")]
+    pub max_entries: u64,
 }
 
 fn default_keep_releases() -> usize {
@@ -550,6 +553,9 @@ fn default_max_archive_bytes() -> u64 {
 }
 fn default_max_unpacked_bytes() -> u64 {
     16 << 30
+}
+fn default_max_entries() -> u64 {
+    crate::build::DEFAULT_MAX_ENTRIES
 }
 
 /// Commands run at the stages of a deploy, as the service's user, in the release directory.

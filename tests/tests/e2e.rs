@@ -5,6 +5,7 @@
 //! so nextest runs them in parallel.
 
 mod e2e {
+    mod archive_bombs;
     mod cgroup;
     mod deploy;
     mod drain;

@@ -7,6 +7,14 @@
 //! parent is a symlink is refused); and symlink targets are `..`s followed only by names, with
 //! no more `..`s than the link's depth. The last rule is stricter than a lexical check on
 //! purpose: a lexical check is fooled by `a -> d/b/..` when `d/b` is itself a link to `..`.
+//!
+//! Hostile archives cost a bounded amount: [`guard::HeaderGuard`] sits under the tar parser and
+//! refuses a metadata header (pax, GNU long name/link) over [`guard::META_HEADER_MAX_BYTES`], or any
+//! header that takes the totals over the limits, before the parser buffers it; entry paths
+//! are capped in bytes and components; zstd frames may not ask for a window over
+//! [`ZSTD_WINDOW_LOG_MAX`]. Modes are fixed (`0755`/`0644`, never set-uid, set-gid or sticky)
+//! and ownership is never taken from the archive: everything belongs to the daemon's user.
+//! Every name quoted in an error is clipped ([`crate::clip`]).
 
 use std::collections::BTreeSet;
 use std::io::{self, Read};
@@ -18,6 +26,20 @@ use tar::EntryType;
 use tokio::sync::mpsc;
 
 use super::{BuildError, Limits, META_DIR};
+use crate::clip::{clip, clip_bytes};
+
+pub(super) mod guard;
+
+/// Longest accepted entry path (and hard link target), in bytes: Linux's `PATH_MAX`, which no
+/// release could use anyway once it is under the data directory.
+pub const ENTRY_PATH_MAX_BYTES: usize = 4096;
+/// Most components in an accepted entry path: deep enough for any real tree (`node_modules`
+/// nests a few dozen), and a bound on the per-component checks each entry costs.
+pub const ENTRY_PATH_MAX_COMPONENTS: usize = 256;
+/// Largest zstd window a frame may ask for, as a base-2 logarithm (23 = 8 MiB, what `zstd -19`
+/// uses): the decoder allocates the window, so the default limit (27, 128 MiB) would let a tiny
+/// archive cost the brain 128 MiB. Archives made with `--long` or `--ultra` are refused.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
 /// Decompressed bytes accepted after the tar end marker, in bytes. Tar pads archives to a
 /// 10 KiB record; anything much longer is not padding and could be a decompression bomb.
@@ -74,9 +96,12 @@ pub(super) fn extract(
         buf: Bytes::new(),
         ended: false,
     };
+    // Every error below quotes the url; one from ZooKeeper's build metadata is outside text.
+    let clipped_url = clip(url);
+    let url: &str = &clipped_url;
     let archive_err = |e: io::Error| BuildError::Archive {
         url: url.to_owned(),
-        message: e.to_string(),
+        message: clip(&e.to_string()).into_owned(),
     };
     {
         let mut magic = Vec::with_capacity(4);
@@ -88,7 +113,11 @@ pub(super) fn extract(
         let mut decoded: Box<dyn Read + '_> = if magic.starts_with(&[0x1f, 0x8b]) {
             Box::new(flate2::read::MultiGzDecoder::new(input))
         } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
-            Box::new(zstd::stream::read::Decoder::new(input).map_err(archive_err)?)
+            let mut decoder = zstd::stream::read::Decoder::new(input).map_err(archive_err)?;
+            decoder
+                .window_log_max(ZSTD_WINDOW_LOG_MAX)
+                .map_err(archive_err)?;
+            Box::new(decoder)
         } else {
             Box::new(input)
         };
@@ -101,11 +130,20 @@ pub(super) fn extract(
             files: BTreeSet::new(),
         };
         {
-            let mut archive = tar::Archive::new(&mut decoded);
-            for entry in archive.entries().map_err(archive_err)? {
-                let entry = entry.map_err(archive_err)?;
-                unpacker.unpack(entry)?;
+            let mut guarded = guard::HeaderGuard::new(&mut decoded, url, limits);
+            let unpacked = (|| -> Result<(), BuildError> {
+                let mut archive = tar::Archive::new(&mut guarded);
+                for entry in archive.entries().map_err(archive_err)? {
+                    let entry = entry.map_err(archive_err)?;
+                    unpacker.unpack(entry)?;
+                }
+                Ok(())
+            })();
+            // The tar crate wraps the guard's error in its own text; the guard's is the reason.
+            if let Some(refusal) = guarded.take_refusal() {
+                return Err(refusal);
             }
+            unpacked?;
         }
         // Reading the decompressed tail to its end also checks the gzip CRC or zstd checksum.
         let tail = io::copy(
@@ -143,11 +181,14 @@ impl Unpacker<'_> {
             // Pax global headers carry metadata for all entries, none of which is used here.
             return Ok(());
         }
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let path_bytes = entry.path_bytes();
+        let name = clip_bytes(&path_bytes);
         let unsafe_entry = |reason: &str| BuildError::UnsafeEntry {
             entry: name.clone(),
             reason: reason.to_owned(),
         };
+        check_path_bounds(&path_bytes).map_err(|reason| unsafe_entry(&reason))?;
+        drop(path_bytes);
         self.entries += 1;
         if self.entries > self.limits.max_entries {
             return Err(self.too_large("max_entries", self.limits.max_entries));
@@ -184,10 +225,10 @@ impl Unpacker<'_> {
                     .write(true)
                     .create_new(true)
                     .open(&target)
-                    .map_err(|e| BuildError::io(&target, e))?;
+                    .map_err(|e| write_error(&name, e))?;
                 let written = io::copy(&mut entry, &mut file).map_err(|e| BuildError::Archive {
                     url: self.url.to_owned(),
-                    message: format!("entry `{name}`: {e}"),
+                    message: format!("entry `{name}`: {}", clip(&e.to_string())),
                 })?;
                 if written != size {
                     return Err(BuildError::Archive {
@@ -196,7 +237,7 @@ impl Unpacker<'_> {
                     });
                 }
                 file.set_permissions(std::fs::Permissions::from_mode(mode))
-                    .map_err(|e| BuildError::io(&target, e))?;
+                    .map_err(|e| write_error(&name, e))?;
                 self.files.insert(rel);
                 Ok(())
             }
@@ -206,9 +247,11 @@ impl Unpacker<'_> {
                     .map_err(|e| unsafe_entry(&e.to_string()))?
                     .ok_or_else(|| unsafe_entry("symlink without a target"))?
                     .into_owned();
+                check_path_bounds(link.as_os_str().as_encoded_bytes())
+                    .map_err(|reason| unsafe_entry(&format!("symlink target: {reason}")))?;
                 check_symlink_target(&rel, &link).map_err(|reason| unsafe_entry(&reason))?;
                 self.clear(&rel, &name)?;
-                std::os::unix::fs::symlink(&link, &target).map_err(|e| BuildError::io(&target, e))
+                std::os::unix::fs::symlink(&link, &target).map_err(|e| write_error(&name, e))
             }
             EntryType::Link => {
                 let link = entry
@@ -216,7 +259,7 @@ impl Unpacker<'_> {
                     .map_err(|e| unsafe_entry(&e.to_string()))?
                     .ok_or_else(|| unsafe_entry("hard link without a target"))?
                     .into_owned();
-                let shown = link.display();
+                let shown = clip_bytes(link.as_os_str().as_encoded_bytes());
                 let link_rel = relative(&link).map_err(|reason| {
                     unsafe_entry(&format!("hard link target `{shown}`: {reason}"))
                 })?;
@@ -230,7 +273,7 @@ impl Unpacker<'_> {
                 }
                 self.clear(&rel, &name)?;
                 std::fs::hard_link(self.dest.join(&link_rel), &target)
-                    .map_err(|e| BuildError::io(&target, e))?;
+                    .map_err(|e| write_error(&name, e))?;
                 self.files.insert(rel);
                 Ok(())
             }
@@ -245,6 +288,7 @@ impl Unpacker<'_> {
             url: self.url.to_owned(),
             limit_name,
             limit,
+            at: String::new(),
         }
     }
 
@@ -289,6 +333,33 @@ impl Unpacker<'_> {
     }
 }
 
+/// An I/O error writing an entry, naming the entry (already clipped) rather than the path under
+/// the release, whose length the archive chose.
+fn write_error(name: &str, source: io::Error) -> BuildError {
+    BuildError::Write {
+        entry: name.to_owned(),
+        source,
+    }
+}
+
+/// Refuses a path (an entry's, or a link's target) over [`ENTRY_PATH_MAX_BYTES`] or
+/// [`ENTRY_PATH_MAX_COMPONENTS`].
+fn check_path_bounds(path: &[u8]) -> Result<(), String> {
+    if path.len() > ENTRY_PATH_MAX_BYTES {
+        return Err(format!(
+            "path of {} bytes is over the {ENTRY_PATH_MAX_BYTES}-byte cap",
+            path.len()
+        ));
+    }
+    let components = path.split(|b| *b == b'/').filter(|c| !c.is_empty()).count();
+    if components > ENTRY_PATH_MAX_COMPONENTS {
+        return Err(format!(
+            "path of {components} components is over the {ENTRY_PATH_MAX_COMPONENTS}-component cap"
+        ));
+    }
+    Ok(())
+}
+
 fn make_dir(path: &Path) -> Result<(), BuildError> {
     std::fs::create_dir(path).map_err(|e| BuildError::io(path, e))?;
     // Explicit, because the daemon's umask must not decide what instances can read.
@@ -313,7 +384,7 @@ fn relative(path: &Path) -> Result<PathBuf, &'static str> {
 /// Accepts a symlink target only if it stays in the release when followed for real (see the
 /// module doc): relative, `..`s first, then names, with no more `..`s than the link's depth.
 pub(super) fn check_symlink_target(link: &Path, target: &Path) -> Result<(), String> {
-    let shown = target.display();
+    let shown = clip_bytes(target.as_os_str().as_encoded_bytes());
     if target.as_os_str().is_empty() {
         return Err("empty symlink target".into());
     }

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::extract::{self, Chunk};
 use super::{BuildError, Limits};
+use crate::clip::clip;
 
 /// Largest `.sha256` sidecar accepted, in bytes: `sha256sum` writes 64 hex digits, two spaces
 /// and a file name.
@@ -67,8 +68,8 @@ fn open_store(
     limits: &Limits,
 ) -> Result<(Box<dyn ObjectStore>, StorePath), BuildError> {
     let bad = |message: String| BuildError::BadUrl {
-        url: url.to_owned(),
-        message,
+        url: clip(url).into_owned(),
+        message: clip(&message).into_owned(),
     };
     let parsed = Url::parse(url).map_err(|e| bad(e.to_string()))?;
     let (scheme, _) = ObjectStoreScheme::parse(&parsed).map_err(|e| bad(e.to_string()))?;
@@ -134,7 +135,7 @@ async fn open_stream(
     match get {
         Ok(result) => Ok(result.into_stream()),
         Err(object_store::Error::NotFound { .. }) => Err(BuildError::NotFound {
-            url: url.to_owned(),
+            url: clip(url).into_owned(),
         }),
         Err(e) => Err(fetch_error(url, e)),
     }
@@ -146,15 +147,15 @@ fn stall(limits: &Limits) -> Duration {
 
 fn stalled(url: &str, limits: &Limits) -> BuildError {
     BuildError::Stalled {
-        url: url.to_owned(),
+        url: clip(url).into_owned(),
         stall_ms: limits.fetch_stall_ms,
     }
 }
 
 fn fetch_error(url: &str, e: object_store::Error) -> BuildError {
     BuildError::Fetch {
-        url: url.to_owned(),
-        message: e.to_string(),
+        url: clip(url).into_owned(),
+        message: clip(&e.to_string()).into_owned(),
     }
 }
 
@@ -164,8 +165,8 @@ pub(super) fn parse_sha256(url: &str, value: &str) -> Result<String, BuildError>
         Ok(value.to_ascii_lowercase())
     } else {
         Err(BuildError::BadSha256 {
-            url: url.to_owned(),
-            value: value.chars().take(80).collect(),
+            url: clip(url).into_owned(),
+            value: clip(value).into_owned(),
         })
     }
 }
@@ -186,9 +187,10 @@ pub(super) async fn fetch_sidecar_sha256(
         text.extend_from_slice(&chunk.map_err(|e| fetch_error(&sidecar, e))?);
         if text.len() > SIDECAR_MAX_BYTES {
             return Err(BuildError::TooLarge {
-                url: sidecar,
+                url: clip(&sidecar).into_owned(),
                 limit_name: "SIDECAR_MAX_BYTES",
                 limit: SIDECAR_MAX_BYTES as u64,
+                at: String::new(),
             });
         }
     }
@@ -264,9 +266,10 @@ async fn pump(
         read_bytes += chunk.len() as u64;
         if read_bytes > limits.max_archive_bytes {
             return Err(BuildError::TooLarge {
-                url: url.to_owned(),
+                url: clip(url).into_owned(),
                 limit_name: "max_archive_bytes",
                 limit: limits.max_archive_bytes,
+                at: String::new(),
             });
         }
         hasher.update(&chunk);

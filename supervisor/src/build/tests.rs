@@ -820,3 +820,433 @@ async fn s3_install_from_moto() {
     assert_clean(&releases, "b2");
     drop(moto);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Archive bombs, generated as streams: only the headers exist in memory, the hundreds of MiB
+// behind them are produced as the extractor reads (and never, once it refused).
+
+/// One piece of a generated archive.
+enum Part {
+    Bytes(Vec<u8>),
+    /// `count` copies of one byte.
+    Fill(u8, u64),
+    /// The same bytes again and again, `times` times.
+    Repeat(Vec<u8>, u64),
+    /// `count` headers of empty files `<prefix><n>`.
+    Files(&'static str, u64),
+}
+
+/// A `Read` over [`Part`]s.
+struct Stream {
+    parts: std::collections::VecDeque<Part>,
+    pending: Vec<u8>,
+    files_made: u64,
+}
+
+impl Stream {
+    fn new(parts: Vec<Part>) -> Stream {
+        Stream {
+            parts: parts.into(),
+            pending: Vec::new(),
+            files_made: 0,
+        }
+    }
+}
+
+impl std::io::Read for Stream {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if !self.pending.is_empty() {
+                let n = out.len().min(self.pending.len());
+                out[..n].copy_from_slice(&self.pending[..n]);
+                self.pending.drain(..n);
+                return Ok(n);
+            }
+            match self.parts.front_mut() {
+                None => return Ok(0),
+                Some(Part::Bytes(bytes)) => {
+                    self.pending = std::mem::take(bytes);
+                    self.parts.pop_front();
+                }
+                Some(Part::Fill(byte, count)) => {
+                    if *count == 0 {
+                        self.parts.pop_front();
+                        continue;
+                    }
+                    let n = (out.len() as u64).min(*count) as usize;
+                    out[..n].fill(*byte);
+                    *count -= n as u64;
+                    return Ok(n);
+                }
+                Some(Part::Repeat(bytes, times)) => {
+                    if *times == 0 {
+                        self.parts.pop_front();
+                        continue;
+                    }
+                    *times -= 1;
+                    self.pending = bytes.clone();
+                }
+                Some(Part::Files(prefix, count)) => {
+                    if *count == 0 {
+                        self.parts.pop_front();
+                        continue;
+                    }
+                    *count -= 1;
+                    let name = format!("{prefix}{}", self.files_made);
+                    self.files_made += 1;
+                    self.pending = header_block(&name, tar::EntryType::Regular, 0, true).to_vec();
+                }
+            }
+        }
+    }
+}
+
+/// One header block: ustar (`gnu = false`) or GNU magic, checksummed.
+fn header_block(name: &str, kind: tar::EntryType, size: u64, gnu: bool) -> [u8; 512] {
+    let mut header = if gnu {
+        tar::Header::new_gnu()
+    } else {
+        tar::Header::new_ustar()
+    };
+    let field = &mut header.as_old_mut().name;
+    field[..name.len()].copy_from_slice(name.as_bytes());
+    header.set_entry_type(kind);
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_mtime(1);
+    header.set_cksum();
+    *header.as_bytes()
+}
+
+fn padding(size: u64) -> Part {
+    Part::Fill(0, (512 - size % 512) % 512)
+}
+
+/// A pax extended header whose `key` record holds `value_bytes` copies of `fill`, describing
+/// a small file, then the end marker.
+fn pax_bomb(key: &str, fill: u8, value_bytes: u64) -> Vec<Part> {
+    // "<len> <key>=<value>\n", where <len> counts itself.
+    let fixed = key.len() as u64 + 3;
+    let mut len = fixed + value_bytes;
+    while len != fixed + value_bytes + len.to_string().len() as u64 {
+        len = fixed + value_bytes + len.to_string().len() as u64;
+    }
+    vec![
+        Part::Bytes(header_block("PaxHeaders/bomb", tar::EntryType::XHeader, len, false).to_vec()),
+        Part::Bytes(format!("{len} {key}=").into_bytes()),
+        Part::Fill(fill, value_bytes),
+        Part::Bytes(b"\n".to_vec()),
+        padding(len),
+        Part::Bytes(header_block("bomb", tar::EntryType::Regular, 0, false).to_vec()),
+        Part::Fill(0, 1024),
+    ]
+}
+
+/// A GNU long name (`L`) of `bytes` copies of `a`, naming a small file, then the end marker.
+fn long_name_bomb(kind: tar::EntryType, bytes: u64) -> Vec<Part> {
+    vec![
+        Part::Bytes(header_block("././@LongLink", kind, bytes, true).to_vec()),
+        Part::Fill(b'a', bytes),
+        padding(bytes),
+        Part::Bytes(header_block("bomb", tar::EntryType::Regular, 0, true).to_vec()),
+        Part::Fill(0, 1024),
+    ]
+}
+
+/// Extracts `stream` (gzipped on the fly when `gz`) into a fresh directory, feeding the
+/// extractor from a thread as the download would, and returns its result and how many bytes
+/// the feeder produced before the extractor stopped reading.
+fn extract_stream(stream: Stream, gz: bool, limits: &Limits) -> (Result<(), BuildError>, u64) {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let feeder = std::thread::spawn(move || {
+        let mut stream = stream;
+        let mut encoder =
+            gz.then(|| flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut produced = 0u64;
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = stream.read(&mut buf).unwrap();
+            produced += n as u64;
+            let chunk = match &mut encoder {
+                Some(enc) if n == 0 => {
+                    let enc = std::mem::replace(
+                        enc,
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()),
+                    );
+                    enc.finish().unwrap()
+                }
+                Some(enc) => {
+                    enc.write_all(&buf[..n]).unwrap();
+                    std::mem::take(enc.get_mut())
+                }
+                None => buf[..n].to_vec(),
+            };
+            if !chunk.is_empty()
+                && tx
+                    .blocking_send(extract::Chunk::Data(bytes::Bytes::from(chunk)))
+                    .is_err()
+            {
+                return produced;
+            }
+            if n == 0 {
+                let _ = tx.blocking_send(extract::Chunk::End);
+                return produced;
+            }
+        }
+    });
+    let result = extract::extract(rx, tmp.path(), "file:///store/bomb.tar", limits);
+    let produced = feeder.join().unwrap();
+    (result, produced)
+}
+
+/// Asserts a bomb was refused early with a short message holding every `needle`.
+#[track_caller]
+fn assert_refused(result: Result<(), BuildError>, produced: u64, total: u64, needles: &[&str]) {
+    let err = result.expect_err("the bomb was accepted");
+    let message = err.to_string();
+    for needle in needles {
+        assert!(message.contains(needle), "`{message}` lacks `{needle}`");
+    }
+    assert!(message.len() < 1024, "{} bytes: {message}", message.len());
+    assert!(
+        produced < total / 4,
+        "the extractor read {produced} of {total} bytes before refusing"
+    );
+}
+
+const BOMB_BYTES: u64 = 512 << 20;
+
+#[test]
+fn a_pax_path_of_hundreds_of_mib_is_refused_before_it_is_buffered() {
+    let (result, produced) = extract_stream(
+        Stream::new(pax_bomb("path", b'0', BOMB_BYTES)),
+        false,
+        &Limits::default(),
+    );
+    assert_refused(
+        result,
+        produced,
+        BOMB_BYTES,
+        &[
+            "PaxHeaders/bomb",
+            "pax extended header",
+            "65536",
+            "path=000",
+        ],
+    );
+}
+
+#[test]
+fn a_pax_header_inside_a_gzip_stream_is_refused_too() {
+    let (result, produced) = extract_stream(
+        Stream::new(pax_bomb("linkpath", b'0', BOMB_BYTES)),
+        true,
+        &Limits::default(),
+    );
+    assert_refused(
+        result,
+        produced,
+        BOMB_BYTES,
+        &["PaxHeaders/bomb", "pax extended header", "linkpath=000"],
+    );
+}
+
+#[test]
+fn gnu_long_names_and_links_of_hundreds_of_mib_are_refused() {
+    for kind in [tar::EntryType::GNULongName, tar::EntryType::GNULongLink] {
+        let (result, produced) = extract_stream(
+            Stream::new(long_name_bomb(kind, BOMB_BYTES)),
+            false,
+            &Limits::default(),
+        );
+        let size = format!("…({BOMB_BYTES} bytes)");
+        assert_refused(
+            result,
+            produced,
+            BOMB_BYTES,
+            &["gnu long", "aaaaaaaa", &size],
+        );
+    }
+}
+
+#[test]
+fn metadata_bytes_count_against_max_unpacked_bytes() {
+    // A pax header under its own cap, but over a small archive cap.
+    let limits = Limits {
+        max_unpacked_bytes: 1000,
+        ..Limits::default()
+    };
+    let (result, _) = extract_stream(Stream::new(pax_bomb("comment", b'x', 2000)), false, &limits);
+    let err = result.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            BuildError::TooLarge {
+                limit_name: "max_unpacked_bytes",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("at entry `PaxHeaders/bomb`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn entry_count_bombs_are_refused_at_max_entries() {
+    let limits = Limits {
+        max_entries: 1000,
+        ..Limits::default()
+    };
+    // Empty files, and pax global headers the unpacker skips: both are headers, both count.
+    let global = header_block("PaxHeaders/global", tar::EntryType::XGlobalHeader, 0, false);
+    for (what, stream, culprit) in [
+        (
+            "files",
+            Stream::new(vec![Part::Files("f", 10_000_000)]),
+            "f1000",
+        ),
+        (
+            "pax global headers",
+            Stream::new(vec![Part::Repeat(global.to_vec(), 10_000_000)]),
+            "PaxHeaders/global",
+        ),
+    ] {
+        let (result, produced) = extract_stream(stream, true, &limits);
+        let err = result.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                BuildError::TooLarge {
+                    limit_name: "max_entries",
+                    limit: 1000,
+                    ..
+                }
+            ),
+            "{what}: {err}"
+        );
+        assert!(
+            err.to_string().contains(&format!("at entry `{culprit}`")),
+            "{what}: {err}"
+        );
+        assert!(produced < 100 << 20, "{what}: {produced} bytes read");
+    }
+}
+
+#[test]
+fn deep_and_long_paths_are_refused() {
+    let deep = format!("{}f", "d/".repeat(300));
+    let long = format!("{}/f", "x".repeat(5000));
+    for (path, needle) in [(&deep, "301 components"), (&long, "5002 bytes")] {
+        let mut parts = vec![];
+        let record_len = {
+            let fixed = "path=".len() as u64 + 2 + path.len() as u64;
+            let mut len = fixed;
+            while len != fixed + len.to_string().len() as u64 {
+                len = fixed + len.to_string().len() as u64;
+            }
+            len
+        };
+        parts.push(Part::Bytes(
+            header_block(
+                "PaxHeaders/deep",
+                tar::EntryType::XHeader,
+                record_len,
+                false,
+            )
+            .to_vec(),
+        ));
+        parts.push(Part::Bytes(
+            format!("{record_len} path={path}\n").into_bytes(),
+        ));
+        parts.push(padding(record_len));
+        parts.push(Part::Bytes(
+            header_block("deep", tar::EntryType::Regular, 0, false).to_vec(),
+        ));
+        parts.push(Part::Fill(0, 1024));
+        let (result, _) = extract_stream(Stream::new(parts), false, &Limits::default());
+        let err = result.unwrap_err();
+        assert!(matches!(&err, BuildError::UnsafeEntry { .. }), "{err}");
+        let message = err.to_string();
+        assert!(message.contains(needle), "{message}");
+        assert!(message.contains("…("), "the entry is clipped: {message}");
+        assert!(message.len() < 1024, "{message}");
+    }
+}
+
+#[test]
+fn a_pax_size_record_is_followed_like_the_tar_crate_does() {
+    // The header says 0 bytes, the pax record says 5: the guard must skip 5 (padded) bytes, or
+    // it would read the file's data as a header.
+    let record = "12 size=512\n";
+    let data = [b'z'; 512];
+    let parts = vec![
+        Part::Bytes(header_block("PaxHeaders/f", tar::EntryType::XHeader, 12, false).to_vec()),
+        Part::Bytes(record.as_bytes().to_vec()),
+        padding(12),
+        Part::Bytes(header_block("f", tar::EntryType::Regular, 0, false).to_vec()),
+        Part::Bytes(data.to_vec()),
+        Part::Bytes(header_block("g", tar::EntryType::Regular, 0, false).to_vec()),
+        Part::Fill(0, 1024),
+    ];
+    let mut guard =
+        extract::guard::HeaderGuard::new(Stream::new(parts), "file:///t", &Limits::default());
+    let mut archive = tar::Archive::new(&mut guard);
+    let mut names = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        names.push((entry.path().unwrap().display().to_string(), entry.size()));
+        std::io::copy(&mut entry, &mut std::io::sink()).unwrap();
+    }
+    assert_eq!(names, [("f".to_owned(), 512), ("g".to_owned(), 0)]);
+    assert!(guard.ended(), "the guard saw the end marker where tar did");
+}
+
+#[tokio::test]
+async fn set_id_bits_and_ownership_from_the_archive_are_never_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let releases = Releases::new(&tmp.path().join("data"), "web");
+    let mut tar = Tar::new();
+    let mut dir = Tar::header("shared/", tar::EntryType::Directory, 0, 0o7777);
+    dir.set_uid(4242);
+    dir.set_gid(4242);
+    tar.append(dir, &[]);
+    for (path, mode) in [
+        ("shared/suid", 0o4755),
+        ("shared/sgid", 0o2711),
+        ("shared/sticky", 0o1644),
+    ] {
+        let mut header = Tar::header(path, tar::EntryType::Regular, 2, mode);
+        header.set_uid(4242);
+        header.set_gid(4343);
+        tar.append(header, b"x\n");
+    }
+    let source = file_source(tmp.path(), "ids.tar.gz", &gzip(&tar.finish()));
+    let dir = releases
+        .install("ids", &source, &Limits::default())
+        .await
+        .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    for (path, want) in [
+        ("shared", 0o755),
+        ("shared/suid", 0o755),
+        ("shared/sgid", 0o755),
+        ("shared/sticky", 0o644),
+    ] {
+        let meta = std::fs::metadata(dir.join(path)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, want, "{path}");
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (uid, gid),
+            "{path}: ownership came from the archive"
+        );
+    }
+}

@@ -474,6 +474,18 @@ fn restarting_path(service: &str) -> String {
     format!("/services/{service}/restarting")
 }
 
+/// Runs every parser of ZooKeeper node data on `data`, as the fuzz targets (`fuzz/`) do: the
+/// build metadata of `/builds/<svc>/<build>`, the build id of `enabled` and `enabled/canary`,
+/// the limit of `restarting` and the role of `roles/<host>`. Each must return, never panic,
+/// whatever a ZooKeeper writer stored.
+#[doc(hidden)]
+pub fn parse_node_data_for_fuzzing(data: &[u8]) {
+    let _ = parse_build_meta("/builds/fuzz/b1", data);
+    let _ = build_id(Some(data.to_vec()));
+    let _ = parse_limit(Some(data));
+    let _ = parse_role(Some(data));
+}
+
 fn parse_build_meta(path: &str, data: &[u8]) -> Result<BuildMeta, CoordError> {
     serde_json::from_slice(data).map_err(|e| CoordError::BadData {
         path: path.to_owned(),

@@ -228,6 +228,7 @@ impl Service {
                 let limits = build::Limits {
                     max_archive_bytes: build_config.max_archive_bytes,
                     max_unpacked_bytes: build_config.max_unpacked_bytes,
+                    max_entries: build_config.max_entries,
                     ..build::Limits::default()
                 };
                 let dir = releases
