@@ -16,7 +16,7 @@ mod steer;
 pub use deploy::{DeployStatus, LocalVerb};
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -1042,7 +1042,7 @@ impl Service {
         let service = self.name.clone();
         for log in [&spec.stdout_log, &spec.stderr_log] {
             if let Some(dir) = log.parent()
-                && let Err(e) = std::fs::create_dir_all(dir)
+                && let Err(e) = make_log_dir(dir)
             {
                 tracing::warn!(service = %self.name, index, "creating {}: {e}", dir.display());
             }
@@ -1646,4 +1646,51 @@ fn targets(config: &ServiceConfig, enabled: &BTreeSet<u32>) -> Vec<Target> {
         .iter()
         .filter_map(|&index| config.port(index).map(|port| Target { index, port }))
         .collect()
+}
+
+/// Makes an instance's log directory, which may lie below a directory its service user can write
+/// (`log.dir = "/var/log/web"`): the part that exists is opened without following a link planted
+/// there, and the missing part is made below it with `mkdirat`, so nothing is created where a link
+/// points (see `sluice-safefs`).
+fn make_log_dir(dir: &Path) -> std::io::Result<()> {
+    let mut existing = dir;
+    let mut missing = Vec::new();
+    while std::fs::symlink_metadata(existing).is_err() {
+        let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+            break;
+        };
+        missing.push(name);
+        existing = parent;
+    }
+    let missing: PathBuf = missing.iter().rev().collect();
+    sluice_safefs::Dir::open(existing)?
+        .make_dirs(&missing, 0o755)
+        .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::make_log_dir;
+
+    /// A link that a less-trusted user planted on the way to a log directory is not followed:
+    /// nothing is made where it points (issue 8).
+    #[test]
+    fn a_log_dir_is_never_made_through_a_planted_link() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("root-only");
+        std::fs::create_dir(&target).unwrap();
+        let shared = root.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        // Writable by anyone: the user who owns it could have planted the link.
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::os::unix::fs::symlink(&target, shared.join("app")).unwrap();
+        let err = make_log_dir(&shared.join("app/logs")).unwrap_err();
+        assert!(sluice_safefs::is_refused(&err), "{err}");
+        assert!(!target.join("logs").exists(), "made through the link");
+        make_log_dir(&shared.join("web/logs")).unwrap();
+        assert!(shared.join("web/logs").is_dir());
+        make_log_dir(&shared.join("web/logs")).unwrap();
+    }
 }

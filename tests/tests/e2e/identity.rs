@@ -148,7 +148,7 @@ post_install = {post_install}
 pre_restart = {pre_restart}
 post_restart = {post_restart}
 [health]
-exec = ["/bin/sh", "-c", "id -u > {out}/probe; env > {out}/probe.env; pwd > {out}/probe.pwd"]
+exec = ["/bin/sh", "-c", "env > {out}/.e && mv {out}/.e {out}/probe.env && pwd > {out}/.p && mv {out}/.p {out}/probe.pwd && id -u > {out}/.u && mv {out}/.u {out}/probe"]
 interval_ms = 100
 "#,
         store = store.display(),
