@@ -147,6 +147,24 @@ fn both_enabled(s: &Status) -> bool {
         && !s.restart_in_progress("slow")
 }
 
+/// A host in `ns` with CPU isolation on, under the test's own cgroup parent.
+fn host_with_cgroups(ns: &Netns, parent: &CgroupParent) -> Host {
+    let h = Host::new().in_netns(ns);
+    h.write_host_file(&format!(
+        "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\nallow_root = true\ncgroups = \"auto\"\ncgroup_parent = \"{}\"\n",
+        parent.name
+    ));
+    h
+}
+
+/// `sluice restart slow` in the background, its output dropped.
+fn spawn_restart(h: &Host) -> std::process::Child {
+    let mut cmd = h.sluice_command(&["restart", "slow"]);
+    cmd.stdout(std::process::Stdio::null());
+    cmd.stderr(std::process::Stdio::null());
+    cmd.spawn().expect("spawning `sluice restart`")
+}
+
 #[track_caller]
 fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -165,11 +183,7 @@ fn a_starting_instance_runs_at_the_lowest_cpu_weight_until_it_is_enabled() {
         return;
     };
     let ns = Netns::new();
-    let h = Host::new().in_netns(&ns);
-    h.write_host_file(&format!(
-        "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\nallow_root = true\ncgroups = \"auto\"\ncgroup_parent = \"{}\"\n",
-        parent.name
-    ));
+    let h = host_with_cgroups(&ns, &parent);
     h.service("slow", &service(9100, 9000, START_DELAY_S));
     h.start_daemon();
     let before = h.wait_until(both_enabled, PATIENCE * 3);
@@ -200,12 +214,7 @@ fn a_starting_instance_runs_at_the_lowest_cpu_weight_until_it_is_enabled() {
 
     // A drain restart: each new process must be seen low while it starts (no listener yet) and
     // while it warms up, and normal once enabled.
-    let restart = {
-        let mut cmd = h.sluice_command(&["restart", "slow"]);
-        cmd.stdout(std::process::Stdio::null());
-        cmd.stderr(std::process::Stdio::null());
-        cmd.spawn().expect("spawning `sluice restart`")
-    };
+    let restart = spawn_restart(&h);
     let mut restart = Guard(restart);
     let old: Vec<i32> = before.pids("slow").into_iter().flatten().collect();
     let mut seen_starting = [false; 2];
@@ -302,21 +311,12 @@ fn a_restarted_daemon_reapplies_the_weight_from_the_instance_state() {
         return;
     };
     let ns = Netns::new();
-    let h = Host::new().in_netns(&ns);
-    h.write_host_file(&format!(
-        "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\nallow_root = true\ncgroups = \"auto\"\ncgroup_parent = \"{}\"\n",
-        parent.name
-    ));
+    let h = host_with_cgroups(&ns, &parent);
     h.service("slow", &service(9100, 9000, SLOW_START_DELAY_S));
     h.start_daemon();
     let before = h.wait_until(both_enabled, PATIENCE * 4);
     let old: Vec<i32> = before.pids("slow").into_iter().flatten().collect();
-    let restart = {
-        let mut cmd = h.sluice_command(&["restart", "slow"]);
-        cmd.stdout(std::process::Stdio::null());
-        cmd.stderr(std::process::Stdio::null());
-        cmd.spawn().expect("spawning `sluice restart`")
-    };
+    let restart = spawn_restart(&h);
     let _restart = Guard(restart);
     // The first batch's new process starts slowly: kill the brain while it does, and lift the
     // weight behind its back, as a stale value a new brain must not trust.
