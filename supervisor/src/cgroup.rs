@@ -1,10 +1,11 @@
-//! CPU isolation of starting instances: one cgroup per instance under a parent sluice owns, found
-//! at start-up on cgroup v2 (the `cpu` controller delegated to the daemon, `Delegate=yes`) or v1
-//! (the `cpu` controller's own hierarchy), with a low weight until the instance is enabled.
+//! CPU isolation of starting instances: a cgroup per starting instance under a parent sluice owns
+//! at the lowest weight, found at start-up on cgroup v2 (the `cpu` controller delegated to the
+//! daemon, `Delegate=yes`) or v1 (the `cpu` controller's own hierarchy).
 //!
-//! Layout: `<cpu hierarchy><daemon's cgroup>/<cgroup_parent>/<service>@<index>`. Each instance has a
-//! directory of its own, so a later change can also kill an instance's whole process tree through
-//! it; a directory is removed when its instance is gone for good.
+//! Layout: `<cpu hierarchy><daemon's cgroup>/<cgroup_parent>/<service>@<index>`. An instance is in
+//! its directory only while it starts beside a serving sibling; once enabled its processes move
+//! back to the daemon's cgroup (`Cgroups::home`) and the directory is removed. So the cgroup is not
+//! a handle on an instance's whole life (issue 10 needs one of its own for that).
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -38,7 +39,8 @@ pub enum Version {
 pub enum Weight {
     /// Starting or warming up, not yet enabled: only CPU that serving instances leave idle.
     Low,
-    /// Enabled (or draining after having served): the same weight as any other process group.
+    /// The kernel's default. Nothing writes it since enabled instances leave their cgroup instead;
+    /// kept for a cgroup adopted from an earlier daemon that set it.
     Normal,
 }
 
