@@ -39,8 +39,9 @@ pub enum Version {
 pub enum Weight {
     /// Starting or warming up, not yet enabled: only CPU that serving instances leave idle.
     Low,
-    /// The kernel's default. Nothing writes it since enabled instances leave their cgroup instead;
-    /// kept for a cgroup adopted from an earlier daemon that set it.
+    /// The kernel's default. Nothing sets it any more (enabled instances leave their cgroup
+    /// instead): dead, left for the service-core rework (issue 9) to remove with `set_weight`'s
+    /// branch for it.
     Normal,
 }
 
