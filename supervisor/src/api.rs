@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::net::UnixListener;
 use tokio::sync::oneshot;
@@ -38,41 +38,7 @@ const FOLLOW_POLL_MS: u64 = 200;
 /// Upper bound of `lines` for `logs`.
 const LOG_LINES_MAX: usize = 100_000;
 
-/// A control request as the CLI sends it.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ControlRequest {
-    pub service: String,
-    #[serde(default)]
-    pub index: Option<u32>,
-    pub action: String,
-    #[serde(default)]
-    pub signal: Option<String>,
-}
-
-/// `sluice deploy`, `promote`, `rollback` on the local backend.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeployRequest {
-    pub service: String,
-    pub verb: String,
-    #[serde(default)]
-    pub build: Option<String>,
-    #[serde(default)]
-    pub canary: bool,
-}
-
-/// A successful answer that is not a status.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Message {
-    pub message: String,
-}
-
-/// An error answer.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: String,
-}
+pub use crate::protocol::{ControlRequest, DeployRequest, ErrorBody, Message};
 
 /// How long answers in flight may take to finish once the daemon exits (a `logs -f` never does).
 const DRAIN_MS: u64 = 2_000;
@@ -245,7 +211,10 @@ async fn route(request: Request<Incoming>, daemon: Requests) -> Response<Body> {
             })
             .await
             {
-                Ok(services) => json(StatusCode::OK, &serde_json::json!({ "services": services })),
+                Ok(services) => json(
+                    StatusCode::OK,
+                    &crate::protocol::StatusDocument { services },
+                ),
                 Err(e) => answer(Err(e)),
             }
         }

@@ -16,12 +16,8 @@ use crate::config::{CgroupsMode, HostConfig};
 
 /// v1 `cpu.shares` of a starting instance: the kernel's minimum.
 pub const V1_LOW_SHARES: u32 = 2;
-/// v1 `cpu.shares` of an enabled instance: the kernel's default.
-pub const V1_NORMAL_SHARES: u32 = 1024;
 /// v2 `cpu.weight` of a starting instance: the minimum.
 pub const V2_LOW_WEIGHT: u32 = 1;
-/// v2 `cpu.weight` of an enabled instance: the default.
-pub const V2_NORMAL_WEIGHT: u32 = 100;
 /// Pause between attempts to remove an instance's cgroup whose last processes are still exiting.
 pub const REMOVE_RETRY_MS: u64 = 50;
 /// Attempts to remove an instance's cgroup before giving up (about 2 s at `REMOVE_RETRY_MS`).
@@ -34,15 +30,12 @@ pub enum Version {
     V2,
 }
 
-/// The CPU weight an instance should have.
+/// The CPU weight sluice gives a cgroup of its own. There is one: an enabled instance leaves its
+/// cgroup (its processes move back to the daemon's), so it never needs a "normal" weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Weight {
     /// Starting or warming up, not yet enabled: only CPU that serving instances leave idle.
     Low,
-    /// The kernel's default. Nothing sets it any more (enabled instances leave their cgroup
-    /// instead): dead, left for the service-core rework (issue 9) to remove with `set_weight`'s
-    /// branch for it.
-    Normal,
 }
 
 impl Weight {
@@ -50,9 +43,7 @@ impl Weight {
     pub fn value(self, version: Version) -> u32 {
         match (self, version) {
             (Weight::Low, Version::V1) => V1_LOW_SHARES,
-            (Weight::Normal, Version::V1) => V1_NORMAL_SHARES,
             (Weight::Low, Version::V2) => V2_LOW_WEIGHT,
-            (Weight::Normal, Version::V2) => V2_NORMAL_WEIGHT,
         }
     }
 }
@@ -356,9 +347,6 @@ impl Cgroups {
     pub fn set_weight(&self, dir: &Path, weight: Weight) -> Result<(), String> {
         let idle = dir.join("cpu.idle");
         let has_idle = idle.exists();
-        if has_idle && weight == Weight::Normal {
-            write(&idle, "0")?;
-        }
         let file = match self.version {
             Version::V1 => "cpu.shares",
             Version::V2 => "cpu.weight",
@@ -504,8 +492,6 @@ mod tests {
     #[test]
     fn weights() {
         assert_eq!(Weight::Low.value(Version::V1), 2);
-        assert_eq!(Weight::Normal.value(Version::V1), 1024);
         assert_eq!(Weight::Low.value(Version::V2), 1);
-        assert_eq!(Weight::Normal.value(Version::V2), 100);
     }
 }

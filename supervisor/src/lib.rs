@@ -17,6 +17,7 @@ pub mod fleet_cli;
 pub mod health;
 pub mod notify;
 pub mod policy;
+pub mod protocol;
 pub mod service;
 pub mod shim;
 pub mod spec;

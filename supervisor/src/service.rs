@@ -13,14 +13,14 @@ mod deploy;
 mod restart;
 mod steer;
 
-pub use deploy::{DeployStatus, LocalVerb};
+pub use crate::protocol::{DeployStatus, InstanceStatus, RestartStatus, ServiceStatus};
+pub use deploy::LocalVerb;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 use sluice_shim::proto::{Outcome, Status};
 use sluice_strategies::restart::{Input, Version};
 use sluice_strategies::steering::{Iptables, Target};
@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::{HostConfig, ServiceConfig};
 use crate::health::Probe;
 use crate::policy::{self, Decision};
+use crate::protocol::{CpuWeight, Desired, InstanceState};
 use crate::shim::{self, ShimError, ShimPaths};
 use crate::spec::InstanceSpec;
 use crate::state::{self, ServiceState};
@@ -171,79 +172,6 @@ pub struct Context {
     pub cgroups: crate::cgroup::Detected,
 }
 
-/// Status of one instance as `sluice status --json` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct InstanceStatus {
-    pub service: String,
-    pub index: u32,
-    pub state: &'static str,
-    pub desired: &'static str,
-    pub pid: Option<u32>,
-    pub shim_pid: Option<u32>,
-    pub port: Option<u16>,
-    /// Whether steering sends new connections to it; `null` for services without steering.
-    pub enabled: Option<bool>,
-    pub healthy: bool,
-    pub started_ms: Option<u64>,
-    pub uptime_ms: Option<u64>,
-    pub restarts: u32,
-    pub failed_starts: u32,
-    pub last_exit: Option<String>,
-    pub last_error: Option<String>,
-    /// Why sluice last restarted it on its own (a failed liveness probe, a failed readiness check).
-    pub last_restart_reason: Option<String>,
-    /// The last warm-up: requests, errors, first and last latency windows.
-    pub warmup: Option<Summary>,
-    /// How its last drain ended (`idle`, `closed`, `timeout`), with the connections left and the
-    /// wait.
-    pub last_drain: Option<sluice_strategies::drain::Outcome>,
-    /// The instance runs with an older configuration than the current one.
-    pub outdated: bool,
-    /// The cgroup directory the instance runs in; `null` without CPU isolation.
-    pub cgroup: Option<String>,
-    /// `low` while it starts and warms up beside a serving sibling; `null` otherwise (it then runs
-    /// outside sluice's cgroups, at the weight of any other process).
-    pub cpu_weight: Option<&'static str>,
-}
-
-/// A restart in progress, as status shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct RestartStatus {
-    pub strategy: sluice_strategies::restart::Strategy,
-    pub step: Option<sluice_strategies::restart::Step>,
-    pub batch: Vec<u32>,
-    pub rolling_back: bool,
-    pub batches_left: usize,
-    pub done: Vec<u32>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ServiceStatus {
-    pub service: String,
-    pub front_port: Option<u16>,
-    pub strategy: crate::config::StrategyName,
-    pub instances: Vec<InstanceStatus>,
-    pub restart: Option<RestartStatus>,
-    /// Why the last restart failed (its failed batch was rolled back).
-    pub last_restart_error: Option<String>,
-    pub steering_error: Option<String>,
-    /// The build the instances run (`null` without builds).
-    pub build: Option<String>,
-    /// The build a deploy is bringing them to.
-    pub target_build: Option<String>,
-    pub deploy: Option<DeployStatus>,
-    /// The last deploy failure (hook, download, verification, restart).
-    pub deploy_error: Option<String>,
-    /// A bad configuration node in ZooKeeper; the last good configuration runs.
-    pub config_error: Option<String>,
-    /// ZooKeeper nodes this service obeys whose ACL lets anyone write them (checked with a
-    /// `digest_file`, after each connect): whoever reaches ZooKeeper can steer this service.
-    pub world_writable_nodes: Vec<String>,
-    /// Why instances of a service with `restart.cpu_isolation` run without a cgroup (the host has
-    /// none for sluice, or making one failed).
-    pub cgroups_error: Option<String>,
-}
-
 /// Where one instance is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -267,16 +195,16 @@ enum Phase {
 }
 
 impl Phase {
-    fn name(self) -> &'static str {
+    fn state(self) -> InstanceState {
         match self {
-            Phase::Stopped => "stopped",
-            Phase::Spawning | Phase::Starting => "starting",
-            Phase::Running => "running",
-            Phase::Draining => "draining",
-            Phase::Stopping => "stopping",
-            Phase::Backoff => "backoff",
-            Phase::Exited => "exited",
-            Phase::Fatal => "fatal",
+            Phase::Stopped => InstanceState::Stopped,
+            Phase::Spawning | Phase::Starting => InstanceState::Starting,
+            Phase::Running => InstanceState::Running,
+            Phase::Draining => InstanceState::Draining,
+            Phase::Stopping => InstanceState::Stopping,
+            Phase::Backoff => InstanceState::Backoff,
+            Phase::Exited => InstanceState::Exited,
+            Phase::Fatal => InstanceState::Fatal,
         }
     }
 
@@ -1488,7 +1416,7 @@ impl Service {
                         Phase::Fatal | Phase::Exited | Phase::Stopped => {
                             failure = Some(format!(
                                 "{name}/{i} is {}{}",
-                                phase.name(),
+                                phase.state().as_str(),
                                 instance
                                     .last_error
                                     .as_ref()
@@ -1503,7 +1431,7 @@ impl Service {
                     Goal::Unsteered => done &= !steering.installed_contains(*i),
                     Goal::Steered => {
                         if !phase.is_up() {
-                            failure = Some(format!("{name}/{i} is {}", phase.name()));
+                            failure = Some(format!("{name}/{i} is {}", phase.state().as_str()));
                         }
                         done &= steering.installed_contains(*i);
                     }
@@ -1549,11 +1477,11 @@ impl Service {
             .map(|i| InstanceStatus {
                 service: self.name.clone(),
                 index: i.index,
-                state: i.phase.name(),
+                state: i.phase.state(),
                 desired: if self.desired_up(i.index) {
-                    "up"
+                    Desired::Up
                 } else {
-                    "down"
+                    Desired::Down
                 },
                 pid: i.shim.as_ref().map(|s| s.pid),
                 shim_pid: i.shim.as_ref().map(|s| s.shim_pid),
@@ -1572,8 +1500,7 @@ impl Service {
                 outdated: self.is_outdated(i),
                 cgroup: i.cgroup.as_ref().map(|d| d.display().to_string()),
                 cpu_weight: i.cgroup.as_ref().and(i.cpu_weight).map(|w| match w {
-                    crate::cgroup::Weight::Low => "low",
-                    crate::cgroup::Weight::Normal => "normal",
+                    crate::cgroup::Weight::Low => CpuWeight::Low,
                 }),
             })
             .collect();

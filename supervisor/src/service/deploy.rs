@@ -10,13 +10,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Serialize;
 use sluice_hooks::Stage;
 use sluice_strategies::restart::Action as Step;
 
 use super::{Event, Service, now_ms};
 use crate::build::{self, Releases};
 use crate::coord::Slot;
+use crate::protocol::{DeployPhase as Phase, DeployStatus, HostInstance, HostState, HostStatus};
 use crate::state::FailedRestart;
 
 /// Longest history of local deploys kept for `rollback`.
@@ -27,26 +27,6 @@ const SLOT_RETRY_MS: u64 = 1_000;
 const OUTPUT_TAIL_IN_STATUS: usize = 600;
 /// Longest pause between attempts to read a build's metadata while ZooKeeper is away.
 const META_RETRY_MAX_MS: u64 = 10_000;
-
-/// Where a deploy is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    /// Hooks, download, verification, extraction.
-    Installing,
-    PreRestart,
-    /// Waiting for one of the fleet's restart slots.
-    WaitingSlot,
-    Restarting,
-    PostRestart,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct DeployStatus {
-    pub build: String,
-    pub phase: Phase,
-    pub started_ms: u64,
-}
 
 /// This service's side of coordination. Not persisted: a restarted daemon learns it again.
 #[derive(Default)]
@@ -68,20 +48,7 @@ pub(super) struct Coordination {
     held: Vec<Step>,
     restart_started_ms: Option<u64>,
     restart_finished_ms: Option<u64>,
-    last_published: Option<serde_json::Value>,
-}
-
-/// A host's status as ZooKeeper's `status/<host>` holds it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-struct HostStatus {
-    host: String,
-    build: Option<String>,
-    target_build: Option<String>,
-    state: &'static str,
-    instances: Vec<serde_json::Value>,
-    last_error: Option<String>,
-    restart_started_ms: Option<u64>,
-    restart_finished_ms: Option<u64>,
+    last_published: Option<HostStatus>,
 }
 
 impl Service {
@@ -513,15 +480,15 @@ impl Service {
         };
         let state = match (&self.coord.deploy, &self.state.restart) {
             (Some(d), _) => match d.phase {
-                Phase::Installing | Phase::PreRestart => "installing",
-                Phase::WaitingSlot => "waiting",
-                Phase::Restarting => "restarting",
-                Phase::PostRestart => "finishing",
+                Phase::Installing | Phase::PreRestart => HostState::Installing,
+                Phase::WaitingSlot => HostState::Waiting,
+                Phase::Restarting => HostState::Restarting,
+                Phase::PostRestart => HostState::Finishing,
             },
-            (None, Some(_)) if self.coord.held.is_empty() => "restarting",
-            (None, Some(_)) => "waiting",
-            (None, None) if self.coord.last_error.is_some() => "failed",
-            (None, None) => "serving",
+            (None, Some(_)) if self.coord.held.is_empty() => HostState::Restarting,
+            (None, Some(_)) => HostState::Waiting,
+            (None, None) if self.coord.last_error.is_some() => HostState::Failed,
+            (None, None) => HostState::Serving,
         };
         let host = HostStatus {
             host: self.ctx.host.coordination.host_name(),
@@ -533,19 +500,17 @@ impl Service {
             instances: self
                 .instances
                 .values()
-                .map(|i| {
-                    serde_json::json!({
-                        "index": i.index,
-                        "state": i.phase.name(),
-                        "pid": i.shim.as_ref().map(|s| s.pid),
-                        "enabled": self
-                            .config
-                            .steers()
-                            .then(|| self.steering.installed_contains(i.index)),
-                        "healthy": i.healthy,
-                        "warmup": i.warmup,
-                        "last_error": i.last_error,
-                    })
+                .map(|i| HostInstance {
+                    index: i.index,
+                    state: i.phase.state(),
+                    pid: i.shim.as_ref().map(|s| s.pid),
+                    enabled: self
+                        .config
+                        .steers()
+                        .then(|| self.steering.installed_contains(i.index)),
+                    healthy: i.healthy,
+                    warmup: i.warmup.clone(),
+                    last_error: i.last_error.clone(),
                 })
                 .collect(),
             last_error: self
@@ -556,14 +521,15 @@ impl Service {
                 .or_else(|| self.state.failed.as_ref().map(|f| f.reason.clone())),
             restart_started_ms: self.coord.restart_started_ms,
             restart_finished_ms: self.coord.restart_finished_ms,
+            updated_ms: None,
         };
-        let value = serde_json::to_value(&host).expect("status serializes");
-        if self.coord.last_published.as_ref() == Some(&value) {
+        if self.coord.last_published.as_ref() == Some(&host) {
             return;
         }
-        self.coord.last_published = Some(value.clone());
-        let mut value = value;
-        value["updated_ms"] = now_ms().into();
+        self.coord.last_published = Some(host.clone());
+        let mut host = host;
+        host.updated_ms = Some(now_ms());
+        let value = serde_json::to_value(&host).expect("status serializes");
         let service = self.name.clone();
         tokio::spawn(async move { zk.set_status(&service, value).await });
     }

@@ -305,10 +305,11 @@ impl Service {
         if !instance.phase.is_up() {
             let why = format!(
                 "not running ({})",
-                instance
-                    .last_exit
-                    .clone()
-                    .unwrap_or_else(|| instance.phase.name().into())
+                instance.last_exit.clone().unwrap_or_else(|| instance
+                    .phase
+                    .state()
+                    .as_str()
+                    .into())
             );
             self.exec
                 .inputs
@@ -487,7 +488,7 @@ impl Service {
                         .as_ref()
                         .map(|e| format!(", {e}"))
                         .unwrap_or_default();
-                    format!("is not running ({}{exit})", instance.phase.name())
+                    format!("is not running ({}{exit})", instance.phase.state().as_str())
                 };
                 let steered = match (steers, steering.contains(&i)) {
                     (false, _) => "",
