@@ -21,6 +21,8 @@
 #                                 off, 4 all-at-once, 5 supervisord + nginx (default all)
 #   BENCH_CPU_ISOLATION_OFF       the [restart] line that turns CPU isolation off
 #                                 (default cpu_isolation = false)
+#   BENCH_REPEAT                  runs of each cell (default 1, at most 20); the report gives each
+#                                 run and the median (min–max) of the goal figures
 #   BENCH_MACHINE_NOTE            says in the report whether the machine was busy
 #   BENCH_SKIP_BUILD=1            skip the cargo builds (uses target/release as it is)
 set -euo pipefail
@@ -60,11 +62,11 @@ work=$(mktemp -d /tmp/sluice-bench.XXXXXX)
 export TMPDIR="$work" BENCH_TAG="$work" SLUICE_BIN_DIR="$repo/target/release" BENCH_SUPERVISOR_VENV="$venv"
 unset CI
 
-# Bounded: 15 runs take ~15 minutes on a quiet machine; 60 minutes means something hung (the trap
-# cleans up).
+# Bounded: 15 runs take ~15 minutes on a quiet machine, so the limit is 60 minutes per repeat;
+# past it something hung (the trap cleans up).
 "$repo/target/release/restart_bench" "$out" &
 runner_pid=$!
-( sleep 3600; kill -KILL "$runner_pid" 2>/dev/null ) &
+( sleep $((3600 * ${BENCH_REPEAT:-1})); kill -KILL "$runner_pid" 2>/dev/null ) &
 watchdog=$!
 wait "$runner_pid"
 kill "$watchdog" 2>/dev/null || true

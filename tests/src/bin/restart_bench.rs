@@ -231,28 +231,49 @@ fn main() {
     };
     let ns = Netns::new();
     let mut results = Vec::new();
+    // BENCH_REPEAT: runs of each cell. One run per cell is noise for the latency ratios (two
+    // identical configurations once differed 2.3x); the report gives each run and the median.
+    let repeat = env("BENCH_REPEAT", 1).clamp(1, 20);
     for app in apps() {
         for variant in variants() {
-            eprintln!("== {} / {}", app.name(), variant.label());
-            let argv = app.argv(&classes, &gunicorn);
-            let r = match &variant {
-                Variant::Sluice {
-                    strategy,
-                    warmup,
-                    extra,
-                    ..
-                } => run_sluice(&ns, app, &argv, *strategy, *warmup, extra, &settings),
-                Variant::Supervisord => run_supervisord(&ns, &argv, &settings),
-            };
-            let mut r = r.unwrap_or_else(|skipped| json!({ "skipped": skipped }));
-            r["app"] = json!(app.name());
-            r["app_description"] = json!(app.describe());
-            r["label"] = json!(variant.label());
-            eprintln!(
-                "{}",
-                serde_json::to_string(&r["summary"]).unwrap_or_default()
-            );
-            results.push(r);
+            for run in 1..=repeat {
+                eprintln!(
+                    "== {} / {} (run {run} of {repeat})",
+                    app.name(),
+                    variant.label()
+                );
+                let argv = app.argv(&classes, &gunicorn);
+                let before = listen_counters(&ns);
+                let r = match &variant {
+                    Variant::Sluice {
+                        strategy,
+                        warmup,
+                        extra,
+                        ..
+                    } => run_sluice(&ns, app, &argv, *strategy, *warmup, extra, &settings),
+                    Variant::Supervisord => run_supervisord(&ns, &argv, &settings),
+                };
+                let after = listen_counters(&ns);
+                let mut r = r.unwrap_or_else(|skipped| json!({ "skipped": skipped }));
+                r["app"] = json!(app.name());
+                r["app_description"] = json!(app.describe());
+                r["label"] = json!(variant.label());
+                r["run"] = json!(run);
+                r["listen_queue_drops"] = json!(
+                    after
+                        .iter()
+                        .map(|(k, v)| (
+                            k.clone(),
+                            v.saturating_sub(before.get(k).copied().unwrap_or(0))
+                        ))
+                        .collect::<BTreeMap<_, _>>()
+                );
+                eprintln!(
+                    "{}",
+                    serde_json::to_string(&r["summary"]).unwrap_or_default()
+                );
+                results.push(r);
+            }
         }
     }
     let machine_after = sluice_tests::benchkit::machine(&[("uptime", "uptime")]);
@@ -266,6 +287,7 @@ fn main() {
         "new_connection_threads": settings.new_connection_threads,
         "warm_in_s": settings.warm_in.as_secs(),
         "steady_window_s": settings.steady.as_secs(),
+        "repeat": repeat,
         "runs": results,
     });
     std::fs::write(
@@ -658,6 +680,37 @@ fn health_once(port: u16) -> Result<(), String> {
 /// window (`call_s`..`ret_s`), the first [`FIRST_REQUESTS_S`] of requests answered by each
 /// restarted instance after it was `back` (seconds after the load began), and the restart's total
 /// against `unavoidable_ms`.
+/// The namespace's counters of connections its listeners dropped (`/proc/net/netstat` read from
+/// inside it): a SYN dropped on a full accept queue is retransmitted a second later to the same
+/// instance (conntrack keeps its first destination), which may have stopped by then.
+fn listen_counters(ns: &Netns) -> BTreeMap<String, u64> {
+    const WANTED: [&str; 3] = ["ListenOverflows", "ListenDrops", "TCPReqQFullDrop"];
+    let text = ns
+        .command("cat")
+        .arg("/proc/net/netstat")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = BTreeMap::new();
+    for pair in lines.chunks(2) {
+        let [names, values] = pair else { continue };
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        for (name, value) in names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .skip(1)
+        {
+            if WANTED.contains(&name) {
+                out.insert(name.to_owned(), value.parse().unwrap_or(0));
+            }
+        }
+    }
+    out
+}
+
 fn analyse(
     samples: &Samples,
     call_s: f64,
@@ -697,10 +750,18 @@ fn analyse(
         }
     };
     let total_ms = (ret_s - call_s) * 1000.0;
-    let failures: Vec<&str> = samples
+    // Where in the restart each failure happened: the first question about a rare one.
+    let failures: Vec<String> = samples
         .list
         .iter()
-        .filter_map(|s| s.error.as_deref())
+        .filter_map(|s| {
+            s.error.as_deref().map(|e| {
+                format!(
+                    "issued {:+.3} s after the restart began: {e}",
+                    s.issued_s - call_s
+                )
+            })
+        })
         .take(5)
         .collect();
     let all = stats(&samples.list.iter().collect::<Vec<_>>());
@@ -1040,8 +1101,17 @@ fn markdown(r: &Value) -> String {
     );
     s += "| app | variant | failed | stale retries | steady p50 / p99 | restart-window p99 | p99 restart ÷ steady | first 2 s per restarted instance p99 | ÷ steady | restart total | Σ(stop + start→healthy + warm-up) | total ÷ Σ | supervisor CPU |\n";
     s += "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
-    for v in r["runs"].as_array().into_iter().flatten() {
+    let repeat = r["repeat"].as_u64().unwrap_or(1);
+    let run_label = |v: &Value| -> String {
         let label = v["label"].as_str().unwrap_or("");
+        if repeat > 1 {
+            format!("{label} #{}", v["run"])
+        } else {
+            label.to_owned()
+        }
+    };
+    for v in r["runs"].as_array().into_iter().flatten() {
+        let label = run_label(v);
         let app = v["app"].as_str().unwrap_or("");
         if let Some(why) = v["skipped"].as_str() {
             s += &format!("| {app} | {label} | not run: {why} |||||||||||\n");
@@ -1084,7 +1154,7 @@ fn markdown(r: &Value) -> String {
         s += &format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             v["app"].as_str().unwrap_or(""),
-            v["label"].as_str().unwrap_or(""),
+            run_label(v),
             ms(&b["drain"]),
             ms(&b["stop"]),
             ms(&b["start_to_healthy"]),
@@ -1100,17 +1170,29 @@ fn markdown(r: &Value) -> String {
                     .join(", ")),
         );
     }
+    if repeat > 1 {
+        s += &medians(r);
+    }
     s += "\nSupervisor CPU: sluice = the daemon's CPU from the `sluice restart` call to its return plus the whole life of the \
           shims the restart started (the old shims' last moments are not counted); supervisord = supervisord's and nginx's \
           CPU over the same span (the `supervisorctl` processes are not counted).\n";
     s += "\nGoals (issue 7, reported, not enforced): 0 failed requests; restart-window p99 ÷ steady p99 ≤ 1.2; \
           first-2 s p99 ÷ steady p99 ≤ 1.2; restart total ÷ Σ(stop + start→healthy + warm-up) ≤ 1.1.\n";
     for v in r["runs"].as_array().into_iter().flatten() {
-        let label = format!(
-            "{} / {}",
-            v["app"].as_str().unwrap_or(""),
-            v["label"].as_str().unwrap_or("")
-        );
+        let label = format!("{} / {}", v["app"].as_str().unwrap_or(""), run_label(v));
+        if let Some(drops) = v["listen_queue_drops"]
+            .as_object()
+            .filter(|d| d.values().any(|n| n.as_u64() > Some(0)))
+        {
+            s += &format!(
+                "\nListen-queue drops in {label}: {}\n",
+                drops
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         if let Some(f) = v["first_failures"].as_array().filter(|f| !f.is_empty()) {
             s += &format!(
                 "\nFirst failures of {label}: {}\n",
@@ -1126,6 +1208,61 @@ fn markdown(r: &Value) -> String {
                 clip(v["restart_stderr"].as_str().unwrap_or(""))
             );
         }
+    }
+    s
+}
+
+/// Median, minimum and maximum over the runs of each cell, for the figures the goals are about.
+fn medians(r: &Value) -> String {
+    let runs: Vec<&Value> = r["runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["skipped"].is_null())
+        .collect();
+    let mut cells: Vec<(String, String)> = Vec::new();
+    for v in &runs {
+        let cell = (
+            v["app"].as_str().unwrap_or("").to_owned(),
+            v["label"].as_str().unwrap_or("").to_owned(),
+        );
+        if !cells.contains(&cell) {
+            cells.push(cell);
+        }
+    }
+    let figure = |list: &[&Value], pick: &dyn Fn(&Value) -> Option<f64>| -> String {
+        let mut xs: Vec<f64> = list.iter().filter_map(|v| pick(v)).collect();
+        if xs.is_empty() {
+            return "-".into();
+        }
+        xs.sort_by(f64::total_cmp);
+        let median = if xs.len() % 2 == 1 {
+            xs[xs.len() / 2]
+        } else {
+            (xs[xs.len() / 2 - 1] + xs[xs.len() / 2]) / 2.0
+        };
+        format!("{median:.2} ({:.2}–{:.2})", xs[0], xs[xs.len() - 1])
+    };
+    let mut s = format!(
+        "\nMedian (min–max) over {} runs of each cell:\n\n",
+        r["repeat"]
+    );
+    s += "| app | variant | failed | p99 restart ÷ steady | first 2 s ÷ steady | total ÷ Σ | restart total s |\n";
+    s += "| --- | --- | ---: | ---: | ---: | ---: | ---: |\n";
+    for (app, label) in cells {
+        let list: Vec<&Value> = runs
+            .iter()
+            .copied()
+            .filter(|v| v["app"] == json!(app) && v["label"] == json!(label))
+            .collect();
+        s += &format!(
+            "| {app} | {label} | {} | {} | {} | {} | {} |\n",
+            figure(&list, &|v| v["whole_run"]["failed"].as_f64()),
+            figure(&list, &|v| v["p99_ratio_restart_to_steady"].as_f64()),
+            figure(&list, &|v| v["p99_ratio_first_2s_to_steady"].as_f64()),
+            figure(&list, &|v| v["total_to_unavoidable"].as_f64()),
+            figure(&list, &|v| v["total_ms"].as_f64().map(|ms| ms / 1000.0)),
+        );
     }
     s
 }
