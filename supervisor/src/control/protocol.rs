@@ -1,6 +1,7 @@
-//! The documents the daemon and its clients exchange: control requests, answers, the status of a
-//! service and of its instances, and the host status a service publishes to ZooKeeper. One
-//! definition serves both ends (serde both ways), so the CLI reads fields, not JSON paths.
+//! The documents the daemon and its clients exchange: every route's request and answer, the typed
+//! error answer, the status of a service and of its instances, and the host status a service
+//! publishes to ZooKeeper. One definition serves both ends (serde both ways), so the CLI reads
+//! fields, not JSON paths.
 //!
 //! Readers accept documents from other versions: fields this version does not know are ignored,
 //! fields it misses take their defaults. Requests are strict (`deny_unknown_fields`): a typo in a
@@ -12,40 +13,231 @@ use sluice_strategies::warmup::Summary;
 
 use crate::config::StrategyName;
 
-/// A control request as the CLI sends it.
-#[derive(Debug, Serialize, Deserialize)]
+/// The routes of the control API, under `/v1`.
+pub mod route {
+    /// `GET` with a [`super::StatusQuery`] → [`super::StatusDocument`].
+    pub const STATUS: &str = "/v1/status";
+    /// `POST` a [`super::ControlRequest`] → [`super::Message`].
+    pub const CONTROL: &str = "/v1/control";
+    /// `POST` a [`super::DeployRequest`] → [`super::Message`] (the local backend's deploys).
+    pub const DEPLOY: &str = "/v1/deploy";
+    /// `POST`, no body → [`super::Message`].
+    pub const RELOAD: &str = "/v1/reload";
+    /// `POST`, no body → [`super::Message`] once every instance stopped.
+    pub const SHUTDOWN: &str = "/v1/shutdown";
+    /// `GET` with a [`super::LogsQuery`] → the log as text, streamed while `follow` is set.
+    pub const LOGS: &str = "/v1/logs";
+}
+
+/// What `POST /v1/control` does to a service's instances (wire names as `sluice` spells the verbs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlAction {
+    Start,
+    Stop,
+    Restart,
+    /// Take out of steering and wait for connections to end.
+    Drain,
+    /// Put back into steering.
+    Enable,
+    /// Send the request's `signal`.
+    Signal,
+}
+
+impl ControlAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlAction::Start => "start",
+            ControlAction::Stop => "stop",
+            ControlAction::Restart => "restart",
+            ControlAction::Drain => "drain",
+            ControlAction::Enable => "enable",
+            ControlAction::Signal => "signal",
+        }
+    }
+}
+
+/// `POST /v1/control`: an action on a service (`index` absent) or on one of its instances.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlRequest {
     pub service: String,
     #[serde(default)]
     pub index: Option<u32>,
-    pub action: String,
+    pub action: ControlAction,
+    /// The signal of `signal`: a name (`HUP`, `SIGUSR1`) or a number.
     #[serde(default)]
     pub signal: Option<String>,
 }
 
+/// A control request as the server checked it, for the daemon loop: the signal resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    Start,
+    Stop,
+    Restart,
+    Drain,
+    Enable,
+    Signal(i32),
+}
+
+/// What `POST /v1/deploy` asks of the local backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeployVerb {
+    Deploy,
+    Promote,
+    Rollback,
+}
+
 /// `sluice deploy`, `promote`, `rollback` on the local backend.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeployRequest {
     pub service: String,
-    pub verb: String,
+    pub verb: DeployVerb,
+    /// The build of `deploy`.
     #[serde(default)]
     pub build: Option<String>,
     #[serde(default)]
     pub canary: bool,
 }
 
+/// A deploy request as the server checked it, for the daemon loop (`deploy` has its build).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalVerb {
+    Deploy { build: String, canary: bool },
+    Promote,
+    Rollback,
+}
+
+/// The query of `GET /v1/status`: every service, or one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+}
+
+/// Which of an instance's two logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    #[default]
+    Stdout,
+    Stderr,
+}
+
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+        }
+    }
+}
+
+/// Lines of the end of a log that `logs` prints when the request does not say.
+pub const LOG_LINES_DEFAULT: usize = 100;
+
+/// The query of `GET /v1/logs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsQuery {
+    pub service: String,
+    pub index: u32,
+    #[serde(default)]
+    pub stream: LogStream,
+    /// How many lines of the end to send first.
+    #[serde(default = "log_lines_default")]
+    pub lines: usize,
+    /// Keep sending what is appended. On the wire `1` or `0` (`true`/`false` are accepted too).
+    #[serde(default, with = "flag")]
+    pub follow: bool,
+}
+
+fn log_lines_default() -> usize {
+    LOG_LINES_DEFAULT
+}
+
+/// A query-string flag: written `1`/`0`, read from `1`, `0`, `true`, `false` (or empty: set).
+mod flag {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &bool, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if *value { "1" } else { "0" })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "1" | "true" | "" => Ok(true),
+            "0" | "false" => Ok(false),
+            other => Err(serde::de::Error::custom(format!(
+                "expected 1 or 0, not `{}`",
+                crate::clip::clip(other)
+            ))),
+        }
+    }
+}
+
+/// Encodes a query for a route (`?a=b&c=d`, or nothing for an empty query).
+pub fn encode_query<T: Serialize>(route: &str, query: &T) -> String {
+    let text = serde_urlencoded::to_string(query).expect("queries are flat structs of scalars");
+    if text.is_empty() {
+        route.to_owned()
+    } else {
+        format!("{route}?{text}")
+    }
+}
+
 /// A successful answer that is not a status.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub message: String,
 }
 
-/// An error answer.
-#[derive(Debug, Serialize, Deserialize)]
+/// What kind of error an answer carries: decides the HTTP status on the server and the exit code
+/// of `sluice` (see [`super::Error`]). The last three never cross the wire: the client makes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The request names a service the daemon does not have.
+    NoSuchService,
+    /// The request names an instance index the service does not have.
+    NoSuchInstance,
+    /// No route for the method and path.
+    NoSuchRoute,
+    /// The request is malformed (bad JSON, unknown field, missing value, unknown signal).
+    BadRequest,
+    /// The peer may not use the control API.
+    Forbidden,
+    /// A reload found the configuration invalid; nothing changed.
+    InvalidConfig,
+    /// The daemon refused in its current state (a restart already running, a deploy without
+    /// builds, an instance that would not start).
+    Conflict,
+    /// The daemon tried and failed, or is going away.
+    Failed,
+    /// The control socket cannot be reached (no socket, nobody listening, no permission).
+    Unreachable,
+    /// No answer within the request's bound.
+    Timeout,
+    /// The answer broke the protocol (not HTTP, not the expected JSON).
+    BadAnswer,
+}
+
+/// An error answer: `{"error": "...", "kind": "no-such-service"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+    /// Absent from the answers of daemons older than this field (and unknown kinds of newer
+    /// ones read as absent): the client then goes by the HTTP status.
+    #[serde(default, deserialize_with = "lenient_kind")]
+    pub kind: Option<ErrorKind>,
+}
+
+fn lenient_kind<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ErrorKind>, D::Error> {
+    let value = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(value.and_then(|v| serde_json::from_value(v).ok()))
 }
 
 /// `GET /v1/status`.

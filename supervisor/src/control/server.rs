@@ -1,14 +1,13 @@
-//! The control API: HTTP/1.1 with JSON over the control socket, open to root, the daemon's own
-//! user, and members of the socket's group (checked with the peer's credentials).
+//! The control API's server: HTTP/1.1 with JSON over the control socket, open to root, the
+//! daemon's own user, and members of the socket's group (checked with the peer's credentials).
 //!
-//! Routes:
-//! - `GET  /v1/status[?service=NAME]` → `{"services": [ServiceStatus...]}`
-//! - `POST /v1/control` with `{"service", "index"?, "action": "start|stop|restart|signal", "signal"?}`
-//! - `POST /v1/deploy` with `{"service", "verb": "deploy|promote|rollback", "build"?, "canary"?}`
-//!   (the local backend's deploys)
-//! - `POST /v1/reload`, `POST /v1/shutdown`
-//! - `GET  /v1/logs?service=NAME&index=I[&stream=stderr][&lines=N][&follow=1]` → text, streamed
-//!   while `follow` is set
+//! Each route decodes its request into [`super::protocol`]'s types, asks the daemon loop through
+//! [`super::queue`], and answers with a protocol type or an [`Error`], whose kind picks the status:
+//! - `GET  /v1/status[?service=NAME]` → [`StatusDocument`]
+//! - `POST /v1/control` with a [`ControlRequest`] → [`Message`]
+//! - `POST /v1/deploy` with a [`DeployRequest`] → [`Message`] (the local backend's deploys)
+//! - `POST /v1/reload`, `POST /v1/shutdown` → [`Message`]
+//! - `GET  /v1/logs` with a [`LogsQuery`] → text, streamed while `follow` is set
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,13 +20,18 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::net::UnixListener;
 use tokio::sync::oneshot;
 
+use super::Error;
+use super::protocol::{
+    ControlAction, ControlRequest, DeployRequest, DeployVerb, LocalVerb, LogStream, LogsQuery,
+    Message, Order, StatusDocument, StatusQuery, route,
+};
+use super::queue::{self, Requests};
 use crate::config::Signal;
-use crate::daemon::{self, Requests};
-use crate::service::Action;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -37,8 +41,6 @@ const BODY_MAX_BYTES: usize = 64 * 1024;
 const FOLLOW_POLL_MS: u64 = 200;
 /// Upper bound of `lines` for `logs`.
 const LOG_LINES_MAX: usize = 100_000;
-
-pub use crate::protocol::{ControlRequest, DeployRequest, ErrorBody, Message};
 
 /// How long answers in flight may take to finish once the daemon exits (a `logs -f` never does).
 const DRAIN_MS: u64 = 2_000;
@@ -86,10 +88,9 @@ pub async fn serve(listener: UnixListener, daemon: Requests, stop: impl Future<O
                 let response = if allowed {
                     route(request, daemon).await
                 } else {
-                    error(
-                        StatusCode::FORBIDDEN,
-                        "not allowed: the control socket is for root and its group",
-                    )
+                    error(&Error::Forbidden(
+                        "not allowed: the control socket is for root and its group".to_owned(),
+                    ))
                 };
                 Ok::<_, Infallible>(response)
             }
@@ -145,195 +146,170 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
         .expect("static response parts are valid")
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
-    json(
-        status,
-        &ErrorBody {
-            error: message.into(),
-        },
-    )
+fn error(e: &Error) -> Response<Body> {
+    json(e.http_status(), &e.to_body())
 }
 
-fn answer(result: Result<String, String>) -> Response<Body> {
+fn answer<T: Serialize>(result: Result<T, Error>) -> Response<Body> {
     match result {
-        Ok(message) => json(StatusCode::OK, &Message { message }),
-        Err(message) if message.starts_with("no service named") => {
-            error(StatusCode::NOT_FOUND, message)
-        }
-        Err(message) if message.starts_with(daemon::INVALID_CONFIG) => {
-            error(StatusCode::UNPROCESSABLE_ENTITY, message)
-        }
-        Err(message) => error(StatusCode::CONFLICT, message),
+        Ok(value) => json(StatusCode::OK, &value),
+        Err(e) => error(&e),
     }
+}
+
+fn message(result: Result<String, Error>) -> Response<Body> {
+    answer(result.map(|message| Message { message }))
 }
 
 /// Sends a request to the daemon loop and waits for its answer.
 async fn ask<T>(
     daemon: &Requests,
-    make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> daemon::Request,
-) -> Result<T, String> {
+    make: impl FnOnce(queue::Reply<T>) -> queue::Request,
+) -> Result<T, Error> {
     let (tx, rx) = oneshot::channel();
     daemon
         .send(make(tx))
         .await
-        .map_err(|_| "the daemon is exiting".to_owned())?;
+        .map_err(|_| Error::Failed("the daemon is exiting".to_owned()))?;
     rx.await
-        .map_err(|_| "the daemon dropped the request".to_owned())?
+        .map_err(|_| Error::Failed("the daemon dropped the request".to_owned()))?
 }
 
-fn query(request: &Request<Incoming>) -> Vec<(String, String)> {
-    request
-        .uri()
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (k.to_owned(), v.to_owned()),
-            None => (p.to_owned(), String::new()),
-        })
-        .collect()
+/// The request's query, decoded into a protocol type.
+fn query<T: DeserializeOwned>(request: &Request<Incoming>) -> Result<T, Error> {
+    serde_urlencoded::from_str(request.uri().query().unwrap_or_default()).map_err(|e| {
+        Error::BadRequest(format!(
+            "bad query for {}: {}",
+            request.uri().path(),
+            crate::clip::clip(&e.to_string())
+        ))
+    })
+}
+
+/// The request's body, decoded into a protocol type.
+async fn body<T: DeserializeOwned>(request: Request<Incoming>, what: &str) -> Result<T, Error> {
+    let bytes = read_body(request).await?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Error::BadRequest(format!(
+            "bad {what} request: {}",
+            crate::clip::clip(&e.to_string())
+        ))
+    })
+}
+
+/// What the daemon loop is to do for a control request: the signal of `signal` resolved.
+pub fn order(request: &ControlRequest) -> Result<Order, Error> {
+    Ok(match (request.action, &request.signal) {
+        (ControlAction::Start, _) => Order::Start,
+        (ControlAction::Stop, _) => Order::Stop,
+        (ControlAction::Restart, _) => Order::Restart,
+        (ControlAction::Drain, _) => Order::Drain,
+        (ControlAction::Enable, _) => Order::Enable,
+        (ControlAction::Signal, Some(name)) => match Signal::parse(name) {
+            Some(signal) => Order::Signal(signal.0),
+            None => {
+                return Err(Error::BadRequest(format!(
+                    "unknown signal `{}`",
+                    crate::clip::clip(name)
+                )));
+            }
+        },
+        (ControlAction::Signal, None) => {
+            return Err(Error::BadRequest("`signal` needs a signal".to_owned()));
+        }
+    })
+}
+
+/// What the daemon loop is to do for a deploy request (`deploy` must name its build).
+pub fn local_verb(request: &DeployRequest) -> Result<LocalVerb, Error> {
+    Ok(match (request.verb, &request.build) {
+        (DeployVerb::Deploy, Some(build)) => LocalVerb::Deploy {
+            build: build.clone(),
+            canary: request.canary,
+        },
+        (DeployVerb::Deploy, None) => {
+            return Err(Error::BadRequest("`deploy` needs a build".to_owned()));
+        }
+        (DeployVerb::Promote, _) => LocalVerb::Promote,
+        (DeployVerb::Rollback, _) => LocalVerb::Rollback,
+    })
 }
 
 async fn route(request: Request<Incoming>, daemon: Requests) -> Response<Body> {
-    let params = query(&request);
-    let param = |name: &str| {
-        params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
     match (request.method().clone(), request.uri().path()) {
-        (Method::GET, "/v1/status") => {
-            match ask(&daemon, |reply| daemon::Request::Status {
-                service: param("service"),
-                reply,
-            })
-            .await
-            {
-                Ok(services) => json(
-                    StatusCode::OK,
-                    &crate::protocol::StatusDocument { services },
-                ),
-                Err(e) => answer(Err(e)),
-            }
+        (Method::GET, route::STATUS) => answer(status(&request, &daemon).await),
+        (Method::POST, route::CONTROL) => message(control(request, &daemon).await),
+        (Method::POST, route::DEPLOY) => message(deploy(request, &daemon).await),
+        (Method::POST, route::RELOAD) => {
+            message(ask(&daemon, |reply| queue::Request::Reload { reply }).await)
         }
-        (Method::POST, "/v1/control") => {
-            let body = match read_body(request).await {
-                Ok(body) => body,
-                Err(response) => return response,
-            };
-            let control: ControlRequest = match serde_json::from_slice(&body) {
-                Ok(c) => c,
-                Err(e) => {
-                    return error(StatusCode::BAD_REQUEST, format!("bad control request: {e}"));
-                }
-            };
-            let action = match (control.action.as_str(), &control.signal) {
-                ("start", _) => Action::Start,
-                ("stop", _) => Action::Stop,
-                ("restart", _) => Action::Restart,
-                ("drain", _) => Action::Drain,
-                ("enable", _) => Action::Enable,
-                ("signal", Some(name)) => match Signal::parse(name) {
-                    Some(signal) => Action::Signal(signal.0),
-                    None => {
-                        return error(StatusCode::BAD_REQUEST, format!("unknown signal `{name}`"));
-                    }
-                },
-                ("signal", None) => {
-                    return error(StatusCode::BAD_REQUEST, "`signal` needs a signal");
-                }
-                (other, _) => {
-                    return error(StatusCode::BAD_REQUEST, format!("unknown action `{other}`"));
-                }
-            };
-            answer(
-                ask(&daemon, |reply| daemon::Request::Control {
-                    service: control.service,
-                    index: control.index,
-                    action,
-                    reply,
-                })
-                .await,
-            )
+        (Method::POST, route::SHUTDOWN) => {
+            message(ask(&daemon, |reply| queue::Request::Shutdown { reply }).await)
         }
-        (Method::POST, "/v1/deploy") => {
-            let body = match read_body(request).await {
-                Ok(body) => body,
-                Err(response) => return response,
-            };
-            let deploy: DeployRequest = match serde_json::from_slice(&body) {
-                Ok(d) => d,
-                Err(e) => {
-                    return error(StatusCode::BAD_REQUEST, format!("bad deploy request: {e}"));
-                }
-            };
-            let verb = match deploy.verb.as_str() {
-                "deploy" => match deploy.build {
-                    Some(build) => crate::service::LocalVerb::Deploy {
-                        build,
-                        canary: deploy.canary,
-                    },
-                    None => return error(StatusCode::BAD_REQUEST, "`deploy` needs a build"),
-                },
-                "promote" => crate::service::LocalVerb::Promote,
-                "rollback" => crate::service::LocalVerb::Rollback,
-                other => return error(StatusCode::BAD_REQUEST, format!("unknown verb `{other}`")),
-            };
-            answer(
-                ask(&daemon, |reply| daemon::Request::Local {
-                    service: deploy.service,
-                    verb,
-                    reply,
-                })
-                .await,
-            )
-        }
-        (Method::POST, "/v1/reload") => {
-            answer(ask(&daemon, |reply| daemon::Request::Reload { reply }).await)
-        }
-        (Method::POST, "/v1/shutdown") => {
-            answer(ask(&daemon, |reply| daemon::Request::Shutdown { reply }).await)
-        }
-        (Method::GET, "/v1/logs") => {
-            let Some(service) = param("service") else {
-                return error(StatusCode::BAD_REQUEST, "`logs` needs `service`");
-            };
-            let Some(index) = param("index").and_then(|i| i.parse().ok()) else {
-                return error(StatusCode::BAD_REQUEST, "`logs` needs a numeric `index`");
-            };
-            let stderr = param("stream").as_deref() == Some("stderr");
-            let lines = param("lines")
-                .and_then(|n| n.parse::<usize>().ok())
-                .unwrap_or(100)
-                .min(LOG_LINES_MAX);
-            let follow = param("follow").is_some_and(|f| f == "1" || f == "true");
-            let path = match ask(&daemon, |reply| daemon::Request::LogPath {
-                service,
-                index,
-                stderr,
-                reply,
-            })
-            .await
-            {
-                Ok(path) => path,
-                Err(e) => return answer(Err(e)),
-            };
-            logs(path, lines, follow).await
-        }
-        (_, path) => error(StatusCode::NOT_FOUND, format!("no such route: {path}")),
+        (Method::GET, route::LOGS) => match log_path(&request, &daemon).await {
+            Ok((path, query)) => logs(path, query.lines.min(LOG_LINES_MAX), query.follow).await,
+            Err(e) => error(&e),
+        },
+        (method, path) => error(&Error::NoSuchRoute {
+            method: method.to_string(),
+            path: crate::clip::clip(path).into_owned(),
+        }),
     }
 }
 
-async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+async fn status(request: &Request<Incoming>, daemon: &Requests) -> Result<StatusDocument, Error> {
+    let query: StatusQuery = query(request)?;
+    let services = ask(daemon, |reply| queue::Request::Status {
+        service: query.service,
+        reply,
+    })
+    .await?;
+    Ok(StatusDocument { services })
+}
+
+async fn control(request: Request<Incoming>, daemon: &Requests) -> Result<String, Error> {
+    let control: ControlRequest = body(request, "control").await?;
+    let order = order(&control)?;
+    ask(daemon, |reply| queue::Request::Control {
+        service: control.service,
+        index: control.index,
+        order,
+        reply,
+    })
+    .await
+}
+
+async fn deploy(request: Request<Incoming>, daemon: &Requests) -> Result<String, Error> {
+    let deploy: DeployRequest = body(request, "deploy").await?;
+    let verb = local_verb(&deploy)?;
+    ask(daemon, |reply| queue::Request::Local {
+        service: deploy.service,
+        verb,
+        reply,
+    })
+    .await
+}
+
+async fn log_path(
+    request: &Request<Incoming>,
+    daemon: &Requests,
+) -> Result<(PathBuf, LogsQuery), Error> {
+    let query: LogsQuery = query(request)?;
+    let path = ask(daemon, |reply| queue::Request::LogPath {
+        service: query.service.clone(),
+        index: query.index,
+        stderr: query.stream == LogStream::Stderr,
+        reply,
+    })
+    .await?;
+    Ok((path, query))
+}
+
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, Error> {
     let limited = http_body_util::Limited::new(request.into_body(), BODY_MAX_BYTES);
     match limited.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("reading the request: {e}"),
-        )),
+        Err(e) => Err(Error::BadRequest(format!("reading the request: {e}"))),
     }
 }
 
@@ -350,13 +326,13 @@ async fn logs(path: PathBuf, lines: usize, follow: bool) -> Response<Body> {
     let (log, tail, offset) = match opened {
         Ok(t) => t,
         Err(e) => {
-            let status = if sluice_safefs::is_refused(&e) {
-                StatusCode::FORBIDDEN
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            };
             // The error names the file; a name the service user chose is quoted bounded.
-            return error(status, crate::clip::clip(&e.to_string()).into_owned());
+            let text = crate::clip::clip(&e.to_string()).into_owned();
+            return error(&if sluice_safefs::is_refused(&e) {
+                Error::Forbidden(text)
+            } else {
+                Error::Failed(text)
+            });
         }
     };
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(8);
