@@ -501,4 +501,157 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("force"), "{err}");
     }
+
+    #[test]
+    fn requests_keep_the_wire_form_older_clients_send() {
+        // What the CLI sent before the protocol was typed, `"signal": null` included.
+        let old = r#"{"service": "web", "index": 2, "action": "restart", "signal": null}"#;
+        let request: ControlRequest = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            request,
+            ControlRequest {
+                service: "web".into(),
+                index: Some(2),
+                action: ControlAction::Restart,
+                signal: None,
+            }
+        );
+        let signal = ControlRequest {
+            service: "web".into(),
+            index: None,
+            action: ControlAction::Signal,
+            signal: Some("HUP".into()),
+        };
+        let value = serde_json::to_value(&signal).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"service": "web", "index": null, "action": "signal", "signal": "HUP"})
+        );
+        assert_eq!(
+            serde_json::from_value::<ControlRequest>(value).unwrap(),
+            signal
+        );
+        for action in [
+            ControlAction::Start,
+            ControlAction::Stop,
+            ControlAction::Restart,
+            ControlAction::Drain,
+            ControlAction::Enable,
+            ControlAction::Signal,
+        ] {
+            assert_eq!(serde_json::to_value(action).unwrap(), action.as_str());
+        }
+        let err =
+            serde_json::from_str::<ControlRequest>(r#"{"service": "web", "action": "explode"}"#)
+                .unwrap_err();
+        assert!(err.to_string().contains("explode"), "{err}");
+
+        let old = r#"{"service": "web", "verb": "deploy", "build": "b3", "canary": true}"#;
+        let deploy: DeployRequest = serde_json::from_str(old).unwrap();
+        assert_eq!(deploy.verb, DeployVerb::Deploy);
+        assert_eq!(
+            serde_json::to_value(&deploy).unwrap(),
+            serde_json::from_str::<serde_json::Value>(old).unwrap()
+        );
+        let promote: DeployRequest = serde_json::from_str(
+            r#"{"service": "web", "verb": "promote", "build": null, "canary": false}"#,
+        )
+        .unwrap();
+        assert_eq!(promote.verb, DeployVerb::Promote);
+    }
+
+    #[test]
+    fn queries_round_trip_and_read_what_older_clients_send() {
+        let logs = LogsQuery {
+            service: "web".into(),
+            index: 3,
+            stream: LogStream::Stderr,
+            lines: 20,
+            follow: true,
+        };
+        let path = encode_query(route::LOGS, &logs);
+        assert_eq!(
+            path,
+            "/v1/logs?service=web&index=3&stream=stderr&lines=20&follow=1"
+        );
+        let (_, query) = path.split_once('?').unwrap();
+        assert_eq!(
+            serde_urlencoded::from_str::<LogsQuery>(query).unwrap(),
+            logs
+        );
+        // Defaults for what a request leaves out; `follow=true` as well as `1`.
+        let short: LogsQuery =
+            serde_urlencoded::from_str("service=web&index=0&follow=true").unwrap();
+        assert_eq!(short.stream, LogStream::Stdout);
+        assert_eq!(short.lines, LOG_LINES_DEFAULT);
+        assert!(short.follow);
+        let off: LogsQuery = serde_urlencoded::from_str("service=web&index=0&follow=0").unwrap();
+        assert!(!off.follow);
+        assert!(serde_urlencoded::from_str::<LogsQuery>("service=web&index=x").is_err());
+        assert!(
+            serde_urlencoded::from_str::<LogsQuery>("service=web&index=0&follow=maybe").is_err()
+        );
+
+        assert_eq!(
+            encode_query(route::STATUS, &StatusQuery::default()),
+            "/v1/status"
+        );
+        let one = StatusQuery {
+            service: Some("web".into()),
+        };
+        assert_eq!(encode_query(route::STATUS, &one), "/v1/status?service=web");
+        assert_eq!(
+            serde_urlencoded::from_str::<StatusQuery>("service=web").unwrap(),
+            one
+        );
+    }
+
+    #[test]
+    fn the_status_document_round_trips() {
+        let text = r#"{"services": [{"service": "web", "front_port": 8080, "strategy": "drain",
+            "instances": [{"service": "web", "index": 0, "state": "running", "desired": "up",
+              "pid": 7, "shim_pid": 6, "port": 9000, "enabled": true, "healthy": true,
+              "started_ms": 1, "uptime_ms": 2, "restarts": 0, "failed_starts": 0,
+              "last_exit": null, "last_error": null, "last_restart_reason": null,
+              "warmup": null, "last_drain": null, "outdated": false, "cgroup": null,
+              "cpu_weight": "low"}],
+            "restart": {"strategy": "drain", "step": "warming", "batch": [0], "rolling_back": true,
+              "batches_left": 1, "done": []},
+            "last_restart_error": null, "steering_error": null, "build": "b1",
+            "target_build": "b2", "deploy": {"build": "b2", "phase": "waiting-slot", "started_ms": 3},
+            "deploy_error": null, "config_error": null, "cgroups_error": null}]}"#;
+        let status: StatusDocument = serde_json::from_str(text).unwrap();
+        let service = &status.services[0];
+        assert_eq!(service.instances[0].state, InstanceState::Running);
+        assert_eq!(service.instances[0].cpu_weight, Some(CpuWeight::Low));
+        assert_eq!(service.restart.as_ref().unwrap().step, Some(Step::Warming));
+        assert_eq!(
+            service.deploy.as_ref().unwrap().phase,
+            DeployPhase::WaitingSlot
+        );
+        let again: serde_json::Value = serde_json::to_value(&status).unwrap();
+        let original: serde_json::Value = serde_json::from_str(text).unwrap();
+        // `world_writable_nodes` is the one field written that older daemons left out.
+        let mut again = again;
+        again["services"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("world_writable_nodes");
+        assert_eq!(again, original);
+    }
+
+    #[test]
+    fn error_answers_carry_their_kind_in_kebab_case() {
+        let body = ErrorBody {
+            error: "no service named `x` (known: web)".into(),
+            kind: Some(ErrorKind::NoSuchService),
+        };
+        let value = serde_json::to_value(&body).unwrap();
+        assert_eq!(value["kind"], "no-such-service");
+        assert_eq!(serde_json::from_value::<ErrorBody>(value).unwrap(), body);
+        assert_eq!(
+            serde_json::to_value(ErrorKind::InvalidConfig).unwrap(),
+            "invalid-config"
+        );
+    }
 }

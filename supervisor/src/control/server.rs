@@ -515,4 +515,189 @@ mod tests {
         // A uid nobody has is a member of nothing.
         assert!(!member_of(3_999_999_999, 0));
     }
+
+    /// The real server and the real client over a socket, with a stand-in for the daemon loop
+    /// that answers each request the way the daemon does.
+    #[tokio::test]
+    async fn errors_cross_the_socket_typed_and_pick_status_and_exit_code() {
+        use super::super::client::Client;
+        use super::super::protocol::ServiceStatus;
+        use super::super::queue::Request;
+        use super::super::{ErrorKind, queue};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<queue::Request>(4);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, tx, async {
+            let _ = stopped.await;
+        }));
+        let seen = tokio::spawn(async move {
+            let mut orders = Vec::new();
+            while let Some(request) = rx.recv().await {
+                match request {
+                    Request::Status { service, reply } => {
+                        let answer: Result<Vec<ServiceStatus>, Error> = match service {
+                            None => Ok(Vec::new()),
+                            Some(name) => Err(Error::NoSuchService {
+                                name,
+                                known: vec!["web".into()],
+                            }),
+                        };
+                        let _ = reply.send(answer);
+                    }
+                    Request::Control {
+                        service,
+                        index,
+                        order,
+                        reply,
+                    } => {
+                        orders.push((service.clone(), index, order));
+                        let _ = reply.send(Ok(format!("{service}: done")));
+                    }
+                    Request::Reload { reply } => {
+                        let _ = reply.send(Err(Error::InvalidConfig("web.toml: bad".into())));
+                    }
+                    Request::Shutdown { reply } => {
+                        let _ = reply.send(Err(Error::Conflict("already stopping".into())));
+                    }
+                    Request::Local { reply, .. } => {
+                        let _ = reply.send(Err(Error::Failed("no builds".into())));
+                    }
+                    Request::LogPath {
+                        service,
+                        index,
+                        reply,
+                        ..
+                    } => {
+                        let _ = reply.send(Err(Error::NoSuchInstance {
+                            service,
+                            index,
+                            count: 2,
+                        }));
+                    }
+                }
+            }
+            orders
+        });
+        let client = Client::new(path.clone(), Some(10_000));
+
+        assert!(client.status(None).await.unwrap().services.is_empty());
+        let e = client.status(Some("api")).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoSuchService);
+        assert_eq!(e.exit_code(), crate::exit::FAILED);
+        assert_eq!(e.to_string(), "no service named `api` (known: web)");
+
+        let restart = ControlRequest {
+            service: "web".into(),
+            index: Some(1),
+            action: ControlAction::Restart,
+            signal: None,
+        };
+        assert_eq!(client.control(&restart).await.unwrap().message, "web: done");
+        let hup = ControlRequest {
+            action: ControlAction::Signal,
+            signal: Some("hup".into()),
+            index: None,
+            ..restart.clone()
+        };
+        client.control(&hup).await.unwrap();
+        // Refused by the server itself: the daemon loop never sees it.
+        let bad = ControlRequest {
+            signal: Some("SIGNOPE".into()),
+            ..hup.clone()
+        };
+        let e = client.control(&bad).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::BadRequest);
+        assert!(e.to_string().contains("unknown signal `SIGNOPE`"), "{e}");
+        let none = ControlRequest {
+            signal: None,
+            ..hup.clone()
+        };
+        assert_eq!(
+            client.control(&none).await.unwrap_err().kind(),
+            ErrorKind::BadRequest
+        );
+
+        let e = client.reload().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+        assert_eq!(e.exit_code(), crate::exit::CONFIG);
+        assert!(
+            e.to_string()
+                .starts_with(super::super::error::INVALID_CONFIG)
+        );
+        assert_eq!(
+            client.shutdown().await.unwrap_err().kind(),
+            ErrorKind::Conflict
+        );
+        let deploy = DeployRequest {
+            service: "web".into(),
+            verb: DeployVerb::Deploy,
+            build: None,
+            canary: false,
+        };
+        let e = client.deploy(&deploy).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::BadRequest, "{e}");
+        let deploy = DeployRequest {
+            build: Some("b1".into()),
+            ..deploy
+        };
+        assert_eq!(
+            client.deploy(&deploy).await.unwrap_err().kind(),
+            ErrorKind::Failed
+        );
+        let logs = LogsQuery {
+            service: "web".into(),
+            index: 5,
+            stream: LogStream::Stdout,
+            lines: 10,
+            follow: false,
+        };
+        let e = client.logs(&logs, |_| Ok(())).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoSuchInstance);
+        assert_eq!(e.to_string(), "web has no instance 5 (it has 2)");
+
+        let _ = stop.send(());
+        server.await.unwrap();
+        let orders = seen.await.unwrap();
+        assert_eq!(
+            orders,
+            [
+                ("web".to_owned(), Some(1), Order::Restart),
+                ("web".to_owned(), None, Order::Signal(libc::SIGHUP)),
+            ]
+        );
+    }
+
+    #[test]
+    fn control_requests_become_orders() {
+        let request = |action, signal: Option<&str>| ControlRequest {
+            service: "web".into(),
+            index: None,
+            action,
+            signal: signal.map(str::to_owned),
+        };
+        for (action, want) in [
+            (ControlAction::Start, Order::Start),
+            (ControlAction::Stop, Order::Stop),
+            (ControlAction::Restart, Order::Restart),
+            (ControlAction::Drain, Order::Drain),
+            (ControlAction::Enable, Order::Enable),
+        ] {
+            assert_eq!(order(&request(action, None)).unwrap(), want);
+        }
+        assert_eq!(
+            order(&request(ControlAction::Signal, Some("USR1"))).unwrap(),
+            Order::Signal(libc::SIGUSR1)
+        );
+        assert_eq!(
+            order(&request(ControlAction::Signal, Some("15"))).unwrap(),
+            Order::Signal(15)
+        );
+        assert!(matches!(
+            order(&request(ControlAction::Signal, None)),
+            Err(Error::BadRequest(_))
+        ));
+    }
 }
