@@ -5,6 +5,7 @@
 
 pub mod fleet;
 pub mod host;
+pub mod run;
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,6 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 
 use crate::config::{self, HostConfig};
 use crate::control::{self, client::Client};
-use crate::daemon::{self, Exit};
 use crate::exit;
 
 pub use fleet::FleetVerb;
@@ -37,19 +37,11 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Every verb: the host's, the fleet's, and those that need no daemon.
+/// Every verb: the daemon's own, the host's, the fleet's, and the generated help.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon in the foreground (under systemd: `Type=notify`).
-    Run,
-    /// Check the host file and every service file, then exit (3 when something is wrong).
-    CheckConfig {
-        /// One JSON document instead of a line.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Remove every iptables rule and chain sluice created (the daemon must not be running).
-    Cleanup,
+    #[command(flatten)]
+    Daemon(DaemonVerb),
     #[command(flatten)]
     Host(HostVerb),
     #[command(flatten)]
@@ -65,6 +57,21 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
+}
+
+/// The verbs that run on this host without a daemon to talk to.
+#[derive(Debug, Subcommand)]
+pub enum DaemonVerb {
+    /// Run the daemon in the foreground (under systemd: `Type=notify`).
+    Run,
+    /// Check the host file and every service file, then exit (3 when something is wrong).
+    CheckConfig {
+        /// One JSON document instead of a line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every iptables rule and chain sluice created (the daemon must not be running).
+    Cleanup,
 }
 
 /// Parses the command line, runs it, and returns the process exit code.
@@ -104,32 +111,35 @@ fn report(result: anyhow::Result<()>) -> i32 {
 }
 
 async fn dispatch(cli: Cli) -> i32 {
-    // Generated from the clap definition: they need no host file.
-    match &cli.command {
-        Command::Completions { shell } => {
-            return report(print_completions(*shell, &mut std::io::stdout().lock()));
-        }
-        Command::Man { out } => return report(man(out.as_deref())),
-        _ => {}
-    }
-    let host = match HostConfig::load(&cli.config) {
-        Ok(host) => host,
-        Err(e) => {
-            eprintln!("sluice: {e}");
-            return exit::CONFIG;
-        }
-    };
+    // The host file, read only by the verbs that need it: completions and the man page do not.
+    let host = || HostConfig::load(&cli.config).map_err(|e| eprintln!("sluice: {e}"));
     match cli.command {
-        Command::Run => run(host).await,
-        Command::Cleanup => cleanup(&host).await,
-        Command::CheckConfig { json } => check_config(&cli.config, &host, json),
-        Command::Fleet(verb) => report(fleet::main(&host, cli.timeout_ms, verb).await),
+        Command::Completions { shell } => {
+            report(print_completions(shell, &mut std::io::stdout().lock()))
+        }
+        Command::Man { out } => report(man(out.as_deref())),
+        Command::Daemon(verb) => {
+            let Ok(host) = host() else {
+                return exit::CONFIG;
+            };
+            match verb {
+                DaemonVerb::Run => run::run(host).await,
+                DaemonVerb::Cleanup => run::cleanup(&host).await,
+                DaemonVerb::CheckConfig { json } => check_config(&cli.config, &host, json),
+            }
+        }
         Command::Host(verb) => {
+            let Ok(host) = host() else {
+                return exit::CONFIG;
+            };
             let client = Client::new(host.control_socket(), cli.timeout_ms);
             report(host::main(&client, verb).await)
         }
-        Command::Completions { .. } | Command::Man { .. } => {
-            unreachable!("answered before the host file is read")
+        Command::Fleet(verb) => {
+            let Ok(host) = host() else {
+                return exit::CONFIG;
+            };
+            report(fleet::main(&host, cli.timeout_ms, verb).await)
         }
     }
 }
@@ -176,8 +186,18 @@ fn print_completions(
     out: &mut dyn std::io::Write,
 ) -> anyhow::Result<()> {
     let mut command = Cli::command();
-    clap_complete::generate(shell, &mut command, "sluice", out);
-    Ok(())
+    // Rendered whole first: the generator cannot report a failed write (it panics).
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "sluice", &mut script);
+    write_all(out, &script).context("writing the completions")
+}
+
+/// Writes `bytes`; a reader that went away (`sluice man | head`) is not an error.
+fn write_all(out: &mut dyn std::io::Write, bytes: &[u8]) -> std::io::Result<()> {
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }
 
 /// `sluice man`: the page of `sluice` on stdout, or every page into `out`.
@@ -185,10 +205,11 @@ fn man(out: Option<&Path>) -> anyhow::Result<()> {
     let command = Cli::command();
     match out {
         None => {
-            let mut stdout = std::io::stdout().lock();
+            let mut page = Vec::new();
             clap_mangen::Man::new(command)
-                .render(&mut stdout)
-                .context("writing the man page")
+                .render(&mut page)
+                .context("rendering the man page")?;
+            write_all(&mut std::io::stdout().lock(), &page).context("writing the man page")
         }
         Some(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -198,194 +219,6 @@ fn man(out: Option<&Path>) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-async fn run(host: HostConfig) -> i32 {
-    // A panic anywhere (a service's task included) is a broken invariant: the daemon exits at once
-    // rather than running on without the task that panicked. systemd restarts it and the new
-    // daemon adopts every instance; the shims never noticed.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default_hook(info);
-        std::process::exit(exit::PANIC);
-    }));
-    let services = match config::load_services(&host.services_dir)
-        .map_err(|e| e.to_string())
-        .and_then(|services| {
-            crate::spec::check_identities(&host, &services)?;
-            Ok(services)
-        }) {
-        Ok(services) => services,
-        Err(e) => {
-            eprintln!("sluice: {e}");
-            return exit::CONFIG;
-        }
-    };
-    if host.coordination.backend == config::Backend::Zookeeper
-        && let Some(path) = &host.coordination.digest_file
-        && let Err(e) = crate::daemon::check_digest_file(path)
-    {
-        eprintln!("sluice: {e}");
-        return exit::CONFIG;
-    }
-    let result = async {
-        let shim_binary = match &host.shim_path {
-            Some(path) => path.clone(),
-            None => std::env::current_exe()
-                .context("finding the sluice binary")?
-                .with_file_name("sluice-shim"),
-        };
-        anyhow::ensure!(
-            shim_binary.is_file(),
-            "the shim binary {} does not exist (set `shim_path` in the host file)",
-            shim_binary.display()
-        );
-        let _lock = lock_daemon(&host.runtime_dir)?;
-        let listener = bind_control_socket(&host)?;
-        daemon::run(
-            host,
-            services,
-            shim_binary,
-            listener,
-            std::future::pending(),
-        )
-        .await
-    }
-    .await;
-    match result {
-        Ok(Exit::Detached) => exit::OK,
-        Ok(Exit::ShutDown) => exit::SHUT_DOWN,
-        Err(e) => {
-            eprintln!("sluice: {e:#}");
-            exit::FAILED
-        }
-    }
-}
-
-/// Removes every chain and jump rule sluice owns, in both address families. Refuses while a
-/// daemon runs: it would put its chains back.
-async fn cleanup(host: &HostConfig) -> i32 {
-    if lock_daemon(&host.runtime_dir).is_err() {
-        eprintln!("sluice: a sluice daemon is running; stop it first (`systemctl stop sluice`)");
-        return exit::FAILED;
-    }
-    let iptables = sluice_strategies::steering::Iptables::detect(host.iptables.variant());
-    let result = tokio::task::spawn_blocking(move || {
-        let services = iptables.owned()?;
-        for service in &services {
-            iptables.remove(service)?;
-        }
-        Ok::<_, sluice_strategies::steering::SteeringError>(services)
-    })
-    .await
-    .expect("the cleanup task does not panic");
-    match result {
-        Ok(services) if services.is_empty() => {
-            println!("nothing to remove");
-            exit::OK
-        }
-        Ok(services) => {
-            println!("removed the steering of: {}", services.join(", "));
-            exit::OK
-        }
-        Err(e) => {
-            eprintln!("sluice: cleanup: {e}");
-            exit::FAILED
-        }
-    }
-}
-
-/// Holds `runtime_dir/sluice.lock` for the daemon's life: a second daemon on the same host
-/// would adopt and fight over the same shims.
-///
-/// Nobody else may take the lock (a local user holding it would keep the daemon from starting): the
-/// file is mode 0600, owned by the daemon's user, in a directory only root (or that user) can
-/// change, so nobody else can open it, create it first, or put a link in its place.
-fn lock_daemon(runtime_dir: &Path) -> anyhow::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(runtime_dir)
-        .with_context(|| format!("creating {}", runtime_dir.display()))?;
-    let dir = sluice_safefs::Dir::open(runtime_dir)
-        .with_context(|| format!("opening runtime_dir {}", runtime_dir.display()))?;
-    dir.require_trusted()
-        .context("runtime_dir must be writable by root alone")?;
-    let path = dir.child_path(DAEMON_LOCK_FILE);
-    let file = dir
-        .open_append(DAEMON_LOCK_FILE, DAEMON_LOCK_MODE)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let meta = sluice_safefs::fstat(std::os::fd::AsFd::as_fd(&file))?;
-    anyhow::ensure!(
-        meta.uid == nix::unistd::geteuid().as_raw(),
-        "{} is owned by uid {}, not by the daemon's user; remove it",
-        path.display(),
-        meta.uid
-    );
-    // A lock left by an older sluice may be 0644.
-    file.set_permissions(std::fs::Permissions::from_mode(DAEMON_LOCK_MODE))
-        .with_context(|| format!("chmod {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        anyhow::bail!(
-            "another sluice daemon holds {}; only one may run per runtime_dir",
-            path.display()
-        );
-    }
-    Ok(file)
-}
-
-/// The daemon lock's name in `runtime_dir`.
-const DAEMON_LOCK_FILE: &str = "sluice.lock";
-/// The daemon lock's mode: no one but the daemon's user may open it (and so `flock` it).
-const DAEMON_LOCK_MODE: u32 = 0o600;
-/// The control socket's mode: root and `control_group` (connecting needs write permission).
-const CONTROL_SOCKET_MODE: u32 = 0o660;
-
-/// Binds the control socket, mode 0660, group `control_group` (else the daemon's group). Its
-/// directory must be writable by root alone, or someone else could replace the socket and answer
-/// the operators' commands.
-fn bind_control_socket(host: &HostConfig) -> anyhow::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = host.control_socket();
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .with_context(|| format!("control_socket {}: no file name", path.display()))?;
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let dir = sluice_safefs::Dir::open(&parent).with_context(|| {
-        format!(
-            "opening the control socket's directory {}",
-            parent.display()
-        )
-    })?;
-    dir.require_trusted()
-        .context("the control socket's directory must be writable by root alone")?;
-    // We hold the daemon lock, so a socket file left here belongs to a dead daemon. unlinkat
-    // removes the entry whatever it is, never what a link points to.
-    match dir.unlink(name) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).context("removing the old control socket");
-        }
-        _ => {}
-    }
-    // Until the chmod below the socket has the umask's mode (0755 under the unit's UMask=0022):
-    // nobody but its owner can connect (connecting needs write permission) in that moment.
-    let listener = tokio::net::UnixListener::bind(&path)
-        .with_context(|| format!("binding the control socket {}", path.display()))?;
-    if let Some(group) = &host.control_group {
-        let gid = nix::unistd::Group::from_name(group)
-            .with_context(|| format!("looking up control_group `{group}`"))?
-            .with_context(|| format!("control_group: no group named `{group}`"))?
-            .gid;
-        nix::unistd::chown(&path, None, Some(gid))
-            .with_context(|| format!("chown {} to group {group}", path.display()))?;
-    }
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(CONTROL_SOCKET_MODE))
-        .with_context(|| format!("chmod {}", path.display()))?;
-    Ok(listener)
 }
 
 #[cfg(test)]
@@ -493,7 +326,43 @@ mod tests {
         ));
         let cli = Cli::try_parse_from(["sluice", "--timeout-ms", "50", "status"]).unwrap();
         assert_eq!(cli.timeout_ms, Some(50));
+        let cli = Cli::try_parse_from(["sluice", "check-config", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Daemon(DaemonVerb::CheckConfig { json: true })
+        ));
         assert!(Cli::try_parse_from(["sluice", "--timeout-ms", "0", "status"]).is_err());
+    }
+
+    #[test]
+    fn the_help_of_timeout_ms_states_the_bounds_in_force() {
+        let command = Cli::command();
+        let help = command
+            .get_arguments()
+            .find(|a| a.get_id() == "timeout_ms")
+            .and_then(|a| a.get_help())
+            .map(|h| h.to_string())
+            .unwrap();
+        for bound in [
+            control::client::QUICK_TIMEOUT_MS,
+            control::client::ACTION_TIMEOUT_MS,
+        ] {
+            assert!(help.contains(&format!("{bound} ms")), "{help}");
+        }
+    }
+
+    #[test]
+    fn a_reader_that_went_away_is_not_an_error() {
+        struct Gone;
+        impl std::io::Write for Gone {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        print_completions(clap_complete::Shell::Bash, &mut Gone).unwrap();
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - `POST /v1/deploy` with a [`DeployRequest`] → [`Message`] (the local backend's deploys)
 //! - `POST /v1/reload`, `POST /v1/shutdown` → [`Message`]
 //! - `GET  /v1/logs` with a [`LogsQuery`] → text, streamed while `follow` is set
+//!
+//! [`bind`] makes the socket (mode 0660, group `control_group`); [`serve`] answers on it.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,6 +17,7 @@ use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
@@ -31,7 +34,7 @@ use super::protocol::{
     Message, Order, StatusDocument, StatusQuery, route,
 };
 use super::queue::{self, Requests};
-use crate::config::Signal;
+use crate::config::{HostConfig, Signal};
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -105,6 +108,56 @@ pub async fn serve(listener: UnixListener, daemon: Requests, stop: impl Future<O
         });
     }
     let _ = tokio::time::timeout(Duration::from_millis(DRAIN_MS), graceful.shutdown()).await;
+}
+
+/// The control socket's mode: root and `control_group` (connecting needs write permission).
+const CONTROL_SOCKET_MODE: u32 = 0o660;
+
+/// Binds the control socket, mode 0660, group `control_group` (else the daemon's group). Its
+/// directory must be writable by root alone, or someone else could replace the socket and answer
+/// the operators' commands.
+pub fn bind(host: &HostConfig) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = host.control_socket();
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("control_socket {}: no file name", path.display()))?;
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let dir = sluice_safefs::Dir::open(&parent).with_context(|| {
+        format!(
+            "opening the control socket's directory {}",
+            parent.display()
+        )
+    })?;
+    dir.require_trusted()
+        .context("the control socket's directory must be writable by root alone")?;
+    // We hold the daemon lock, so a socket file left here belongs to a dead daemon. unlinkat
+    // removes the entry whatever it is, never what a link points to.
+    match dir.unlink(name) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).context("removing the old control socket");
+        }
+        _ => {}
+    }
+    // Until the chmod below the socket has the umask's mode (0755 under the unit's UMask=0022):
+    // nobody but its owner can connect (connecting needs write permission) in that moment.
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
+    if let Some(group) = &host.control_group {
+        let gid = nix::unistd::Group::from_name(group)
+            .with_context(|| format!("looking up control_group `{group}`"))?
+            .with_context(|| format!("control_group: no group named `{group}`"))?
+            .gid;
+        nix::unistd::chown(&path, None, Some(gid))
+            .with_context(|| format!("chown {} to group {group}", path.display()))?;
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(CONTROL_SOCKET_MODE))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
 }
 
 /// Root, the daemon's own user, and members of the socket's group may use the API: the peer's
