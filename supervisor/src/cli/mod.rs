@@ -29,7 +29,7 @@ pub struct Cli {
     /// The host file.
     #[arg(long, global = true, env = "SLUICE_CONFIG", default_value = config::DEFAULT_HOST_CONFIG)]
     pub config: PathBuf,
-    /// Replace the bound of every control request (default: 15000 ms for reading verbs,
+    /// Replace the bound of every control request (default: 25000 ms for reading verbs,
     /// 3600000 ms for verbs that act; `logs -f` bounds only the answer's start).
     #[arg(long, global = true, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: Option<u64>,

@@ -21,8 +21,9 @@ use super::protocol::{
 
 /// The bound of a request that reads: `status`, `logs` without `--follow`, the progress polls of
 /// `restart`, and the answer head of `logs --follow`. A daemon that serves its loop answers these
-/// in milliseconds; this leaves room for a loaded host.
-pub const QUICK_TIMEOUT_MS: u64 = 15_000;
+/// in milliseconds; this leaves room for a loaded host (and is systemctl's bound on its D-Bus
+/// calls).
+pub const QUICK_TIMEOUT_MS: u64 = 25_000;
 /// The bound of a request that acts: `start`, `stop`, `restart`, `drain`, `enable`, `signal`,
 /// `reload`, `shutdown`, and `deploy`/`promote`/`rollback` on the local backend. Each is answered
 /// when its action is done, after drains, warm-ups and stop graces of every instance it touches.
