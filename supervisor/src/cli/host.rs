@@ -153,7 +153,7 @@ pub async fn main(client: &Client, verb: HostVerb) -> anyhow::Result<()> {
         tokio::pin!(call);
         tokio::select! {
             answer = &mut call => answer?,
-            () = progress => unreachable!("progress runs until the restart ends"),
+            never = progress => match never {},
         }
     } else {
         call.await?
@@ -246,7 +246,11 @@ fn progress_lines(
 }
 
 /// Prints a line whenever the restart of `service` moves to another batch or step; never returns.
-async fn print_restart_progress(client: &Client, service: &str, mut seen: LastDrains) {
+async fn print_restart_progress(
+    client: &Client,
+    service: &str,
+    mut seen: LastDrains,
+) -> std::convert::Infallible {
     let mut last = String::new();
     loop {
         if let Ok(status) = client.status(Some(service)).await {
