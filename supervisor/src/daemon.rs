@@ -11,10 +11,12 @@ use sluice_shim::proto::Status;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api;
 use crate::config::{self, HostConfig, ServiceConfig, Services};
+use crate::control::protocol::{LocalVerb, Order};
+use crate::control::queue::Request;
+use crate::control::{self, server};
 use crate::notify;
-use crate::service::{self, Action, Context, ServiceHandle, ServiceStatus};
+use crate::service::{self, Action, Context, ServiceHandle};
 use crate::shim::{self, ShimPaths};
 
 /// Bound of the queue between the control API and the daemon loop.
@@ -24,9 +26,6 @@ const SETTLE_TIMEOUT_MS: u64 = 60_000;
 /// Grace given to instances of services no longer configured, found at start-up.
 const ORPHAN_STOP_GRACE_MS: u64 = 10_000;
 
-/// Starts the message of a reload refused for a bad configuration (the API answers 422).
-pub const INVALID_CONFIG: &str = "invalid configuration, nothing changed";
-
 /// How the daemon ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
@@ -35,42 +34,6 @@ pub enum Exit {
     /// `sluice shutdown`: every instance was stopped.
     ShutDown,
 }
-
-/// A request from the control API to the daemon loop.
-pub enum Request {
-    Status {
-        service: Option<String>,
-        reply: oneshot::Sender<Result<Vec<ServiceStatus>, String>>,
-    },
-    Control {
-        service: String,
-        index: Option<u32>,
-        action: Action,
-        reply: oneshot::Sender<Result<String, String>>,
-    },
-    Reload {
-        reply: oneshot::Sender<Result<String, String>>,
-    },
-    Shutdown {
-        reply: oneshot::Sender<Result<String, String>>,
-    },
-    /// `sluice deploy`, `promote`, `rollback` on the local backend.
-    Local {
-        service: String,
-        verb: crate::service::LocalVerb,
-        reply: oneshot::Sender<Result<String, String>>,
-    },
-    /// The log file of an instance, for `sluice logs`.
-    LogPath {
-        service: String,
-        index: u32,
-        stderr: bool,
-        reply: oneshot::Sender<Result<PathBuf, String>>,
-    },
-}
-
-/// The sending side of the daemon loop's queue, given to the control API.
-pub type Requests = mpsc::Sender<Request>;
 
 struct Entry {
     /// The configuration in force: the service file with the config node's granted keys applied.
@@ -202,7 +165,7 @@ pub async fn run(
 
     let (requests_tx, mut requests) = mpsc::channel(REQUEST_QUEUE);
     let (stop_api, api_stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(api::serve(listener, requests_tx, async {
+    let server = tokio::spawn(server::serve(listener, requests_tx, async {
         let _ = api_stopped.await;
     }));
     let mut signals = Signals::new()?;
@@ -266,7 +229,9 @@ impl Daemon {
                         match handle.status().await {
                             Some(status) => all.push(status),
                             None => {
-                                let _ = reply.send(Err(format!("service {name} is gone")));
+                                let _ = reply.send(Err(control::Error::Failed(format!(
+                                    "service {name} is gone"
+                                ))));
                                 return;
                             }
                         }
@@ -277,13 +242,16 @@ impl Daemon {
             Request::Control {
                 service,
                 index,
-                action,
+                order,
                 reply,
             } => match self.services.get(&service) {
                 Some(entry) => {
                     let handle = entry.handle.clone();
+                    let action = action_of(order);
                     tokio::spawn(async move {
-                        let _ = reply.send(handle.control(action, index).await);
+                        // The service task refuses in its current state: a conflict.
+                        let answer = handle.control(action, index).await;
+                        let _ = reply.send(answer.map_err(control::Error::Conflict));
                     });
                 }
                 None => {
@@ -300,8 +268,10 @@ impl Daemon {
             } => match self.services.get(&service) {
                 Some(entry) => {
                     let handle = entry.handle.clone();
+                    let verb = local_verb_of(verb);
                     tokio::spawn(async move {
-                        let _ = reply.send(handle.local(verb).await);
+                        let answer = handle.local(verb).await;
+                        let _ = reply.send(answer.map_err(control::Error::Conflict));
                     });
                 }
                 None => {
@@ -326,21 +296,24 @@ impl Daemon {
         None
     }
 
-    fn unknown(&self, name: &str) -> String {
-        let known: Vec<&str> = self.services.keys().map(String::as_str).collect();
-        format!("no service named `{name}` (known: {})", known.join(", "))
+    fn unknown(&self, name: &str) -> control::Error {
+        control::Error::NoSuchService {
+            name: name.to_owned(),
+            known: self.services.keys().cloned().collect(),
+        }
     }
 
-    fn log_path(&self, service: &str, index: u32, stderr: bool) -> Result<PathBuf, String> {
+    fn log_path(&self, service: &str, index: u32, stderr: bool) -> Result<PathBuf, control::Error> {
         let entry = self
             .services
             .get(service)
             .ok_or_else(|| self.unknown(service))?;
         if index >= entry.config.instances {
-            return Err(format!(
-                "{service} has no instance {index} (it has {})",
-                entry.config.instances
-            ));
+            return Err(control::Error::NoSuchInstance {
+                service: service.to_owned(),
+                index,
+                count: entry.config.instances,
+            });
         }
         let dir = entry
             .config
@@ -353,11 +326,11 @@ impl Daemon {
     }
 
     /// Re-reads the service files and applies only the difference. A bad file changes nothing.
-    async fn reload(&mut self) -> Result<String, String> {
+    async fn reload(&mut self) -> Result<String, control::Error> {
         let services = config::load_services(&self.ctx.host.services_dir)
-            .map_err(|e| format!("{INVALID_CONFIG}: {e}"))?;
+            .map_err(|e| control::Error::InvalidConfig(e.to_string()))?;
         crate::spec::check_identities(&self.ctx.host, &services)
-            .map_err(|e| format!("{INVALID_CONFIG}: {e}"))?;
+            .map_err(control::Error::InvalidConfig)?;
         let mut summary = Vec::new();
         let removed: Vec<String> = self
             .services
@@ -394,7 +367,8 @@ impl Daemon {
                     };
                     if entry.config != config {
                         entry.config = config.clone();
-                        summary.push(entry.handle.reconfigure(config).await?);
+                        let changed = entry.handle.reconfigure(config).await;
+                        summary.push(changed.map_err(control::Error::Conflict)?);
                     }
                 }
                 None => {
@@ -403,7 +377,8 @@ impl Daemon {
                         name.clone(),
                         file_config.clone(),
                         Vec::new(),
-                    )?;
+                    )
+                    .map_err(control::Error::Failed)?;
                     summary.push(format!("{name}: added"));
                     self.services.insert(
                         name,
@@ -557,6 +532,27 @@ async fn next_coord_event(
     match events {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// The service task's action for a control order.
+fn action_of(order: Order) -> Action {
+    match order {
+        Order::Start => Action::Start,
+        Order::Stop => Action::Stop,
+        Order::Restart => Action::Restart,
+        Order::Drain => Action::Drain,
+        Order::Enable => Action::Enable,
+        Order::Signal(signal) => Action::Signal(signal),
+    }
+}
+
+/// The service task's deploy verb for a local deploy request.
+fn local_verb_of(verb: LocalVerb) -> service::LocalVerb {
+    match verb {
+        LocalVerb::Deploy { build, canary } => service::LocalVerb::Deploy { build, canary },
+        LocalVerb::Promote => service::LocalVerb::Promote,
+        LocalVerb::Rollback => service::LocalVerb::Rollback,
     }
 }
 

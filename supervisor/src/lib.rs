@@ -1,30 +1,35 @@
 //! sluice: a host daemon that supervises several instances of each service through per-instance
 //! shims, so the daemon itself can crash and restart without any instance noticing.
 //!
-//! The `sluice` binary only parses arguments and calls [`cli::main`].
+//! The `sluice` binary only calls [`cli::main`], which parses arguments and runs the verb.
+//!
+//! Layers, each using only those below it: [`cli`] (the command line) → [`daemon`] (the loop) →
+//! [`service`] (one task per service) → [`control`]'s protocol and the adapters; the control
+//! server ([`control::server`]) asks the daemon loop through [`control::queue`] and never names it.
 
-pub mod api;
 pub mod build;
 pub mod cgroup;
 pub mod cli;
-pub mod client;
 pub mod clip;
 pub mod config;
+pub mod control;
 pub mod coord;
 pub mod daemon;
 pub mod drain;
-pub mod fleet_cli;
 pub mod health;
 pub mod notify;
 pub mod policy;
-pub mod protocol;
 pub mod service;
 pub mod shim;
 pub mod spec;
 pub mod state;
 pub mod warmup;
 
-/// Exit codes of the `sluice` command, documented in the README.
+/// The documents of the control API, also what services publish: [`control::protocol`].
+pub use control::protocol;
+
+/// Exit codes of the `sluice` command, documented in the README. A control request's error picks
+/// its code by kind ([`control::ErrorKind::exit_code`]).
 pub mod exit {
     /// Success.
     pub const OK: i32 = 0;
@@ -34,7 +39,8 @@ pub mod exit {
     pub const USAGE: i32 = 2;
     /// The configuration is invalid; nothing was started or changed.
     pub const CONFIG: i32 = 3;
-    /// The daemon could not be reached on its control socket.
+    /// The daemon could not be reached on its control socket, or did not answer within the
+    /// request's bound (`--timeout-ms`).
     pub const UNREACHABLE: i32 = 4;
     /// The daemon stopped every instance on `sluice shutdown` and exited; systemd must not
     /// restart it (`RestartPreventExitStatus=`).

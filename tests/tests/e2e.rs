@@ -7,6 +7,7 @@
 mod e2e {
     mod archive_bombs;
     mod cgroup;
+    mod control;
     mod deploy;
     mod drain;
     mod identity;
