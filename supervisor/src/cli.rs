@@ -124,6 +124,9 @@ pub enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Write a service file for each program of a supervisord configuration, and report what
+    /// could not be carried over (exit 5 when something was not).
+    ImportSupervisord(crate::supervisord::ImportArgs),
 }
 
 impl Command {
@@ -166,6 +169,10 @@ pub fn main() -> i32 {
 }
 
 async fn dispatch(cli: Cli) -> i32 {
+    // Needs no host file: it may run on a machine that has none yet.
+    if let Command::ImportSupervisord(args) = &cli.command {
+        return crate::supervisord::exit_code(crate::supervisord::run(args));
+    }
     let host = match HostConfig::load(&cli.config) {
         Ok(host) => host,
         Err(e) => {

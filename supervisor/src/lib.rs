@@ -22,6 +22,7 @@ pub mod service;
 pub mod shim;
 pub mod spec;
 pub mod state;
+pub mod supervisord;
 pub mod warmup;
 
 /// Exit codes of the `sluice` command, documented in the README.
