@@ -814,7 +814,7 @@ impl Converter<'_> {
         let mut note = |kind: Kind, key: &str, why: String| {
             report.add(kind, self.place_of(section, key), sname, Some(key), why);
         };
-        for (key, _) in &section.options {
+        for key in section.options.keys() {
             if !PROGRAM_KEYS.contains(&key.as_str()) {
                 note(
                     Kind::Supervisord,

@@ -447,7 +447,7 @@ mod tests {
             ("A=1,A=2", &[("A", "2")]),
             ("", &[]),
             // supervisord skips the token after each value whatever it is.
-            ("A=1 B=2", &[("A", "1")]),
+            ("A=1;B=2", &[("A", "1"), ("B", "2")]),
         ];
         for (text, want) in table {
             let got = key_value_pairs(text).unwrap();
@@ -464,6 +464,8 @@ mod tests {
             vec![("DB".to_string(), "postgres://u:p@h/db".to_string())]
         );
         assert!(key_value_pairs("A=").is_err());
+        assert!(key_value_pairs("A=1 B=2").is_err());
+        assert!(key_value_pairs("A=1 B=2 C=3").is_err());
         assert!(key_value_pairs("A=\"x").is_err());
     }
 }
