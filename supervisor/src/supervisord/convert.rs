@@ -197,8 +197,13 @@ pub fn convert(ini: &Ini, ctx: &Context) -> Result<Converted, ImportError> {
         let name = section.name.as_str();
         let place = conv.place(section.file, section.line);
         if let Some(program) = name.strip_prefix("program:") {
-            let program = process_or_group_name(program)
-                .map_err(|m| conv.error(section.file, section.line, format!("[{name}]: {m}")))?;
+            let program = process_or_group_name(program).map_err(|m| {
+                conv.error(
+                    section.file,
+                    section.line,
+                    format!("[{}]: {m}", crate::clip::clip(name)),
+                )
+            })?;
             let group = groups.get(&program).cloned();
             for file in conv.program(section, &program, group.as_deref(), &daemon, report)? {
                 if let Some(other) = names.insert(file.name.clone(), name.to_owned()) {
@@ -206,8 +211,10 @@ pub fn convert(ini: &Ini, ctx: &Context) -> Result<Converted, ImportError> {
                         section.file,
                         section.line,
                         format!(
-                            "[{name}] would be written as {}.toml, like [{other}]: rename one of them",
-                            file.name
+                            "[{}] would be written as {}.toml, like [{}]: rename one of them",
+                            crate::clip::clip(name),
+                            file.name,
+                            crate::clip::clip(&other)
                         ),
                     ));
                 }
@@ -310,7 +317,7 @@ impl Converter<'_> {
         self.error(
             v.file,
             v.line,
-            format!("[{}] {key}: {message}", section.name),
+            format!("[{}] {key}: {message}", crate::clip::clip(&section.name)),
         )
     }
 
@@ -477,14 +484,14 @@ impl Converter<'_> {
                 self.error(
                     section.file,
                     section.line,
-                    format!("[{}]: {m}", section.name),
+                    format!("[{}]: {m}", crate::clip::clip(&section.name)),
                 )
             })?;
             let (programs, v) = self.get(section, "programs", &none)?.ok_or_else(|| {
                 self.error(
                     section.file,
                     section.line,
-                    format!("[{}] has no `programs`", section.name),
+                    format!("[{}] has no `programs`", crate::clip::clip(&section.name)),
                 )
             })?;
             let programs: Vec<String> = programs
@@ -560,7 +567,9 @@ impl Converter<'_> {
         daemon: &Daemon,
         report: &mut Report,
     ) -> Result<Vec<ServiceFile>, ImportError> {
-        let sname = section.name.as_str();
+        // Section names come from the file: bounded wherever they are quoted.
+        let clipped = crate::clip::clip(&section.name);
+        let sname: &str = &clipped;
         let mut common = Expansions::new();
         common.insert("program_name".into(), Arg::Str(program.to_owned()));
         common.insert(
@@ -1157,7 +1166,7 @@ impl Converter<'_> {
                 section.line,
                 format!(
                     "[{}]: the service file made of it does not load ({e}); nothing was written",
-                    section.name
+                    crate::clip::clip(&section.name)
                 ),
             )
         })?;
