@@ -180,6 +180,19 @@ pub fn convert(ini: &Ini, ctx: &Context) -> Result<Converted, ImportError> {
             "an [include] inside an included file: supervisord reads only the main file's [include], so its files were not read here either",
         );
     }
+    if let Some(include) = ini.section("include") {
+        for (key, v) in &include.options {
+            if key != "files" {
+                report.add(
+                    Kind::Supervisord,
+                    conv.place(v.file, v.line),
+                    "include",
+                    Some(key),
+                    "not an [include] key supervisord knows (it ignores it too)",
+                );
+            }
+        }
+    }
     for pattern in &ini.unmatched_includes {
         report.add(
             Kind::Supervisord,

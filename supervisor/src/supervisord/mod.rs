@@ -427,7 +427,8 @@ mod tests {
                     stdout_logfile = syslog\nstderr_logfile = /l/e.log\nstderr_logfile_backups = 2\nbogus = 1\n\
                     [eventlistener:m]\ncommand = memmon\nevents = TICK_60\n\
                     [fcgi-program:f]\ncommand = /f\nsocket = tcp://localhost:9000\n\
-                    [inet_http_server]\nport = 9001\n[ctlplugin:x]\nk = v\n[somethingelse]\nk = v\n";
+                    [inet_http_server]\nport = 9001\n[ctlplugin:x]\nk = v\n[somethingelse]\nk = v\n\
+                    [include]\nfiles = none/*.conf\nextra = 1\n";
         let (_, c) = services(text);
         for key in [
             "autostart",
@@ -446,7 +447,13 @@ mod tests {
                 c.report.items
             );
         }
-        for key in ["bogus", "inet_http_server", "ctlplugin:x", "somethingelse"] {
+        for key in [
+            "bogus",
+            "inet_http_server",
+            "ctlplugin:x",
+            "somethingelse",
+            "extra",
+        ] {
             assert_eq!(kinds(&c, key), [Kind::Supervisord], "{key}");
         }
         assert!(!c.report.complete());
