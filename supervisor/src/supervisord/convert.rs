@@ -173,11 +173,11 @@ pub fn convert(ini: &Ini, ctx: &Context) -> Result<Converted, ImportError> {
     let groups = conv.groups(report)?;
     for &(file, line) in &ini.nested_includes {
         report.add(
-            Kind::NotCarried,
+            Kind::Supervisord,
             format!("{}:{line}", ini.files[file].display()),
             "include",
             None,
-            "an [include] inside an included file: supervisord reads only the main file's [include], so its files were not read here either",
+            "an [include] inside an included file: supervisord reads only the main file's [include] and ignores this one, so its files were not read here either",
         );
     }
     if let Some(include) = ini.section("include") {

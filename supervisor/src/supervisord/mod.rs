@@ -583,8 +583,32 @@ mod tests {
             out.report
                 .items
                 .iter()
-                .any(|i| i.kind == Kind::NotCarried && i.section == "include")
+                .any(|i| i.kind == Kind::Supervisord && i.section == "include" && i.key.is_none())
         );
+    }
+
+    #[test]
+    fn the_verb_parses() {
+        use clap::Parser as _;
+        let cli = crate::cli::Cli::try_parse_from([
+            "sluice",
+            "import-supervisord",
+            "/etc/supervisord.conf",
+            "--out",
+            "/tmp/s",
+            "--force",
+            "--report",
+            "/tmp/r.txt",
+        ])
+        .unwrap();
+        let crate::cli::Command::ImportSupervisord(args) = cli.command else {
+            panic!("{cli:?}");
+        };
+        assert_eq!(args.file, Path::new("/etc/supervisord.conf"));
+        assert_eq!(args.out, Path::new("/tmp/s"));
+        assert!(args.force);
+        assert_eq!(args.report.as_deref(), Some(Path::new("/tmp/r.txt")));
+        assert!(crate::cli::Cli::try_parse_from(["sluice", "import-supervisord", "f"]).is_err());
     }
 
     #[test]
