@@ -1336,13 +1336,13 @@ fn fold_values(values: &[&str], context: &str, port_base: &mut Option<u16>) -> O
     if numbers
         .iter()
         .enumerate()
-        .any(|(i, n)| *n != start + i as u64)
+        .any(|(i, n)| Some(*n) != start.checked_add(i as u64))
     {
         return None;
     }
     let head: String = chars[0][..prefix].iter().collect();
     let tail: String = chars[0][chars[0].len() - suffix..].iter().collect();
-    let last = start + values.len() as u64 - 1;
+    let last = start.checked_add(values.len() as u64 - 1)?;
     let port_like = start >= 1024 || context.to_ascii_lowercase().contains("port");
     let placeholder = if start >= 1 && last <= u64::from(u16::MAX) && port_like {
         let base = start as u16;
@@ -1649,6 +1649,7 @@ mod tests {
             (&["w00", "w01"], "", None),
             (&["a", "b"], "", None),
             (&["8000", "8002"], "", None),
+            (&["18446744073709551615", "18446744073709551616"], "", None),
         ];
         for (values, context, want) in table {
             let mut base = None;

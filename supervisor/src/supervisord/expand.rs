@@ -9,6 +9,13 @@
 
 use std::collections::BTreeMap;
 
+/// Largest width or precision of one `%(name)…` conversion: Python would pad to any size, and a
+/// file of a few bytes must not make the import allocate gigabytes.
+pub const EXPANSION_WIDTH_MAX: usize = 4096;
+/// Longest value an expansion may produce: Linux's `MAX_ARG_STRLEN`, the longest argument `execve`
+/// takes, is more than any real command, directory or environment needs.
+pub const EXPANDED_VALUE_MAX_BYTES: usize = 131_072;
+
 /// A value an expansion can take: supervisord's names are strings, except `process_num` and
 /// `numprocs`, which are integers (so `%(process_num)02d` works and `%(ENV_X)d` does not).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,10 +101,26 @@ pub fn expand(text: &str, expansions: &Expansions) -> Result<String, String> {
                     + ", ENV_<variable>"
             )
         })?;
-        let width: usize = width.parse().unwrap_or(0);
-        let precision: Option<usize> = precision.map(|p| p.parse().unwrap_or(0));
+        let bounded = |digits: &str| -> Result<usize, String> {
+            match digits.parse::<usize>() {
+                Ok(n) if n <= EXPANSION_WIDTH_MAX => Ok(n),
+                Err(_) if digits.is_empty() => Ok(0),
+                _ => Err(format!(
+                    "`%({name})`: a width or precision over {EXPANSION_WIDTH_MAX} in {}",
+                    crate::clip::clip(text)
+                )),
+            }
+        };
+        let width = bounded(&width)?;
+        let precision = precision.as_deref().map(bounded).transpose()?;
         let body = convert(name, value, conversion, &flags, precision)?;
         out.push_str(&pad(&body, width, &flags, conversion));
+        if out.len() > EXPANDED_VALUE_MAX_BYTES {
+            return Err(format!(
+                "expands to more than {EXPANDED_VALUE_MAX_BYTES} bytes: {}",
+                crate::clip::clip(text)
+            ));
+        }
         rest = &named[close + 1 + at_conversion + conversion.len_utf8()..];
     }
     out.push_str(rest);
@@ -401,6 +424,12 @@ mod tests {
             ("%(process_num)", "without a conversion"),
             ("%(process_num", "unclosed"),
             ("%(process_num)q", "`%(process_num)q`"),
+            (
+                "%(process_num)999999999999999999999d",
+                "a width or precision over 4096",
+            ),
+            ("%(process_num)5000d", "a width or precision over 4096"),
+            ("%(program_name).5000s", "a width or precision over 4096"),
         ];
         for (text, words) in table {
             let e = expand(text, &expansions()).unwrap_err();

@@ -587,6 +587,50 @@ mod tests {
         );
     }
 
+    /// Seeded mutations of the test fixtures: every one is an import or an error, never a panic
+    /// (slicing, arithmetic on numbers from the file, widths).
+    #[test]
+    fn mangled_configurations_are_errors_or_imports_never_panics() {
+        const FIXTURES: &[&str] = &[
+            include_str!("../../../tests/fixtures/supervisord/basic/supervisord.conf"),
+            include_str!("../../../tests/fixtures/supervisord/basic/conf.d/web.conf"),
+            include_str!("../../../tests/fixtures/supervisord/basic/conf.d/jobs.conf"),
+            include_str!("../../../tests/fixtures/supervisord/quoting/supervisord.conf"),
+            include_str!("../../../tests/fixtures/supervisord/unsupported/supervisord.conf"),
+        ];
+        const ALPHABET: &[u8] = b"[]=:;#%()sdx029 \n\t\"'\\,{}/-_";
+        const ROUNDS: usize = 1000;
+        // SplitMix64: replayable without a dependency.
+        let mut state: u64 = 0x5eed_1e55;
+        let mut next = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        for round in 0..ROUNDS {
+            let mut text = FIXTURES[round % FIXTURES.len()].as_bytes().to_vec();
+            for _ in 0..1 + next() % 8 {
+                let at = (next() as usize) % (text.len() + 1);
+                match next() % 3 {
+                    0 => text.insert(at, ALPHABET[(next() as usize) % ALPHABET.len()]),
+                    1 if at < text.len() => {
+                        text.remove(at);
+                    }
+                    _ => {
+                        let len = (next() as usize % 40).min(text.len() - at);
+                        let copy = text[at..at + len].to_vec();
+                        text.splice(at..at, copy);
+                    }
+                }
+            }
+            let text = String::from_utf8_lossy(&text);
+            let result = std::panic::catch_unwind(|| converted(&text).map(|c| c.services.len()));
+            assert!(result.is_ok(), "round {round} panicked on:\n{text}");
+        }
+    }
+
     #[test]
     fn the_verb_parses() {
         use clap::Parser as _;
