@@ -75,7 +75,7 @@ fn every_fixture_imports_into_files_check_config_accepts_and_supervisord_agrees(
         (
             "quoting",
             0,
-            &["api", "quoted", "worker_01", "worker_02"],
+            &["api", "quoted", "tabbed", "worker_01", "worker_02"],
             &[
                 "api.toml: [program:api], 3 instances, port_base 9200",
                 "[program:worker] numprocs: the 2 processes differ",
