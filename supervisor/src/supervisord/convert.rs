@@ -946,6 +946,7 @@ impl Converter<'_> {
         // Logs: one directory per service, one size and count for both streams.
         let first = &processes[0];
         let log_keys = self.logs(section, first, &streams, redirect_stderr, &mut note);
+        check_stream_dirs(first, &mut note);
 
         // One service with instances, when sluice's placeholders reproduce every process.
         let folded = if numprocs > 1 { fold(&processes) } else { None };
@@ -1201,19 +1202,21 @@ fn log_dir_of(p: &Process) -> Option<String> {
     })
 }
 
-/// The one log directory of folded processes; reported when they differ, or when stdout and
-/// stderr were in different directories.
-fn common_log_dir(
-    processes: &[Process],
-    note: &mut impl FnMut(Kind, &str, String),
-) -> Option<String> {
-    let dirs: BTreeSet<Option<String>> = processes.iter().map(log_dir_of).collect();
-    let first = &processes[0];
+/// Reports stdout and stderr logged to different directories: a service has one `log.dir`.
+fn check_stream_dirs(first: &Process, note: &mut impl FnMut(Kind, &str, String)) {
     if let (LogTarget::File(a), LogTarget::File(b)) = (&first.stdout, &first.stderr)
         && Path::new(a).parent() != Path::new(b).parent()
     {
         note(Kind::NotCarried, "stderr_logfile", "in another directory than stdout_logfile: sluice keeps both logs of an instance in one `log.dir` (stdout's)".into());
     }
+}
+
+/// The one log directory of folded processes; reported when they differ.
+fn common_log_dir(
+    processes: &[Process],
+    note: &mut impl FnMut(Kind, &str, String),
+) -> Option<String> {
+    let dirs: BTreeSet<Option<String>> = processes.iter().map(log_dir_of).collect();
     if dirs.len() > 1 {
         note(Kind::NotCarried, "stdout_logfile", "each process logged to another directory: sluice has one `log.dir` per service (its instances' files are named apart), and `data_dir/logs` was kept".into());
         return None;

@@ -323,6 +323,10 @@ mod tests {
                 |s| s.log.dir.as_deref() == Some(Path::new("/l")) && s.log.max_bytes == 2048,
             ),
             ("stdout_logfile_maxbytes = 0", |s| s.log.max_bytes == 0),
+            (
+                "stdout_logfile = /a/o.log\nstderr_logfile = /b/e.log",
+                |s| s.log.dir.as_deref() == Some(Path::new("/a")),
+            ),
             ("command = /bin/echo {x} 100%% 'a b'", |s| {
                 s.command == ["/bin/echo", "{{x}}", "100%", "a b"]
             }),
@@ -447,6 +451,13 @@ mod tests {
                 c.report.items
             );
         }
+        let (_, split) = services(
+            "[program:a]\ncommand = /x\nstdout_logfile = /a/o.log\nstderr_logfile = /b/e.log\n",
+        );
+        assert_eq!(
+            kinds(&split, "stderr_logfile"),
+            [Kind::Changed, Kind::NotCarried]
+        );
         for key in [
             "bogus",
             "inet_http_server",
