@@ -1502,11 +1502,14 @@ fn boolean(text: &str) -> Result<bool, String> {
 /// supervisord's `byte_size`: a number with an optional `KB`, `MB` or `GB` (powers of 1024).
 fn byte_size(text: &str) -> Result<u64, String> {
     let lower = text.to_lowercase();
-    let (number, multiplier) = match lower.len().checked_sub(2).map(|i| lower.split_at(i)) {
-        Some((n, "kb")) => (n, 1u64 << 10),
-        Some((n, "mb")) => (n, 1 << 20),
-        Some((n, "gb")) => (n, 1 << 30),
-        _ => (lower.as_str(), 1),
+    let (number, multiplier) = if let Some(n) = lower.strip_suffix("kb") {
+        (n, 1u64 << 10)
+    } else if let Some(n) = lower.strip_suffix("mb") {
+        (n, 1 << 20)
+    } else if let Some(n) = lower.strip_suffix("gb") {
+        (n, 1 << 30)
+    } else {
+        (lower.as_str(), 1)
     };
     let n = integer(number)?;
     u64::try_from(n)
@@ -1592,6 +1595,8 @@ mod tests {
         assert_eq!(byte_size("2GB"), Ok(2 << 30));
         assert_eq!(byte_size("0"), Ok(0));
         assert!(byte_size("lots").is_err());
+        // Found by the fuzz target: a two-byte character before the suffix.
+        assert!(byte_size("\u{175}B").is_err());
         assert_eq!(octal("022"), Ok(0o22));
         assert_eq!(octal("0o27"), Ok(0o27));
         assert!(octal("8").is_err());
