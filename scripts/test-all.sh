@@ -37,6 +37,11 @@ fi
 if [ ! -x "$venv/bin/uvicorn" ] || ! "$venv/bin/python" -c 'import aiohttp' 2>/dev/null; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'uvicorn==0.54.*' 'aiohttp==3.14.*'
 fi
+# supervisord itself: the import tests (tests/tests/e2e/import.rs) have it read their supervisord
+# fixtures and compare its processes with the service files `sluice import-supervisord` wrote.
+if ! "$venv/bin/python" -c 'import supervisor' 2>/dev/null; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'supervisor==4.3.*'
+fi
 # Wheels for the deploy tests' offline `pip install` (the stock python-venv hook with SLUICE_WHEEL_DIR).
 if ! ls target/test-wheels/gunicorn-*.whl >/dev/null 2>&1; then
   "$venv/bin/pip" download --quiet --disable-pip-version-check -d target/test-wheels 'gunicorn==27.*'

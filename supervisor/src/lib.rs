@@ -23,6 +23,7 @@ pub mod service;
 pub mod shim;
 pub mod spec;
 pub mod state;
+pub mod supervisord;
 pub mod warmup;
 
 /// The documents of the control API, also what services publish: [`control::protocol`].

@@ -11,6 +11,7 @@ mod e2e {
     mod deploy;
     mod drain;
     mod identity;
+    mod import;
     mod kill9;
     mod logs;
     mod matrix;

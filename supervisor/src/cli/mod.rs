@@ -51,6 +51,9 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Write a service file for each program of a supervisord configuration, and report what
+    /// could not be carried over (exit 5 when something was not).
+    ImportSupervisord(crate::supervisord::ImportArgs),
     /// Print the man page (roff), or write one page per verb into a directory.
     Man {
         /// Write `sluice.1` and `sluice-VERB.1` here instead of printing `sluice.1`.
@@ -118,6 +121,10 @@ async fn dispatch(cli: Cli) -> i32 {
             report(print_completions(shell, &mut std::io::stdout().lock()))
         }
         Command::Man { out } => report(man(out.as_deref())),
+        // Needs no host file: it may run on a machine that has none yet.
+        Command::ImportSupervisord(args) => {
+            crate::supervisord::exit_code(crate::supervisord::run(&args))
+        }
         Command::Daemon(verb) => {
             let Ok(host) = host() else {
                 return exit::CONFIG;
