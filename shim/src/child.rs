@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use sluice_privdrop::{PrivDrop, check};
 
-use crate::args::Args;
+use crate::args::ShimArgs;
 
 /// The spawned child, as the poll loop needs it.
 pub struct Spawned {
@@ -22,7 +22,7 @@ pub struct Spawned {
 
 /// Spawns the child described by `args`. `shim_pid` is this process's pid, checked by the child after
 /// it arms its death signal.
-pub fn spawn(args: &Args, shim_pid: libc::pid_t) -> io::Result<Spawned> {
+pub fn spawn(args: &ShimArgs, shim_pid: libc::pid_t) -> io::Result<Spawned> {
     let mut command = Command::new(&args.program);
     command
         .args(&args.program_args)
