@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use sluice_tests::zk::{Place, Zookeeper};
-use sluice_tests::{Host, PATIENCE, run_bounded};
+use sluice_tests::{Host, PATIENCE, Rng, run_bounded};
 
 const SERVICE: &str = "svc";
 /// Limit of one timed operation (a fetch of the archive, a deploy).
@@ -67,22 +67,6 @@ fn main() {
 }
 
 // ---------------------------------------------------------------- part A: fetch + verify + extract
-
-/// A small deterministic PRNG (xorshift64*), so every run builds the same archive.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 const WORDS: &[&str] = &[
     "fn",
@@ -147,7 +131,8 @@ const WORDS: &[&str] = &[
 /// log-uniform between 1 KiB and 256 KiB (scaled to the total), even ones text-like and
 /// compressible, odd ones random bytes. Returns the bytes written.
 fn make_build(dir: &Path, files: usize, total: u64) -> u64 {
-    let mut rng = Rng(0x5eed_1234_abcd_ef01);
+    // A fixed seed, so every run builds the same archive.
+    let mut rng = Rng::new(0x5eed_1234_abcd_ef01);
     let raw: Vec<f64> = (0..files)
         .map(|_| (1024f64.ln() + rng.unit() * (256.0f64 * 1024.0 / 1024.0).ln()).exp())
         .collect();
@@ -160,9 +145,9 @@ fn make_build(dir: &Path, files: usize, total: u64) -> u64 {
         let mut data = Vec::with_capacity(size + 32);
         if i % 2 == 0 {
             while data.len() < size {
-                let w = WORDS[(rng.next() % WORDS.len() as u64) as usize];
+                let w = WORDS[(rng.next_u64() % WORDS.len() as u64) as usize];
                 data.extend_from_slice(w.as_bytes());
-                data.push(if rng.next().is_multiple_of(9) {
+                data.push(if rng.next_u64().is_multiple_of(9) {
                     b'\n'
                 } else {
                     b' '
@@ -171,7 +156,7 @@ fn make_build(dir: &Path, files: usize, total: u64) -> u64 {
             data.truncate(size);
         } else {
             while data.len() < size {
-                data.extend_from_slice(&rng.next().to_le_bytes());
+                data.extend_from_slice(&rng.next_u64().to_le_bytes());
             }
             data.truncate(size);
         }
