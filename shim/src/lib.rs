@@ -8,7 +8,8 @@
 //! - [`proto`]: the wire protocol (handshake, commands, status lines); std only, used by the brain too.
 //! - [`args`]: the command line ([`args::ShimArgs`]), built by the brain and parsed here.
 //! - `startup`: fork away from the brain, take the instance lock, bind the socket, spawn, handshake.
-//! - `child`: spawning the child (process group, credentials, limits, parent-death signal).
+//! - `child`: spawning the child (process group, cgroup, parent-death signal; the signal reset,
+//!   limits and credentials are `sluice-privdrop`'s, shared with the hooks).
 //! - `event_loop`: the single-threaded `poll` loop that owns all state after start-up.
 //! - `logfile`: append with size-based rotation, through `sluice-safefs` (the log directory may be
 //!   the service user's).
