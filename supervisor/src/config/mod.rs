@@ -93,4 +93,37 @@ mod tests {
             }
         }
     }
+
+    /// `config` is a leaf of the crate: it names no other module but `clip` (bounded quoting) and
+    /// `build` (one default), so nothing it depends on can depend on it back (the warm-up runner
+    /// imports its request type from here, never the reverse). Reads the code before the tests of
+    /// every file of this folder, so a new file is checked too.
+    #[test]
+    fn config_depends_on_no_other_module() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/config");
+        let allowed = [
+            "crate::config",
+            "crate::clip::",
+            "crate::build::DEFAULT_MAX_ENTRIES",
+        ];
+        let mut files = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            files += 1;
+            for (n, line) in code.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or_default();
+                for (at, _) in code.match_indices("crate::") {
+                    assert!(
+                        allowed.iter().any(|a| code[at..].starts_with(a)),
+                        "{}:{}: `config` uses another module: {line}",
+                        path.display(),
+                        n + 1
+                    );
+                }
+            }
+        }
+        assert!(files >= 10, "read only {files} files of {}", dir.display());
+    }
 }
