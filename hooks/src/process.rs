@@ -3,52 +3,28 @@
 //! start outlives them or keeps the daemon's privileges.
 
 use std::io;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus};
 use std::sync::{Arc, Mutex, PoisonError};
+
+use sluice_privdrop::PrivDrop;
 
 use crate::Identity;
 
 /// Makes `command` start with default signal dispositions and an empty signal mask, in a new
 /// process group led by itself, as `identity` (supplementary groups, gid, then uid) when given.
-/// `None` runs it as the daemon's own user: the caller decides when that is allowed.
+/// `None` runs it as the daemon's own user: the caller decides when that is allowed. The work
+/// between fork and exec is `sluice-privdrop`'s, shared with the shim.
 pub fn confine(command: &mut Command, identity: Option<&Identity>) {
-    command.process_group(0);
-    let identity = identity.cloned();
-    // Read before the fork: the closure below must not call into the C library's internals.
-    let sigrtmax = libc::SIGRTMAX();
-    // SAFETY (whole closure): only async-signal-safe libc calls on values prepared before the fork;
-    // nothing is allocated.
-    let pre_exec = move || -> io::Result<()> {
-        unsafe {
-            // Ignored dispositions and the signal mask survive exec; a child starts with the defaults.
-            let mut default: libc::sigaction = std::mem::zeroed();
-            default.sa_sigaction = libc::SIG_DFL;
-            for signum in 1..=sigrtmax {
-                if signum != libc::SIGKILL && signum != libc::SIGSTOP {
-                    // EINVAL for the signals glibc reserves is expected and harmless.
-                    libc::sigaction(signum, &default, std::ptr::null_mut());
-                }
-            }
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            check(libc::sigprocmask(
-                libc::SIG_SETMASK,
-                &empty,
-                std::ptr::null_mut(),
-            ))?;
-            // Groups, then gid, then uid: each step needs the privilege the next one drops. std's
-            // uid()/gid() would drop the supplementary groups instead of setting them.
-            if let Some(id) = &identity {
-                check(libc::setgroups(id.groups.len(), id.groups.as_ptr()))?;
-                check(libc::setgid(id.gid))?;
-                check(libc::setuid(id.uid))?;
-            }
-        }
-        Ok(())
+    let want = match identity {
+        Some(id) => PrivDrop {
+            groups: Some(id.groups.clone()),
+            gid: Some(id.gid),
+            uid: Some(id.uid),
+            ..PrivDrop::default()
+        },
+        None => PrivDrop::default(),
     };
-    // SAFETY: see the closure.
-    unsafe { command.pre_exec(pre_exec) };
+    sluice_privdrop::confine(command, want);
 }
 
 /// A spawned child leading its own process group (see [`confine`]). Dropping it before it was
@@ -156,12 +132,4 @@ fn wait_and_reap(mut child: std::process::Child, group: &Group) -> io::Result<Ex
     let status = child.wait();
     *reaped = true;
     status
-}
-
-fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }

@@ -1,4 +1,6 @@
-//! The shim's command line, parsed by hand because the shim depends on std and libc only.
+//! The shim's command line, defined once for both sides: the brain builds it with
+//! [`ShimArgs::to_args`], the shim reads it with [`ShimArgs::parse`] (by hand, because the shim
+//! depends on std and libc only). A unit test keeps the two inverse of each other.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -14,9 +16,9 @@ pub const DEFAULT_LOG_MAX_BYTES: u64 = 50 * 1024 * 1024;
 /// Default for `--log-backups`: rotated files kept besides the current one.
 pub const DEFAULT_LOG_BACKUPS: u32 = 10;
 
-/// Everything the shim was told on its command line.
+/// Everything the shim is told on its command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Args {
+pub struct ShimArgs {
     /// `SVC/INDEX`, used in messages only (the brain identifies a shim by its socket path).
     pub id: String,
     /// Unix socket the shim answers on.
@@ -53,8 +55,58 @@ pub struct Args {
     pub program_args: Vec<OsString>,
 }
 
-/// Parses the arguments after the program name. The error is a one-line message.
-pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
+impl ShimArgs {
+    /// The command line after the program name, as [`ShimArgs::parse`] reads it back: the required
+    /// flags, the optional ones that are set, then `--`, the program and its arguments.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut argv: Vec<OsString> = Vec::new();
+        let mut flag = |name: &str, value: OsString| {
+            argv.push(name.into());
+            argv.push(value);
+        };
+        flag("--id", self.id.clone().into());
+        flag("--socket", self.socket.clone().into());
+        flag("--lock", self.lock.clone().into());
+        flag("--stdout-log", self.stdout_log.clone().into());
+        flag("--stderr-log", self.stderr_log.clone().into());
+        flag("--log-max-bytes", self.log_max_bytes.to_string().into());
+        flag("--log-backups", self.log_backups.to_string().into());
+        flag("--tag", self.tag.clone().into());
+        if let Some(cwd) = &self.cwd {
+            flag("--cwd", cwd.clone().into());
+        }
+        if let Some(uid) = self.uid {
+            flag("--uid", uid.to_string().into());
+        }
+        if let Some(gid) = self.gid {
+            flag("--gid", gid.to_string().into());
+        }
+        if let Some(groups) = &self.groups {
+            let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+            flag("--groups", list.join(",").into());
+        }
+        if let Some(umask) = self.umask {
+            flag("--umask", format!("{umask:03o}").into());
+        }
+        if let Some(nofile) = self.nofile {
+            flag("--nofile", nofile.to_string().into());
+        }
+        if let Some(dir) = &self.cgroup {
+            flag("--cgroup", dir.clone().into());
+        }
+        argv.push("--".into());
+        argv.push(self.program.clone());
+        argv.extend(self.program_args.iter().cloned());
+        argv
+    }
+
+    /// Parses the arguments after the program name. The error is a one-line message.
+    pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<ShimArgs, String> {
+        parse(argv)
+    }
+}
+
+fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<ShimArgs, String> {
     let mut argv = argv.into_iter();
     let mut id = None;
     let mut socket = None;
@@ -135,7 +187,7 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
         .ok_or_else(|| "missing -- PROGRAM".to_owned())?
         .into_iter();
     let program = command.next().unwrap_or_default();
-    Ok(Args {
+    Ok(ShimArgs {
         id: id.ok_or_else(|| "missing --id".to_owned())?,
         socket: required("--socket", socket)?,
         lock: required("--lock", lock)?,
@@ -176,8 +228,8 @@ fn number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
 mod tests {
     use super::*;
 
-    fn parse_str(args: &[&str]) -> Result<Args, String> {
-        parse(args.iter().map(OsString::from))
+    fn parse_str(args: &[&str]) -> Result<ShimArgs, String> {
+        ShimArgs::parse(args.iter().map(OsString::from))
     }
 
     const REQUIRED: [&str; 10] = [
@@ -297,5 +349,58 @@ mod tests {
         let mut argv = REQUIRED[2..].to_vec();
         argv.extend(["--", "x"]);
         assert_eq!(parse_str(&argv).unwrap_err(), "missing --id");
+    }
+
+    /// What the brain builds, the shim reads back unchanged: every field set (with a non-UTF-8
+    /// path and program argument, and a program argument that looks like a flag), and only the
+    /// required ones.
+    #[test]
+    fn to_args_round_trips() {
+        use std::os::unix::ffi::OsStringExt;
+        let full = ShimArgs {
+            id: "api/3".into(),
+            socket: "/run/sluice/shims/api@3.sock".into(),
+            lock: "/run/sluice/shims/api@3.lock".into(),
+            stdout_log: PathBuf::from(OsString::from_vec(b"/log/api-3.\xffout".to_vec())),
+            stderr_log: "/log/api-3.err".into(),
+            log_max_bytes: 0,
+            log_backups: 7,
+            tag: "build-b7".into(),
+            cwd: Some("/srv/api/releases/b7".into()),
+            uid: Some(1000),
+            gid: Some(1001),
+            groups: Some(vec![4, 27, 1001]),
+            umask: Some(0o007),
+            nofile: Some(65_536),
+            cgroup: Some("/sys/fs/cgroup/cpu/sluice/api@3".into()),
+            program: "/usr/bin/java".into(),
+            program_args: vec![
+                "-jar".into(),
+                "--".into(),
+                "--uid".into(),
+                OsString::from_vec(b"\xfe".to_vec()),
+            ],
+        };
+        assert_eq!(ShimArgs::parse(full.to_args()), Ok(full.clone()));
+
+        let minimal = ShimArgs {
+            cwd: None,
+            uid: None,
+            gid: None,
+            groups: None,
+            umask: None,
+            nofile: None,
+            cgroup: None,
+            program_args: Vec::new(),
+            ..full.clone()
+        };
+        assert_eq!(ShimArgs::parse(minimal.to_args()), Ok(minimal));
+
+        // A uid with an empty group list: the child gets no supplementary groups.
+        let no_groups = ShimArgs {
+            groups: Some(Vec::new()),
+            ..full
+        };
+        assert_eq!(ShimArgs::parse(no_groups.to_args()), Ok(no_groups));
     }
 }

@@ -6,7 +6,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
-use crate::args::Args;
+use sluice_privdrop::{PrivDrop, check};
+
+use crate::args::ShimArgs;
 
 /// The spawned child, as the poll loop needs it.
 pub struct Spawned {
@@ -20,7 +22,7 @@ pub struct Spawned {
 
 /// Spawns the child described by `args`. `shim_pid` is this process's pid, checked by the child after
 /// it arms its death signal.
-pub fn spawn(args: &Args, shim_pid: libc::pid_t) -> io::Result<Spawned> {
+pub fn spawn(args: &ShimArgs, shim_pid: libc::pid_t) -> io::Result<Spawned> {
     let mut command = Command::new(&args.program);
     command
         .args(&args.program_args)
@@ -34,13 +36,15 @@ pub fn spawn(args: &Args, shim_pid: libc::pid_t) -> io::Result<Spawned> {
     }
 
     // Everything the closure touches is computed here, before the fork: between fork and exec only
-    // async-signal-safe calls are allowed, so no allocation and no locks.
-    let groups: Option<Vec<libc::gid_t>> = args.groups.clone();
-    let gid = args.gid;
-    let uid = args.uid;
-    let umask = args.umask;
-    let nofile = args.nofile;
-    let sigrtmax = libc::SIGRTMAX();
+    // async-signal-safe calls are allowed, so no allocation and no locks (see `sluice-privdrop`).
+    let privdrop = PrivDrop {
+        groups: args.groups.clone(),
+        gid: args.gid,
+        uid: args.uid,
+        umask: args.umask,
+        nofile: args.nofile,
+    }
+    .prepare();
     // Opened before the fork (std opens with O_CLOEXEC, so the service never inherits it); the
     // child writes "0" (itself) to it first thing, while still root, so that everything the service
     // ever runs starts inside its cgroup. The file stays open in the shim only until spawn returns.
@@ -58,13 +62,6 @@ pub fn spawn(args: &Args, shim_pid: libc::pid_t) -> io::Result<Spawned> {
     let cgroup_fd = cgroup_procs.as_ref().map(AsRawFd::as_raw_fd);
 
     let pre_exec = move || -> io::Result<()> {
-        let check = |ret: libc::c_int| {
-            if ret == -1 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        };
         // SAFETY (whole block): only async-signal-safe libc calls on values prepared before the fork.
         unsafe {
             if let Some(fd) = cgroup_fd {
@@ -73,47 +70,9 @@ pub fn spawn(args: &Args, shim_pid: libc::pid_t) -> io::Result<Spawned> {
                     return Err(io::Error::last_os_error());
                 }
             }
-            // The shim ignores SIGPIPE/SIGHUP/SIGINT and blocks SIGTERM; ignored dispositions and the
-            // mask survive exec, and a service must start with the defaults.
-            let mut default: libc::sigaction = std::mem::zeroed();
-            default.sa_sigaction = libc::SIG_DFL;
-            for signum in 1..=sigrtmax {
-                if signum != libc::SIGKILL && signum != libc::SIGSTOP {
-                    // EINVAL for the signals glibc reserves is expected and harmless.
-                    libc::sigaction(signum, &default, std::ptr::null_mut());
-                }
-            }
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            check(libc::sigprocmask(
-                libc::SIG_SETMASK,
-                &empty,
-                std::ptr::null_mut(),
-            ))?;
-
-            // Raised first, while still privileged: after setuid a raise above the hard limit fails.
-            if let Some(n) = nofile {
-                let limit = libc::rlimit {
-                    rlim_cur: n as libc::rlim_t,
-                    rlim_max: n as libc::rlim_t,
-                };
-                check(libc::setrlimit(libc::RLIMIT_NOFILE, &limit))?;
-            }
-            // Groups, then gid, then uid: each step needs the privilege the next one drops. Done here
-            // rather than with std's uid()/gid(), which would drop supplementary groups and run before
-            // this closure, i.e. before the death signal below could be armed after the uid change.
-            if let Some(groups) = &groups {
-                check(libc::setgroups(groups.len(), groups.as_ptr()))?;
-            }
-            if let Some(gid) = gid {
-                check(libc::setgid(gid))?;
-            }
-            if let Some(uid) = uid {
-                check(libc::setuid(uid))?;
-            }
-            if let Some(mask) = umask {
-                libc::umask(mask as libc::mode_t);
-            }
+            // Default signals, the file limit (raised while still privileged), groups, gid, uid,
+            // then the umask.
+            privdrop.apply()?;
             // After setuid, because a credential change clears the parent-death signal. If the shim
             // dies (even by SIGKILL) the child dies too, rather than running on unsupervised.
             check(libc::prctl(

@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use crate::args::Args;
+use crate::args::ShimArgs;
 use crate::logfile::LogFile;
 use crate::proto::{Command, MAX_CLIENTS, MAX_LINE_BYTES, Outcome, Status};
 use crate::sys;
@@ -90,7 +90,7 @@ enum Source {
 /// The whole state of a running shim; owned by the loop alone.
 pub struct Shim {
     /// Kept for `tag` and the socket path.
-    args: Args,
+    args: ShimArgs,
     /// Our own pid, reported in status lines.
     shim_pid: libc::pid_t,
     /// Held (never read) for the shim's lifetime: its flock is what makes the shim unique.
@@ -122,7 +122,7 @@ pub struct Shim {
 impl Shim {
     /// Assembles the state; `streams` pairs each pipe with its log (stdout first).
     pub fn new(
-        args: Args,
+        args: ShimArgs,
         shim_pid: libc::pid_t,
         lock: File,
         listener: UnixListener,

@@ -6,9 +6,10 @@
 //!
 //! Codemap:
 //! - [`proto`]: the wire protocol (handshake, commands, status lines); std only, used by the brain too.
-//! - `args`: the command line.
+//! - [`args`]: the command line ([`args::ShimArgs`]), built by the brain and parsed here.
 //! - `startup`: fork away from the brain, take the instance lock, bind the socket, spawn, handshake.
-//! - `child`: spawning the child (process group, credentials, limits, parent-death signal).
+//! - `child`: spawning the child (process group, cgroup, parent-death signal; the signal reset,
+//!   limits and credentials are `sluice-privdrop`'s, shared with the hooks).
 //! - `event_loop`: the single-threaded `poll` loop that owns all state after start-up.
 //! - `logfile`: append with size-based rotation, through `sluice-safefs` (the log directory may be
 //!   the service user's).
@@ -17,9 +18,9 @@
 //! Architecture Invariant: std and libc only (plus `sluice-safefs`, itself std and libc only), one thread, no async runtime — a hundred shims must cost
 //! little memory and must not depend on anything the brain depends on.
 
+pub mod args;
 pub mod proto;
 
-mod args;
 mod child;
 mod event_loop;
 mod logfile;

@@ -11,7 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 
-use crate::args::{self, Args};
+use crate::args::{self, ShimArgs};
 use crate::event_loop::{Child, Shim};
 use crate::logfile::LogFile;
 use crate::{child, proto, sys};
@@ -23,7 +23,7 @@ pub const EXIT_STARTUP: i32 = 1;
 
 /// Runs the whole shim; never returns.
 pub fn main() -> ! {
-    let args = match args::parse(std::env::args_os().skip(1)) {
+    let args = match ShimArgs::parse(std::env::args_os().skip(1)) {
         Ok(args) => args,
         Err(message) => {
             eprintln!("sluice-shim: {message}\n{}", args::USAGE);
@@ -50,7 +50,7 @@ pub fn main() -> ! {
 }
 
 /// Everything from the lock to the handshake; on failure writes `error ...` and exits 1.
-fn start(args: Args) -> Shim {
+fn start(args: ShimArgs) -> Shim {
     let shim_pid = std::process::id() as libc::pid_t;
     let lock = take_lock(&args, shim_pid);
     let stdout_log = open_log(&args.stdout_log, &args);
@@ -103,7 +103,7 @@ fn start(args: Args) -> Shim {
 
 /// Takes the instance lock, or reports who holds it. The lock file is never unlinked: unlinking would
 /// let a second shim lock a fresh inode while the first still holds the old one.
-fn take_lock(args: &Args, shim_pid: libc::pid_t) -> File {
+fn take_lock(args: &ShimArgs, shim_pid: libc::pid_t) -> File {
     let path = &args.lock;
     let mut file = OpenOptions::new()
         .read(true)
@@ -140,7 +140,7 @@ fn take_lock(args: &Args, shim_pid: libc::pid_t) -> File {
     file
 }
 
-fn open_log(path: &Path, args: &Args) -> LogFile {
+fn open_log(path: &Path, args: &ShimArgs) -> LogFile {
     LogFile::open(path, args.log_max_bytes, args.log_backups)
         .unwrap_or_else(|e| fail(&format!("log {}: {e}", path.display())))
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use sluice_shim::args::ShimArgs;
 use sluice_shim::proto::{self, Status};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -58,6 +59,37 @@ impl ShimPaths {
     }
 }
 
+/// The command line of the shim of `spec`, as the shim parses it (`sluice_shim::args`).
+fn shim_args(
+    paths: &ShimPaths,
+    spec: &InstanceSpec,
+    cgroup: Option<&Path>,
+) -> Result<ShimArgs, String> {
+    // Validated non-empty with the service file; a spec built otherwise is refused, not run.
+    let Some((program, program_args)) = spec.argv.split_first() else {
+        return Err("the command is empty".into());
+    };
+    Ok(ShimArgs {
+        id: format!("{}/{}", spec.service, spec.index),
+        socket: paths.socket.clone(),
+        lock: paths.lock.clone(),
+        stdout_log: spec.stdout_log.clone(),
+        stderr_log: spec.stderr_log.clone(),
+        log_max_bytes: spec.log_max_bytes,
+        log_backups: spec.log_backups,
+        tag: spec.tag(),
+        cwd: Some(spec.directory.clone()),
+        uid: spec.uid,
+        gid: spec.gid,
+        groups: spec.groups.clone(),
+        umask: spec.umask,
+        nofile: spec.nofile,
+        cgroup: cgroup.map(Path::to_owned),
+        program: program.into(),
+        program_args: program_args.iter().map(Into::into).collect(),
+    })
+}
+
 /// Spawns a shim for `spec` and returns `(shim pid, instance pid)` once the instance runs.
 pub async fn spawn(
     shim_binary: &Path,
@@ -70,44 +102,9 @@ pub async fn spawn(
         instance: instance.clone(),
         message,
     };
+    let args = shim_args(paths, spec, cgroup).map_err(spawn_err)?;
     let mut cmd = tokio::process::Command::new(shim_binary);
-    cmd.arg("--id")
-        .arg(&instance)
-        .arg("--socket")
-        .arg(&paths.socket)
-        .arg("--lock")
-        .arg(&paths.lock)
-        .arg("--stdout-log")
-        .arg(&spec.stdout_log)
-        .arg("--stderr-log")
-        .arg(&spec.stderr_log)
-        .arg("--log-max-bytes")
-        .arg(spec.log_max_bytes.to_string())
-        .arg("--log-backups")
-        .arg(spec.log_backups.to_string())
-        .arg("--tag")
-        .arg(spec.tag());
-    cmd.arg("--cwd").arg(&spec.directory);
-    if let Some(uid) = spec.uid {
-        cmd.arg("--uid").arg(uid.to_string());
-    }
-    if let Some(gid) = spec.gid {
-        cmd.arg("--gid").arg(gid.to_string());
-    }
-    if let Some(groups) = &spec.groups {
-        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
-        cmd.arg("--groups").arg(list.join(","));
-    }
-    if let Some(umask) = spec.umask {
-        cmd.arg("--umask").arg(format!("{umask:03o}"));
-    }
-    if let Some(nofile) = spec.nofile {
-        cmd.arg("--nofile").arg(nofile.to_string());
-    }
-    if let Some(dir) = cgroup {
-        cmd.arg("--cgroup").arg(dir);
-    }
-    cmd.arg("--").args(&spec.argv);
+    cmd.args(args.to_args());
     cmd.env_clear()
         .envs(&spec.env)
         .stdin(Stdio::null())
@@ -265,5 +262,51 @@ mod tests {
         );
         assert_eq!(ShimPaths::parse_socket_name("web.lock"), None);
         assert_eq!(ShimPaths::parse_socket_name("web@x.sock"), None);
+    }
+
+    /// The shim reads back exactly what the brain means: the spec's command, identity, limits,
+    /// logs and tag, the instance's socket and lock, and its cgroup.
+    #[test]
+    fn shim_reads_back_the_spec() {
+        let spec = InstanceSpec {
+            service: "api".into(),
+            index: 2,
+            argv: vec!["/usr/bin/python3".into(), "-m".into(), "http.server".into()],
+            env: [("PORT".to_owned(), "9102".to_owned())].into(),
+            directory: "/srv/api/current".into(),
+            uid: Some(1000),
+            gid: Some(1000),
+            groups: Some(vec![27]),
+            umask: Some(0o027),
+            nofile: Some(4096),
+            stdout_log: "/var/lib/sluice/logs/api@2.out".into(),
+            stderr_log: "/var/lib/sluice/logs/api@2.err".into(),
+            log_max_bytes: 1 << 20,
+            log_backups: 3,
+        };
+        let paths = ShimPaths::new(Path::new("/run/sluice/shims"), "api", 2);
+        let cgroup = Path::new("/sys/fs/cgroup/cpu/sluice/api@2");
+        let args = shim_args(&paths, &spec, Some(cgroup)).unwrap();
+        let parsed = ShimArgs::parse(args.to_args()).unwrap();
+        assert_eq!(parsed, args);
+        assert_eq!(parsed.id, "api/2");
+        assert_eq!((&parsed.socket, &parsed.lock), (&paths.socket, &paths.lock));
+        assert_eq!(parsed.tag, spec.tag());
+        assert_eq!(parsed.cwd.as_deref(), Some(Path::new("/srv/api/current")));
+        assert_eq!((parsed.uid, parsed.gid), (Some(1000), Some(1000)));
+        assert_eq!(parsed.groups, Some(vec![27]));
+        assert_eq!((parsed.umask, parsed.nofile), (Some(0o027), Some(4096)));
+        assert_eq!(parsed.cgroup.as_deref(), Some(cgroup));
+        assert_eq!(parsed.program, "/usr/bin/python3");
+        assert_eq!(parsed.program_args, ["-m", "http.server"]);
+
+        let empty = InstanceSpec {
+            argv: Vec::new(),
+            ..spec
+        };
+        assert_eq!(
+            shim_args(&paths, &empty, None).unwrap_err(),
+            "the command is empty"
+        );
     }
 }

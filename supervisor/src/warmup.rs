@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::Method;
-use serde::Deserialize;
 use sluice_strategies::warmup::{
     Convergence, DEFAULT_STABLE_PCT, Ending, Limits, Percentile, SiblingRule, Summary, Verdict,
     Window,
@@ -21,67 +19,11 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::config::{WarmupConfig, WarmupUntil};
+// Request lines are configuration: parsed in `config`, which never depends on this runner.
+pub use crate::config::{WarmRequest, parse_request};
 
 /// Most requests a warm-up file may hold.
 const REQUESTS_MAX: usize = 10_000;
-
-/// One warm-up request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WarmRequest {
-    pub method: Method,
-    pub path: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Bytes,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonRequest {
-    method: String,
-    path: String,
-    #[serde(default)]
-    headers: std::collections::BTreeMap<String, String>,
-    #[serde(default)]
-    body: String,
-}
-
-/// Parses `"GET /path"` or `{"method": "POST", "path": "/x", "headers": {..}, "body": ".."}`.
-pub fn parse_request(line: &str) -> Result<WarmRequest, String> {
-    let line = line.trim();
-    let (method, path, headers, body) = if line.starts_with('{') {
-        let r: JsonRequest =
-            serde_json::from_str(line).map_err(|e| format!("bad request `{line}`: {e}"))?;
-        (r.method, r.path, r.headers.into_iter().collect(), r.body)
-    } else {
-        let mut parts = line.split_whitespace();
-        let (Some(method), Some(path), None) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(format!(
-                "bad request `{line}`: write `METHOD /path` or a JSON object"
-            ));
-        };
-        (
-            method.to_owned(),
-            path.to_owned(),
-            Vec::new(),
-            String::new(),
-        )
-    };
-    let method = Method::from_bytes(method.as_bytes())
-        .map_err(|_| format!("bad request `{line}`: unknown method `{method}`"))?;
-    if !path.starts_with('/') {
-        return Err(format!(
-            "bad request `{line}`: the path must start with `/`"
-        ));
-    }
-    path.parse::<hyper::Uri>()
-        .map_err(|e| format!("bad request `{line}`: {e}"))?;
-    Ok(WarmRequest {
-        method,
-        path,
-        headers,
-        body: Bytes::from(body),
-    })
-}
 
 /// The requests of a warm-up: from the config, then from `file` in the release directory.
 pub fn load_requests(
@@ -482,22 +424,6 @@ async fn send(sender: &mut Sender, port: u16, request: &WarmRequest) -> Result<A
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_parse() {
-        let r = parse_request("GET /items?id=7").unwrap();
-        assert_eq!((r.method, r.path.as_str()), (Method::GET, "/items?id=7"));
-        let r = parse_request(r#"{"method": "POST", "path": "/x", "headers": {"content-type": "application/json"}, "body": "{}"}"#).unwrap();
-        assert_eq!(r.method, Method::POST);
-        assert_eq!(
-            r.headers,
-            [("content-type".into(), "application/json".into())]
-        );
-        assert_eq!(r.body, Bytes::from("{}"));
-        for bad in ["GET", "GET items", "GET /a b", "G@T /", r#"{"path": "/"}"#] {
-            assert!(parse_request(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn sibling_by_default() {

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::netns::{Netns, run_in_named};
-use crate::{Host, Out, PATIENCE, fixtures, procs, require_root, run_bounded};
+use crate::zk::Place;
+pub use crate::zk::{ZK_CHROOT, Zookeeper};
+use crate::{Host, Out, PATIENCE, fixtures, require_root, run_bounded};
 
 /// The hub's address on the bridge: ZooKeeper and the build store listen here.
 pub const HUB_ADDR: &str = "10.199.0.1";
@@ -33,19 +35,8 @@ pub const HUB_ADDR: &str = "10.199.0.1";
 pub const HTTP_PORT: u16 = 8000;
 /// Client port of ZooKeeper server `i` is this plus `i`.
 pub const ZK_CLIENT_PORT: u16 = 2181;
-/// Quorum (peer) port of server `i` is this plus `i`.
-const ZK_PEER_PORT: u16 = 2888;
-/// Leader election port of server `i` is this plus `i`.
-const ZK_ELECTION_PORT: u16 = 3888;
-/// ZooKeeper's chroot for sluice.
-pub const ZK_CHROOT: &str = "/sluice";
 /// Session timeout written into every host file.
 pub const SESSION_TIMEOUT_MS: u64 = 4000;
-const ZK_BIN: &str = "/usr/share/zookeeper/bin";
-/// Small JVMs: three servers and the tests share two cores.
-const ZK_JVMFLAGS: &str = "-Xmx128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1";
-/// Limit of one `zkServer.sh`/`zkCli.sh` run.
-const ZK_SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Limit of one request to or from the hub made by the harness itself.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -172,7 +163,7 @@ impl Fleet {
             return None;
         }
         if opts.zookeepers > 0 {
-            let zk = Path::new(ZK_BIN).join("zkServer.sh").is_file();
+            let zk = crate::zk::installed();
             if !fixtures::require("ZooKeeper (Debian's zookeeper package)", zk) {
                 return None;
             }
@@ -221,7 +212,12 @@ impl Fleet {
         std::fs::create_dir_all(&www).expect("creating the build store");
         let http = FileServer::start(&hub, ([10, 199, 0, 1], HTTP_PORT).into(), &www);
         let zk = (opts.zookeepers > 0).then(|| {
-            let zk = Zookeeper::new(&hub.name, &dir.path().join("zk"), opts.zookeepers);
+            let place = Place::Netns {
+                name: &hub.name,
+                addr: HUB_ADDR,
+                first_port: ZK_CLIENT_PORT,
+            };
+            let zk = Zookeeper::new(place, &dir.path().join("zk"), opts.zookeepers);
             zk.start_all();
             zk.wait_quorum(PATIENCE * 3);
             zk
@@ -815,263 +811,4 @@ fn check(cmd: Command) -> Out {
     let out = run_bounded(cmd, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.code, Some(0), "{out}");
     out
-}
-
-// ------------------------------------------------------------------------------------------------
-// ZooKeeper
-
-/// One server of the ensemble.
-struct ZkServer {
-    cfg: PathBuf,
-    data: PathBuf,
-    port: u16,
-}
-
-/// A ZooKeeper ensemble of Debian's package, each server started with `zkServer.sh` inside the hub
-/// namespace, listening on `10.199.0.1:2181+i`. Killed when dropped.
-pub struct Zookeeper {
-    hub: String,
-    servers: Vec<ZkServer>,
-}
-
-impl Zookeeper {
-    /// Writes each server's `zoo.cfg`, `myid` and data dir under `dir`; starts nothing.
-    pub fn new(hub: &str, dir: &Path, n: usize) -> Zookeeper {
-        let servers = (0..n)
-            .map(|i| {
-                let home = dir.join(format!("zk{}", i + 1));
-                let data = home.join("data");
-                std::fs::create_dir_all(&data).expect("creating a ZooKeeper data dir");
-                std::fs::write(data.join("myid"), format!("{}\n", i + 1)).expect("myid");
-                let port = ZK_CLIENT_PORT + i as u16;
-                let mut cfg = format!(
-                    "tickTime=500\ninitLimit=10\nsyncLimit=5\ndataDir={}\nclientPort={port}\nclientPortAddress={HUB_ADDR}\nadmin.enableServer=false\n4lw.commands.whitelist=srvr,ruok\nmaxClientCnxns=0\n",
-                    data.display()
-                );
-                if n > 1 {
-                    for j in 0..n as u16 {
-                        cfg += &format!(
-                            "server.{}={HUB_ADDR}:{}:{}\n",
-                            j + 1,
-                            ZK_PEER_PORT + j,
-                            ZK_ELECTION_PORT + j
-                        );
-                    }
-                }
-                let cfg_path = home.join("zoo.cfg");
-                std::fs::write(&cfg_path, cfg).expect("writing zoo.cfg");
-                ZkServer {
-                    cfg: cfg_path,
-                    data,
-                    port,
-                }
-            })
-            .collect();
-        Zookeeper {
-            hub: hub.to_owned(),
-            servers,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.servers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.servers.is_empty()
-    }
-
-    /// `10.199.0.1:2181,…/sluice`: every server, then the chroot.
-    pub fn connect_string(&self) -> String {
-        format!("{}{ZK_CHROOT}", self.servers_string())
-    }
-
-    fn servers_string(&self) -> String {
-        self.servers
-            .iter()
-            .map(|s| format!("{HUB_ADDR}:{}", s.port))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn script(&self, script: &str, args: &[&str]) -> Out {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.hub])
-            .arg(Path::new(ZK_BIN).join(script))
-            .args(args)
-            .env("SERVER_JVMFLAGS", ZK_JVMFLAGS)
-            .env(
-                "CLIENT_JVMFLAGS",
-                "-Xmx64m -XX:+UseSerialGC -XX:TieredStopAtLevel=1",
-            )
-            .env("JMXDISABLE", "true")
-            .env("ZOO_LOG4J_PROP", "WARN,CONSOLE");
-        run_bounded(cmd, ZK_SCRIPT_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// The pid of server `i` from its pid file, if it is alive.
-    pub fn pid(&self, i: usize) -> Option<i32> {
-        let text =
-            std::fs::read_to_string(self.servers[i].data.join("zookeeper_server.pid")).ok()?;
-        let pid: i32 = text.trim().parse().ok()?;
-        procs::is_live(pid).then_some(pid)
-    }
-
-    /// `zkServer.sh start` of server `i` (0-based); returns once the JVM runs.
-    #[track_caller]
-    pub fn start(&self, i: usize) {
-        let cfg = self.servers[i].cfg.to_string_lossy().into_owned();
-        let out = self.script("zkServer.sh", &["start", &cfg]);
-        assert!(
-            out.code == Some(0) && self.pid(i).is_some(),
-            "starting ZooKeeper server {i}: {out}"
-        );
-    }
-
-    /// `zkServer.sh stop` of server `i`, then waits until its JVM is gone.
-    #[track_caller]
-    pub fn stop(&self, i: usize) {
-        let pid = self.pid(i);
-        let cfg = self.servers[i].cfg.to_string_lossy().into_owned();
-        let out = self.script("zkServer.sh", &["stop", &cfg]);
-        assert_eq!(out.code, Some(0), "stopping ZooKeeper server {i}: {out}");
-        if let Some(pid) = pid {
-            let deadline = Instant::now() + PATIENCE;
-            while procs::is_live(pid) {
-                assert!(
-                    Instant::now() < deadline,
-                    "ZooKeeper server {i} (pid {pid}) did not stop"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    /// SIGKILLs server `i` (a crash rather than a stop).
-    pub fn kill(&self, i: usize) {
-        if let Some(pid) = self.pid(i) {
-            // SAFETY: kill has no memory-safety preconditions; the pid is our server's.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            while procs::is_live(pid) {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        let _ = std::fs::remove_file(self.servers[i].data.join("zookeeper_server.pid"));
-    }
-
-    /// SIGKILLs every server at once: the ensemble is gone in an instant.
-    pub fn kill_all(&self) {
-        for i in 0..self.servers.len() {
-            self.kill(i);
-        }
-    }
-
-    pub fn start_all(&self) {
-        for i in 0..self.servers.len() {
-            self.start(i);
-        }
-    }
-
-    pub fn stop_all(&self) {
-        for i in 0..self.servers.len() {
-            self.stop(i);
-        }
-    }
-
-    /// A four-letter word (`srvr`, `ruok`) to server `i`, from inside the hub; `None` when it
-    /// does not answer.
-    pub fn four_letter(&self, i: usize, word: &str) -> Option<String> {
-        let addr: SocketAddr = format!("{HUB_ADDR}:{}", self.servers[i].port)
-            .parse()
-            .expect("an address");
-        run_in_named(&self.hub, || {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
-            s.write_all(word.as_bytes()).ok()?;
-            let mut text = String::new();
-            s.read_to_string(&mut text).ok()?;
-            Some(text)
-        })
-    }
-
-    /// Server `i`'s mode (`leader`, `follower`, `standalone`), `None` when it is down or not
-    /// serving (no quorum). What `zkServer.sh status` prints as `Mode:`, without starting a JVM.
-    pub fn mode(&self, i: usize) -> Option<String> {
-        let text = self.four_letter(i, "srvr")?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("Mode:"))
-            .map(|m| m.trim().to_owned())
-    }
-
-    /// The index of the leader (or the standalone server); waits for an election, bounded.
-    #[track_caller]
-    pub fn leader(&self) -> usize {
-        let deadline = Instant::now() + PATIENCE * 2;
-        loop {
-            for i in 0..self.servers.len() {
-                if matches!(self.mode(i).as_deref(), Some("leader" | "standalone")) {
-                    return i;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no ZooKeeper leader within {:?}",
-                PATIENCE * 2
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Waits until a majority serves (a leader and enough followers), then checks with `zkCli.sh
-    /// ls /` that a client gets answers.
-    #[track_caller]
-    pub fn wait_quorum(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let majority = self.servers.len() / 2 + 1;
-        loop {
-            let modes: Vec<Option<String>> =
-                (0..self.servers.len()).map(|i| self.mode(i)).collect();
-            let serving = modes.iter().flatten().count();
-            let leader = modes
-                .iter()
-                .flatten()
-                .any(|m| m == "leader" || m == "standalone");
-            if leader && serving >= majority {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ZooKeeper has no quorum within {timeout:?}: modes {modes:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        // A client gets answers (retried: a server that just joined may still be syncing).
-        loop {
-            let out = self.cli(&["ls", "/"]);
-            if out.code == Some(0) && out.stdout.contains("zookeeper") {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ZooKeeper quorum does not answer `zkCli.sh ls /` within {timeout:?}: {out}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// `zkCli.sh -server <all servers> args…` inside the hub (paths are absolute: no chroot).
-    pub fn cli(&self, args: &[&str]) -> Out {
-        let servers = self.servers_string();
-        let mut all = vec!["-server", servers.as_str()];
-        all.extend_from_slice(args);
-        self.script("zkCli.sh", &all)
-    }
-}
-
-impl Drop for Zookeeper {
-    fn drop(&mut self) {
-        for i in 0..self.servers.len() {
-            self.kill(i);
-        }
-    }
 }

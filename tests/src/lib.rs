@@ -33,6 +33,7 @@ pub mod fleet;
 pub mod load;
 pub mod matrix;
 pub mod netns;
+pub mod zk;
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine running tests in
 /// parallel; generous because a timeout only costs time when the test fails anyway.
@@ -880,38 +881,37 @@ pub fn free_port_base(n: u16) -> u16 {
     panic!("no {n} consecutive free ports found");
 }
 
-/// A small seeded generator (SplitMix64) for randomized scenarios that must be replayable from the
-/// printed seed; a whole `rand` dependency is not needed for a few delays.
+/// A seeded generator for randomized scenarios that must be replayable from the printed seed
+/// (`rand`'s `StdRng`, the same one the restart simulation uses).
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(rand::rngs::StdRng);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed)
+        Rng(rand::SeedableRng::seed_from_u64(seed))
     }
 
-    /// The seed from `SLUICE_E2E_SEED` when set (to replay a failure), else from the clock.
+    /// The seed from `SLUICE_E2E_SEED` when set (to replay a failure), else a random one.
     pub fn seed_from_env() -> u64 {
         match std::env::var("SLUICE_E2E_SEED") {
             Ok(text) => text.parse().expect("SLUICE_E2E_SEED must be a u64"),
-            Err(_) => std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64),
+            Err(_) => rand::random(),
         }
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        rand::RngCore::next_u64(&mut self.0)
     }
 
-    /// Uniform in `low..=high` (the tiny modulo bias does not matter here).
+    /// Uniform in `low..=high`.
     pub fn range(&mut self, low: u64, high: u64) -> u64 {
         assert!(low <= high);
-        low + self.next_u64() % (high - low + 1)
+        rand::Rng::random_range(&mut self.0, low..=high)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        rand::Rng::random(&mut self.0)
     }
 }
 

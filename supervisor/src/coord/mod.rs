@@ -26,8 +26,7 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -528,21 +527,10 @@ fn backoff(attempt: u32, min_ms: u64, max_ms: u64) -> Duration {
     Duration::from_millis(base_ms / 2 + jitter_ms(base_ms / 2))
 }
 
-/// A pseudo-random number in `0..=max_ms`, from the pid, the clock and a counter (no `rand`
-/// dependency; this only needs to differ between hosts and attempts).
+/// A random number in `0..=max_ms` (from `rand`'s thread-local generator, seeded by the OS), so
+/// that it differs between hosts and attempts.
 fn jitter_ms(max_ms: u64) -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut x = nanos ^ (u64::from(std::process::id()) << 32) ^ count.wrapping_mul(0x9E37_79B9);
-    // splitmix64 finaliser.
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^= x >> 31;
-    x % (max_ms + 1)
+    rand::random_range(0..=max_ms)
 }
 
 /// Errors after which an operation may succeed once the session is back (or replaced).

@@ -1,15 +1,14 @@
 //! Tests of the ZooKeeper backend against a real ZooKeeper: each test starts its own server on
 //! free ports with its own data directory, so they run in parallel.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use sluice_tests::zk::Zookeeper;
 use tokio::sync::mpsc;
 use zookeeper_client::Client;
 
 use super::*;
 
-const ZK_SERVER: &str = "/usr/share/zookeeper/bin/zkServer.sh";
 /// How long a test waits for an expected event or state.
 const WAIT_MS: u64 = 15_000;
 /// How long a test watches for an unexpected extra event.
@@ -17,114 +16,36 @@ const QUIET_MS: u64 = 300;
 /// How long the harness waits for a started server to answer.
 const SERVER_UP_MS: u64 = 30_000;
 
-/// One ZooKeeper server with its own config and data directory; killed on drop.
-struct ZkServer {
-    dir: tempfile::TempDir,
-    port: u16,
-}
+/// One ZooKeeper server on loopback with its own config and data directory, from the shared
+/// harness (`sluice_tests::zk`); killed on drop. Its steps block (they run `zkServer.sh`), so they
+/// run in `block_in_place`, which lets the runtime's other worker go on with the client's tasks.
+struct ZkServer(Zookeeper);
 
 impl ZkServer {
     /// Starts a server, or returns `None` (after saying so) when ZooKeeper is not installed.
     async fn start() -> Option<ZkServer> {
-        if !Path::new(ZK_SERVER).exists() {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("zookeeper missing: {ZK_SERVER}");
-            }
-            eprintln!("skipping: zookeeper missing");
-            return None;
-        }
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let config = format!(
-            "tickTime=500\n\
-             initLimit=10\n\
-             syncLimit=5\n\
-             dataDir={data}\n\
-             clientPort={port}\n\
-             clientPortAddress=127.0.0.1\n\
-             admin.enableServer=false\n\
-             4lw.commands.whitelist=\n\
-             maxSessionTimeout=30000\n",
-            data = dir.path().join("data").display(),
-        );
-        std::fs::write(dir.path().join("zoo.cfg"), config).expect("write zoo.cfg");
-        let server = ZkServer { dir, port };
-        server.up().await;
-        Some(server)
-    }
-
-    fn cfg(&self) -> PathBuf {
-        self.dir.path().join("zoo.cfg")
-    }
-
-    fn pid_file(&self) -> PathBuf {
-        self.dir.path().join("data/zookeeper_server.pid")
+        tokio::task::block_in_place(Zookeeper::loopback).map(ZkServer)
     }
 
     fn connect(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.0.servers_string()
     }
 
     fn chrooted(&self) -> String {
-        format!("127.0.0.1:{}/sluice", self.port)
+        self.0.connect_string()
     }
 
-    /// Starts the server (again, with the same data) and waits until it answers.
+    /// Starts the server again, with the same data, and waits until it serves.
     async fn up(&self) {
-        let status = tokio::process::Command::new(ZK_SERVER)
-            .arg("start")
-            .arg(self.cfg())
-            .env(
-                "JVMFLAGS",
-                "-Xmx96m -XX:+UseSerialGC -XX:TieredStopAtLevel=1",
-            )
-            .stdout(std::process::Stdio::null())
-            .status()
-            .await
-            .expect("run zkServer.sh start");
-        assert!(status.success(), "zkServer.sh start failed");
-        let deadline = Instant::now() + Duration::from_millis(SERVER_UP_MS);
-        let address = self.connect();
-        loop {
-            let probe = Client::connector()
-                .with_fail_eagerly()
-                .with_session_timeout(Duration::from_secs(2))
-                .connect(&address);
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(3), probe).await {
-                return;
-            }
-            assert!(Instant::now() < deadline, "zookeeper did not come up");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        tokio::task::block_in_place(|| {
+            self.0.start(0);
+            self.0.wait_serving(Duration::from_millis(SERVER_UP_MS));
+        });
     }
 
     /// Stops the server (as an outage would), keeping its data.
     async fn down(&self) {
-        let pid = self.pid();
-        let _ = tokio::process::Command::new(ZK_SERVER)
-            .arg("stop")
-            .arg(self.cfg())
-            .stdout(std::process::Stdio::null())
-            .status()
-            .await;
-        if let Some(pid) = pid {
-            // Wait until the process is gone, so a restart can bind the ports.
-            for _ in 0..100 {
-                if !alive(pid) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            kill(pid);
-        }
-    }
-
-    fn pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.pid_file())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        tokio::task::block_in_place(|| self.0.stop(0));
     }
 
     /// A plain client at the chroot, for arranging and checking nodes.
@@ -139,37 +60,6 @@ impl ZkServer {
             .expect("mkdir /sluice");
         client.chroot("/sluice").expect("chroot")
     }
-}
-
-impl Drop for ZkServer {
-    fn drop(&mut self) {
-        let pid = self.pid();
-        let _ = std::process::Command::new(ZK_SERVER)
-            .arg("stop")
-            .arg(self.cfg())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-        if let Some(pid) = pid {
-            kill(pid);
-        }
-    }
-}
-
-fn alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-}
-
-fn kill(pid: i32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("local addr").port()
 }
 
 fn config(server: &ZkServer, host: &str, session_timeout_ms: u64) -> ZkConfig {

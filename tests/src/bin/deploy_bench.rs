@@ -7,17 +7,16 @@
 //! binaries (`SLUICE_BIN_DIR=target/release`), `curl`, `tar`, `python3` and, for part B, Debian's
 //! ZooKeeper.
 
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
-use sluice_tests::{Host, PATIENCE, run_bounded};
+use sluice_tests::zk::{Place, Zookeeper};
+use sluice_tests::{Host, PATIENCE, Rng, run_bounded};
 
 const SERVICE: &str = "svc";
-const ZK_BIN: &str = "/usr/share/zookeeper/bin";
 /// Limit of one timed operation (a fetch of the archive, a deploy).
 const OP_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -68,22 +67,6 @@ fn main() {
 }
 
 // ---------------------------------------------------------------- part A: fetch + verify + extract
-
-/// A small deterministic PRNG (xorshift64*), so every run builds the same archive.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 const WORDS: &[&str] = &[
     "fn",
@@ -148,7 +131,8 @@ const WORDS: &[&str] = &[
 /// log-uniform between 1 KiB and 256 KiB (scaled to the total), even ones text-like and
 /// compressible, odd ones random bytes. Returns the bytes written.
 fn make_build(dir: &Path, files: usize, total: u64) -> u64 {
-    let mut rng = Rng(0x5eed_1234_abcd_ef01);
+    // A fixed seed, so every run builds the same archive.
+    let mut rng = Rng::new(0x5eed_1234_abcd_ef01);
     let raw: Vec<f64> = (0..files)
         .map(|_| (1024f64.ln() + rng.unit() * (256.0f64 * 1024.0 / 1024.0).ln()).exp())
         .collect();
@@ -161,9 +145,9 @@ fn make_build(dir: &Path, files: usize, total: u64) -> u64 {
         let mut data = Vec::with_capacity(size + 32);
         if i % 2 == 0 {
             while data.len() < size {
-                let w = WORDS[(rng.next() % WORDS.len() as u64) as usize];
+                let w = WORDS[(rng.next_u64() % WORDS.len() as u64) as usize];
                 data.extend_from_slice(w.as_bytes());
-                data.push(if rng.next().is_multiple_of(9) {
+                data.push(if rng.next_u64().is_multiple_of(9) {
                     b'\n'
                 } else {
                     b' '
@@ -172,7 +156,7 @@ fn make_build(dir: &Path, files: usize, total: u64) -> u64 {
             data.truncate(size);
         } else {
             while data.len() < size {
-                data.extend_from_slice(&rng.next().to_le_bytes());
+                data.extend_from_slice(&rng.next_u64().to_le_bytes());
             }
             data.truncate(size);
         }
@@ -471,107 +455,35 @@ fn round3(x: f64) -> f64 {
 
 // ---------------------------------------------------------------- part B: ZooKeeper to host
 
-/// A standalone ZooKeeper on 127.0.0.1 with its own config, data and logs under `dir`.
-struct Zookeeper {
-    cfg: PathBuf,
-    data: PathBuf,
-    log_dir: PathBuf,
-    port: u16,
+/// A standalone ZooKeeper on 127.0.0.1 (the shared test harness), with the full JIT (a benchmark),
+/// its logs at INFO under `dir/log`, started and serving.
+fn start_zookeeper(dir: &Path) -> Zookeeper {
+    let mut zk = Zookeeper::new(Place::Loopback, dir, 1);
+    zk.set_server_jvmflags("-Xmx128m -XX:+UseSerialGC");
+    zk.set_log_dir(&dir.join("log"));
+    zk.start(0);
+    zk.wait_serving(PATIENCE * 2);
+    zk
 }
 
-impl Zookeeper {
-    fn start(dir: &Path) -> Zookeeper {
-        let port = free_port();
-        let data = dir.join("data");
-        let log_dir = dir.join("log");
-        std::fs::create_dir_all(&data).expect("mkdir zk data");
-        std::fs::create_dir_all(&log_dir).expect("mkdir zk log");
-        let cfg = dir.join("zoo.cfg");
-        std::fs::write(
-            &cfg,
-            format!(
-                "tickTime=500\ninitLimit=10\nsyncLimit=5\ndataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\nadmin.enableServer=false\n4lw.commands.whitelist=ruok,srvr\nmaxClientCnxns=0\n",
-                data.display()
-            ),
-        )
-        .expect("writing zoo.cfg");
-        let zk = Zookeeper {
-            cfg,
-            data,
-            log_dir,
-            port,
-        };
-        let out = zk.script("start");
-        assert_eq!(out.code, Some(0), "zkServer.sh start: {out}");
-        let deadline = Instant::now() + PATIENCE * 2;
-        loop {
-            if four_letter(port, "ruok").as_deref() == Some("imok") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "ZooKeeper did not answer ruok");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        zk
-    }
-
-    fn script(&self, verb: &str) -> sluice_tests::Out {
-        let mut cmd = Command::new(Path::new(ZK_BIN).join("zkServer.sh"));
-        cmd.arg(verb)
-            .arg(&self.cfg)
-            .env("SERVER_JVMFLAGS", "-Xmx128m -XX:+UseSerialGC")
-            .env("JMXDISABLE", "true")
-            .env("ZOO_LOG_DIR", &self.log_dir)
-            .env("ZOO_LOG4J_PROP", "INFO,ROLLINGFILE");
-        run_bounded(cmd, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    fn pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.data.join("zookeeper_server.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-
-    /// Every transaction in the transaction logs: (ZooKeeper's time in ms, the raw record).
-    fn transactions(&self) -> Vec<(f64, Vec<u8>)> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(self.data.join("version-2"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("log."))
-            })
-            .collect();
-        files.sort();
-        files
-            .iter()
-            .flat_map(|f| parse_txn_log(&std::fs::read(f).unwrap_or_default()))
-            .collect()
-    }
-}
-
-impl Drop for Zookeeper {
-    fn drop(&mut self) {
-        let pid = self.pid();
-        let _ = self.script("stop");
-        if let Some(pid) = pid {
-            // SAFETY: kill has no memory-safety preconditions; the pid is our server's (its pid
-            // file), and SIGKILL after `stop` only matters if it is still there.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
-fn four_letter(port: u16, word: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(word.as_bytes()).ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    Some(text.trim().to_owned())
+/// Every transaction in the transaction logs of `zk`'s server: (ZooKeeper's time in ms, the raw
+/// record).
+fn transactions(zk: &Zookeeper) -> Vec<(f64, Vec<u8>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(zk.data_dir(0).join("version-2"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("log."))
+        })
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| parse_txn_log(&std::fs::read(f).unwrap_or_default()))
+        .collect()
 }
 
 /// ZooKeeper's transaction log format: a header (magic `ZKLG`, version, dbid), then records of
@@ -608,7 +520,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 fn part_b(work: &Path) -> Value {
     let rounds = sluice_tests::benchkit::env_u64("BENCH_ZK_ROUNDS", 20) as usize;
-    if !Path::new(ZK_BIN).join("zkServer.sh").is_file() {
+    if !sluice_tests::zk::installed() {
         eprintln!("part B skipped: ZooKeeper (Debian package `zookeeper`) is not installed");
         return json!({ "skipped": "ZooKeeper is not installed" });
     }
@@ -628,13 +540,13 @@ fn part_b(work: &Path) -> Value {
         )
         .expect("copy");
     }
-    let zk = Zookeeper::start(&work.join("zk"));
+    let zk = start_zookeeper(&work.join("zk"));
     let h = Host::new();
     std::fs::write(
         h.host_file(),
         format!(
             "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\nallow_root = true\n[coordination]\nbackend = \"zookeeper\"\nconnect = \"127.0.0.1:{}/sluice\"\nhost = \"h1\"\n",
-            zk.port
+            zk.port(0)
         ),
     )
     .expect("writing the host file");
@@ -681,7 +593,7 @@ fn part_b(work: &Path) -> Value {
         wait_deployed(id);
         rows.push((id.clone(), before, cli_returned, begins));
     }
-    let txns = zk.transactions();
+    let txns = transactions(&zk);
     let results: Vec<Value> = rows
         .iter()
         .map(|(id, before, cli_returned, begins)| {
