@@ -1,0 +1,1 @@
+//! The seeded simulation of the service core.
