@@ -18,6 +18,8 @@ mod restart;
 mod sim;
 mod steer;
 #[cfg(test)]
+mod testkit;
+#[cfg(test)]
 mod tests;
 
 pub use crate::protocol::{DeployStatus, InstanceStatus, RestartStatus, ServiceStatus};

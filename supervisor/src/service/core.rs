@@ -801,15 +801,19 @@ impl Core {
             } => self.control(action, index, reply),
             Request::Reconfigure { config, reply } => {
                 let before = self.config.instances;
+                let saved = self.state.clone();
                 let old = std::mem::replace(&mut self.config, *config);
                 // What the running instances were brought to is what a failed batch returns to.
                 if self.state.applied.is_none() {
-                    self.state.applied = Some(old);
+                    self.state.applied = Some(old.clone());
                 }
                 let instances = self.config.instances;
                 self.state.stopped.retain(|i| *i < instances);
                 self.state.drained.retain(|i| *i < instances);
                 if let Err(e) = self.persist() {
+                    // Nothing is acted on that was not written: the old configuration stays.
+                    self.config = old;
+                    self.state = saved;
                     self.reply(reply, Err(e));
                     return;
                 }
@@ -885,10 +889,12 @@ impl Core {
         }
         match action {
             Action::Start => {
+                let saved = self.state.stopped.clone();
                 for i in &indices {
                     self.state.stopped.remove(i);
                 }
                 if let Err(e) = self.persist() {
+                    self.state.stopped = saved;
                     self.reply(reply, Err(e));
                     return;
                 }
@@ -909,8 +915,10 @@ impl Core {
                 });
             }
             Action::Stop => {
+                let saved = self.state.stopped.clone();
                 self.state.stopped.extend(indices.iter().copied());
                 if let Err(e) = self.persist() {
+                    self.state.stopped = saved;
                     self.reply(reply, Err(e));
                     return;
                 }
@@ -953,7 +961,7 @@ impl Core {
             Action::Signal(signal) => {
                 let indices: Vec<u32> = indices
                     .into_iter()
-                    .filter(|i| self.instances[i].phase.is_up())
+                    .filter(|i| self.instances.get(i).is_some_and(|i| i.phase.is_up()))
                     .collect();
                 self.emit(Effect::Signal {
                     indices,
@@ -971,6 +979,7 @@ impl Core {
                     return;
                 }
                 let drain = action == Action::Drain;
+                let saved = self.state.drained.clone();
                 for &i in &indices {
                     if drain {
                         self.state.drained.insert(i);
@@ -979,6 +988,7 @@ impl Core {
                     }
                 }
                 if let Err(e) = self.persist() {
+                    self.state.drained = saved;
                     self.reply(reply, Err(e));
                     return;
                 }
@@ -1074,15 +1084,24 @@ impl Core {
         })
     }
 
-    /// Never stop an instance the chain steers to (installed, or being written), unless the
-    /// restart's strategy stops in the chain by definition.
+    /// Never stop an instance that served with the chain steering to it (installed, or being
+    /// written), unless the restart's strategy stops in the chain by definition. An instance
+    /// that never passed its readiness check since its start was never put in the chain: a chain
+    /// that still names its port is a stale one (a transaction that failed after its previous
+    /// process went), and waiting for it would keep a failed start alive.
     pub(super) fn assert_may_stop(&self, index: u32) {
         if !self.config.steers() || self.stops_in_chain(index) {
             return;
         }
+        let (phase, healthy) = self
+            .instances
+            .get(&index)
+            .map_or((None, false), |i| (Some(i.phase), i.healthy));
+        let served = healthy || phase == Some(Phase::Draining);
         assert!(
-            !self.steering.may_steer_to(index),
-            "{}/{index}: stopping an instance the chain steers to (installed {:?}, being written {:?})",
+            !served || !self.steering.may_steer_to(index),
+            "{}/{index}: stopping an instance the chain steers to ({phase:?}, healthy {healthy}; \
+             installed {:?}, being written {:?})",
             self.name,
             self.steering.installed,
             self.steering.inflight,
@@ -1173,7 +1192,9 @@ impl Core {
                         tracing::error!(service = %self.name, index, "{reason}");
                         instance.last_restart_reason = Some(reason.clone());
                         instance.last_error = Some(reason);
-                        self.stop(index, AfterStop::FailedStart, false);
+                        // Drained like any stop: a late answer may find it in the chain already
+                        // (a restart's check passed it meanwhile).
+                        self.stop(index, AfterStop::FailedStart, true);
                     }
                 }
             }
@@ -1301,6 +1322,13 @@ impl Core {
         tracing::info!(service = %self.name, index, exit = %exit, ran_ms, "instance exited");
         if was == Phase::Stopping {
             match after {
+                // The index came back into the configuration while it stopped: it stays, and
+                // starts again.
+                AfterStop::Remove if index < self.config.instances => {
+                    if desired_up {
+                        self.start(index, Version::New);
+                    }
+                }
                 AfterStop::Remove => {
                     self.remove_cgroup(index);
                     self.instances.remove(&index);

@@ -34,12 +34,16 @@ pub(super) struct RestartWaits {
 
 impl Core {
     /// Whether the instance belongs to the batch being restarted; the restart policy leaves those
-    /// to the machine.
+    /// to the machine. A batch held at its start (waiting for a fleet slot) has not begun: its
+    /// members serve, and an exit of one is the restart policy's, not an input that would move
+    /// the machine past its gate without a slot.
     pub(super) fn in_batch(&self, index: u32) -> bool {
-        self.state
-            .restart
-            .as_ref()
-            .is_some_and(|m| !m.finished && m.in_flight().contains(&index))
+        !self.batch_held()
+            && self
+                .state
+                .restart
+                .as_ref()
+                .is_some_and(|m| !m.finished && m.in_flight().contains(&index))
     }
 
     /// Persist before act: a restart action runs only once the machine it came from was written.
@@ -215,8 +219,14 @@ impl Core {
         }
     }
 
+    /// Runs the machine's actions that may run now (see [`Core::gate`]).
     pub(super) fn execute(&mut self, actions: Vec<Action>) {
         let actions = self.gate(actions);
+        self.carry_out(actions);
+    }
+
+    /// Turns actions that passed the gate into effects.
+    pub(super) fn carry_out(&mut self, actions: Vec<Action>) {
         let epoch = self.epoch();
         let steers = self.config.steers();
         for action in actions {
@@ -245,17 +255,24 @@ impl Core {
                                 .push_back((epoch, Input::Exited(i)));
                             continue;
                         };
-                        match instance.phase {
+                        // A member the chain may still steer to (its removal failed before a
+                        // crash of the daemon, which resumed here) is drained first, like any
+                        // stop; only `rolling` and `all-at-once` stop in the chain.
+                        let phase = instance.phase;
+                        let drain = !self.stops_in_chain(i);
+                        let steered = self.steering.may_steer_to(i);
+                        match phase {
                             Phase::Starting | Phase::Running | Phase::Spawning => {
                                 self.restart_waits.exit.insert(i, epoch);
-                                if instance.phase != Phase::Spawning {
-                                    self.stop(i, AfterStop::Nothing, false);
+                                if phase != Phase::Spawning {
+                                    self.stop(i, AfterStop::Nothing, drain);
                                 }
                             }
                             Phase::Draining | Phase::Stopping => {
+                                let instance = self.instances.get_mut(&i).expect("just found");
                                 instance.after_stop = AfterStop::Nothing;
                                 self.restart_waits.exit.insert(i, epoch);
-                                if instance.phase == Phase::Draining {
+                                if phase == Phase::Draining && !(drain && steered) {
                                     self.stop_now(i);
                                 }
                             }
@@ -316,6 +333,8 @@ impl Core {
             return;
         }
         let want_tag = self.spec(index, version).map(|s| s.tag()).ok();
+        let drain = !self.stops_in_chain(index);
+        let steered = self.steering.may_steer_to(index);
         let instance = self.instances.get_mut(&index).expect("batch members exist");
         let running_tag = instance.shim.as_ref().map(|s| s.tag.clone());
         match instance.phase {
@@ -328,7 +347,7 @@ impl Core {
             }
             Phase::Starting | Phase::Running => {
                 self.restart_waits.start.insert(index, epoch);
-                self.stop(index, AfterStop::Start(version), false);
+                self.stop(index, AfterStop::Start(version), drain);
             }
             Phase::Spawning => {
                 self.restart_waits.start.insert(index, epoch);
@@ -336,7 +355,7 @@ impl Core {
             Phase::Draining | Phase::Stopping => {
                 instance.after_stop = AfterStop::Start(version);
                 self.restart_waits.start.insert(index, epoch);
-                if instance.phase == Phase::Draining {
+                if instance.phase == Phase::Draining && !(drain && steered) {
                     self.stop_now(index);
                 }
             }
@@ -664,11 +683,18 @@ impl Core {
             self.restart_waits.drain.remove(&index);
             self.begin_drain(index, DrainFor::Machine { epoch });
         }
+        // An instance an operator drained meanwhile (or that left the configuration) never
+        // enters the chain: its enable is done as far as it can be, or the restart would wait
+        // for it forever.
         let enabled: Vec<(u32, u64)> = self
             .restart_waits
             .enable
             .iter()
-            .filter(|(i, _)| self.steering.installed_contains(**i))
+            .filter(|(i, _)| {
+                self.steering.installed_contains(**i)
+                    || self.state.drained.contains(*i)
+                    || **i >= self.config.instances
+            })
             .map(|(i, e)| (*i, *e))
             .collect();
         let mut set = BTreeSet::new();
