@@ -1324,11 +1324,10 @@ impl Core {
             match after {
                 // The index came back into the configuration while it stopped: it stays, and
                 // starts again.
-                AfterStop::Remove if index < self.config.instances => {
-                    if desired_up {
-                        self.start(index, Version::New);
-                    }
+                AfterStop::Remove if index < self.config.instances && desired_up => {
+                    self.start(index, Version::New);
                 }
+                AfterStop::Remove if index < self.config.instances => {}
                 AfterStop::Remove => {
                     self.remove_cgroup(index);
                     self.instances.remove(&index);

@@ -9,15 +9,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use rand::rngs::StdRng;
+use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sluice_shim::proto::{Outcome, Status};
 use sluice_strategies::restart::{Input, Strategy};
 
 use super::Action;
 use super::core::{
-    Core, DeployEvent, Effect, Event, InstanceEvent, Millis, ReplyId, Request, RestartEvent,
-    Setup, ShimInfo,
+    Core, DeployEvent, Effect, Event, InstanceEvent, Millis, ReplyId, Request, RestartEvent, Setup,
+    ShimInfo,
 };
 use super::env::Env;
 use crate::config::{HostConfig, ServiceConfig, StrategyName};
@@ -156,7 +156,7 @@ pub struct World {
     /// Batches (done so far, members) whose first drain or stop went out.
     pub begun: BTreeSet<(usize, Vec<u32>)>,
     pub faults: Faults,
-    pub rng: StdRng,
+    pub rng: SmallRng,
     pub violations: Vec<String>,
     /// Print every event and effect (replaying one seed).
     pub trace: bool,
@@ -227,7 +227,7 @@ impl World {
             connected: !fleet,
             begun: BTreeSet::new(),
             faults: Faults::default(),
-            rng: StdRng::seed_from_u64(seed),
+            rng: SmallRng::seed_from_u64(seed),
             violations: Vec::new(),
             trace: false,
             found: Vec::new(),
@@ -376,7 +376,8 @@ impl World {
     /// definition.
     fn stops_in_chain(&self, index: u32) -> bool {
         self.core.state.restart.as_ref().is_some_and(|m| {
-            matches!(m.strategy, Strategy::Rolling | Strategy::AllAtOnce) && m.batch.contains(&index)
+            matches!(m.strategy, Strategy::Rolling | Strategy::AllAtOnce)
+                && m.batch.contains(&index)
         })
     }
 
@@ -594,7 +595,8 @@ impl World {
                 );
             }
             Effect::ApplyChain { desired, .. } => {
-                self.chain_pending.push((desired.clone(), self.alive.clone()));
+                self.chain_pending
+                    .push((desired.clone(), self.alive.clone()));
                 let fails = self.chance(self.faults.iptables_fails);
                 let delay = self.delay();
                 let result = if fails {
@@ -611,7 +613,9 @@ impl World {
                 ..
             } => {
                 if steers && self.may_steer_to(*index) {
-                    self.violation(format!("drain wait of {index} while the chain steers to it"));
+                    self.violation(format!(
+                        "drain wait of {index} while the chain steers to it"
+                    ));
                 }
                 let outcome = sluice_strategies::drain::Outcome {
                     ending: sluice_strategies::drain::Ending::Idle,

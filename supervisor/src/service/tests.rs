@@ -6,9 +6,9 @@ use std::os::unix::fs::PermissionsExt;
 
 use sluice_strategies::restart::{Action as MachineAction, Restart, Strategy};
 
-use super::{Action, make_log_dir};
 use super::core::{Event, InstanceEvent, Phase, Request};
 use super::testkit::{World, config};
+use super::{Action, make_log_dir};
 use crate::config::{HealthConfig, ServiceConfig, StrategyName};
 
 /// Events enough for any of these scenarios to settle.
@@ -62,41 +62,106 @@ fn generation(world: &World, index: u32) -> u64 {
 fn drain_before_stop_table() {
     type Cause = fn(&mut World);
     let rows: &[(&str, StrategyName, Cause, u32, bool)] = &[
-        ("operator stop", StrategyName::Drain, |w| {
-            w.control(Action::Stop, Some(1));
-        }, 1, true),
-        ("operator stop, rolling service", StrategyName::Rolling, |w| {
-            w.control(Action::Stop, Some(1));
-        }, 1, true),
-        ("liveness failure", StrategyName::Drain, |w| {
-            let generation = generation(w, 1);
-            w.handle(Event::Instance {
-                index: 1,
-                generation,
-                event: InstanceEvent::LivenessFailed("3 liveness probes failed in a row".into()),
-            });
-        }, 1, true),
-        ("stop all", StrategyName::Drain, |w| {
-            w.request(|reply| Request::StopAll { forget: false, reply });
-        }, 0, true),
-        ("drain restart", StrategyName::Drain, |w| {
-            w.control(Action::Restart, None);
-        }, 2, true),
-        ("reload that drops an instance", StrategyName::Drain, |w| {
-            let mut config = w.core.config.clone();
-            config.instances = 2;
-            w.request(|reply| Request::Reconfigure { config: Box::new(config), reply });
-        }, 2, true),
-        ("reload that changes the command", StrategyName::Drain, |w| {
-            let config = changed(w.core.config.clone());
-            w.request(|reply| Request::Reconfigure { config: Box::new(config), reply });
-        }, 0, true),
-        ("rolling restart", StrategyName::Rolling, |w| {
-            w.control(Action::Restart, None);
-        }, 1, false),
-        ("all-at-once restart", StrategyName::AllAtOnce, |w| {
-            w.control(Action::Restart, None);
-        }, 2, false),
+        (
+            "operator stop",
+            StrategyName::Drain,
+            |w| {
+                w.control(Action::Stop, Some(1));
+            },
+            1,
+            true,
+        ),
+        (
+            "operator stop, rolling service",
+            StrategyName::Rolling,
+            |w| {
+                w.control(Action::Stop, Some(1));
+            },
+            1,
+            true,
+        ),
+        (
+            "liveness failure",
+            StrategyName::Drain,
+            |w| {
+                let generation = generation(w, 1);
+                w.handle(Event::Instance {
+                    index: 1,
+                    generation,
+                    event: InstanceEvent::LivenessFailed(
+                        "3 liveness probes failed in a row".into(),
+                    ),
+                });
+            },
+            1,
+            true,
+        ),
+        (
+            "stop all",
+            StrategyName::Drain,
+            |w| {
+                w.request(|reply| Request::StopAll {
+                    forget: false,
+                    reply,
+                });
+            },
+            0,
+            true,
+        ),
+        (
+            "drain restart",
+            StrategyName::Drain,
+            |w| {
+                w.control(Action::Restart, None);
+            },
+            2,
+            true,
+        ),
+        (
+            "reload that drops an instance",
+            StrategyName::Drain,
+            |w| {
+                let mut config = w.core.config.clone();
+                config.instances = 2;
+                w.request(|reply| Request::Reconfigure {
+                    config: Box::new(config),
+                    reply,
+                });
+            },
+            2,
+            true,
+        ),
+        (
+            "reload that changes the command",
+            StrategyName::Drain,
+            |w| {
+                let config = changed(w.core.config.clone());
+                w.request(|reply| Request::Reconfigure {
+                    config: Box::new(config),
+                    reply,
+                });
+            },
+            0,
+            true,
+        ),
+        (
+            "rolling restart",
+            StrategyName::Rolling,
+            |w| {
+                w.control(Action::Restart, None);
+            },
+            1,
+            false,
+        ),
+        (
+            "all-at-once restart",
+            StrategyName::AllAtOnce,
+            |w| {
+                w.control(Action::Restart, None);
+            },
+            2,
+            false,
+        ),
     ];
     for &(name, strategy, cause, index, drained) in rows {
         let mut world = serving(with_liveness(config(3, true, strategy)), false);
@@ -104,7 +169,11 @@ fn drain_before_stop_table() {
         world.now += 60_000;
         cause(&mut world);
         world.settle(SETTLE);
-        assert!(world.violations.is_empty(), "{name}: {:?}", world.violations);
+        assert!(
+            world.violations.is_empty(),
+            "{name}: {:?}",
+            world.violations
+        );
         let trail: Vec<String> = {
             let mut w = World::new(config(1, false, strategy), false, 0);
             w.journal = world.journal.split_off(before);
@@ -117,11 +186,18 @@ fn drain_before_stop_table() {
         let last_chain = trail[..stop].iter().rposition(|e| e.starts_with("chain"));
         let drain = trail[..stop].iter().rposition(|e| e == "drain");
         if drained {
-            let last_chain = last_chain.unwrap_or_else(|| panic!("{name}: no chain before the stop: {trail:?}"));
+            let last_chain =
+                last_chain.unwrap_or_else(|| panic!("{name}: no chain before the stop: {trail:?}"));
             assert_eq!(trail[last_chain], "chain-", "{name}: {trail:?}");
-            assert!(drain.is_some_and(|d| d > last_chain), "{name}: no drain wait between leaving the chain and the stop: {trail:?}");
+            assert!(
+                drain.is_some_and(|d| d > last_chain),
+                "{name}: no drain wait between leaving the chain and the stop: {trail:?}"
+            );
         } else {
-            assert!(drain.is_none(), "{name}: stopped in the chain by definition: {trail:?}");
+            assert!(
+                drain.is_none(),
+                "{name}: stopped in the chain by definition: {trail:?}"
+            );
         }
     }
 }
@@ -140,53 +216,88 @@ fn a_stop_of_a_steered_instance_panics() {
 fn one_owner_table() {
     type Cause = fn(&mut World);
     let rows: &[(&str, Cause, usize)] = &[
-        ("start of a running instance", |w| {
-            w.control(Action::Start, Some(0));
-        }, 0),
-        ("an exit of an earlier generation", |w| {
-            let generation = generation(w, 0) - 1;
-            w.handle(Event::Instance {
-                index: 0,
-                generation,
-                event: InstanceEvent::Exited(Err("shim lost".into())),
-            });
-        }, 0),
-        ("a spawn answer of an earlier generation", |w| {
-            let generation = generation(w, 0) - 1;
-            w.handle(Event::Instance {
-                index: 0,
-                generation,
-                event: InstanceEvent::Spawned { result: Err("late".into()), cgroup: None },
-            });
-        }, 0),
-        ("a stale backoff timer", |w| {
-            let generation = generation(w, 0) - 1;
-            w.handle(Event::Instance { index: 0, generation, event: InstanceEvent::BackoffElapsed });
-        }, 0),
+        (
+            "start of a running instance",
+            |w| {
+                w.control(Action::Start, Some(0));
+            },
+            0,
+        ),
+        (
+            "an exit of an earlier generation",
+            |w| {
+                let generation = generation(w, 0) - 1;
+                w.handle(Event::Instance {
+                    index: 0,
+                    generation,
+                    event: InstanceEvent::Exited(Err("shim lost".into())),
+                });
+            },
+            0,
+        ),
+        (
+            "a spawn answer of an earlier generation",
+            |w| {
+                let generation = generation(w, 0) - 1;
+                w.handle(Event::Instance {
+                    index: 0,
+                    generation,
+                    event: InstanceEvent::Spawned {
+                        result: Err("late".into()),
+                        cgroup: None,
+                    },
+                });
+            },
+            0,
+        ),
+        (
+            "a stale backoff timer",
+            |w| {
+                let generation = generation(w, 0) - 1;
+                w.handle(Event::Instance {
+                    index: 0,
+                    generation,
+                    event: InstanceEvent::BackoffElapsed,
+                });
+            },
+            0,
+        ),
         ("a crash", |w| w.crash(0), 1),
-        ("two crashes, one reported twice", |w| {
-            w.crash(0);
-            w.settle(SETTLE);
-            let generation = generation(w, 0) - 2;
-            w.handle(Event::Instance {
-                index: 0,
-                generation,
-                event: InstanceEvent::Exited(Err("shim lost".into())),
-            });
-            w.crash(0);
-        }, 2),
-        ("two restarts asked at once", |w| {
-            w.control(Action::Restart, Some(0));
-            w.control(Action::Restart, Some(0));
-        }, 1),
-        ("a crash in the middle of a restart", |w| {
-            w.control(Action::Restart, None);
-            for _ in 0..10 {
-                w.step();
-            }
-            w.crash(0);
-            w.crash(1);
-        }, 1),
+        (
+            "two crashes, one reported twice",
+            |w| {
+                w.crash(0);
+                w.settle(SETTLE);
+                let generation = generation(w, 0) - 2;
+                w.handle(Event::Instance {
+                    index: 0,
+                    generation,
+                    event: InstanceEvent::Exited(Err("shim lost".into())),
+                });
+                w.crash(0);
+            },
+            2,
+        ),
+        (
+            "two restarts asked at once",
+            |w| {
+                w.control(Action::Restart, Some(0));
+                w.control(Action::Restart, Some(0));
+            },
+            1,
+        ),
+        (
+            "a crash in the middle of a restart",
+            |w| {
+                w.control(Action::Restart, None);
+                for _ in 0..10 {
+                    w.step();
+                }
+                w.crash(0);
+                w.crash(1);
+            },
+            1,
+        ),
     ];
     for &(name, cause, more) in rows {
         let mut world = serving(config(2, true, StrategyName::Drain), false);
@@ -194,7 +305,11 @@ fn one_owner_table() {
         world.now += 60_000;
         cause(&mut world);
         world.settle(SETTLE);
-        assert!(world.violations.is_empty(), "{name}: {:?}", world.violations);
+        assert!(
+            world.violations.is_empty(),
+            "{name}: {:?}",
+            world.violations
+        );
         let spawns = world.spawns(0) - before;
         if name == "a crash in the middle of a restart" {
             // Restarted once by the batch, and maybe once more after the crash.
@@ -210,7 +325,9 @@ fn one_owner_table() {
 #[should_panic(expected = "web/0: spawning a second shim")]
 fn a_second_shim_panics() {
     let mut world = serving(config(2, false, StrategyName::Rolling), false);
-    world.core.start(0, sluice_strategies::restart::Version::New);
+    world
+        .core
+        .start(0, sluice_strategies::restart::Version::New);
 }
 
 /// Persist before act: a request whose state cannot be written is refused and nothing is done;
@@ -227,7 +344,10 @@ fn persist_before_act_table() {
         ("restart", |w| w.control(Action::Restart, None)),
         ("reload", |w| {
             let config = changed(w.core.config.clone());
-            w.request(|reply| Request::Reconfigure { config: Box::new(config), reply })
+            w.request(|reply| Request::Reconfigure {
+                config: Box::new(config),
+                reply,
+            })
         }),
     ];
     for &(name, ask) in rows {
@@ -249,7 +369,10 @@ fn persist_before_act_table() {
                         | super::core::Effect::ApplyChain { .. }
                 )
             });
-            assert!(world.host.lock().unwrap().stores > stores, "{name}: nothing written");
+            assert!(
+                world.host.lock().unwrap().stores > stores,
+                "{name}: nothing written"
+            );
             if fail {
                 let answer = world.replies.get(&reply).cloned();
                 assert!(
@@ -257,10 +380,17 @@ fn persist_before_act_table() {
                     "{name}: {answer:?}"
                 );
                 assert!(!acted, "{name}: acted on a state that was not written");
-                assert!(world.core.state.restart.is_none(), "{name}: a restart began unwritten");
+                assert!(
+                    world.core.state.restart.is_none(),
+                    "{name}: a restart began unwritten"
+                );
             } else {
                 world.settle(SETTLE);
-                assert!(world.violations.is_empty(), "{name}: {:?}", world.violations);
+                assert!(
+                    world.violations.is_empty(),
+                    "{name}: {:?}",
+                    world.violations
+                );
                 let answer = world.replies.get(&reply).cloned();
                 assert!(matches!(answer, Some(Ok(_))), "{name}: {answer:?}");
             }
@@ -305,23 +435,53 @@ fn slot_before_batch_table() {
             world.now += 1_000;
             world.step();
         }
-        assert!(world.violations.is_empty(), "{name}: {:?}", world.violations);
-        let stops = world.journal.iter().filter(|(_, e)| matches!(e, super::core::Effect::Stop { .. })).count();
+        assert!(
+            world.violations.is_empty(),
+            "{name}: {:?}",
+            world.violations
+        );
+        let stops = world
+            .journal
+            .iter()
+            .filter(|(_, e)| matches!(e, super::core::Effect::Stop { .. }))
+            .count();
         assert_eq!(stops, 0, "{name}: stopped without a slot");
-        assert_eq!(world.chain, BTreeSet::from([0, 1, 2]), "{name}: a held batch keeps serving");
-        assert!(world.replies.get(&reply).is_none(), "{name}: the restart ended without a slot");
+        assert_eq!(
+            world.chain,
+            BTreeSet::from([0, 1, 2]),
+            "{name}: a held batch keeps serving"
+        );
+        assert!(
+            !world.replies.contains_key(&reply),
+            "{name}: the restart ended without a slot"
+        );
         // ZooKeeper back, slots granted: the restart goes through.
         world.faults.slot_refused = 0.0;
         world.handle(Event::Request(Request::Connection(true)));
         world.settle(SETTLE);
-        assert!(world.violations.is_empty(), "{name}: {:?}", world.violations);
-        assert!(matches!(world.replies.get(&reply), Some(Ok(_))), "{name}: {:?}", world.replies.get(&reply));
-        assert!(!world.host.lock().unwrap().slot_valid, "{name}: the slot was kept");
+        assert!(
+            world.violations.is_empty(),
+            "{name}: {:?}",
+            world.violations
+        );
+        assert!(
+            matches!(world.replies.get(&reply), Some(Ok(_))),
+            "{name}: {:?}",
+            world.replies.get(&reply)
+        );
+        assert!(
+            !world.host.lock().unwrap().slot_valid,
+            "{name}: the slot was kept"
+        );
     }
     // A slot lost in the middle of a batch: the batch finishes, the next one waits.
     let mut world = serving(config(2, true, StrategyName::Drain), true);
     let reply = world.control(Action::Restart, None);
-    while world.journal.iter().all(|(_, e)| !matches!(e, super::core::Effect::Stop { .. })) {
+    while world
+        .journal
+        .iter()
+        .all(|(_, e)| !matches!(e, super::core::Effect::Stop { .. }))
+    {
         assert!(world.step(), "the first batch never stopped its member");
     }
     world.host.lock().unwrap().slot_valid = false;
@@ -331,12 +491,21 @@ fn slot_before_batch_table() {
         world.step();
     }
     assert!(world.violations.is_empty(), "{:?}", world.violations);
-    let machine = world.core.state.restart.as_ref().expect("waiting for a slot");
+    let machine = world
+        .core
+        .state
+        .restart
+        .as_ref()
+        .expect("waiting for a slot");
     assert_eq!(machine.done, vec![0], "the first batch finished");
     assert!(world.core.batch_held(), "the second batch waits for a slot");
     world.faults.slot_refused = 0.0;
     world.settle(SETTLE);
-    assert!(matches!(world.replies.get(&reply), Some(Ok(_))), "{:?}", world.replies.get(&reply));
+    assert!(
+        matches!(world.replies.get(&reply), Some(Ok(_))),
+        "{:?}",
+        world.replies.get(&reply)
+    );
 }
 
 /// The core's own assertion: a batch begun without a slot is a panic.
