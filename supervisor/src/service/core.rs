@@ -408,6 +408,9 @@ enum Goal {
 pub struct Setup {
     pub name: String,
     pub host: HostConfig,
+    /// This host's name in ZooKeeper (`coordination.host`, else the system's host name), resolved
+    /// once by the executor.
+    pub host_name: String,
     pub config: ServiceConfig,
     pub state: ServiceState,
     /// Whether restarts wait for a fleet slot (the ZooKeeper backend).
@@ -424,6 +427,7 @@ pub struct Setup {
 pub struct Core {
     pub(super) name: String,
     pub(super) host: HostConfig,
+    pub(super) host_name: String,
     pub(super) config: ServiceConfig,
     /// Desired state; written before it is acted on.
     pub(super) state: ServiceState,
@@ -476,6 +480,7 @@ impl Core {
         Self {
             name: setup.name,
             host: setup.host,
+            host_name: setup.host_name,
             config: setup.config,
             state: setup.state,
             env,

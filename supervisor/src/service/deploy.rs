@@ -415,7 +415,7 @@ impl Core {
             (None, None) => HostState::Serving,
         };
         let host = HostStatus {
-            host: self.host.coordination.host_name(),
+            host: self.host_name.clone(),
             build: self.state.build.clone(),
             target_build: self.state.target_build.clone(),
             state,

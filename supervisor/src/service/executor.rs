@@ -127,6 +127,7 @@ pub(super) async fn run(
         Setup {
             name: name.clone(),
             host: ctx.host.clone(),
+            host_name: ctx.host.coordination.host_name(),
             config,
             state,
             fleet: ctx.coord.is_some(),

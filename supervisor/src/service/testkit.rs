@@ -199,6 +199,7 @@ impl World {
             Setup {
                 name: "web".into(),
                 host: HostConfig::default(),
+                host_name: "host-a".into(),
                 config,
                 state,
                 fleet,
