@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 
-use sluice_strategies::restart::{Action as MachineAction, Restart, Strategy};
+use sluice_strategies::restart::{self, Restart, Strategy};
 
 use super::core::{Event, InstanceEvent, Phase, Request};
 use super::testkit::{World, config};
@@ -515,7 +515,7 @@ fn a_batch_without_a_slot_panics() {
     let mut world = serving(config(2, true, StrategyName::Drain), true);
     let mut machine = Restart::new(Strategy::Drain, false, vec![vec![0]]);
     let actions = machine.resume();
-    assert!(matches!(actions[..], [MachineAction::Disable(_)]));
+    assert!(matches!(actions[..], [restart::Action::Disable(_)]));
     world.core.state.restart = Some(machine);
     world.core.machine_changed();
     world.core.persist_logged();
