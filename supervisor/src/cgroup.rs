@@ -30,20 +30,14 @@ pub enum Version {
     V2,
 }
 
-/// The CPU weight sluice gives a cgroup of its own. There is one: an enabled instance leaves its
-/// cgroup (its processes move back to the daemon's), so it never needs a "normal" weight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Weight {
-    /// Starting or warming up, not yet enabled: only CPU that serving instances leave idle.
-    Low,
-}
-
-impl Weight {
-    /// The value written to `cpu.shares` (v1) or `cpu.weight` (v2).
-    pub fn value(self, version: Version) -> u32 {
-        match (self, version) {
-            (Weight::Low, Version::V1) => V1_LOW_SHARES,
-            (Weight::Low, Version::V2) => V2_LOW_WEIGHT,
+impl Version {
+    /// The low weight written to `cpu.shares` (v1) or `cpu.weight` (v2). It is the only weight
+    /// sluice writes: an enabled instance leaves its cgroup (its processes move back to the
+    /// daemon's), so it never needs a "normal" one.
+    pub fn low_weight(self) -> u32 {
+        match self {
+            Version::V1 => V1_LOW_SHARES,
+            Version::V2 => V2_LOW_WEIGHT,
         }
     }
 }
@@ -232,7 +226,7 @@ fn setup(mounts: &Mounts, proc_cgroup: &str, parent: &str) -> Result<Cgroups, St
             root,
             home: own_dir,
         };
-        cgroups.set_weight(&cgroups.root, Weight::Low)?;
+        cgroups.set_low(&cgroups.root)?;
         return Ok(cgroups);
     }
     Err(v2_reason.unwrap_or_else(|| "cgroups: no cgroup hierarchy with the cpu controller".into()))
@@ -300,7 +294,7 @@ fn setup_v2(
         root,
         home,
     };
-    cgroups.set_weight(&cgroups.root, Weight::Low)?;
+    cgroups.set_low(&cgroups.root)?;
     Ok(cgroups)
 }
 
@@ -333,18 +327,18 @@ impl Cgroups {
         self.root.join(format!("{service}@{index}"))
     }
 
-    /// Makes the instance's cgroup (kept if it exists) with `weight`, and returns its directory,
-    /// which the shim's child joins before it execs.
-    pub fn prepare(&self, service: &str, index: u32, weight: Weight) -> Result<PathBuf, String> {
+    /// Makes the instance's cgroup (kept if it exists) at the low weight, and returns its
+    /// directory, which the shim's child joins before it execs.
+    pub fn prepare(&self, service: &str, index: u32) -> Result<PathBuf, String> {
         let dir = self.dir(service, index);
         make_dir(&dir)?;
-        self.set_weight(&dir, weight)?;
+        self.set_low(&dir)?;
         Ok(dir)
     }
 
-    /// Sets the weight of the cgroup `dir`. Idle first (cleared), then the weight, then idle (set):
-    /// the kernel refuses a weight on an idle group and resets it when the group leaves idle.
-    pub fn set_weight(&self, dir: &Path, weight: Weight) -> Result<(), String> {
+    /// Sets the cgroup `dir` to the low weight, then idle where the kernel has `cpu.idle`: the
+    /// kernel refuses a weight on an idle group, so an idle group is left as it is.
+    pub fn set_low(&self, dir: &Path) -> Result<(), String> {
         let idle = dir.join("cpu.idle");
         let has_idle = idle.exists();
         let file = match self.version {
@@ -355,10 +349,11 @@ impl Cgroups {
         // An idle group reports its internal weight and refuses writes; it is already as low as it
         // gets.
         let idle_now = has_idle && read_file(&idle)?.trim() == "1";
-        if !idle_now && current.trim() != weight.value(self.version).to_string() {
-            write(&dir.join(file), &weight.value(self.version).to_string())?;
+        let low = self.version.low_weight().to_string();
+        if !idle_now && current.trim() != low {
+            write(&dir.join(file), &low)?;
         }
-        if has_idle && weight == Weight::Low && !idle_now {
+        if has_idle && !idle_now {
             write(&idle, "1")?;
         }
         Ok(())
@@ -491,7 +486,7 @@ mod tests {
 
     #[test]
     fn weights() {
-        assert_eq!(Weight::Low.value(Version::V1), 2);
-        assert_eq!(Weight::Low.value(Version::V2), 1);
+        assert_eq!(Version::V1.low_weight(), 2);
+        assert_eq!(Version::V2.low_weight(), 1);
     }
 }

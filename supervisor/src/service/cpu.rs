@@ -2,26 +2,14 @@
 //! derived from the instance's state (so a restarted daemon re-applies it), and the removal of a
 //! cgroup once its instance is gone for good.
 
-use std::path::PathBuf;
-
 use sluice_strategies::restart::Step;
 
-use super::{Instance, Phase, Service};
-use crate::cgroup::{Cgroups, Weight};
+use super::core::{AfterStop, Core, Effect, Instance, Phase};
 
-impl Service {
-    /// The host's cgroups, when this service wants its instances isolated.
-    pub(super) fn cgroups_wanted(&self) -> Option<&Cgroups> {
-        if !self.config.restart.cpu_isolation {
-            return None;
-        }
-        self.ctx.cgroups.cgroups()
-    }
-
-    /// The cgroup an earlier daemon made for `index`, if it is still there.
-    pub(super) fn existing_cgroup(&self, index: u32) -> Option<PathBuf> {
-        let dir = self.ctx.cgroups.cgroups()?.dir(&self.name, index);
-        dir.is_dir().then_some(dir)
+impl Core {
+    /// Whether the host has cgroups and this service wants its instances isolated.
+    pub(super) fn cgroups_wanted(&self) -> bool {
+        self.config.restart.cpu_isolation && self.cgroups.cgroups().is_some()
     }
 
     /// Why instances of this service run without a cgroup, for status.
@@ -29,7 +17,7 @@ impl Service {
         if !self.config.restart.cpu_isolation {
             return None;
         }
-        self.ctx.cgroups.error().or_else(|| {
+        self.cgroups.error().or_else(|| {
             self.instances.values().find_map(|i| {
                 i.cgroup_error
                     .as_ref()
@@ -56,7 +44,7 @@ impl Service {
     /// that leaves steering to be drained (it still answers the requests in flight), runs at the
     /// normal weight, outside any cgroup of sluice's.
     fn wants_low(&self, instance: &Instance) -> bool {
-        if self.cgroups_wanted().is_none()
+        if !self.cgroups_wanted()
             || !instance.phase.is_up()
             || !self.sibling_serving(instance.index)
         {
@@ -81,9 +69,9 @@ impl Service {
     /// removes the cgroups of instances that are gone for good. Called after every change; writes
     /// only differences.
     pub(super) fn sync_cgroups(&mut self) {
-        let Some(cgroups) = self.ctx.cgroups.cgroups().cloned() else {
+        if self.cgroups.cgroups().is_none() {
             return;
-        };
+        }
         let (low, released): (Vec<u32>, Vec<u32>) = self
             .instances
             .values()
@@ -93,28 +81,22 @@ impl Service {
         for index in released {
             self.remove_cgroup(index);
         }
-        let wanted: Vec<(u32, Weight)> = low
+        let wanted: Vec<u32> = low
             .into_iter()
-            .filter(|index| self.instances[index].cpu_weight != Some(Weight::Low))
-            .map(|index| (index, Weight::Low))
+            .filter(|index| !self.instances[index].weight_low)
             .collect();
-        for (index, weight) in wanted {
+        for index in wanted {
             let instance = self.instances.get_mut(&index).expect("listed above");
             let dir = instance.cgroup.clone().expect("filtered on a cgroup");
-            match cgroups.set_weight(&dir, weight) {
-                Ok(()) => {
-                    tracing::info!(service = %self.name, index, ?weight, cgroup = %dir.display(), "cpu weight set");
-                    instance.cpu_weight = Some(weight);
-                    instance.cgroup_error = None;
-                }
-                Err(e) => {
-                    // Not retried until the next change: a cgroup that refuses a weight now will
-                    // refuse it on a timer too, and status shows why.
-                    tracing::warn!(service = %self.name, index, "{e}");
-                    instance.cpu_weight = Some(weight);
-                    instance.cgroup_error = Some(e);
-                }
-            }
+            // Counted as written at once, as the weight is asked for once per change: the
+            // executor reports a refusal (kept in status), which is not retried until then.
+            instance.weight_low = true;
+            let generation = instance.generation;
+            self.emit(Effect::SetLowWeight {
+                index,
+                generation,
+                dir,
+            });
         }
         let gone: Vec<u32> = self
             .instances
@@ -133,15 +115,14 @@ impl Service {
         match instance.phase {
             Phase::Exited | Phase::Fatal => true,
             Phase::Stopped => {
-                !self.exec.in_batch(&self.state, instance.index)
-                    && instance.after_stop == super::AfterStop::Nothing
+                !self.in_batch(instance.index) && instance.after_stop == AfterStop::Nothing
             }
             _ => false,
         }
     }
 
     /// Removes the instance's cgroup in the background (its last processes may still be exiting);
-    /// a start of the same index waits for the removal.
+    /// a start of the same index waits for the removal (the executor sees to that).
     pub(super) fn remove_cgroup(&mut self, index: u32) {
         let Some(instance) = self.instances.get_mut(&index) else {
             return;
@@ -149,30 +130,10 @@ impl Service {
         let Some(dir) = instance.cgroup.take() else {
             return;
         };
-        instance.cpu_weight = None;
-        let Some(cgroups) = self.ctx.cgroups.cgroups().cloned() else {
+        instance.weight_low = false;
+        if self.cgroups.cgroups().is_none() {
             return;
-        };
-        let service = self.name.clone();
-        let previous = self.cgroup_removals.remove(&index);
-        let handle = tokio::spawn(async move {
-            if let Some(previous) = previous {
-                let _ = previous.await;
-            }
-            match cgroups.remove(&dir).await {
-                Ok(()) => {
-                    tracing::info!(service = %service, index, cgroup = %dir.display(), "cgroup removed")
-                }
-                Err(e) => tracing::warn!(service = %service, index, "{e}"),
-            }
-        });
-        self.cgroup_removals.insert(index, handle);
-    }
-
-    /// Waits for the cgroup removals in progress (bounded by their attempts).
-    pub(super) async fn finish_cgroup_removals(&mut self) {
-        for (_, handle) in std::mem::take(&mut self.cgroup_removals) {
-            let _ = handle.await;
         }
+        self.emit(Effect::RemoveCgroup { index, dir });
     }
 }

@@ -1,24 +1,23 @@
-//! The executor of a service's restart: turns the actions of the restart machine
-//! (`sluice_strategies::restart`) into stops, starts, probes, warm-ups and steering changes, and
-//! feeds back what happened. The machine is persisted before its actions run; after a crash of the
-//! daemon, `resume` repeats the current step's actions, which are all idempotent here.
+//! The core's side of a restart: turns the actions of the restart machine
+//! (`sluice_strategies::restart`) into stops, starts, probes, warm-ups and steering changes (as
+//! effects), and feeds back what happened. The machine is persisted before its actions run
+//! ([`Core::assert_persisted`]); after a crash of the daemon, `resume` repeats the current step's
+//! actions, which are all idempotent here.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use sluice_strategies::plan;
-use sluice_strategies::restart::{
-    Action as Step, Input, Restart, Step as Phase_, Strategy, Version,
-};
+use sluice_strategies::restart::{Action, Input, Restart, Step, Strategy, Version};
 use sluice_strategies::warmup::Summary;
 
+use super::core::{AfterStop, Core, Effect, Phase};
 use super::steer::DrainFor;
-use super::{AfterStop, Event, Phase, Service};
 use crate::config::StrategyName;
-use crate::state::{FailedRestart, ServiceState};
+use crate::state::FailedRestart;
 
 /// What the restart in progress waits for; rebuilt by `resume` after a crash.
 #[derive(Debug, Default)]
-pub(super) struct Executor {
+pub(super) struct RestartWaits {
     /// Stop issued: `Exited` expected.
     exit: BTreeMap<u32, u64>,
     /// Start issued: `Started` expected.
@@ -33,18 +32,54 @@ pub(super) struct Executor {
     inputs: VecDeque<(u64, Input)>,
 }
 
-impl Executor {
+impl Core {
     /// Whether the instance belongs to the batch being restarted; the restart policy leaves those
-    /// to the machine.
-    pub(super) fn in_batch(&self, state: &ServiceState, index: u32) -> bool {
-        state
+    /// to the machine. A batch held at its start (waiting for a fleet slot) has not begun: its
+    /// members serve, and an exit of one is the restart policy's, not an input that would move
+    /// the machine past its gate without a slot.
+    pub(super) fn in_batch(&self, index: u32) -> bool {
+        !self.batch_held()
+            && self
+                .state
+                .restart
+                .as_ref()
+                .is_some_and(|m| !m.finished && m.in_flight().contains(&index))
+    }
+
+    /// Persist before act: a restart action runs only once the machine it came from was written.
+    fn assert_persisted(&self, action: &Action) {
+        assert!(
+            self.persisted_revision == self.machine_revision,
+            "{}: restart action {action:?} before the machine was persisted (revision {}, written {})",
+            self.name,
+            self.machine_revision,
+            self.persisted_revision
+        );
+    }
+
+    /// Slot before batch: on the fleet backend, a batch's first drain or stop runs only while
+    /// this host holds a valid fleet slot and ZooKeeper is reachable.
+    fn assert_slot_held(&self, action: &Action) {
+        let at_start = self
+            .state
             .restart
             .as_ref()
-            .is_some_and(|m| !m.finished && m.in_flight().contains(&index))
+            .is_some_and(|m| m.at_batch_start());
+        if !self.fleet || !at_start {
+            return;
+        }
+        assert!(
+            self.slot_holding(),
+            "{}: restart action {action:?} begins a batch without a fleet slot",
+            self.name
+        );
     }
-}
 
-impl Service {
+    /// The restart machine changed: it must be written before its actions run.
+    pub(super) fn machine_changed(&mut self) {
+        self.machine_revision += 1;
+    }
+
     fn epoch(&self) -> u64 {
         self.state.restart.as_ref().map_or(0, |m| m.epoch)
     }
@@ -52,8 +87,9 @@ impl Service {
     /// Begins a restart of `indices` with the service's strategy.
     pub(super) fn begin_restart(&mut self, indices: Vec<u32>) {
         if indices.is_empty() {
-            for reply in self.restart_replies.drain(..) {
-                let _ = reply.send(Ok(format!("{}: nothing to restart", self.name)));
+            let message = format!("{}: nothing to restart", self.name);
+            for to in std::mem::take(&mut self.restart_replies) {
+                self.reply(to, Ok(message.clone()));
             }
             return;
         }
@@ -74,16 +110,20 @@ impl Service {
             self.state.applied = Some(self.config.clone());
         }
         self.restart_begins();
-        self.state.restart = Some(Restart::new(strategy, warm, batches));
+        let mut machine = Restart::new(strategy, warm, batches);
+        // The first batch's first step is entered before the write, so that what is written is
+        // the machine its actions come from.
+        let actions = machine.resume();
+        self.state.restart = Some(machine);
+        self.machine_changed();
         if let Err(e) = self.persist() {
             self.state.restart = None;
-            for reply in self.restart_replies.drain(..) {
-                let _ = reply.send(Err(e.clone()));
+            for to in std::mem::take(&mut self.restart_replies) {
+                self.reply(to, Err(e.clone()));
             }
             return;
         }
-        self.exec = Executor::default();
-        let actions = self.state.restart.as_mut().expect("just set").resume();
+        self.restart_waits = RestartWaits::default();
         self.execute(actions);
         self.drive();
     }
@@ -126,8 +166,14 @@ impl Service {
             return;
         }
         tracing::info!(service = %self.name, step = ?machine.step, batch = ?machine.batch, "resuming the restart");
+        let before = machine.epoch;
         let actions = machine.resume();
-        self.exec = Executor::default();
+        if machine.epoch != before {
+            // A machine written before its first step (by an earlier version) enters it now.
+            self.machine_changed();
+            self.persist_logged();
+        }
+        self.restart_waits = RestartWaits::default();
         self.execute(actions);
         self.drive();
     }
@@ -135,24 +181,25 @@ impl Service {
     /// Drops the restart in progress (the service is being stopped).
     pub(super) fn abandon_restart(&mut self, why: &str) {
         if self.state.restart.take().is_some() {
+            self.machine_changed();
             self.persist_logged();
         }
-        self.exec = Executor::default();
-        for reply in self.restart_replies.drain(..) {
-            let _ = reply.send(Err(why.to_owned()));
+        self.restart_waits = RestartWaits::default();
+        for to in std::mem::take(&mut self.restart_replies) {
+            self.reply(to, Err(why.to_owned()));
         }
     }
 
     pub(super) fn feed(&mut self, epoch: u64, input: Input) {
-        self.exec.inputs.push_back((epoch, input));
+        self.restart_waits.inputs.push_back((epoch, input));
         self.drive();
     }
 
     /// Feeds queued inputs to the machine, persisting it before its actions run.
     pub(super) fn drive(&mut self) {
-        while let Some((epoch, input)) = self.exec.inputs.pop_front() {
+        while let Some((epoch, input)) = self.restart_waits.inputs.pop_front() {
             let Some(machine) = self.state.restart.as_mut() else {
-                self.exec.inputs.clear();
+                self.restart_waits.inputs.clear();
                 return;
             };
             if epoch == machine.epoch
@@ -166,130 +213,155 @@ impl Service {
             if actions.is_empty() {
                 continue;
             }
+            self.machine_changed();
             self.persist_logged();
             self.execute(actions);
         }
     }
 
-    pub(super) fn execute(&mut self, actions: Vec<Step>) {
+    /// Runs the machine's actions that may run now (see [`Core::gate`]).
+    pub(super) fn execute(&mut self, actions: Vec<Action>) {
         let actions = self.gate(actions);
+        self.carry_out(actions);
+    }
+
+    /// Turns actions that passed the gate into effects.
+    pub(super) fn carry_out(&mut self, actions: Vec<Action>) {
         let epoch = self.epoch();
         let steers = self.config.steers();
         for action in actions {
+            self.assert_persisted(&action);
+            self.assert_slot_held(&action);
             tracing::info!(service = %self.name, ?action, "restart step");
             match action {
-                Step::Disable(members) => {
+                Action::Disable(members) => {
                     for i in members {
                         if steers {
-                            self.exec.drain.insert(i, epoch);
+                            self.restart_waits.drain.insert(i, epoch);
                         } else {
-                            self.exec.inputs.push_back((epoch, Input::Drained(i)));
+                            self.restart_waits
+                                .inputs
+                                .push_back((epoch, Input::Drained(i)));
                         }
                     }
                 }
-                Step::Stop(members) => {
+                Action::Stop(members) => {
                     // A drain strategy has drained the batch already (Disable came first); the
                     // other strategies do not drain at all.
                     for i in members {
                         let Some(instance) = self.instances.get_mut(&i) else {
-                            self.exec.inputs.push_back((epoch, Input::Exited(i)));
+                            self.restart_waits
+                                .inputs
+                                .push_back((epoch, Input::Exited(i)));
                             continue;
                         };
-                        match instance.phase {
+                        // A member the chain may still steer to (its removal failed before a
+                        // crash of the daemon, which resumed here) is drained first, like any
+                        // stop; only `rolling` and `all-at-once` stop in the chain.
+                        let phase = instance.phase;
+                        let drain = !self.stops_in_chain(i);
+                        let steered = self.steering.may_steer_to(i);
+                        match phase {
                             Phase::Starting | Phase::Running | Phase::Spawning => {
-                                self.exec.exit.insert(i, epoch);
-                                if instance.phase != Phase::Spawning {
-                                    self.stop(i, AfterStop::Nothing, false);
+                                self.restart_waits.exit.insert(i, epoch);
+                                if phase != Phase::Spawning {
+                                    self.stop(i, AfterStop::Nothing, drain);
                                 }
                             }
                             Phase::Draining | Phase::Stopping => {
+                                let instance = self.instances.get_mut(&i).expect("just found");
                                 instance.after_stop = AfterStop::Nothing;
-                                self.exec.exit.insert(i, epoch);
-                                if instance.phase == Phase::Draining {
+                                self.restart_waits.exit.insert(i, epoch);
+                                if phase == Phase::Draining && !(drain && steered) {
                                     self.stop_now(i);
                                 }
                             }
-                            _ => self.exec.inputs.push_back((epoch, Input::Exited(i))),
+                            _ => self
+                                .restart_waits
+                                .inputs
+                                .push_back((epoch, Input::Exited(i))),
                         }
                     }
                 }
-                Step::Start(members, version) => {
+                Action::Start(members, version) => {
                     for i in members {
                         self.execute_start(i, version, epoch);
                     }
                 }
-                Step::Check(members) => {
+                Action::Check(members) => {
                     for i in members {
                         self.execute_check(i, epoch);
                     }
                 }
-                Step::WarmUp(members) => {
+                Action::WarmUp(members) => {
                     for i in members {
                         self.execute_warmup(i, epoch);
                     }
                 }
-                Step::Signal(members) => {
+                Action::Signal(members) => {
                     let signal = self.config.restart.reload_signal.0;
-                    for i in members {
-                        let socket = self.paths(i).socket;
-                        let events = self.events_tx.clone();
-                        tokio::spawn(async move {
-                            let input = match crate::shim::signal(&socket, signal).await {
-                                Ok(()) => Input::Signalled(i),
-                                Err(e) => Input::SignalFailed(i, e.to_string()),
-                            };
-                            let _ = events.send(Event::Machine { epoch, input }).await;
+                    for index in members {
+                        self.emit(Effect::RestartSignal {
+                            index,
+                            signal,
+                            epoch,
                         });
                     }
                 }
-                Step::Enable(members) => {
+                Action::Enable(members) => {
                     for i in members {
                         if steers {
-                            self.exec.enable.insert(i, epoch);
+                            self.restart_waits.enable.insert(i, epoch);
                         } else {
-                            self.exec.inputs.push_back((epoch, Input::Enabled(i)));
+                            self.restart_waits
+                                .inputs
+                                .push_back((epoch, Input::Enabled(i)));
                         }
                     }
                 }
-                Step::Finished(result) => self.finish_restart(result),
+                Action::Finished(result) => self.finish_restart(result),
             }
         }
     }
 
     fn execute_start(&mut self, index: u32, version: Version, epoch: u64) {
         if !self.desired_up(index) {
-            self.exec.inputs.push_back((
+            self.restart_waits.inputs.push_back((
                 epoch,
                 Input::StartFailed(index, "stopped by an operator".into()),
             ));
             return;
         }
         let want_tag = self.spec(index, version).map(|s| s.tag()).ok();
+        let drain = !self.stops_in_chain(index);
+        let steered = self.steering.may_steer_to(index);
         let instance = self.instances.get_mut(&index).expect("batch members exist");
         let running_tag = instance.shim.as_ref().map(|s| s.tag.clone());
         match instance.phase {
             Phase::Starting | Phase::Running
                 if running_tag.is_some() && running_tag == want_tag =>
             {
-                self.exec.inputs.push_back((epoch, Input::Started(index)));
+                self.restart_waits
+                    .inputs
+                    .push_back((epoch, Input::Started(index)));
             }
             Phase::Starting | Phase::Running => {
-                self.exec.start.insert(index, epoch);
-                self.stop(index, AfterStop::Start(version), false);
+                self.restart_waits.start.insert(index, epoch);
+                self.stop(index, AfterStop::Start(version), drain);
             }
             Phase::Spawning => {
-                self.exec.start.insert(index, epoch);
+                self.restart_waits.start.insert(index, epoch);
             }
             Phase::Draining | Phase::Stopping => {
                 instance.after_stop = AfterStop::Start(version);
-                self.exec.start.insert(index, epoch);
-                if instance.phase == Phase::Draining {
+                self.restart_waits.start.insert(index, epoch);
+                if instance.phase == Phase::Draining && !(drain && steered) {
                     self.stop_now(index);
                 }
             }
             Phase::Stopped | Phase::Backoff | Phase::Exited | Phase::Fatal => {
                 instance.failed_starts = 0;
-                self.exec.start.insert(index, epoch);
+                self.restart_waits.start.insert(index, epoch);
                 self.start(index, version);
             }
         }
@@ -297,7 +369,7 @@ impl Service {
 
     fn execute_check(&mut self, index: u32, epoch: u64) {
         let Some(instance) = self.instances.get(&index) else {
-            self.exec
+            self.restart_waits
                 .inputs
                 .push_back((epoch, Input::Unhealthy(index, "not configured".into())));
             return;
@@ -311,28 +383,25 @@ impl Service {
                     .as_str()
                     .into())
             );
-            self.exec
+            self.restart_waits
                 .inputs
                 .push_back((epoch, Input::Unhealthy(index, why)));
             return;
         }
         match self.probe(index) {
-            Some(probe) => {
-                let events = self.events_tx.clone();
-                tokio::spawn(async move {
-                    let input = match probe.until_ready().await {
-                        Ok(()) => Input::Healthy(index),
-                        Err(why) => Input::Unhealthy(index, why),
-                    };
-                    let _ = events.send(Event::Machine { epoch, input }).await;
-                });
-            }
+            Some(probe) => self.emit(Effect::Check {
+                index,
+                epoch,
+                probe: Box::new(probe),
+            }),
             // Without a probe, having run `startup_ms` is healthy.
             None if instance.phase == Phase::Running => {
-                self.exec.inputs.push_back((epoch, Input::Healthy(index)));
+                self.restart_waits
+                    .inputs
+                    .push_back((epoch, Input::Healthy(index)));
             }
             None => {
-                self.exec.check.insert(index, epoch);
+                self.restart_waits.check.insert(index, epoch);
             }
         }
     }
@@ -351,30 +420,22 @@ impl Service {
         let version = self.batch_version();
         let config = self.config_for(version);
         let (Some(warmup), Some(port)) = (config.warmup.clone(), config.port(index)) else {
-            self.exec.inputs.push_back((epoch, Input::Warmed(index)));
+            self.restart_waits
+                .inputs
+                .push_back((epoch, Input::Warmed(index)));
             return;
         };
-        let requests =
-            match crate::warmup::load_requests(&warmup, self.release_for(version).as_deref()) {
-                Ok(r) => r,
-                Err(why) => {
-                    self.exec
-                        .inputs
-                        .push_back((epoch, Input::WarmFailed(index, format!("warm-up: {why}"))));
-                    return;
-                }
-            };
+        // The request list is read by the executor: a list that cannot be read answers
+        // `WarmFailed`.
+        let release = self.release_for(version);
         let sibling = self.serving_sibling(index);
-        let events = self.events_tx.clone();
-        tokio::spawn(async move {
-            let result = crate::warmup::run(port, requests, &warmup, sibling).await;
-            let _ = events
-                .send(Event::Warmed {
-                    index,
-                    epoch,
-                    result,
-                })
-                .await;
+        self.emit(Effect::WarmUp {
+            index,
+            epoch,
+            port,
+            config: Box::new(warmup),
+            release,
+            sibling,
         });
     }
 
@@ -505,7 +566,8 @@ impl Service {
         let Some(machine) = self.state.restart.take() else {
             return;
         };
-        self.exec = Executor::default();
+        self.machine_changed();
+        self.restart_waits = RestartWaits::default();
         match &result {
             Ok(()) => {
                 tracing::info!(service = %self.name, restarted = ?machine.done, "restart finished");
@@ -531,20 +593,21 @@ impl Service {
         }
         self.persist_logged();
         self.deploy_after_restart(&result);
-        for reply in self.restart_replies.drain(..) {
-            let _ = reply.send(match &result {
-                Ok(()) => Ok(format!(
-                    "restarted {}: {} instance(s)",
-                    self.name,
-                    machine.done.len()
-                )),
-                Err(_) => Err(self
-                    .state
-                    .failed
-                    .as_ref()
-                    .map(|f| f.reason.clone())
-                    .unwrap_or_default()),
-            });
+        let answer = match &result {
+            Ok(()) => Ok(format!(
+                "restarted {}: {} instance(s)",
+                self.name,
+                machine.done.len()
+            )),
+            Err(_) => Err(self
+                .state
+                .failed
+                .as_ref()
+                .map(|f| f.reason.clone())
+                .unwrap_or_default()),
+        };
+        for to in std::mem::take(&mut self.restart_replies) {
+            self.reply(to, answer.clone());
         }
         if result.is_ok() {
             // The configuration may have changed while this restart ran.
@@ -554,28 +617,28 @@ impl Service {
 
     /// A batch member's shim is up.
     pub(super) fn batch_member_started(&mut self, index: u32) {
-        if let Some(epoch) = self.exec.exit.get(&index).copied()
+        if let Some(epoch) = self.restart_waits.exit.get(&index).copied()
             && epoch == self.epoch()
         {
             // A stop was asked while it was being spawned.
             self.stop(index, AfterStop::Nothing, false);
             return;
         }
-        if let Some(epoch) = self.exec.start.remove(&index) {
+        if let Some(epoch) = self.restart_waits.start.remove(&index) {
             self.feed(epoch, Input::Started(index));
         }
     }
 
     /// A batch member has run `startup_ms`.
     pub(super) fn batch_member_running(&mut self, index: u32) {
-        if let Some(epoch) = self.exec.check.remove(&index) {
+        if let Some(epoch) = self.restart_waits.check.remove(&index) {
             self.feed(epoch, Input::Healthy(index));
         }
     }
 
     /// A batch member exited after a stop.
     pub(super) fn batch_member_exited(&mut self, index: u32) {
-        if let Some(epoch) = self.exec.exit.remove(&index) {
+        if let Some(epoch) = self.restart_waits.exit.remove(&index) {
             self.feed(epoch, Input::Exited(index));
         }
     }
@@ -585,53 +648,62 @@ impl Service {
         let epoch = self.epoch();
         let step = self.state.restart.as_ref().and_then(|m| m.step);
         let input = match step {
-            Some(Phase_::Draining) => Input::Drained(index),
-            Some(Phase_::Stopping) => Input::Exited(index),
-            Some(Phase_::Starting) => Input::StartFailed(index, why),
-            Some(Phase_::Checking) => Input::Unhealthy(index, why),
+            Some(Step::Draining) => Input::Drained(index),
+            Some(Step::Stopping) => Input::Exited(index),
+            Some(Step::Starting) => Input::StartFailed(index, why),
+            Some(Step::Checking) => Input::Unhealthy(index, why),
             // Not a failed warm-up, which a rollback may shrug off: the process is gone.
-            Some(Phase_::Warming) => Input::WentDown(index, why),
-            Some(Phase_::Signalling) => Input::SignalFailed(index, why),
-            Some(Phase_::Enabling) => {
+            Some(Step::Warming) => Input::WentDown(index, why),
+            Some(Step::Signalling) => Input::SignalFailed(index, why),
+            Some(Step::Enabling) => {
                 // It was done; let the machine move on, then the restart policy brings it back.
-                self.exec.enable.remove(&index);
+                self.restart_waits.enable.remove(&index);
                 self.feed(epoch, Input::Enabled(index));
-                self.after_failed_start(index, None, 0);
+                self.after_unrequested_exit(index, None, 0);
                 return;
             }
             None => return,
         };
-        self.exec.exit.remove(&index);
-        self.exec.start.remove(&index);
-        self.exec.check.remove(&index);
+        self.restart_waits.exit.remove(&index);
+        self.restart_waits.start.remove(&index);
+        self.restart_waits.check.remove(&index);
         self.feed(epoch, input);
     }
 
     /// Steering changed (or is as it should be): drains can begin, enables are done.
     pub(super) fn restart_after_steering(&mut self) {
         let out: Vec<(u32, u64)> = self
-            .exec
+            .restart_waits
             .drain
             .iter()
             .filter(|(i, _)| !self.steering.installed_contains(**i))
             .map(|(i, e)| (*i, *e))
             .collect();
         for (index, epoch) in out {
-            self.exec.drain.remove(&index);
+            self.restart_waits.drain.remove(&index);
             self.begin_drain(index, DrainFor::Machine { epoch });
         }
+        // An instance an operator drained meanwhile (or that left the configuration) never
+        // enters the chain: its enable is done as far as it can be, or the restart would wait
+        // for it forever.
         let enabled: Vec<(u32, u64)> = self
-            .exec
+            .restart_waits
             .enable
             .iter()
-            .filter(|(i, _)| self.steering.installed_contains(**i))
+            .filter(|(i, _)| {
+                self.steering.installed_contains(**i)
+                    || self.state.drained.contains(*i)
+                    || **i >= self.config.instances
+            })
             .map(|(i, e)| (*i, *e))
             .collect();
         let mut set = BTreeSet::new();
         for (index, epoch) in enabled {
-            self.exec.enable.remove(&index);
+            self.restart_waits.enable.remove(&index);
             set.insert(index);
-            self.exec.inputs.push_back((epoch, Input::Enabled(index)));
+            self.restart_waits
+                .inputs
+                .push_back((epoch, Input::Enabled(index)));
         }
         if !set.is_empty() {
             self.drive();

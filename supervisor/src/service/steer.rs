@@ -1,37 +1,35 @@
 //! Steering of one service: which instances its iptables chain sends new connections to. The
 //! desired set is derived from the instances (up, healthy, not drained by hand, not out for a
 //! restart batch); one transaction at a time is in flight, and a change that arrives meanwhile is
-//! applied after it.
+//! applied after it. The one drain wait ([`Core::begin_drain`]) serves both a stop of a steered
+//! instance and the restart machine's drains.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use sluice_strategies::drain::{Ending, Outcome};
 use sluice_strategies::restart::Input;
-use sluice_strategies::steering::Chain;
 
-use super::{Event, Phase, Service, targets};
-use crate::drain;
+use super::core::{Core, Effect, Phase, Timer};
 
 /// Pause before retrying a failed iptables transaction.
-const RETRY_MS: u64 = 1_000;
+pub const STEER_RETRY_MS: u64 = 1_000;
 
 #[derive(Debug, Default)]
 pub(super) struct Steering {
     /// What iptables steers to now; `None` until known (or when the service is not steered).
-    installed: Option<BTreeSet<u32>>,
-    /// A transaction is running.
-    inflight: bool,
-    retry_scheduled: bool,
+    pub(super) installed: Option<BTreeSet<u32>>,
+    /// The set of the transaction running, if one is.
+    pub(super) inflight: Option<BTreeSet<u32>>,
+    pub(super) retry_scheduled: bool,
     /// Instances (with their generation) whose drain-before-stop wait has begun.
     drain_watches: BTreeSet<(u32, u64)>,
     pub(super) error: Option<String>,
 }
 
 /// Who waits for a drain: a stop of a steered instance (the instance's generation), or the restart
-/// machine's `Drained` input (the action's epoch). Both go through [`Service::begin_drain`].
-#[derive(Debug, Clone, Copy)]
-pub(super) enum DrainFor {
+/// machine's `Drained` input (the action's epoch). Both go through [`Core::begin_drain`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainFor {
     Stop { generation: u64 },
     Machine { epoch: u64 },
 }
@@ -40,36 +38,15 @@ impl Steering {
     pub(super) fn installed_contains(&self, index: u32) -> bool {
         self.installed.as_ref().is_some_and(|s| s.contains(&index))
     }
+
+    /// Whether the chain may send the instance new connections: it is installed, or in the
+    /// transaction being written (which may already have committed).
+    pub(super) fn may_steer_to(&self, index: u32) -> bool {
+        self.installed_contains(index) || self.inflight.as_ref().is_some_and(|s| s.contains(&index))
+    }
 }
 
-impl Service {
-    /// Reads what a previous daemon installed, so that an unchanged chain is not rewritten.
-    pub(super) fn steering_startup(&mut self) {
-        if !self.config.steers() {
-            return;
-        }
-        let Some(iptables) = &self.ctx.iptables else {
-            self.steering.error = Some("steering needs root and iptables-restore".into());
-            return;
-        };
-        match iptables.read(&self.name) {
-            Ok(families) => {
-                let ports: Vec<_> = self.config.instance_ports().collect();
-                let first = families.into_iter().next().unwrap_or_default();
-                let installed = first
-                    .targets
-                    .iter()
-                    .filter(|t| {
-                        self.config.port(t.index) == Some(t.port) && ports.contains(&t.port)
-                    })
-                    .map(|t| t.index)
-                    .collect();
-                self.steering.installed = Some(installed);
-            }
-            Err(e) => self.steering.error = Some(e.to_string()),
-        }
-    }
-
+impl Core {
     /// The instances new connections should go to.
     pub(super) fn desired_steering(&self) -> BTreeSet<u32> {
         // A batch held at its start (no fleet slot yet) keeps serving until it may begin.
@@ -99,7 +76,7 @@ impl Service {
             return;
         }
         for _ in 0..PASSES {
-            if self.steering.inflight || self.steering.retry_scheduled {
+            if self.steering.inflight.is_some() || self.steering.retry_scheduled {
                 return;
             }
             let desired = self.desired_steering();
@@ -115,77 +92,49 @@ impl Service {
     }
 
     fn apply_steering(&mut self, desired: BTreeSet<u32>) {
-        let Some(iptables) = self.ctx.iptables.clone() else {
+        // Without iptables (not root) the error was recorded at start-up; nothing can be written.
+        if !self.steerable {
             return;
-        };
-        let chain = Chain {
-            service: self.name.clone(),
-            front_port: self
-                .config
-                .front_port
-                .expect("steered services have a front port"),
-            targets: targets(&self.config, &desired),
-        };
-        self.steering.inflight = true;
-        let events = self.events_tx.clone();
-        tokio::spawn(async move {
-            let applied = tokio::task::spawn_blocking(move || iptables.apply(&chain)).await;
-            let result = match applied {
-                Ok(Ok(())) => Ok(desired),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(format!("iptables task: {e}")),
-            };
-            let _ = events.send(Event::Steered { result }).await;
-        });
+        }
+        let chain = self.chain(&desired);
+        self.steering.inflight = Some(desired.clone());
+        self.emit(Effect::ApplyChain { chain, desired });
     }
 
-    pub(super) fn on_steering_event(&mut self, event: Event) {
-        match event {
-            Event::Steered { result } => {
-                self.steering.inflight = false;
-                match result {
-                    Ok(set) => {
-                        tracing::info!(service = %self.name, enabled = ?set, "steering updated");
-                        self.steering.installed = Some(set);
-                        self.steering.error = None;
-                    }
-                    Err(e) => {
-                        tracing::error!(service = %self.name, "steering: {e}");
-                        self.steering.error = Some(e);
-                        self.steering.retry_scheduled = true;
-                        let events = self.events_tx.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_millis(RETRY_MS)).await;
-                            let _ = events.send(Event::SteerRetry).await;
-                        });
-                    }
-                }
+    pub(super) fn on_steered(&mut self, result: Result<BTreeSet<u32>, String>) {
+        self.steering.inflight = None;
+        match result {
+            Ok(set) => {
+                tracing::info!(service = %self.name, enabled = ?set, "steering updated");
+                self.steering.installed = Some(set);
+                self.steering.error = None;
             }
-            Event::SteerRetry => self.steering.retry_scheduled = false,
-            _ => unreachable!("only steering events come here"),
+            Err(e) => {
+                tracing::error!(service = %self.name, "steering: {e}");
+                self.steering.error = Some(e);
+                self.steering.retry_scheduled = true;
+                self.emit(Effect::SetTimer {
+                    after_ms: STEER_RETRY_MS,
+                    timer: Timer::SteerRetry,
+                });
+            }
         }
     }
 
     /// The one drain wait, for an instance already out of the chain: reads its connections until
     /// the drain decision says it may be stopped, then reports to `waiter`.
-    pub(super) fn begin_drain(&self, index: u32, waiter: DrainFor) {
-        let port = self.config.port(index);
-        let until = self.config.restart.drain_until;
-        let timeout_ms = self.config.restart.drain_timeout_ms;
-        let service = self.name.clone();
-        let events = self.events_tx.clone();
-        tokio::spawn(async move {
-            let outcome = match port {
-                Some(port) => Some(drain::wait(&service, index, port, until, timeout_ms).await),
-                None => None,
-            };
-            let _ = events
-                .send(Event::Drained {
-                    index,
-                    waiter,
-                    outcome,
-                })
-                .await;
+    pub(super) fn begin_drain(&mut self, index: u32, waiter: DrainFor) {
+        assert!(
+            !self.steering.may_steer_to(index),
+            "{}/{index}: a drain wait begun while the chain still steers to it",
+            self.name
+        );
+        self.emit(Effect::AwaitDrain {
+            index,
+            waiter,
+            port: self.config.port(index),
+            until: self.config.restart.drain_until,
+            timeout_ms: self.config.restart.drain_timeout_ms,
         });
     }
 

@@ -1,0 +1,853 @@
+//! The executor of one service: the tokio task that owns the service's [`Core`], feeds it the
+//! requests from the daemon and the outcomes of its helper tasks, and runs the effects it returns
+//! — each in a small task (spawning a shim, waiting for an exit, probes, warm-ups, iptables,
+//! drains, timers, downloads and hooks, ZooKeeper) that reports back as an [`Event`] carrying the
+//! instance's generation or the restart's epoch. It decides nothing.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sluice_hooks::Stage;
+use sluice_shim::proto::Status;
+use sluice_strategies::restart::Input;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::core::{
+    self as core, Core, DeployEvent, Effect, Event, InstanceEvent, Millis, ReplyId, RestartEvent,
+    Setup, ShimInfo,
+};
+use super::deploy::{HookContext, InstallJob};
+use super::env::HostEnv;
+use super::{Context, Reply, Request, make_log_dir};
+use crate::build::{self, Releases};
+use crate::config::ServiceConfig;
+use crate::coord::Slot;
+use crate::shim::{self, ShimError, ShimPaths};
+use crate::state::ServiceState;
+
+/// Pause before asking again for a slot after ZooKeeper refused one.
+const SLOT_RETRY_MS: u64 = 1_000;
+/// Bytes of a failed hook's output that go into status (the log file has all of it).
+const OUTPUT_TAIL_IN_STATUS: usize = 600;
+/// Longest pause between attempts to read a build's metadata while ZooKeeper is away.
+const META_RETRY_MAX_MS: u64 = 10_000;
+/// Attempts to reach a shim that another daemon spawned (answered `busy`), 100 ms apart.
+const ADOPT_BUSY_ATTEMPTS: u32 = 50;
+
+fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A caller waiting for an answer.
+enum Pending {
+    Text(Reply<String>),
+    Done(oneshot::Sender<()>),
+}
+
+pub(super) struct Executor {
+    ctx: Arc<Context>,
+    name: String,
+    core: Core,
+    events_tx: mpsc::Sender<Event>,
+    /// Callers the core named by [`ReplyId`].
+    replies: BTreeMap<ReplyId, Pending>,
+    next_reply: u64,
+    /// The fleet slot, shared with the core's [`HostEnv`] (which asks whether it is still valid).
+    slot: Arc<Mutex<Option<Slot>>>,
+    /// The release of each index's previous shim; the next spawn waits for it (the lock must be
+    /// free).
+    releasing: BTreeMap<u32, JoinHandle<()>>,
+    /// Removals of instance cgroups in progress, by index: a new start of the index waits for its
+    /// removal, and the task does not end before they finish.
+    cgroup_removals: BTreeMap<u32, JoinHandle<()>>,
+    /// Outcomes known at once (a weight written), handled before the next event.
+    immediate: VecDeque<Event>,
+}
+
+/// Loads the service's persisted state; an unreadable state file fails the service's start.
+pub(super) fn load_state(ctx: &Context, name: &str) -> Result<(PathBuf, ServiceState), String> {
+    let state_path = crate::state::path(&ctx.host.state_dir(), name);
+    let state = crate::state::load(&state_path).map_err(|e| e.to_string())?;
+    Ok((state_path, state))
+}
+
+/// Reads what a previous daemon installed, so that an unchanged chain is not rewritten.
+fn installed_steering(
+    ctx: &Context,
+    name: &str,
+    config: &ServiceConfig,
+) -> Result<Option<BTreeSet<u32>>, String> {
+    if !config.steers() {
+        return Ok(None);
+    }
+    let Some(iptables) = &ctx.iptables else {
+        return Err("steering needs root and iptables-restore".into());
+    };
+    let families = iptables.read(name).map_err(|e| e.to_string())?;
+    let ports: Vec<_> = config.instance_ports().collect();
+    let first = families.into_iter().next().unwrap_or_default();
+    Ok(Some(
+        first
+            .targets
+            .iter()
+            .filter(|t| config.port(t.index) == Some(t.port) && ports.contains(&t.port))
+            .map(|t| t.index)
+            .collect(),
+    ))
+}
+
+/// The service's task: builds the core, then feeds it until every handle is gone or a `StopAll`
+/// has stopped every instance.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run(
+    ctx: Arc<Context>,
+    name: String,
+    config: ServiceConfig,
+    (state_path, state): (PathBuf, ServiceState),
+    found: Vec<(u32, Status)>,
+    mut requests: mpsc::Receiver<Request>,
+    events_tx: mpsc::Sender<Event>,
+    mut events: mpsc::Receiver<Event>,
+) {
+    let installed = installed_steering(&ctx, &name, &config);
+    let slot = Arc::new(Mutex::new(None));
+    let env = HostEnv {
+        host: ctx.host.clone(),
+        name: name.clone(),
+        state_path,
+        cgroups: ctx.cgroups.clone(),
+        slot: slot.clone(),
+    };
+    let core = Core::new(
+        Setup {
+            name: name.clone(),
+            host: ctx.host.clone(),
+            host_name: ctx.host.coordination.host_name(),
+            config,
+            state,
+            fleet: ctx.coord.is_some(),
+            cgroups: ctx.cgroups.clone(),
+            steerable: ctx.iptables.is_some(),
+            installed,
+        },
+        Box::new(env),
+    );
+    let mut executor = Executor {
+        ctx,
+        name,
+        core,
+        events_tx,
+        replies: BTreeMap::new(),
+        next_reply: 0,
+        slot,
+        releasing: BTreeMap::new(),
+        cgroup_removals: BTreeMap::new(),
+        immediate: VecDeque::new(),
+    };
+    let effects = executor.core.startup(found, now_ms());
+    executor.run_effects(effects);
+    loop {
+        tokio::select! {
+            request = requests.recv() => match request {
+                Some(request) => executor.on_request(request),
+                // Every handle is gone: the daemon is exiting and leaves instances running.
+                None => return,
+            },
+            Some(event) = events.recv() => executor.handle(event),
+        }
+        if let Some((forget, reply)) = executor.core.finished() {
+            executor.finish_cgroup_removals().await;
+            if forget {
+                executor.forget().await;
+            }
+            executor.answer(reply, Ok(String::new()));
+            return;
+        }
+    }
+}
+
+impl Executor {
+    fn paths(&self, index: u32) -> ShimPaths {
+        ShimPaths::new(&self.ctx.host.shim_dir(), &self.name, index)
+    }
+
+    fn handle(&mut self, event: Event) {
+        let effects = self.core.handle(event, now_ms());
+        self.run_effects(effects);
+    }
+
+    fn register(&mut self, pending: Pending) -> ReplyId {
+        self.next_reply += 1;
+        let id = ReplyId(self.next_reply);
+        self.replies.insert(id, pending);
+        id
+    }
+
+    fn answer(&mut self, to: ReplyId, result: Result<String, String>) {
+        match self.replies.remove(&to) {
+            Some(Pending::Text(reply)) => {
+                let _ = reply.send(result);
+            }
+            Some(Pending::Done(reply)) => {
+                let _ = reply.send(());
+            }
+            None => {}
+        }
+    }
+
+    fn on_request(&mut self, request: Request) {
+        let request = match request {
+            Request::Status(reply) => {
+                let _ = reply.send(self.core.status(now_ms()));
+                return;
+            }
+            Request::Control {
+                action,
+                index,
+                reply,
+            } => core::Request::Control {
+                action,
+                index,
+                reply: self.register(Pending::Text(reply)),
+            },
+            Request::Reconfigure { config, reply } => core::Request::Reconfigure {
+                config,
+                reply: self.register(Pending::Text(reply)),
+            },
+            Request::Settled(reply) => core::Request::Settled(self.register(Pending::Done(reply))),
+            Request::StopAll { forget, reply } => core::Request::StopAll {
+                forget,
+                reply: self.register(Pending::Done(reply)),
+            },
+            Request::Desired { build } => core::Request::Desired { build },
+            Request::Connection(connected) => core::Request::Connection(connected),
+            Request::ConfigError(error) => core::Request::ConfigError(error),
+            Request::WorldWritable(nodes) => core::Request::WorldWritable(nodes),
+            Request::Local { verb, reply } => core::Request::Local {
+                verb,
+                reply: self.register(Pending::Text(reply)),
+            },
+        };
+        self.handle(Event::Request(request));
+    }
+
+    /// Runs the effects in order, then whatever outcomes were known at once.
+    fn run_effects(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            self.run_effect(effect);
+        }
+        while let Some(event) = self.immediate.pop_front() {
+            let effects = self.core.handle(event, now_ms());
+            for effect in effects {
+                self.run_effect(effect);
+            }
+        }
+    }
+
+    /// Spawns a task that sends `event` once `work` is done.
+    fn report(&self, work: impl Future<Output = Event> + Send + 'static) {
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let event = work.await;
+            let _ = events.send(event).await;
+        });
+    }
+
+    fn run_effect(&mut self, effect: Effect) {
+        match effect {
+            Effect::Spawn {
+                index,
+                generation,
+                spec,
+                cgroup,
+            } => self.spawn_shim(index, generation, *spec, cgroup),
+            Effect::Watch { index, generation } => {
+                let socket = self.paths(index).socket;
+                self.report(async move {
+                    let status = match shim::wait(&socket).await {
+                        Ok(status @ Status::Exited { .. }) => Ok(status),
+                        Ok(status @ Status::Running { .. }) => Err(format!(
+                            "{}: the shim answered `wait` with `{status}`",
+                            socket.display()
+                        )),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    Event::Instance {
+                        index,
+                        generation,
+                        event: InstanceEvent::Exited(status),
+                    }
+                });
+            }
+            Effect::Stop {
+                index,
+                signal,
+                grace_ms,
+            } => {
+                let socket = self.paths(index).socket;
+                let name = self.name.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = shim::stop(&socket, signal, grace_ms).await {
+                        // The watch reports the shim's end; nothing else to do here.
+                        tracing::warn!(service = %name, index, "stop: {e}");
+                    }
+                });
+            }
+            Effect::Release { index } => {
+                let paths = self.paths(index);
+                let previous = self.releasing.insert(
+                    index,
+                    tokio::spawn(async move {
+                        shim::release_and_wait(&paths).await;
+                    }),
+                );
+                drop(previous);
+            }
+            Effect::Signal {
+                indices,
+                signal,
+                reply,
+            } => {
+                let sockets: Vec<(u32, PathBuf)> =
+                    indices.iter().map(|&i| (i, self.paths(i).socket)).collect();
+                let name = self.name.clone();
+                let reply = self.replies.remove(&reply);
+                tokio::spawn(async move {
+                    let mut errors = Vec::new();
+                    for (i, socket) in &sockets {
+                        if let Err(e) = shim::signal(socket, signal).await {
+                            errors.push(format!("{name}/{i}: {e}"));
+                        }
+                    }
+                    if let Some(Pending::Text(reply)) = reply {
+                        let _ = reply.send(if errors.is_empty() {
+                            Ok(format!("signalled {} instance(s) of {name}", sockets.len()))
+                        } else {
+                            Err(errors.join("; "))
+                        });
+                    }
+                });
+            }
+            Effect::RestartSignal {
+                index,
+                signal,
+                epoch,
+            } => {
+                let socket = self.paths(index).socket;
+                self.report(async move {
+                    let input = match shim::signal(&socket, signal).await {
+                        Ok(()) => Input::Signalled(index),
+                        Err(e) => Input::SignalFailed(index, e.to_string()),
+                    };
+                    Event::Restart {
+                        epoch,
+                        event: RestartEvent::Input(input),
+                    }
+                });
+            }
+            Effect::SetTimer { after_ms, timer } => self.report(async move {
+                tokio::time::sleep(Duration::from_millis(after_ms)).await;
+                Event::Timer(timer)
+            }),
+            Effect::AwaitReady {
+                index,
+                generation,
+                probe,
+            } => self.report(async move {
+                Event::Instance {
+                    index,
+                    generation,
+                    event: InstanceEvent::Ready(probe.until_ready().await),
+                }
+            }),
+            Effect::WatchLiveness {
+                index,
+                generation,
+                probe,
+            } => self.watch_liveness(index, generation, *probe),
+            Effect::Check {
+                index,
+                epoch,
+                probe,
+            } => self.report(async move {
+                let input = match probe.until_ready().await {
+                    Ok(()) => Input::Healthy(index),
+                    Err(why) => Input::Unhealthy(index, why),
+                };
+                Event::Restart {
+                    epoch,
+                    event: RestartEvent::Input(input),
+                }
+            }),
+            Effect::WarmUp {
+                index,
+                epoch,
+                port,
+                config,
+                release,
+                sibling,
+            } => {
+                let requests = crate::warmup::load_requests(&config, release.as_deref());
+                self.report(async move {
+                    let event = match requests {
+                        Ok(requests) => RestartEvent::Warmed {
+                            index,
+                            result: Box::new(
+                                crate::warmup::run(port, requests, &config, sibling).await,
+                            ),
+                        },
+                        Err(why) => {
+                            RestartEvent::Input(Input::WarmFailed(index, format!("warm-up: {why}")))
+                        }
+                    };
+                    Event::Restart { epoch, event }
+                });
+            }
+            Effect::ApplyChain { chain, desired } => {
+                let Some(iptables) = self.ctx.iptables.clone() else {
+                    self.immediate.push_back(Event::Steered(Err(
+                        "steering needs root and iptables-restore".into(),
+                    )));
+                    return;
+                };
+                self.report(async move {
+                    let applied = tokio::task::spawn_blocking(move || iptables.apply(&chain)).await;
+                    Event::Steered(match applied {
+                        Ok(Ok(())) => Ok(desired),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(e) => Err(format!("iptables task: {e}")),
+                    })
+                });
+            }
+            Effect::AwaitDrain {
+                index,
+                waiter,
+                port,
+                until,
+                timeout_ms,
+            } => {
+                let service = self.name.clone();
+                self.report(async move {
+                    let outcome = match port {
+                        Some(port) => {
+                            Some(crate::drain::wait(&service, index, port, until, timeout_ms).await)
+                        }
+                        None => None,
+                    };
+                    Event::Drained {
+                        index,
+                        waiter,
+                        outcome,
+                    }
+                });
+            }
+            Effect::SetLowWeight {
+                index,
+                generation,
+                dir,
+            } => {
+                let result = match self.ctx.cgroups.cgroups() {
+                    Some(cgroups) => cgroups.set_low(&dir),
+                    None => Err("cgroups: none found at start-up".into()),
+                };
+                if result.is_ok() {
+                    tracing::info!(service = %self.name, index, cgroup = %dir.display(), "cpu weight set to low");
+                }
+                self.immediate.push_back(Event::Instance {
+                    index,
+                    generation,
+                    event: InstanceEvent::WeightSet(result),
+                });
+            }
+            Effect::RemoveCgroup { index, dir } => self.remove_cgroup(index, dir),
+            Effect::Install(job) => self.install(*job),
+            Effect::PostRestart {
+                build,
+                hooks,
+                release,
+                keep,
+            } => {
+                let releases = Releases::new(&self.ctx.host.data_dir, &self.name);
+                let in_use: BTreeSet<String> = [build.clone()].into_iter().collect();
+                self.report(async move {
+                    let result = hooks
+                        .run(Stage::PostRestart, &build, None, release.as_deref())
+                        .await;
+                    // The serving release and the one before stay, whatever `keep` says.
+                    if let Err(e) = releases.prune(keep.max(2), &in_use) {
+                        tracing::warn!("pruning releases: {e}");
+                    }
+                    Event::Deploy(DeployEvent::PostRestartDone { build, result })
+                });
+            }
+            Effect::AcquireSlot => {
+                let Some(zk) = self.ctx.coord.clone() else {
+                    self.immediate
+                        .push_back(Event::Deploy(DeployEvent::Slot(Err(
+                            "no ZooKeeper to hold a slot in".into(),
+                        ))));
+                    return;
+                };
+                let service = self.name.clone();
+                let held = self.slot.clone();
+                self.report(async move {
+                    let result = match zk.acquire_slot(&service).await {
+                        Ok(slot) => {
+                            let old = held
+                                .lock()
+                                .expect("the slot lock is never held across a panic")
+                                .replace(slot);
+                            if let Some(old) = old {
+                                tokio::spawn(old.release());
+                            }
+                            Ok(())
+                        }
+                        Err(e) => {
+                            tokio::time::sleep(Duration::from_millis(SLOT_RETRY_MS)).await;
+                            Err(e.to_string())
+                        }
+                    };
+                    Event::Deploy(DeployEvent::Slot(result))
+                });
+            }
+            Effect::ReleaseSlot => {
+                let slot = self
+                    .slot
+                    .lock()
+                    .expect("the slot lock is never held across a panic")
+                    .take();
+                if let Some(slot) = slot {
+                    tokio::spawn(slot.release());
+                }
+            }
+            Effect::PublishHostStatus(host) => {
+                let Some(zk) = self.ctx.coord.clone() else {
+                    return;
+                };
+                let value = serde_json::to_value(&*host).expect("status serializes");
+                let service = self.name.clone();
+                tokio::spawn(async move { zk.set_status(&service, value).await });
+            }
+            Effect::Reply { to, result } => self.answer(to, result),
+        }
+    }
+
+    fn spawn_shim(
+        &mut self,
+        index: u32,
+        generation: u64,
+        spec: crate::spec::InstanceSpec,
+        cgroup: bool,
+    ) {
+        let paths = self.paths(index);
+        let releasing = self.releasing.remove(&index);
+        let shim_binary = self.ctx.shim_binary.clone();
+        let cgroups = self.ctx.cgroups.cgroups().filter(|_| cgroup).cloned();
+        let removal = self.cgroup_removals.remove(&index);
+        let service = self.name.clone();
+        for log in [&spec.stdout_log, &spec.stderr_log] {
+            if let Some(dir) = log.parent()
+                && let Err(e) = make_log_dir(dir)
+            {
+                tracing::warn!(service = %self.name, index, "creating {}: {e}", dir.display());
+            }
+        }
+        self.report(async move {
+            if let Some(releasing) = releasing {
+                let _ = releasing.await;
+            }
+            // A removal of the index's cgroup must not race its making: stop it, and wait until it
+            // is really gone (a removal stopped half-way leaves the directory, which is reused).
+            if let Some(removal) = removal {
+                removal.abort();
+                let _ = removal.await;
+            }
+            let cgroup = cgroups.map(|c| c.prepare(&service, index));
+            let cgroup_dir = cgroup.as_ref().and_then(|c| c.as_ref().ok());
+            let tag = spec.tag();
+            let result = match shim::spawn(
+                &shim_binary,
+                &paths,
+                &spec,
+                cgroup_dir.map(PathBuf::as_path),
+            )
+            .await
+            {
+                Ok((shim_pid, pid)) => Ok((
+                    ShimInfo {
+                        shim_pid,
+                        pid,
+                        started_ms: now_ms(),
+                        tag,
+                    },
+                    false,
+                )),
+                // Another shim holds the instance (a previous daemon died while spawning it):
+                // take that one over instead of starting a second process.
+                Err(ShimError::Busy { .. }) => adopt_busy(&paths).await,
+                Err(e) => Err(e),
+            };
+            Event::Instance {
+                index,
+                generation,
+                event: InstanceEvent::Spawned {
+                    result: result.map_err(|e| e.to_string()),
+                    cgroup,
+                },
+            }
+        });
+    }
+
+    /// The periodic liveness probe of a healthy instance.
+    fn watch_liveness(&self, index: u32, generation: u64, probe: crate::health::Probe) {
+        let interval = probe.config.liveness_interval_ms;
+        let limit = probe.config.liveness_failures.max(1);
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let mut failures = 0;
+            loop {
+                tokio::time::sleep(Duration::from_millis(interval)).await;
+                if events.is_closed() {
+                    return;
+                }
+                match probe.once().await {
+                    Ok(()) => failures = 0,
+                    Err(reason) => {
+                        failures += 1;
+                        if failures >= limit {
+                            let reason =
+                                format!("{failures} liveness probes failed in a row: {reason}");
+                            let _ = events
+                                .send(Event::Instance {
+                                    index,
+                                    generation,
+                                    event: InstanceEvent::LivenessFailed(reason),
+                                })
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Removes the instance's cgroup in the background (its last processes may still be exiting);
+    /// a start of the same index waits for the removal.
+    fn remove_cgroup(&mut self, index: u32, dir: PathBuf) {
+        let Some(cgroups) = self.ctx.cgroups.cgroups().cloned() else {
+            return;
+        };
+        let service = self.name.clone();
+        let previous = self.cgroup_removals.remove(&index);
+        let handle = tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            match cgroups.remove(&dir).await {
+                Ok(()) => {
+                    tracing::info!(service = %service, index, cgroup = %dir.display(), "cgroup removed")
+                }
+                Err(e) => tracing::warn!(service = %service, index, "{e}"),
+            }
+        });
+        self.cgroup_removals.insert(index, handle);
+    }
+
+    /// Waits for the cgroup removals in progress (bounded by their attempts).
+    async fn finish_cgroup_removals(&mut self) {
+        for (_, handle) in std::mem::take(&mut self.cgroup_removals) {
+            let _ = handle.await;
+        }
+    }
+
+    /// The service left the configuration: its state file and its steering go too.
+    async fn forget(&mut self) {
+        let state_path = crate::state::path(&self.ctx.host.state_dir(), &self.name);
+        if let Err(e) = crate::state::remove(&state_path) {
+            tracing::error!(service = %self.name, "{e}");
+        }
+        if let Some(iptables) = self.ctx.iptables.clone() {
+            let name = self.name.clone();
+            let removed = tokio::task::spawn_blocking(move || iptables.remove(&name)).await;
+            if let Ok(Err(e)) = removed {
+                tracing::error!(service = %self.name, "removing steering: {e}");
+            }
+        }
+    }
+
+    /// A deploy's download, install hooks, `current` flip and `pre_restart` hooks.
+    fn install(&self, job: InstallJob) {
+        let InstallJob {
+            build,
+            build_config,
+            previous,
+            hooks,
+        } = job;
+        let releases = Releases::new(&self.ctx.host.data_dir, &self.name);
+        let coord = self.ctx.coord.clone();
+        let service = self.name.clone();
+        self.report(async move {
+            let result = async {
+                let source = match &coord {
+                    Some(zk) => {
+                        // ZooKeeper being away delays a deploy; it never fails it.
+                        let mut pause_ms = 500;
+                        let meta = loop {
+                            match zk.build_meta(&service, &build).await {
+                                Ok(meta) => break meta,
+                                Err(e) => {
+                                    tracing::warn!(
+                                        service,
+                                        build,
+                                        "reading /builds/{service}/{build}: {e}; retrying"
+                                    );
+                                    tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+                                    pause_ms = (pause_ms * 2).min(META_RETRY_MAX_MS);
+                                }
+                            }
+                        };
+                        match meta {
+                            Some(meta) => build::Source {
+                                url: meta.url,
+                                sha256: Some(meta.sha256),
+                            },
+                            None => build::Source {
+                                url: build::source_url(&build_config.source, &service, &build),
+                                sha256: None,
+                            },
+                        }
+                    }
+                    None => build::Source {
+                        url: build::source_url(&build_config.source, &service, &build),
+                        sha256: None,
+                    },
+                };
+                if !releases.has(&build) {
+                    hooks
+                        .run(Stage::PreDownload, &build, previous.as_deref(), None)
+                        .await?;
+                }
+                let limits = build::Limits {
+                    max_archive_bytes: build_config.max_archive_bytes,
+                    max_unpacked_bytes: build_config.max_unpacked_bytes,
+                    max_entries: build_config.max_entries,
+                    ..build::Limits::default()
+                };
+                let dir = releases
+                    .install(&build, &source, &limits)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                hooks
+                    .run(Stage::PostDownload, &build, previous.as_deref(), Some(&dir))
+                    .await?;
+                hooks
+                    .run(Stage::PostInstall, &build, previous.as_deref(), Some(&dir))
+                    .await?;
+                releases.set_current(&build).map_err(|e| e.to_string())?;
+                hooks
+                    .run(Stage::PreRestart, &build, previous.as_deref(), Some(&dir))
+                    .await?;
+                Ok(())
+            }
+            .await;
+            Event::Deploy(DeployEvent::Installed { build, result })
+        });
+    }
+}
+
+/// Takes over a shim that another daemon spawned: waits for its socket, then asks its status.
+async fn adopt_busy(paths: &ShimPaths) -> Result<(ShimInfo, bool), ShimError> {
+    let mut last = None;
+    for _ in 0..ADOPT_BUSY_ATTEMPTS {
+        match shim::status(&paths.socket).await {
+            Ok(Status::Running {
+                shim_pid,
+                pid,
+                started_ms,
+                tag,
+                ..
+            }) => {
+                return Ok((
+                    ShimInfo {
+                        shim_pid,
+                        pid,
+                        started_ms,
+                        tag,
+                    },
+                    true,
+                ));
+            }
+            Ok(status @ Status::Exited { .. }) => {
+                // It already ended: collect it and report a start that did not last.
+                shim::release_and_wait(paths).await;
+                return Err(ShimError::Protocol {
+                    path: paths.socket.clone(),
+                    message: format!("the instance of an earlier daemon exited: {status}"),
+                });
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+impl HookContext {
+    async fn run(
+        &self,
+        stage: Stage,
+        build: &str,
+        previous: Option<&str>,
+        release_dir: Option<&std::path::Path>,
+    ) -> Result<(), String> {
+        let configured = self
+            .configured
+            .get(stage.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let hooks = sluice_hooks::hooks_for(stage, &configured, release_dir, &self.stock_dir)
+            .map_err(|e| e.to_string())?;
+        if hooks.is_empty() {
+            return Ok(());
+        }
+        let identity = self
+            .identity
+            .clone()
+            .map_err(|e| format!("{stage} hooks not run: {e}"))?;
+        std::fs::create_dir_all(&self.log_dir)
+            .map_err(|e| format!("{}: {e}", self.log_dir.display()))?;
+        let run = sluice_hooks::Run {
+            stage,
+            service: &self.service,
+            build,
+            previous_build: previous,
+            release_dir,
+            identity,
+            extra_env: &self.env,
+            timeout_ms: self.timeout_ms,
+            log_dir: &self.log_dir,
+            stock_dir: &self.stock_dir,
+        };
+        sluice_hooks::run_stage(&run, &hooks)
+            .await
+            .map(drop)
+            .map_err(|e| match e.output_tail() {
+                // The end of its output is what an operator needs to see in status.
+                Some(tail) if !tail.trim().is_empty() => {
+                    let tail = tail.trim();
+                    let start = tail.len().saturating_sub(OUTPUT_TAIL_IN_STATUS);
+                    let start = (start..tail.len())
+                        .find(|i| tail.is_char_boundary(*i))
+                        .unwrap_or(tail.len());
+                    format!("{e}; output ends with: {}", &tail[start..])
+                }
+                _ => e.to_string(),
+            })
+    }
+}
