@@ -76,6 +76,12 @@ pub struct HostConfig {
     pub cgroup_parent: String,
     #[serde(default)]
     pub coordination: CoordinationConfig,
+    /// This host's rack (or zone): builds travel between hosts of one rack first.
+    #[serde(default)]
+    pub rack: Option<String>,
+    /// Serving builds to other hosts and fetching them from them (`crate::build::peer`).
+    #[serde(default)]
+    pub peers: crate::build::peer::PeerConfig,
 }
 
 fn default_cgroup_parent() -> String {
@@ -247,6 +253,8 @@ impl Default for HostConfig {
             cgroups: CgroupsMode::default(),
             cgroup_parent: default_cgroup_parent(),
             coordination: CoordinationConfig::default(),
+            rack: None,
+            peers: crate::build::peer::PeerConfig::default(),
         }
     }
 }

@@ -151,6 +151,7 @@ impl Service {
         let previous = self.state.build.clone();
         let hooks = self.hook_context(&build);
         let events = self.events_tx.clone();
+        let peers = self.ctx.peers.clone();
         tokio::spawn(async move {
             let result = async {
                 let source = match &coord {
@@ -198,10 +199,16 @@ impl Service {
                     max_entries: build_config.max_entries,
                     ..build::Limits::default()
                 };
-                let dir = releases
-                    .install(&build, &source, &limits)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let dir = build::peer::install(
+                    peers.as_ref(),
+                    &releases,
+                    &service,
+                    &build,
+                    &source,
+                    &limits,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
                 hooks
                     .run(Stage::PostDownload, &build, previous.as_deref(), Some(&dir))
                     .await?;
