@@ -391,7 +391,11 @@ impl Peers {
                     continue;
                 };
                 if name.starts_with(PARTIAL_PREFIX) {
-                    if !fetching.contains(&entry.path()) {
+                    // Only leftovers of an earlier process: one of ours may be between its
+                    // creation and its entry in `partials`.
+                    let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+                    let ours = pid == Some(std::process::id());
+                    if !ours && !fetching.contains(&entry.path()) {
                         let _ = std::fs::remove_file(entry.path());
                     }
                     continue;
