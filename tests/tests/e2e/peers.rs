@@ -86,6 +86,16 @@ fn lines_with(h: &FleetHost, from: usize, words: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Whether `line` holds `field` (`peer=h1`) as a whole value, not as the start of `peer=h10`.
+fn names_host(line: &str, field: &str) -> bool {
+    line.match_indices(field).any(|(i, _)| {
+        line[i + field.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !c.is_ascii_alphanumeric())
+    })
+}
+
 fn size_of(build: &BuildInfo) -> u64 {
     std::fs::metadata(&build.file).expect("the archive").len()
 }
@@ -261,19 +271,30 @@ fn builds_travel_between_peers_and_the_store_serves_once_per_rack() {
         |view| others.iter().all(|n| serving(view, n, &b3.id)),
         DEPLOY_PATIENCE,
     );
+    // Retries that name the victim and are not a busy answer: the cut upload.
+    let victim_field = format!("peer={}", victim.name);
     let retried: Vec<String> = fleet
         .hosts
         .iter()
         .filter(|h| h.name != victim.name)
-        .filter(|h| !lines_with(h, marks[&h.name], &["retrying elsewhere", "b3"]).is_empty())
-        .map(|h| h.name.clone())
+        .flat_map(|h| {
+            lines_with(
+                h,
+                marks[&h.name],
+                &["retrying elsewhere", "b3", &victim_field],
+            )
+            .into_iter()
+            .filter(|l| names_host(l, &victim_field) && !l.contains("503"))
+            .map(|l| format!("{}: {l}", h.name))
+            .collect::<Vec<_>>()
+        })
         .collect();
     assert!(
         !retried.is_empty(),
         "no host retried after {} died mid-upload",
         victim.name
     );
-    eprintln!("retried after the kill: {retried:?}");
+    eprintln!("retries after the kill:\n{}", retried.join("\n"));
     victim.spawn_daemon(&[]);
     victim.wait_reachable(sluice_tests::PATIENCE);
     fleet.wait_all_serving(SVC, &b3.id, DEPLOY_PATIENCE);
