@@ -109,6 +109,28 @@ start_timeout_ms = 20000
     )
 }
 
+/// The service file of a light build-deployed service `svc` for fleets of many hosts: one
+/// instance of Python's own file server over the release (port 9100, no hooks, no steering),
+/// healthy once it serves the build's `BUILD` file; restarted all at once.
+pub fn light_service(svc: &str) -> String {
+    format!(
+        r#"command = ["{python}", "-m", "http.server", "{{port}}", "--bind", "127.0.0.1", "--directory", "{{release_dir}}"]
+instances = 1
+port_base = 9100
+stop_grace_ms = 2000
+[build]
+source = "http://{HUB_ADDR}:{HTTP_PORT}/{svc}/{{build}}.tar.gz"
+keep_releases = 3
+[restart]
+strategy = "all-at-once"
+[health]
+http = "/BUILD"
+start_timeout_ms = 20000
+"#,
+        python = system_python().display(),
+    )
+}
+
 /// The interpreter the venvs are made with: Debian's, else `python3` on `PATH`.
 pub fn system_python() -> PathBuf {
     let debian = Path::new("/usr/bin/python3");
@@ -169,7 +191,7 @@ impl Fleet {
     /// [`Fleet::new`], with `host_extra(i)` (0-based) added to host `i`'s host file before its
     /// `[coordination]` table: top-level keys first (`rack = …`), then tables (`[peers]`).
     pub fn new_with(opts: FleetOptions, host_extra: &dyn Fn(usize) -> String) -> Option<Fleet> {
-        assert!(opts.hosts >= 1 && opts.hosts <= 50);
+        assert!(opts.hosts >= 1 && opts.hosts <= 200);
         assert!(
             matches!(opts.zookeepers, 0 | 1 | 3),
             "1 or 3 ZooKeeper servers"
@@ -589,14 +611,16 @@ pub fn noise(bytes: usize, seed: u64) -> Vec<u8> {
 
 /// A static file server on a thread inside the hub namespace: GET only, `Content-Length`, 404 for
 /// anything missing, one request per connection; counts requests and body bytes sent per path,
-/// and sends at most [`FileServer::set_rate`] bytes per second per response when set.
+/// and sends at most [`FileServer::set_uplink`] bytes per second over all responses together
+/// when set (the store's uplink).
 pub struct FileServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     counts: Arc<Mutex<BTreeMap<String, u64>>>,
     sent: Arc<Mutex<BTreeMap<String, u64>>>,
-    /// Bytes per second per response; 0: as fast as it goes.
-    rate: Arc<std::sync::atomic::AtomicU64>,
+    /// The uplink: bytes per second of all responses together (0: as fast as it goes), and
+    /// when the bytes sent so far are due.
+    uplink: Arc<Uplink>,
     root: PathBuf,
 }
 
@@ -606,14 +630,14 @@ impl FileServer {
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(Mutex::new(BTreeMap::new()));
         let sent = Arc::new(Mutex::new(BTreeMap::new()));
-        let rate = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let uplink = Arc::new(Uplink::default());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
-            let (stop, counts, sent, rate, root, ns) = (
+            let (stop, counts, sent, uplink, root, ns) = (
                 stop.clone(),
                 counts.clone(),
                 sent.clone(),
-                rate.clone(),
+                uplink.clone(),
                 root.to_owned(),
                 ns.name.clone(),
             );
@@ -633,10 +657,10 @@ impl FileServer {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
-                            let (counts, sent, root) = (counts.clone(), sent.clone(), root.clone());
-                            let rate = rate.load(Ordering::Relaxed);
+                            let (counts, sent, root, uplink) =
+                                (counts.clone(), sent.clone(), root.clone(), uplink.clone());
                             std::thread::spawn(move || {
-                                serve_one(stream, &root, &counts, &sent, rate);
+                                serve_one(stream, &root, &counts, &sent, &uplink);
                             });
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -656,15 +680,18 @@ impl FileServer {
             thread: Some(thread),
             counts,
             sent,
-            rate,
+            uplink,
             root: root.to_owned(),
         }
     }
 
-    /// Limits each response to `bytes_per_s` (0: no limit), from the next connection on: the
-    /// store's uplink, so that a transfer lasts long enough to be watched.
-    pub fn set_rate(&self, bytes_per_s: u64) {
-        self.rate.store(bytes_per_s, Ordering::Relaxed);
+    /// Limits all responses together to `bytes_per_s` (0: no limit): the store's uplink, so
+    /// that the store's bandwidth matters as in a data centre, and a transfer lasts long enough
+    /// to be watched.
+    pub fn set_uplink(&self, bytes_per_s: u64) {
+        self.uplink
+            .bytes_per_s
+            .store(bytes_per_s, Ordering::Relaxed);
     }
 
     /// Body bytes sent for `path` so far (cut transfers count what went out).
@@ -697,12 +724,40 @@ impl Drop for FileServer {
     }
 }
 
+/// The store's uplink: chunks of every response reserve their share of time one after another.
+#[derive(Default)]
+struct Uplink {
+    bytes_per_s: std::sync::atomic::AtomicU64,
+    next: Mutex<Option<Instant>>,
+}
+
+impl Uplink {
+    /// Waits until `bytes` more have had their time on the uplink.
+    fn pace(&self, bytes: u64) {
+        let rate = self.bytes_per_s.load(Ordering::Relaxed);
+        if rate == 0 {
+            return;
+        }
+        let cost = Duration::from_secs_f64(bytes as f64 / rate as f64);
+        let due = {
+            let mut next = self.next.lock().unwrap();
+            let now = Instant::now();
+            let start = next.filter(|t| *t > now).unwrap_or(now);
+            *next = Some(start + cost);
+            start + cost
+        };
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 fn serve_one(
     mut stream: TcpStream,
     root: &Path,
     counts: &Mutex<BTreeMap<String, u64>>,
     sent: &Mutex<BTreeMap<String, u64>>,
-    rate: u64,
+    uplink: &Uplink,
 ) {
     let _ = stream.set_nonblocking(false);
     stream.set_read_timeout(Some(IO_TIMEOUT)).ok();
@@ -746,9 +801,7 @@ fn serve_one(
                 stream,
                 "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
             );
-            // In pieces, so the bytes count as they go and the rate holds.
-            let started = Instant::now();
-            let mut done: u64 = 0;
+            // In pieces, so the bytes count as they go and the uplink's rate holds.
             let mut buf = vec![0u8; 16 * 1024];
             loop {
                 let n = match f.read(&mut buf) {
@@ -758,14 +811,8 @@ fn serve_one(
                 if stream.write_all(&buf[..n]).is_err() {
                     break;
                 }
-                done += n as u64;
                 *sent.lock().unwrap().entry(path.clone()).or_default() += n as u64;
-                if rate > 0 {
-                    let due = Duration::from_secs_f64(done as f64 / rate as f64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        std::thread::sleep(wait);
-                    }
-                }
+                uplink.pace(n as u64);
             }
         }
         _ => respond(&mut stream, "404 Not Found", b"not found\n"),

@@ -6,7 +6,7 @@
 //!
 //! Scaled down from the issue's 100 hosts (10 racks of 10) to 12 hosts in 3 racks of 4 and one
 //! ZooKeeper server, so that the test stays within a few minutes on a shared two-core machine.
-//! Link rates come from the store's own pacing (3 MB/s per response) and the hosts'
+//! Link rates come from the store's own pacing (a 3 MB/s uplink for all its responses) and the hosts'
 //! `peers.upload_bytes_per_s` (1.5 MB/s), not from `tc`: a 3 MiB archive then takes seconds to
 //! move, long enough to kill a host in the middle of an upload.
 
@@ -15,7 +15,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use sluice_tests::fleet::{
-    BuildInfo, Fleet, FleetHost, FleetOptions, http_get_bytes, noise, serving, sha256_file,
+    BuildInfo, Fleet, FleetHost, FleetOptions, http_get_bytes, light_service, noise, serving,
+    sha256_file,
 };
 use sluice_tests::netns::run_in_named;
 
@@ -24,7 +25,7 @@ const HOSTS: usize = 12;
 const RACKS: usize = 3;
 /// Incompressible bytes in each build, so the archive is about this large.
 const NOISE_BYTES: usize = 3 << 20;
-/// The store's rate per response, bytes per second.
+/// The store's uplink, bytes per second for all its responses together.
 const STORE_BYTES_PER_S: u64 = 3_000_000;
 /// Each host's `peers.upload_bytes_per_s`.
 const UPLOAD_BYTES_PER_S: u64 = 1_500_000;
@@ -43,27 +44,6 @@ fn host_extra(i: usize) -> String {
         "rack = \"{rack}\"\n[peers]\nenabled = true\nadvertise = \"10.199.0.{addr}:{PEER_PORT}\"\nmax_uploads = 3\nupload_bytes_per_s = {UPLOAD_BYTES_PER_S}\nstall_ms = 3000\n",
         rack = rack_of(i),
         addr = 11 + i,
-    )
-}
-
-/// One light instance per host: Python's own file server over the release, healthy once it
-/// serves the build's `BUILD` file.
-fn web_service() -> String {
-    format!(
-        r#"command = ["/usr/bin/python3", "-m", "http.server", "{{port}}", "--bind", "127.0.0.1", "--directory", "{{release_dir}}"]
-instances = 1
-port_base = 9100
-stop_grace_ms = 2000
-[build]
-source = "http://{hub}:8000/{SVC}/{{build}}.tar.gz"
-keep_releases = 3
-[restart]
-strategy = "all-at-once"
-[health]
-http = "/BUILD"
-start_timeout_ms = 20000
-"#,
-        hub = sluice_tests::fleet::HUB_ADDR,
     )
 }
 
@@ -172,7 +152,7 @@ fn builds_travel_between_peers_and_the_store_serves_once_per_rack() {
     ) else {
         return;
     };
-    fleet.http().set_rate(STORE_BYTES_PER_S);
+    fleet.http().set_uplink(STORE_BYTES_PER_S);
     let builds: Vec<BuildInfo> = (1..=3)
         .map(|n| {
             let file = noise(NOISE_BYTES, n);
@@ -182,7 +162,7 @@ fn builds_travel_between_peers_and_the_store_serves_once_per_rack() {
         })
         .collect();
     let (b1, b2, b3) = (&builds[0], &builds[1], &builds[2]);
-    fleet.service(SVC, &web_service());
+    fleet.service(SVC, &light_service(SVC));
     fleet.start_daemons();
     for b in &builds {
         fleet.register_with_size(SVC, b);
