@@ -39,7 +39,7 @@ const ZK_PEER_PORT: u16 = 2888;
 const ZK_ELECTION_PORT: u16 = 3888;
 /// ZooKeeper's chroot for sluice.
 pub const ZK_CHROOT: &str = "/sluice";
-/// Session timeout written into every host file.
+/// Session timeout written into every host file (unless [`Fleet::new_with`] names another).
 pub const SESSION_TIMEOUT_MS: u64 = 4000;
 const ZK_BIN: &str = "/usr/share/zookeeper/bin";
 /// Small JVMs: three servers and the tests share two cores.
@@ -185,12 +185,17 @@ impl Fleet {
     /// writes each host's host file; no daemon runs yet. `None` when the test must skip (not root,
     /// or Java/ZooKeeper/wheels missing outside CI).
     pub fn new(opts: FleetOptions) -> Option<Fleet> {
-        Fleet::new_with(opts, &|_| String::new())
+        Fleet::new_with(opts, SESSION_TIMEOUT_MS, &|_| String::new())
     }
 
-    /// [`Fleet::new`], with `host_extra(i)` (0-based) added to host `i`'s host file before its
-    /// `[coordination]` table: top-level keys first (`rack = …`), then tables (`[peers]`).
-    pub fn new_with(opts: FleetOptions, host_extra: &dyn Fn(usize) -> String) -> Option<Fleet> {
+    /// [`Fleet::new`] with each host's `coordination.session_timeout_ms`, and with
+    /// `host_extra(i)` (0-based) added to host `i`'s host file before its `[coordination]`
+    /// table: top-level keys first (`rack = …`), then tables (`[peers]`).
+    pub fn new_with(
+        opts: FleetOptions,
+        session_timeout_ms: u64,
+        host_extra: &dyn Fn(usize) -> String,
+    ) -> Option<Fleet> {
         assert!(opts.hosts >= 1 && opts.hosts <= 200);
         assert!(
             matches!(opts.zookeepers, 0 | 1 | 3),
@@ -266,7 +271,7 @@ impl Fleet {
                 file += &host_extra(i);
                 if let Some(zk) = &zk {
                     file += &format!(
-                        "[coordination]\nbackend = \"zookeeper\"\nconnect = \"{}\"\nhost = \"{name}\"\nsession_timeout_ms = {SESSION_TIMEOUT_MS}\n",
+                        "[coordination]\nbackend = \"zookeeper\"\nconnect = \"{}\"\nhost = \"{name}\"\nsession_timeout_ms = {session_timeout_ms}\n",
                         zk.connect_string()
                     );
                 }

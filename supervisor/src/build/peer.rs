@@ -75,8 +75,13 @@ const UPLOAD_CHUNK_BYTES: usize = 64 * 1024;
 const HEADER_READ_TIMEOUT_MS: u64 = 5_000;
 /// How often the served archives are compared with the releases on disk, in ms.
 const RESCAN_MS: u64 = 10_000;
-/// Pause between looks for a source while the rack's fetcher has nothing to offer yet, in ms.
-const WAIT_PAUSE_MS: u64 = 200;
+/// Longest wait for a change of the rack's peers before looking again, in ms: a look also
+/// finds peers of other racks, and busy peers that became free.
+const WAIT_MAX_MS: u64 = 1_000;
+/// Shortest pause between two looks for a source, in ms.
+const WAIT_MIN_MS: u64 = 50;
+/// Pause after a failed ZooKeeper request of an install, in ms.
+const ZK_RETRY_MS: u64 = 500;
 /// Path prefix of the one resource the peer server has.
 const URL_PREFIX: &str = "/v1/builds/";
 /// Longest request target the peer server reads, in bytes (a service and a build id).
@@ -270,7 +275,9 @@ impl Pacer {
 enum PeerFailure {
     /// Its bytes do not verify.
     Bad(BuildError),
-    /// It could not serve (busy, gone, stalled, cut): try another.
+    /// It answered that all its upload slots are taken: try another, no failure counted.
+    Busy(String),
+    /// It could not serve (gone, stalled, cut, not holding it): try another.
     Unavailable(String),
     /// This host failed (disk): no other source helps.
     Local(BuildError),
@@ -474,7 +481,10 @@ impl Peers {
                 let found = match zk.peers_of(service, build, &rack).await {
                     Ok(found) => found,
                     Err(e) => {
+                        // ZooKeeper away delays the install (up to `rack_wait_ms`), and the
+                        // pause keeps this loop from spinning on a session that is gone.
                         tracing::warn!(service, build, "looking for peers: {e}");
+                        tokio::time::sleep(Duration::from_millis(ZK_RETRY_MS)).await;
                         Vec::new()
                     }
                 };
@@ -510,6 +520,11 @@ impl Peers {
                             failures += 1;
                             continue;
                         }
+                        Err(PeerFailure::Busy(why)) => {
+                            tracing::info!(service, build, peer = %clip(&peer.host), "{why}");
+                            skipped.insert(peer.host.clone());
+                            continue;
+                        }
                         Err(PeerFailure::Unavailable(why)) => {
                             tracing::info!(service, build, peer = %clip(&peer.host), "retrying elsewhere: {why}");
                             skipped.insert(peer.host.clone());
@@ -525,6 +540,7 @@ impl Peers {
                     Ok(held) => held,
                     Err(e) => {
                         tracing::warn!(service, build, "electing the rack's fetcher: {e}");
+                        tokio::time::sleep(Duration::from_millis(ZK_RETRY_MS)).await;
                         false
                     }
                 };
@@ -541,6 +557,7 @@ impl Peers {
                         service,
                         build,
                         failures,
+                        waited_ms = started.elapsed().as_millis() as u64,
                         "no peer could serve: fetching from the store"
                     );
                 }
@@ -548,9 +565,13 @@ impl Peers {
                     .fetch_store(releases, service, build, &expected, &limits, source)
                     .await;
             }
-            // Another host of the rack fetches: wait until it serves. Busy peers may be free.
+            // Another host of the rack fetches: wait until it serves (or lets go). Busy peers
+            // may be free by then.
             skipped.clear();
-            tokio::time::sleep(Duration::from_millis(WAIT_PAUSE_MS)).await;
+            zk.wait_rack_change(service, build, &rack, Duration::from_millis(WAIT_MAX_MS))
+                .await;
+            // At most one look per WAIT_MIN_MS, however often the rack changes.
+            tokio::time::sleep(Duration::from_millis(WAIT_MIN_MS)).await;
         };
         if leader {
             zk.release_fetch_lock(service, build, &rack).await;
@@ -591,10 +612,7 @@ impl Peers {
         let Ok(addr) = peer.node.addr.parse::<SocketAddr>() else {
             return Err(PeerFailure::Unavailable(format!("{label}: not an ip:port")));
         };
-        let stream = self
-            .open_peer(addr, service, build, &label)
-            .await
-            .map_err(PeerFailure::Unavailable)?;
+        let stream = self.open_peer(addr, service, build, &label).await?;
         tracing::info!(service, build, from = %label, complete = peer.node.complete, "fetching from a peer");
         self.fetch(releases, service, build, expected, limits, &label, stream)
             .await
@@ -608,18 +626,19 @@ impl Peers {
         service: &str,
         build: &str,
         label: &str,
-    ) -> Result<store::ByteStream, String> {
+    ) -> Result<store::ByteStream, PeerFailure> {
         let config = &self.0.config;
+        let down = PeerFailure::Unavailable;
         let connect = tokio::net::TcpStream::connect(addr);
         let tcp = tokio::time::timeout(Duration::from_millis(config.connect_timeout_ms), connect)
             .await
             .map_err(|_| {
-                format!(
+                down(format!(
                     "{label}: no connection within {} ms",
                     config.connect_timeout_ms
-                )
+                ))
             })?
-            .map_err(|e| format!("{label}: {e}"))?;
+            .map_err(|e| down(format!("{label}: {e}")))?;
         let stall = Duration::from_millis(config.stall_ms);
         let (mut send, connection) = tokio::time::timeout(
             stall,
@@ -628,21 +647,30 @@ impl Peers {
             )),
         )
         .await
-        .map_err(|_| format!("{label}: no handshake within {} ms", config.stall_ms))?
-        .map_err(|e| format!("{label}: {e}"))?;
+        .map_err(|_| {
+            down(format!(
+                "{label}: no handshake within {} ms",
+                config.stall_ms
+            ))
+        })?
+        .map_err(|e| down(format!("{label}: {e}")))?;
         tokio::spawn(async move {
             let _ = connection.await;
         });
         let request = hyper::Request::get(format!("{URL_PREFIX}{service}/{build}"))
             .header(hyper::header::HOST, addr.to_string())
             .body(Full::new(Bytes::new()))
-            .map_err(|e| format!("{label}: {e}"))?;
+            .map_err(|e| down(format!("{label}: {e}")))?;
         let response = tokio::time::timeout(stall, send.send_request(request))
             .await
-            .map_err(|_| format!("{label}: no answer within {} ms", config.stall_ms))?
-            .map_err(|e| format!("{label}: {e}"))?;
-        if response.status() != hyper::StatusCode::OK {
-            return Err(format!("{label}: answered {}", response.status()));
+            .map_err(|_| down(format!("{label}: no answer within {} ms", config.stall_ms)))?
+            .map_err(|e| down(format!("{label}: {e}")))?;
+        match response.status() {
+            hyper::StatusCode::OK => {}
+            hyper::StatusCode::SERVICE_UNAVAILABLE => {
+                return Err(PeerFailure::Busy(format!("{label}: busy")));
+            }
+            status => return Err(down(format!("{label}: answered {status}"))),
         }
         let label = label.to_owned();
         let body = response.into_body().into_data_stream().map(move |chunk| {

@@ -222,6 +222,53 @@ impl Zk {
         Ok(false)
     }
 
+    /// Waits, at most `timeout`, until the peers of `rack` or its fetcher change (a peer
+    /// registers, the fetcher lets go): what a host does while its rack's fetcher has nothing
+    /// to offer yet, so that waiting costs two watches, not a read loop.
+    pub async fn wait_rack_change(
+        &self,
+        service: &str,
+        build: &str,
+        rack: &str,
+        timeout: Duration,
+    ) {
+        let Ok(client) = self.client() else {
+            tokio::time::sleep(timeout).await;
+            return;
+        };
+        let peers = format!("{}/{rack}", peers_path(service, build));
+        let fetcher = fetching_path(service, build, rack);
+        let peers_changed = async {
+            match client.get_and_watch_children(&peers).await {
+                Ok((_, _, watcher)) => {
+                    watcher.changed().await;
+                }
+                Err(zookeeper_client::Error::NoNode) => {
+                    if let Ok((None, watcher)) = client.check_and_watch_stat(&peers).await {
+                        watcher.changed().await;
+                    }
+                }
+                // The session is gone or refuses: wait out the timeout, never spin.
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        let fetcher_changed = async {
+            match client.check_and_watch_stat(&fetcher).await {
+                Ok((_, watcher)) => {
+                    watcher.changed().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        let _ = tokio::time::timeout(timeout, async {
+            tokio::select! {
+                () = peers_changed => {}
+                () = fetcher_changed => {}
+            }
+        })
+        .await;
+    }
+
     /// Lets go of `fetching/<rack>` if this session holds it. Best effort: the node is
     /// ephemeral and goes with the session anyway.
     pub async fn release_fetch_lock(&self, service: &str, build: &str, rack: &str) {

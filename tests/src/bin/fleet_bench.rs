@@ -72,6 +72,7 @@ fn run(mode: &str, s: &Settings) -> Value {
             hosts: s.hosts,
             zookeepers: 1,
         },
+        10_000,
         &extra,
     )
     .expect("a fleet (root, ZooKeeper)");
