@@ -236,7 +236,7 @@ struct Inner {
     /// Hosts that served bytes that did not verify: never asked again by this process.
     dropped: Mutex<HashSet<String>>,
     uploads: Arc<Semaphore>,
-    pacer: Pacer,
+    pacer: Arc<Pacer>,
 }
 
 /// Spaces out the bytes of every upload together so they stay under a rate: each chunk
@@ -341,7 +341,7 @@ impl Peers {
             published: Mutex::new(HashSet::new()),
             dropped: Mutex::new(HashSet::new()),
             uploads: Arc::new(Semaphore::new(config.max_uploads)),
-            pacer: Pacer::new(config.upload_bytes_per_s),
+            pacer: Arc::new(Pacer::new(config.upload_bytes_per_s)),
             config: config.clone(),
         }));
         tracing::info!(%listen, %advertise, rack = %peers.0.rack, "peer server listening");
@@ -875,11 +875,12 @@ impl Peers {
             "serving a peer"
         );
         let upload = Upload {
-            peers: self.clone(),
+            pacer: self.0.pacer.clone(),
+            stall: Duration::from_millis(self.0.config.stall_ms),
             file,
             sent: 0,
             progress,
-            _permit: permit,
+            _permit: Some(permit),
             buf: vec![0; UPLOAD_CHUNK_BYTES],
         };
         let frames = futures_util::stream::unfold(upload, |mut upload| async move {
@@ -926,13 +927,16 @@ fn parse_target(target: &str) -> Option<(&str, &str)> {
 
 /// One upload: reads the archive (following a growing one until it verified) and paces it.
 struct Upload {
-    peers: Peers,
+    /// The host's pacer, shared by every upload.
+    pacer: Arc<Pacer>,
+    /// `peers.stall_ms`: how long a growing archive may stay the same.
+    stall: Duration,
     file: tokio::fs::File,
     sent: u64,
     /// The fetch's progress when the archive is still growing.
     progress: Option<watch::Receiver<Progress>>,
-    /// Held for the upload's life: one of `peers.max_uploads`.
-    _permit: OwnedSemaphorePermit,
+    /// Held for the upload's life: one of `peers.max_uploads` (`None` only in unit tests).
+    _permit: Option<OwnedSemaphorePermit>,
     buf: Vec<u8>,
 }
 
@@ -940,7 +944,7 @@ impl Upload {
     /// The next chunk; `None` at the verified end; an error aborts the response (the fetch
     /// failed, or made no progress within `peers.stall_ms`).
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, std::io::Error> {
-        let stall = Duration::from_millis(self.peers.0.config.stall_ms);
+        let stall = self.stall;
         loop {
             let available = match &mut self.progress {
                 None => u64::MAX,
@@ -990,7 +994,7 @@ impl Upload {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
             }
-            self.peers.0.pacer.take(n as u64).await;
+            self.pacer.take(n as u64).await;
             self.sent += n as u64;
             return Ok(Some(Bytes::copy_from_slice(&self.buf[..n])));
         }
@@ -1135,6 +1139,68 @@ mod tests {
         // Idle time is not saved up into a burst.
         let later = t0 + Duration::from_secs(10);
         assert_eq!(pacer.reserve(1, later), later);
+    }
+
+    fn upload_of(path: &Path, progress: Option<watch::Receiver<Progress>>) -> Upload {
+        Upload {
+            pacer: Arc::new(Pacer::new(u64::MAX)),
+            stall: Duration::from_millis(200),
+            file: tokio::fs::File::from_std(std::fs::File::open(path).unwrap()),
+            sent: 0,
+            progress,
+            _permit: None,
+            buf: vec![0; 4],
+        }
+    }
+
+    /// A growing archive is served as it grows, and its stream ends only once the fetch
+    /// verified it: a failed fetch, or one that stops making progress, aborts the stream
+    /// instead, so a receiver never takes a relayed prefix for the whole archive.
+    #[tokio::test]
+    async fn a_growing_archive_ends_only_once_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("partial");
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(b"abcdef").unwrap();
+        let (tx, rx) = watch::channel(Progress {
+            written: 6,
+            end: End::Growing,
+        });
+        let mut upload = upload_of(&path, Some(rx.clone()));
+        assert_eq!(upload.next_chunk().await.unwrap().unwrap(), "abcd");
+        assert_eq!(upload.next_chunk().await.unwrap().unwrap(), "ef");
+        // Nothing new: the stream waits for the fetch, then ends once it verified.
+        let grow = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            file.write_all(b"gh").unwrap();
+            tx.send_modify(|p| p.written = 8);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tx.send_modify(|p| p.end = End::Verified);
+        };
+        let (chunk, ()) = tokio::join!(upload.next_chunk(), grow);
+        assert_eq!(chunk.unwrap().unwrap(), "gh");
+        assert!(upload.next_chunk().await.unwrap().is_none());
+
+        // The same file, but the fetch failed: the stream is cut, not ended.
+        tx.send_modify(|p| p.end = End::Failed);
+        let mut failed = upload_of(&path, Some(rx.clone()));
+        assert!(failed.next_chunk().await.is_err());
+
+        // A fetch that makes no progress within the stall time cuts the stream too.
+        let (_stuck_tx, stuck_rx) = watch::channel(Progress {
+            written: 8,
+            end: End::Growing,
+        });
+        let mut stuck = upload_of(&path, Some(stuck_rx));
+        assert_eq!(stuck.next_chunk().await.unwrap().unwrap(), "abcd");
+        assert_eq!(stuck.next_chunk().await.unwrap().unwrap(), "efgh");
+        assert!(stuck.next_chunk().await.is_err());
+
+        // A complete archive ends at its end of file.
+        let mut complete = upload_of(&path, None);
+        assert_eq!(complete.next_chunk().await.unwrap().unwrap(), "abcd");
+        assert_eq!(complete.next_chunk().await.unwrap().unwrap(), "efgh");
+        assert!(complete.next_chunk().await.unwrap().is_none());
     }
 
     #[test]
