@@ -328,6 +328,18 @@ impl Peers {
     ) -> Result<Peers, String> {
         let (listen, advertise) = config.addresses()?;
         let rack = rack.unwrap_or(DEFAULT_RACK).to_owned();
+        // The rack names a ZooKeeper node.
+        if rack.is_empty()
+            || rack == "."
+            || rack == ".."
+            || rack.contains('/')
+            || rack.chars().any(char::is_control)
+        {
+            return Err(format!(
+                "rack `{}`: must be non-empty, without `/` or control characters, not `.` or `..`",
+                clip(&rack)
+            ));
+        }
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("peers.listen {listen}: {e}"))?;
