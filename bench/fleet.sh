@@ -11,6 +11,7 @@
 #   BENCH_BUILD_MB            incompressible MiB in the build, default 20
 #   BENCH_LINK_BYTES_PER_S    the store's uplink and each host's peers.upload_bytes_per_s,
 #                             default 12500000 (100 Mbit/s)
+#   BENCH_MAX_UPLOADS         peers.max_uploads of every host, default 4
 #   BENCH_MODES               default store,peers
 #   BENCH_SKIP_BUILD=1        skip the cargo builds (uses target/release as it is)
 set -euo pipefail

@@ -7,7 +7,8 @@
 //! Usage: `fleet_bench OUT_PREFIX` (writes `OUT_PREFIX.md` and `OUT_PREFIX.json`); root, Debian's
 //! ZooKeeper. Env: `BENCH_HOSTS` (24), `BENCH_RACKS` (4), `BENCH_BUILD_MB` (20, incompressible),
 //! `BENCH_LINK_BYTES_PER_S` (12500000: the store's uplink and each host's
-//! `peers.upload_bytes_per_s`), `BENCH_MODES` (`store,peers`).
+//! `peers.upload_bytes_per_s`), `BENCH_MAX_UPLOADS` (4: `peers.max_uploads`), `BENCH_MODES`
+//! (`store,peers`).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -51,17 +52,20 @@ struct Settings {
     racks: usize,
     build_bytes: usize,
     link: u64,
+    /// `peers.max_uploads` of every host.
+    max_uploads: u64,
 }
 
 fn run(mode: &str, s: &Settings) -> Value {
     let per_rack = s.hosts.div_ceil(s.racks);
     let peers = mode == "peers";
     let link = s.link;
+    let max_uploads = s.max_uploads;
     let extra = move |i: usize| {
         let mut text = format!("rack = \"r{}\"\n", i / per_rack + 1);
         if peers {
             text += &format!(
-                "[peers]\nenabled = true\nadvertise = \"10.199.0.{}:7480\"\nupload_bytes_per_s = {link}\n",
+                "[peers]\nenabled = true\nadvertise = \"10.199.0.{}:7480\"\nupload_bytes_per_s = {link}\nmax_uploads = {max_uploads}\n",
                 11 + i
             );
         }
@@ -149,6 +153,7 @@ fn main() {
         racks: sluice_tests::benchkit::env_u64("BENCH_RACKS", 4) as usize,
         build_bytes: (sluice_tests::benchkit::env_u64("BENCH_BUILD_MB", 20) << 20) as usize,
         link: sluice_tests::benchkit::env_u64("BENCH_LINK_BYTES_PER_S", 12_500_000),
+        max_uploads: sluice_tests::benchkit::env_u64("BENCH_MAX_UPLOADS", 4),
     };
     let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "store,peers".into());
     let machine = sluice_tests::benchkit::machine(&[(
@@ -163,6 +168,7 @@ fn main() {
         "racks": settings.racks,
         "build_mb_incompressible": settings.build_bytes >> 20,
         "link_bytes_per_s": settings.link,
+        "peers_max_uploads": settings.max_uploads,
         "links": "the store's uplink paced by the harness's store to link_bytes_per_s for all responses together; each host's uploads paced by peers.upload_bytes_per_s = link_bytes_per_s; veths otherwise unlimited (no tc)",
         "runs": runs,
         "load_average_after": sluice_tests::benchkit::sh("cut -d' ' -f1-3 /proc/loadavg"),
@@ -173,11 +179,12 @@ fn main() {
     )
     .expect("writing the json");
     let mut md = format!(
-        "# fleet deploy: {} hosts in {} racks, {} MiB build, link {} B/s\n\n| mode | store copies | one host's fetch ms | deploy → last verified ms | ÷ one fetch | deploy → all serving ms | brain RSS KiB median / max |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        "# fleet deploy: {} hosts in {} racks, {} MiB build, link {} B/s, peers.max_uploads {}\n\n| mode | store copies | one host's fetch ms | deploy → last verified ms | ÷ one fetch | deploy → all serving ms | brain RSS KiB median / max |\n| --- | --- | --- | --- | --- | --- | --- |\n",
         settings.hosts,
         settings.racks,
         settings.build_bytes >> 20,
-        settings.link
+        settings.link,
+        settings.max_uploads
     );
     for r in &report["runs"].as_array().cloned().unwrap_or_default() {
         md += &format!(
