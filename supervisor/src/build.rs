@@ -21,6 +21,7 @@
 //! - `http(s)://` and `file://` need nothing.
 
 mod extract;
+pub mod peer;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -271,24 +272,42 @@ impl Releases {
         if self.has(build) {
             return Ok(dest);
         }
-        let releases = self.releases_dir();
-        std::fs::create_dir_all(&releases).map_err(|e| BuildError::io(&releases, e))?;
-        self.remove_stale_tmp();
-
         let env = store::StoreEnv::new(self.store_env.as_ref());
         let expected = match &source.sha256 {
             Some(sha) => store::parse_sha256(&source.url, sha)?,
             None => store::fetch_sidecar_sha256(&source.url, &env, limits).await?,
         };
+        let stream = store::store_stream(&source.url, &env, limits).await?;
+        self.install_stream(build, &expected, limits, &source.url, stream, None)
+            .await
+    }
+
+    /// Installs `build` from the archive bytes of `stream` (named `label` in errors), which must
+    /// hash to `expected` (lowercase hex), copying every byte into `tee` when given. The same
+    /// checks and the same rename as [`Releases::install`], whoever sends the bytes.
+    async fn install_stream(
+        &self,
+        build: &str,
+        expected: &str,
+        limits: &Limits,
+        label: &str,
+        stream: store::ByteStream,
+        tee: Option<&mut dyn store::Tee>,
+    ) -> Result<PathBuf, BuildError> {
+        check_build_id(build).map_err(bad_id(build))?;
+        let dest = self.release_dir(build);
+        let releases = self.releases_dir();
+        std::fs::create_dir_all(&releases).map_err(|e| BuildError::io(&releases, e))?;
+        self.remove_stale_tmp();
 
         let tmp = releases.join(format!("{TMP_PREFIX}{build}-{}", tmp_suffix()));
         let guard = TmpDir(tmp.clone());
         std::fs::create_dir(&tmp).map_err(|e| BuildError::io(&tmp, e))?;
-        let actual = store::fetch_and_extract(&source.url, &env, limits, &tmp).await?;
+        let actual = store::stream_and_extract(stream, label, limits, &tmp, tee).await?;
         if actual != expected {
             return Err(BuildError::Checksum {
-                url: crate::clip::clip(&source.url).into_owned(),
-                expected,
+                url: crate::clip::clip(label).into_owned(),
+                expected: expected.to_owned(),
                 actual,
             });
         }
@@ -305,7 +324,7 @@ impl Releases {
         }
         drop(guard);
         fsync_dir(&releases)?;
-        tracing::info!(build, url = %source.url, "installed release");
+        tracing::info!(build, from = %crate::clip::clip(label), "installed release");
         Ok(dest)
     }
 

@@ -106,11 +106,32 @@ pub async fn run(
     // Before any shim is spawned: under cgroup v2 the daemon moves to a leaf of its own cgroup,
     // and the shims it spawns must start there too.
     let cgroups = crate::cgroup::detect(&host);
+    let peers = match (&coord, host.peers.enabled) {
+        (Some(zk), true) => Some(
+            crate::build::peer::Peers::start(
+                &host.peers,
+                host.rack.as_deref(),
+                &host.data_dir,
+                zk.clone(),
+                services.keys().cloned().collect(),
+            )
+            .await
+            .map_err(anyhow::Error::msg)?,
+        ),
+        (None, true) => {
+            tracing::warn!(
+                "`peers.enabled` needs the zookeeper backend: builds come from the store"
+            );
+            None
+        }
+        _ => None,
+    };
     let ctx = Arc::new(Context {
         host,
         shim_binary,
         iptables,
         coord,
+        peers,
         cgroups,
     });
     let mut found = scan_shims(&ctx.host.shim_dir()).await;
@@ -395,6 +416,9 @@ impl Daemon {
         if let Some(zk) = &self.ctx.coord {
             zk.set_services(self.services.keys().cloned().collect())
                 .await;
+        }
+        if let Some(peers) = &self.ctx.peers {
+            peers.set_services(self.services.keys().cloned().collect());
         }
         if summary.is_empty() {
             summary.push("nothing changed".into());

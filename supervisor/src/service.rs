@@ -169,6 +169,8 @@ pub struct Context {
     pub iptables: Option<Iptables>,
     /// ZooKeeper, with the `zookeeper` backend.
     pub coord: Option<crate::coord::Zk>,
+    /// Builds served to and fetched from other hosts, with `peers.enabled` and ZooKeeper.
+    pub peers: Option<crate::build::peer::Peers>,
     /// The parent cgroup of starting instances, or why there is none.
     pub cgroups: crate::cgroup::Detected,
 }

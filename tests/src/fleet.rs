@@ -35,7 +35,7 @@ pub const HUB_ADDR: &str = "10.199.0.1";
 pub const HTTP_PORT: u16 = 8000;
 /// Client port of ZooKeeper server `i` is this plus `i`.
 pub const ZK_CLIENT_PORT: u16 = 2181;
-/// Session timeout written into every host file.
+/// Session timeout written into every host file (unless [`Fleet::new_with`] names another).
 pub const SESSION_TIMEOUT_MS: u64 = 4000;
 /// Limit of one request to or from the hub made by the harness itself.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -100,6 +100,28 @@ start_timeout_ms = 20000
     )
 }
 
+/// The service file of a light build-deployed service `svc` for fleets of many hosts: one
+/// instance of Python's own file server over the release (port 9100, no hooks, no steering),
+/// healthy once it serves the build's `BUILD` file; restarted all at once.
+pub fn light_service(svc: &str) -> String {
+    format!(
+        r#"command = ["{python}", "-m", "http.server", "{{port}}", "--bind", "127.0.0.1", "--directory", "{{release_dir}}"]
+instances = 1
+port_base = 9100
+stop_grace_ms = 2000
+[build]
+source = "http://{HUB_ADDR}:{HTTP_PORT}/{svc}/{{build}}.tar.gz"
+keep_releases = 3
+[restart]
+strategy = "all-at-once"
+[health]
+http = "/BUILD"
+start_timeout_ms = 20000
+"#,
+        python = system_python().display(),
+    )
+}
+
 /// The interpreter the venvs are made with: Debian's, else `python3` on `PATH`.
 pub fn system_python() -> PathBuf {
     let debian = Path::new("/usr/bin/python3");
@@ -154,7 +176,18 @@ impl Fleet {
     /// writes each host's host file; no daemon runs yet. `None` when the test must skip (not root,
     /// or Java/ZooKeeper/wheels missing outside CI).
     pub fn new(opts: FleetOptions) -> Option<Fleet> {
-        assert!(opts.hosts >= 1 && opts.hosts <= 50);
+        Fleet::new_with(opts, SESSION_TIMEOUT_MS, &|_| String::new())
+    }
+
+    /// [`Fleet::new`] with each host's `coordination.session_timeout_ms`, and with
+    /// `host_extra(i)` (0-based) added to host `i`'s host file before its `[coordination]`
+    /// table: top-level keys first (`rack = …`), then tables (`[peers]`).
+    pub fn new_with(
+        opts: FleetOptions,
+        session_timeout_ms: u64,
+        host_extra: &dyn Fn(usize) -> String,
+    ) -> Option<Fleet> {
+        assert!(opts.hosts >= 1 && opts.hosts <= 200);
         assert!(
             matches!(opts.zookeepers, 0 | 1 | 3),
             "1 or 3 ZooKeeper servers"
@@ -231,9 +264,10 @@ impl Fleet {
                 let mut file =
                     "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\nallow_root = true\n"
                         .to_owned();
+                file += &host_extra(i);
                 if let Some(zk) = &zk {
                     file += &format!(
-                        "[coordination]\nbackend = \"zookeeper\"\nconnect = \"{}\"\nhost = \"{name}\"\nsession_timeout_ms = {SESSION_TIMEOUT_MS}\n",
+                        "[coordination]\nbackend = \"zookeeper\"\nconnect = \"{}\"\nhost = \"{name}\"\nsession_timeout_ms = {session_timeout_ms}\n",
                         zk.connect_string()
                     );
                 }
@@ -339,6 +373,54 @@ impl Fleet {
             &build.sha256,
         ])
         .success();
+    }
+
+    /// Registers `build` like [`Fleet::register`], then rewrites its node with the archive's
+    /// `size` (which `sluice register` does not set), the bound every peer's bytes are held to.
+    #[track_caller]
+    pub fn register_with_size(&self, service: &str, build: &BuildInfo) {
+        self.register(service, build);
+        let size = std::fs::metadata(&build.file).expect("the archive").len();
+        let node = format!("{ZK_CHROOT}/builds/{service}/{}", build.id);
+        let meta = format!(
+            r#"{{"url":"{}","sha256":"{}","size":{size}}}"#,
+            build.url, build.sha256
+        );
+        self.zk().cli(&["set", &node, &meta]).success();
+    }
+
+    /// Serves a corrupted copy of `build` (same size, bytes flipped in its second half) as a
+    /// peer would (`GET /v1/builds/<svc>/<build>`) on `HUB_ADDR:port`, and registers it as a
+    /// complete peer `name` of `rack` (a persistent node: it never goes away by itself).
+    #[track_caller]
+    pub fn corrupt_peer(
+        &self,
+        service: &str,
+        build: &BuildInfo,
+        rack: &str,
+        name: &str,
+        port: u16,
+    ) -> FileServer {
+        let root = self.dir.path().join(format!("corrupt-{name}"));
+        let dir = root.join("v1/builds").join(service);
+        std::fs::create_dir_all(&dir).expect("creating the corrupt peer's dir");
+        let mut bytes = std::fs::read(&build.file).expect("reading the archive");
+        let len = bytes.len();
+        for b in &mut bytes[len / 2..len / 2 + (len / 8).max(1)] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(dir.join(&build.id), &bytes).expect("writing the corrupt copy");
+        let server = FileServer::start(&self.hub, ([10, 199, 0, 1], port).into(), &root);
+        let base = format!("{ZK_CHROOT}/builds/{service}/{}/peers", build.id);
+        for node in [base.clone(), format!("{base}/{rack}")] {
+            // Already there when a host registered first.
+            let _ = self.zk().cli(&["create", &node]);
+        }
+        let data = format!(r#"{{"addr":"{HUB_ADDR}:{port}","complete":true}}"#);
+        self.zk()
+            .cli(&["create", &format!("{base}/{rack}/{name}"), &data])
+            .success();
+        server
     }
 
     /// `sluice hosts <svc> --json`, by host name; an error when the CLI fails (e.g. while ZooKeeper
@@ -456,15 +538,90 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     Ok((status, body.to_owned()))
 }
 
+/// `GET path` from the calling thread's namespace to `addr`: the status and the body's bytes
+/// (`Content-Length` or chunked), read to the end within `timeout`.
+pub fn http_get_bytes(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), String> {
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    stream.set_read_timeout(Some(timeout)).ok();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).ok();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("send to {addr}: {e}"))?;
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP answer from {addr}"))?;
+    let head = String::from_utf8_lossy(&answer[..split]).to_ascii_lowercase();
+    let mut body = answer[split + 4..].to_vec();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line from {addr}: {head:?}"))?;
+    if head.contains("transfer-encoding: chunked") {
+        body = dechunk(&body).ok_or_else(|| format!("bad chunked body from {addr}"))?;
+    }
+    Ok((status, body))
+}
+
+/// The data of a chunked body; `None` when it is cut or malformed.
+fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = raw.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&raw[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        if raw.len() < size + 2 {
+            return None;
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
+}
+
+/// `bytes` of incompressible noise from `seed` (xorshift), for archives that take time to move.
+pub fn noise(bytes: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..bytes)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 // ------------------------------------------------------------------------------------------------
 // The build store
 
 /// A static file server on a thread inside the hub namespace: GET only, `Content-Length`, 404 for
-/// anything missing, one request per connection; counts requests per path.
+/// anything missing, one request per connection; counts requests and body bytes sent per path,
+/// and sends at most [`FileServer::set_uplink`] bytes per second over all responses together
+/// when set (the store's uplink).
 pub struct FileServer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     counts: Arc<Mutex<BTreeMap<String, u64>>>,
+    sent: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// The uplink: bytes per second of all responses together (0: as fast as it goes), and
+    /// when the bytes sent so far are due.
+    uplink: Arc<Uplink>,
     root: PathBuf,
 }
 
@@ -473,11 +630,15 @@ impl FileServer {
     pub fn start(ns: &Netns, addr: SocketAddr, root: &Path) -> FileServer {
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(Mutex::new(BTreeMap::new()));
+        let sent = Arc::new(Mutex::new(BTreeMap::new()));
+        let uplink = Arc::new(Uplink::default());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
-            let (stop, counts, root, ns) = (
+            let (stop, counts, sent, uplink, root, ns) = (
                 stop.clone(),
                 counts.clone(),
+                sent.clone(),
+                uplink.clone(),
                 root.to_owned(),
                 ns.name.clone(),
             );
@@ -497,8 +658,11 @@ impl FileServer {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
-                            let (counts, root) = (counts.clone(), root.clone());
-                            std::thread::spawn(move || serve_one(stream, &root, &counts));
+                            let (counts, sent, root, uplink) =
+                                (counts.clone(), sent.clone(), root.clone(), uplink.clone());
+                            std::thread::spawn(move || {
+                                serve_one(stream, &root, &counts, &sent, &uplink);
+                            });
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(5));
@@ -516,8 +680,24 @@ impl FileServer {
             stop,
             thread: Some(thread),
             counts,
+            sent,
+            uplink,
             root: root.to_owned(),
         }
+    }
+
+    /// Limits all responses together to `bytes_per_s` (0: no limit): the store's uplink, so
+    /// that the store's bandwidth matters as in a data centre, and a transfer lasts long enough
+    /// to be watched.
+    pub fn set_uplink(&self, bytes_per_s: u64) {
+        self.uplink
+            .bytes_per_s
+            .store(bytes_per_s, Ordering::Relaxed);
+    }
+
+    /// Body bytes sent for `path` so far (cut transfers count what went out).
+    pub fn bytes(&self, path: &str) -> u64 {
+        self.sent.lock().unwrap().get(path).copied().unwrap_or(0)
     }
 
     /// The directory served.
@@ -545,7 +725,41 @@ impl Drop for FileServer {
     }
 }
 
-fn serve_one(mut stream: TcpStream, root: &Path, counts: &Mutex<BTreeMap<String, u64>>) {
+/// The store's uplink: chunks of every response reserve their share of time one after another.
+#[derive(Default)]
+struct Uplink {
+    bytes_per_s: std::sync::atomic::AtomicU64,
+    next: Mutex<Option<Instant>>,
+}
+
+impl Uplink {
+    /// Waits until `bytes` more have had their time on the uplink.
+    fn pace(&self, bytes: u64) {
+        let rate = self.bytes_per_s.load(Ordering::Relaxed);
+        if rate == 0 {
+            return;
+        }
+        let cost = Duration::from_secs_f64(bytes as f64 / rate as f64);
+        let due = {
+            let mut next = self.next.lock().unwrap();
+            let now = Instant::now();
+            let start = next.filter(|t| *t > now).unwrap_or(now);
+            *next = Some(start + cost);
+            start + cost
+        };
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+fn serve_one(
+    mut stream: TcpStream,
+    root: &Path,
+    counts: &Mutex<BTreeMap<String, u64>>,
+    sent: &Mutex<BTreeMap<String, u64>>,
+    uplink: &Uplink,
+) {
     let _ = stream.set_nonblocking(false);
     stream.set_read_timeout(Some(IO_TIMEOUT)).ok();
     stream.set_write_timeout(Some(Duration::from_secs(30))).ok();
@@ -588,7 +802,19 @@ fn serve_one(mut stream: TcpStream, root: &Path, counts: &Mutex<BTreeMap<String,
                 stream,
                 "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
             );
-            let _ = std::io::copy(&mut f, &mut stream);
+            // In pieces, so the bytes count as they go and the uplink's rate holds.
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match f.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                *sent.lock().unwrap().entry(path.clone()).or_default() += n as u64;
+                uplink.pace(n as u64);
+            }
         }
         _ => respond(&mut stream, "404 Not Found", b"not found\n"),
     }
@@ -640,6 +866,13 @@ impl Builds {
     /// A good build `id` of service `svc`: `app.py`, `requirements.txt` (`gunicorn`), `BUILD`.
     pub fn good(&self, svc: &str, id: &str) -> BuildInfo {
         let stage = self.stage_app(id, &[]);
+        self.pack_with_tar(svc, id, &stage)
+    }
+
+    /// A good build with extra files (path, bytes, mode), e.g. incompressible noise that makes
+    /// the archive large.
+    pub fn good_with(&self, svc: &str, id: &str, extra: &[(&str, &[u8], u32)]) -> BuildInfo {
+        let stage = self.stage_app(id, extra);
         self.pack_with_tar(svc, id, &stage)
     }
 

@@ -16,6 +16,7 @@ mod e2e {
     mod logs;
     mod matrix;
     mod notify;
+    mod peers;
     mod reload;
     mod restart_policy;
     mod steering;

@@ -207,16 +207,37 @@ enum Pumped {
     ExtractorGone,
 }
 
-/// Streams the archive at `url` into `dest`, returning the sha256 of every byte read. The
-/// download runs here; decompression and extraction run on a blocking thread fed through a
-/// bounded channel.
-pub(super) async fn fetch_and_extract(
+/// A stream of archive bytes from wherever they come: the store, or a peer.
+pub(super) type ByteStream = futures_util::stream::BoxStream<'static, Result<Bytes, BuildError>>;
+
+/// Where a copy of the archive's bytes goes as they stream (the file a host serves to peers).
+/// Called on the download's task: writes land in the page cache, so they cost microseconds.
+pub(super) trait Tee: Send {
+    fn write(&mut self, chunk: &[u8]) -> Result<(), BuildError>;
+}
+
+/// Opens the download of `url` from its store as a [`ByteStream`].
+pub(super) async fn store_stream(
     url: &str,
     env: &StoreEnv<'_>,
     limits: &Limits,
-    dest: &Path,
-) -> Result<String, BuildError> {
+) -> Result<ByteStream, BuildError> {
     let stream = open_stream(url, env, limits).await?;
+    let url = url.to_owned();
+    Ok(stream
+        .map(move |chunk| chunk.map_err(|e| fetch_error(&url, e)))
+        .boxed())
+}
+
+/// Extracts the bytes of `stream` (labelled `url` in errors) into `dest`, copying them into
+/// `tee` when given, and returns the sha256 of every byte read.
+pub(super) async fn stream_and_extract(
+    stream: ByteStream,
+    url: &str,
+    limits: &Limits,
+    dest: &Path,
+    tee: Option<&mut dyn Tee>,
+) -> Result<String, BuildError> {
     let (tx, rx) = mpsc::channel(CHUNK_QUEUE_LEN);
     let extractor = {
         let (url, limits, dest) = (url.to_owned(), limits.clone(), dest.to_owned());
@@ -230,7 +251,7 @@ pub(super) async fn fetch_and_extract(
             result
         })
     };
-    let (pumped, extracted) = tokio::join!(pump(stream, tx, url, limits), extractor);
+    let (pumped, extracted) = tokio::join!(pump(stream, tx, url, limits, tee), extractor);
     let extracted = match extracted {
         Ok(result) => result,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
@@ -245,10 +266,11 @@ pub(super) async fn fetch_and_extract(
 }
 
 async fn pump(
-    mut stream: futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    mut stream: ByteStream,
     tx: mpsc::Sender<Chunk>,
     url: &str,
     limits: &Limits,
+    mut tee: Option<&mut dyn Tee>,
 ) -> Result<Pumped, BuildError> {
     let mut hasher = Sha256::new();
     let mut read_bytes: u64 = 0;
@@ -262,7 +284,7 @@ async fn pump(
             () = tx.closed() => return Ok(Pumped::ExtractorGone),
         };
         let Some(chunk) = next else { break };
-        let chunk = chunk.map_err(|e| fetch_error(url, e))?;
+        let chunk = chunk?;
         read_bytes += chunk.len() as u64;
         if read_bytes > limits.max_archive_bytes {
             return Err(BuildError::TooLarge {
@@ -273,6 +295,9 @@ async fn pump(
             });
         }
         hasher.update(&chunk);
+        if let Some(tee) = tee.as_deref_mut() {
+            tee.write(&chunk)?;
+        }
         if tx.send(Chunk::Data(chunk)).await.is_err() {
             return Ok(Pumped::ExtractorGone);
         }

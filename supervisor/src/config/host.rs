@@ -48,6 +48,12 @@ pub struct HostConfig {
     pub cgroup_parent: String,
     #[serde(default)]
     pub coordination: CoordinationConfig,
+    /// This host's rack (or zone): builds travel between hosts of one rack first.
+    #[serde(default)]
+    pub rack: Option<String>,
+    /// Serving builds to other hosts and fetching them from them (`crate::build::peer`).
+    #[serde(default)]
+    pub peers: super::PeerConfig,
 }
 
 fn default_cgroup_parent() -> String {
@@ -215,6 +221,8 @@ impl Default for HostConfig {
             cgroups: CgroupsMode::default(),
             cgroup_parent: default_cgroup_parent(),
             coordination: CoordinationConfig::default(),
+            rack: None,
+            peers: super::PeerConfig::default(),
         }
     }
 }
@@ -267,6 +275,36 @@ impl HostConfig {
                     "must be one directory name of at most 64 letters, digits, `-`, `_` or `.`, not starting with `.`: {}",
                     crate::clip::clip(parent)
                 ),
+            });
+        }
+        // Checked here so that `check-config` and `run` refuse them with exit 3, naming the key.
+        if let Some(rack) = &config.rack {
+            let bad = rack.is_empty()
+                || rack.len() > 64
+                || rack == "."
+                || rack == ".."
+                || rack.contains('/')
+                || rack.chars().any(char::is_control);
+            if bad {
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    line: line_of_key(&text, "rack"),
+                    key: "rack".into(),
+                    message: format!(
+                        "must be a name of 1 to 64 bytes without `/` or control characters (a ZooKeeper node): {}",
+                        crate::clip::clip(rack)
+                    ),
+                });
+            }
+        }
+        if config.peers.enabled
+            && let Err(message) = config.peers.addresses()
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: line_of_key(&text, "peers"),
+                key: "peers".into(),
+                message,
             });
         }
         if config.coordination.backend == Backend::Zookeeper

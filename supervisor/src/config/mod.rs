@@ -20,6 +20,7 @@ mod errors;
 mod host;
 mod node;
 mod order;
+mod peers;
 mod placeholders;
 mod sections;
 mod service;
@@ -33,6 +34,7 @@ pub use host::{
     HostConfig, IptablesVariant,
 };
 pub use order::{Services, load_services, start_order};
+pub use peers::{DEFAULT_PEER_PORT, DEFAULT_RACK, PeerConfig};
 pub use placeholders::Substitutions;
 pub use sections::{
     BatchSpec, BuildConfig, HealthConfig, HooksConfig, RestartConfig, SteeringKind, StrategyName,

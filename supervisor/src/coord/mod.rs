@@ -20,6 +20,7 @@
 
 mod fleet;
 mod owner;
+mod peers;
 mod slot;
 #[cfg(test)]
 mod tests;
@@ -35,6 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use zookeeper_client::{Acl, Acls, AuthId, Client, CreateMode, CreateOptions, Permission};
 
 pub use fleet::Fleet;
+pub use peers::{PEER_READS_MAX, PeerNode, PeerSeen};
 pub use slot::Slot;
 
 /// Chroot used when the connect string names none.
@@ -181,6 +183,8 @@ pub struct Zk {
     session: watch::Receiver<Option<Session>>,
     /// Statuses to publish, per service: the owner's status writer keeps them in ZooKeeper.
     statuses: Arc<watch::Sender<BTreeMap<String, serde_json::Value>>>,
+    /// Builds this host serves to peers: the owner's peer writer keeps them in ZooKeeper.
+    peers: Arc<watch::Sender<peers::PeerMap>>,
     shared: Arc<Shared>,
 }
 
@@ -211,6 +215,8 @@ impl Zk {
         let (session_tx, session_rx) = watch::channel(None);
         let (statuses_tx, _) = watch::channel(BTreeMap::new());
         let statuses = Arc::new(statuses_tx);
+        let (peers_tx, _) = watch::channel(BTreeMap::new());
+        let peers = Arc::new(peers_tx);
         let shared = Arc::new(Shared {
             acl: AclSet::new(config.digest.as_ref()),
             config,
@@ -221,12 +227,14 @@ impl Zk {
             events_tx,
             session_tx,
             statuses.subscribe(),
+            peers.subscribe(),
         );
         tokio::spawn(owner.run(requests_rx));
         let zk = Zk {
             requests: requests_tx,
             session: session_rx,
             statuses,
+            peers,
             shared,
         };
         (zk, events_rx)
@@ -240,6 +248,11 @@ impl Zk {
         if self.requests.send(request).await.is_ok() {
             let _ = done.await;
         }
+    }
+
+    /// This host's name in ZooKeeper.
+    pub fn host(&self) -> &str {
+        &self.shared.config.host
     }
 
     /// Publishes this host's status of `service` (ephemeral node). Returns at once: the owner's

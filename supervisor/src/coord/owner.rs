@@ -118,6 +118,8 @@ pub(super) struct Owner {
     events_closed: bool,
     session: watch::Sender<Option<Session>>,
     statuses: watch::Receiver<BTreeMap<String, serde_json::Value>>,
+    /// Builds this host serves to peers (see `peers`).
+    peers: watch::Receiver<super::peers::PeerMap>,
     internal_tx: mpsc::Sender<Internal>,
     /// Taken by `run`, which selects on it while handlers borrow the owner.
     internal_rx: Option<mpsc::Receiver<Internal>>,
@@ -128,6 +130,7 @@ pub(super) struct Owner {
     connected: bool,
     watchers: HashMap<String, TaskGuard>,
     status_writer: Option<TaskGuard>,
+    peer_writer: Option<TaskGuard>,
     state_forwarder: Option<TaskGuard>,
 }
 
@@ -138,6 +141,7 @@ impl Owner {
         events: mpsc::Sender<CoordEvent>,
         session: watch::Sender<Option<Session>>,
         statuses: watch::Receiver<BTreeMap<String, serde_json::Value>>,
+        peers: watch::Receiver<super::peers::PeerMap>,
     ) -> Self {
         let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
         Owner {
@@ -149,6 +153,7 @@ impl Owner {
             events_closed: false,
             session,
             statuses,
+            peers,
             internal_tx,
             internal_rx: Some(internal_rx),
             epoch: 0,
@@ -156,6 +161,7 @@ impl Owner {
             connected: false,
             watchers: HashMap::new(),
             status_writer: None,
+            peer_writer: None,
             state_forwarder: None,
         }
     }
@@ -325,6 +331,12 @@ impl Owner {
         let Some(client) = self.client.clone() else {
             return;
         };
+        let peers = super::peers::PeerWriter {
+            client: client.clone(),
+            host: self.shared.config.host.clone(),
+            acl: self.shared.acl.clone(),
+        };
+        self.peer_writer = Some(TaskGuard(tokio::spawn(peers.run(self.peers.clone()))));
         let writer = StatusWriter {
             client,
             host: self.shared.config.host.clone(),
@@ -356,6 +368,7 @@ impl Owner {
         self.connected = false;
         self.watchers.clear();
         self.status_writer = None;
+        self.peer_writer = None;
         self.state_forwarder = None;
         self.client = None;
         self.session.send_replace(None);

@@ -612,3 +612,75 @@ async fn digest_acl_protects_sluice_nodes() {
     assert!(wrong.set_config("web", "{}").await.is_err());
     slot.release().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_register_under_registered_builds_and_one_host_per_rack_fetches() {
+    let Some(server) = ZkServer::start().await else {
+        return;
+    };
+    let fleet = Fleet::connect(&server.chrooted(), None).await.unwrap();
+    fleet.register_build("web", "b1", &meta(1)).await.unwrap();
+    let mut hosts = Vec::new();
+    for host in ["h1", "h2", "h3"] {
+        let (zk, mut rx) = Zk::start(config(&server, host, 10_000), vec![]);
+        assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
+        hosts.push((zk, rx));
+    }
+    let zk = |i: usize| hosts[i].0.clone();
+    let node = |complete| PeerNode {
+        addr: "10.0.0.1:7480".into(),
+        complete,
+    };
+    // h1 in r1 still fetching, h2 in r2 complete; h3 (r2) sees its own rack first.
+    zk(0).set_peer("web", "b1", "r1", Some(node(false)));
+    zk(1).set_peer("web", "b1", "r2", Some(node(true)));
+    // A build that is not registered gets no peers node (and no build node).
+    zk(0).set_peer("web", "b9", "r1", Some(node(true)));
+    eventually("both peers registered", || async {
+        zk(2).peers_of("web", "b1", "r2").await.unwrap().len() == 2
+    })
+    .await;
+    let seen = zk(2).peers_of("web", "b1", "r2").await.unwrap();
+    let order: Vec<(&str, &str, bool)> = seen
+        .iter()
+        .map(|p| (p.host.as_str(), p.rack.as_str(), p.node.complete))
+        .collect();
+    assert_eq!(order, [("h2", "r2", true), ("h1", "r1", false)]);
+    // A host never sees itself.
+    let own = zk(1).peers_of("web", "b1", "r2").await.unwrap();
+    assert_eq!(
+        own.iter().map(|p| p.host.as_str()).collect::<Vec<_>>(),
+        ["h1"]
+    );
+    let raw = server.raw().await;
+    assert_eq!(read(&raw, "/builds/web/b9").await, None);
+    let data = read(&raw, "/builds/web/b1/peers/r1/h1").await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<PeerNode>(&data).unwrap(),
+        node(false)
+    );
+
+    // One fetcher per rack: h1 wins r1 (and keeps it), h3 cannot take r1 but wins r2.
+    assert!(zk(0).try_fetch_lock("web", "b1", "r1").await.unwrap());
+    assert!(zk(0).try_fetch_lock("web", "b1", "r1").await.unwrap());
+    assert!(!zk(2).try_fetch_lock("web", "b1", "r1").await.unwrap());
+    assert!(zk(2).try_fetch_lock("web", "b1", "r2").await.unwrap());
+    zk(0).release_fetch_lock("web", "b1", "r1").await;
+    assert!(zk(2).try_fetch_lock("web", "b1", "r1").await.unwrap());
+
+    // Withdrawn, and gone with the session.
+    zk(0).set_peer("web", "b1", "r1", None);
+    eventually("h1 withdrawn", || async {
+        read(&raw, "/builds/web/b1/peers/r1/h1").await.is_none()
+    })
+    .await;
+    drop(hosts);
+    eventually(
+        "h2's node and h3's election gone with their sessions",
+        || async {
+            read(&raw, "/builds/web/b1/peers/r2/h2").await.is_none()
+                && read(&raw, "/builds/web/b1/fetching/r1").await.is_none()
+        },
+    )
+    .await;
+}

@@ -691,6 +691,7 @@ impl Executor {
         } = job;
         let releases = Releases::new(&self.ctx.host.data_dir, &self.name);
         let coord = self.ctx.coord.clone();
+        let peers = self.ctx.peers.clone();
         let service = self.name.clone();
         self.report(async move {
             let result = async {
@@ -739,10 +740,16 @@ impl Executor {
                     max_entries: build_config.max_entries,
                     ..build::Limits::default()
                 };
-                let dir = releases
-                    .install(&build, &source, &limits)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let dir = build::peer::install(
+                    peers.as_ref(),
+                    &releases,
+                    &service,
+                    &build,
+                    &source,
+                    &limits,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
                 hooks
                     .run(Stage::PostDownload, &build, previous.as_deref(), Some(&dir))
                     .await?;

@@ -1,0 +1,406 @@
+//! Peers of a build in ZooKeeper: which hosts hold (or are fetching) a build and where they
+//! serve it, and the per-rack election of the one host that fetches it from the store.
+//!
+//! | node | meaning |
+//! | --- | --- |
+//! | `/builds/<svc>/<build>/peers/<rack>/<host>` | ephemeral: [`PeerNode`] (address, complete or still fetching) |
+//! | `/builds/<svc>/<build>/fetching/<rack>` | ephemeral, data the host name: the host of the rack that fetches from the store |
+//!
+//! Registrations are desired state kept by a writer task per connection (like the status
+//! writer): the daemon says what it serves, the writer makes ZooKeeper agree, again after every
+//! reconnect or new session. A rack level (persistent) keeps a host's look-up to its own rack a
+//! single `get_children`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use zookeeper_client::{Client, CreateMode};
+
+use super::{AclSet, CoordError, RETRY_MAX_MS, Zk, backoff, build_path, check_name};
+
+/// Most peer nodes whose data one [`Zk::peers_of`] reads, whatever the fleet's size: a host
+/// needs a few sources, not the whole swarm.
+pub const PEER_READS_MAX: usize = 24;
+/// Largest peer node accepted, in bytes (an address and a flag).
+const PEER_NODE_MAX_BYTES: usize = 512;
+/// First delay before retrying a failed registration write.
+const RETRY_MIN_MS: u64 = 100;
+
+/// What a host publishes about one build it serves to peers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerNode {
+    /// `ip:port` of its peer server.
+    pub addr: String,
+    /// Whether it holds the whole verified archive; `false` while it is still fetching (it
+    /// serves what it has and ends the stream only once its own copy is verified).
+    pub complete: bool,
+}
+
+/// A peer as another host found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSeen {
+    pub host: String,
+    pub rack: String,
+    pub node: PeerNode,
+}
+
+/// Key of a registration: (service, build).
+pub(super) type PeerKey = (String, String);
+/// Desired registrations: (service, build) → (rack, node).
+pub(super) type PeerMap = BTreeMap<PeerKey, (String, PeerNode)>;
+
+fn peers_path(service: &str, build: &str) -> String {
+    format!("{}/peers", build_path(service, build))
+}
+
+fn peer_path(service: &str, build: &str, rack: &str, host: &str) -> String {
+    format!("{}/{rack}/{host}", peers_path(service, build))
+}
+
+fn fetching_path(service: &str, build: &str, rack: &str) -> String {
+    format!("{}/fetching/{rack}", build_path(service, build))
+}
+
+impl Zk {
+    fn op_timeout(&self) -> Duration {
+        Duration::from_millis(self.shared.config.session_timeout_ms.max(1))
+    }
+
+    fn client(&self) -> Result<Client, CoordError> {
+        self.session
+            .borrow()
+            .as_ref()
+            .map(|s| s.client.clone())
+            .ok_or(CoordError::NotConnected)
+    }
+
+    async fn bounded<T>(
+        &self,
+        path: &str,
+        op: impl std::future::Future<Output = T>,
+    ) -> Result<T, CoordError> {
+        let timeout = self.op_timeout();
+        tokio::time::timeout(timeout, op)
+            .await
+            .map_err(|_| CoordError::Timeout {
+                path: path.to_owned(),
+                timeout_ms: timeout.as_millis() as u64,
+            })
+    }
+
+    /// Publishes (`Some`) or withdraws (`None`) this host as a peer of `build` of `service` in
+    /// `rack`. Returns at once; the owner's writer keeps ZooKeeper in step.
+    pub fn set_peer(&self, service: &str, build: &str, rack: &str, node: Option<PeerNode>) {
+        if let Err(e) = check_name("service", service)
+            .and_then(|()| check_name("build", build))
+            .and_then(|()| check_name("rack", rack))
+        {
+            tracing::warn!("not publishing a peer: {e}");
+            return;
+        }
+        let key = (service.to_owned(), build.to_owned());
+        self.peers.send_if_modified(|peers| match node {
+            Some(node) => {
+                let value = (rack.to_owned(), node);
+                if peers.get(&key) == Some(&value) {
+                    return false;
+                }
+                peers.insert(key, value);
+                true
+            }
+            None => peers.remove(&key).is_some(),
+        });
+    }
+
+    /// The peers of `build`, this host excluded: every registered peer of `rack` first, then
+    /// those of the other racks, at most [`PEER_READS_MAX`] in all (racks and hosts in
+    /// ZooKeeper's order, which callers shuffle). Nodes that do not parse are skipped.
+    pub async fn peers_of(
+        &self,
+        service: &str,
+        build: &str,
+        rack: &str,
+    ) -> Result<Vec<PeerSeen>, CoordError> {
+        check_name("service", service)?;
+        check_name("build", build)?;
+        check_name("rack", rack)?;
+        let client = self.client()?;
+        let me = &self.shared.config.host;
+        let base = peers_path(service, build);
+        let racks = match self.bounded(&base, client.get_children(&base)).await? {
+            Ok((racks, _)) => racks,
+            Err(zookeeper_client::Error::NoNode) => return Ok(Vec::new()),
+            Err(e) => return Err(CoordError::zk("list", &base, e)),
+        };
+        let mut ordered: Vec<&String> = racks.iter().filter(|r| *r == rack).collect();
+        ordered.extend(racks.iter().filter(|r| *r != rack));
+        let mut found = Vec::new();
+        for r in ordered {
+            if check_name("rack", r).is_err() {
+                continue;
+            }
+            let dir = format!("{base}/{r}");
+            let hosts = match self.bounded(&dir, client.get_children(&dir)).await? {
+                Ok((hosts, _)) => hosts,
+                Err(zookeeper_client::Error::NoNode) => continue,
+                Err(e) => return Err(CoordError::zk("list", &dir, e)),
+            };
+            for host in hosts {
+                if found.len() >= PEER_READS_MAX {
+                    return Ok(found);
+                }
+                if &host == me || check_name("host", &host).is_err() {
+                    continue;
+                }
+                let path = format!("{dir}/{host}");
+                let data = match self.bounded(&path, client.get_data(&path)).await? {
+                    Ok((data, _)) => data,
+                    Err(zookeeper_client::Error::NoNode) => continue,
+                    Err(e) => return Err(CoordError::zk("read", &path, e)),
+                };
+                if data.len() > PEER_NODE_MAX_BYTES {
+                    continue;
+                }
+                if let Ok(node) = serde_json::from_slice::<PeerNode>(&data) {
+                    found.push(PeerSeen {
+                        host,
+                        rack: r.clone(),
+                        node,
+                    });
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Tries to become the host of `rack` that fetches `build` from the store: creates the
+    /// ephemeral `fetching/<rack>` node. `Ok(true)` when this session holds it (made now or
+    /// earlier), `Ok(false)` when another host does.
+    pub async fn try_fetch_lock(
+        &self,
+        service: &str,
+        build: &str,
+        rack: &str,
+    ) -> Result<bool, CoordError> {
+        use zookeeper_client::Error as E;
+        check_name("service", service)?;
+        check_name("build", build)?;
+        check_name("rack", rack)?;
+        let client = self.client()?;
+        let path = fetching_path(service, build, rack);
+        let me = self.shared.config.host.as_bytes();
+        let options = self.shared.acl.options(CreateMode::Ephemeral);
+        for _ in 0..3 {
+            match self
+                .bounded(&path, client.create(&path, me, &options))
+                .await?
+            {
+                Ok(_) => return Ok(true),
+                Err(E::NodeExists) => {}
+                Err(E::NoNode) => {
+                    let parent = &path[..path.rfind('/').expect("absolute path")];
+                    let persistent = self.shared.acl.options(CreateMode::Persistent);
+                    match self
+                        .bounded(parent, client.mkdir(parent, &persistent))
+                        .await?
+                    {
+                        Ok(()) | Err(E::NodeExists) => continue,
+                        Err(e) => return Err(CoordError::zk("create", parent, e)),
+                    }
+                }
+                Err(e) => return Err(CoordError::zk("create", &path, e)),
+            }
+            match self.bounded(&path, client.get_data(&path)).await? {
+                Ok((_, stat)) => return Ok(stat.ephemeral_owner == client.session_id().0),
+                // Its holder just let go: try again.
+                Err(E::NoNode) => continue,
+                Err(e) => return Err(CoordError::zk("read", &path, e)),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Waits, at most `timeout`, until the peers of `rack` or its fetcher change (a peer
+    /// registers, the fetcher lets go): what a host does while its rack's fetcher has nothing
+    /// to offer yet, so that waiting costs two watches, not a read loop.
+    pub async fn wait_rack_change(
+        &self,
+        service: &str,
+        build: &str,
+        rack: &str,
+        timeout: Duration,
+    ) {
+        let Ok(client) = self.client() else {
+            tokio::time::sleep(timeout).await;
+            return;
+        };
+        let peers = format!("{}/{rack}", peers_path(service, build));
+        let fetcher = fetching_path(service, build, rack);
+        let peers_changed = async {
+            match client.get_and_watch_children(&peers).await {
+                Ok((_, _, watcher)) => {
+                    watcher.changed().await;
+                }
+                Err(zookeeper_client::Error::NoNode) => {
+                    if let Ok((None, watcher)) = client.check_and_watch_stat(&peers).await {
+                        watcher.changed().await;
+                    }
+                }
+                // The session is gone or refuses: wait out the timeout, never spin.
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        let fetcher_changed = async {
+            match client.check_and_watch_stat(&fetcher).await {
+                Ok((_, watcher)) => {
+                    watcher.changed().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        let _ = tokio::time::timeout(timeout, async {
+            tokio::select! {
+                () = peers_changed => {}
+                () = fetcher_changed => {}
+            }
+        })
+        .await;
+    }
+
+    /// Lets go of `fetching/<rack>` if this session holds it. Best effort: the node is
+    /// ephemeral and goes with the session anyway.
+    pub async fn release_fetch_lock(&self, service: &str, build: &str, rack: &str) {
+        let Ok(client) = self.client() else { return };
+        if check_name("rack", rack).is_err() {
+            return;
+        }
+        let path = fetching_path(service, build, rack);
+        if let Ok(Ok((_, stat))) = self.bounded(&path, client.get_data(&path)).await
+            && stat.ephemeral_owner == client.session_id().0
+        {
+            let _ = self
+                .bounded(&path, client.delete(&path, Some(stat.version)))
+                .await;
+        }
+    }
+}
+
+/// Keeps this host's peer registrations in ZooKeeper for one connection: writes what differs
+/// from what it wrote, deletes what was withdrawn, retries failures with backoff.
+pub(super) struct PeerWriter {
+    pub(super) client: Client,
+    pub(super) host: String,
+    pub(super) acl: AclSet,
+}
+
+impl PeerWriter {
+    pub(super) async fn run(self, mut desired: watch::Receiver<PeerMap>) {
+        let mut written: HashMap<PeerKey, (String, PeerNode)> = HashMap::new();
+        let mut attempt: u32 = 0;
+        loop {
+            let snapshot = desired.borrow_and_update().clone();
+            let mut failed = false;
+            let gone: Vec<PeerKey> = written
+                .keys()
+                .filter(|k| !snapshot.contains_key(*k))
+                .cloned()
+                .collect();
+            for key in gone {
+                let (rack, _) = &written[&key];
+                let path = peer_path(&key.0, &key.1, rack, &self.host);
+                match self.client.delete(&path, None).await {
+                    Ok(()) | Err(zookeeper_client::Error::NoNode) => {
+                        written.remove(&key);
+                    }
+                    Err(e) => {
+                        tracing::warn!("withdrawing peer node {path}: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            for (key, value) in snapshot {
+                if written.get(&key) == Some(&value) {
+                    continue;
+                }
+                // A rack change moves the node.
+                if let Some((old_rack, _)) = written.get(&key)
+                    && *old_rack != value.0
+                {
+                    let old = peer_path(&key.0, &key.1, old_rack, &self.host);
+                    let _ = self.client.delete(&old, None).await;
+                }
+                match self.write(&key, &value).await {
+                    Ok(()) => {
+                        written.insert(key, value);
+                    }
+                    Err(e) => {
+                        tracing::warn!("publishing a peer node: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                tokio::time::sleep(backoff(attempt, RETRY_MIN_MS, RETRY_MAX_MS)).await;
+                attempt = attempt.saturating_add(1);
+            } else {
+                attempt = 0;
+                if desired.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes one registration as an ephemeral node of this session, replacing one left by an
+    /// earlier session of this host. Only under a registered build: a build node that does not
+    /// exist is not created.
+    async fn write(
+        &self,
+        (service, build): &PeerKey,
+        (rack, node): &(String, PeerNode),
+    ) -> Result<(), CoordError> {
+        use zookeeper_client::Error as E;
+        let registration = build_path(service, build);
+        match self.client.check_stat(&registration).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(CoordError::UnknownBuild {
+                    service: service.clone(),
+                    build: build.clone(),
+                });
+            }
+            Err(e) => return Err(CoordError::zk("read", &registration, e)),
+        }
+        let path = peer_path(service, build, rack, &self.host);
+        let data = serde_json::to_vec(node).expect("a peer node serialises");
+        let session = self.client.session_id().0;
+        for _ in 0..4 {
+            match self.client.set_data(&path, &data, None).await {
+                Ok(stat) if stat.ephemeral_owner == session => return Ok(()),
+                Ok(stat) => match self.client.delete(&path, Some(stat.version)).await {
+                    Ok(()) | Err(E::NoNode | E::BadVersion) => continue,
+                    Err(e) => return Err(CoordError::zk("delete", &path, e)),
+                },
+                Err(E::NoNode) => {}
+                Err(e) => return Err(CoordError::zk("write", &path, e)),
+            }
+            let options = self.acl.options(CreateMode::Ephemeral);
+            match self.client.create(&path, &data, &options).await {
+                Ok(_) => return Ok(()),
+                Err(E::NodeExists) => {}
+                Err(E::NoNode) => {
+                    let parent = &path[..path.rfind('/').expect("absolute path")];
+                    let persistent = self.acl.options(CreateMode::Persistent);
+                    match self.client.mkdir(parent, &persistent).await {
+                        Ok(()) | Err(E::NodeExists) => {}
+                        Err(e) => return Err(CoordError::zk("create", parent, e)),
+                    }
+                }
+                Err(e) => return Err(CoordError::zk("create", &path, e)),
+            }
+        }
+        Err(CoordError::zk("write", &path, E::NodeExists))
+    }
+}
