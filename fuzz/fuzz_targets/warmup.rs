@@ -9,6 +9,6 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     for line in text.lines() {
-        let _ = sluice::warmup::parse_request(line);
+        let _ = sluice::service::warmup::parse_request(line);
     }
 });

@@ -1,5 +1,5 @@
 //! Benchmark (not a test): CPU of one look at a drained instance's connections, and of a whole
-//! drain that runs to its timeout, through sock_diag (`sluice::drain`) against the reading of
+//! drain that runs to its timeout, through sock_diag (`sluice::service::drain`) against the reading of
 //! `/proc/net/tcp{,6}` it replaced, in the same run, in a fresh network namespace with no other
 //! socket and with `UNRELATED` sockets of another port open.
 //!
@@ -9,7 +9,7 @@
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-use sluice::drain::{DRAIN_POLL_INTERVAL_MS, SockDiag, wait};
+use sluice::service::drain::{DRAIN_POLL_INTERVAL_MS, SockDiag, wait};
 use sluice_strategies::drain::DrainUntil;
 
 /// Established sockets of another port (both ends of `UNRELATED / 2` loopback connections).

@@ -8,23 +8,14 @@
 //! server ([`control::server`]) asks the daemon loop through [`control::queue`] and never names it.
 
 pub mod build;
-pub mod cgroup;
 pub mod cli;
 pub mod clip;
 pub mod config;
 pub mod control;
 pub mod coord;
 pub mod daemon;
-pub mod drain;
-pub mod health;
-pub mod notify;
-pub mod policy;
 pub mod service;
-pub mod shim;
-pub mod spec;
-pub mod state;
 pub mod supervisord;
-pub mod warmup;
 
 /// The documents of the control API, also what services publish: [`control::protocol`].
 pub use control::protocol;

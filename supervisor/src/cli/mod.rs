@@ -155,7 +155,7 @@ fn check_config(path: &Path, host: &HostConfig, json: bool) -> i32 {
     match config::load_services(&host.services_dir)
         .map_err(|e| e.to_string())
         .and_then(|services| {
-            crate::spec::check_identities(host, &services)?;
+            crate::service::spec::check_identities(host, &services)?;
             Ok(services)
         }) {
         Ok(services) => {

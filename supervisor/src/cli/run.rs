@@ -22,7 +22,7 @@ pub async fn run(host: HostConfig) -> i32 {
     let services = match config::load_services(&host.services_dir)
         .map_err(|e| e.to_string())
         .and_then(|services| {
-            crate::spec::check_identities(&host, &services)?;
+            crate::service::spec::check_identities(&host, &services)?;
             Ok(services)
         }) {
         Ok(services) => services,

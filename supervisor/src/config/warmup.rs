@@ -1,5 +1,5 @@
 //! The `[warmup]` section of a service file, and the warm-up request lines it (or a file in the
-//! release) holds. The request syntax is configuration: the warm-up runner (`crate::warmup`) takes
+//! release) holds. The request syntax is configuration: the warm-up runner (`crate::service::warmup`) takes
 //! requests parsed here, and this module never depends on the runner.
 
 use bytes::Bytes;

@@ -26,13 +26,13 @@ use super::restart::RestartWaits;
 use super::steer::{DrainFor, Steering};
 use super::{Action, targets};
 use crate::config::{HostConfig, ServiceConfig, WarmupConfig};
-use crate::health::Probe;
-use crate::policy::{self, Decision};
 use crate::protocol::{
     CpuWeight, Desired, HostStatus, InstanceState, InstanceStatus, RestartStatus, ServiceStatus,
 };
-use crate::spec::InstanceSpec;
-use crate::state::ServiceState;
+use crate::service::health::Probe;
+use crate::service::policy::{self, Decision};
+use crate::service::spec::InstanceSpec;
+use crate::service::state::ServiceState;
 
 /// The executor's clock, in unix milliseconds (the shims report start times in it).
 pub type Millis = u64;
@@ -343,7 +343,7 @@ pub enum Effect {
         port: u16,
         config: Box<WarmupConfig>,
         release: Option<PathBuf>,
-        sibling: Result<crate::warmup::Sibling, String>,
+        sibling: Result<crate::service::warmup::Sibling, String>,
     },
     /// Write the service's chain in one transaction; answers `Steered`.
     ApplyChain {
@@ -416,7 +416,7 @@ pub struct Setup {
     /// Whether restarts wait for a fleet slot (the ZooKeeper backend).
     pub fleet: bool,
     /// The instance cgroups' parent, or why there is none.
-    pub cgroups: crate::cgroup::Detected,
+    pub cgroups: crate::service::cgroup::Detected,
     /// Whether iptables can be written (the daemon runs as root with `iptables-restore`).
     pub steerable: bool,
     /// What a previous daemon installed in the chain (`Ok(None)`: not steered), or why it cannot
@@ -434,7 +434,7 @@ pub struct Core {
     pub(super) env: Box<dyn Env>,
     pub(super) fleet: bool,
     pub(super) steerable: bool,
-    pub(super) cgroups: crate::cgroup::Detected,
+    pub(super) cgroups: crate::service::cgroup::Detected,
     pub(super) instances: BTreeMap<u32, Instance>,
     waiters: Vec<Waiter>,
     settled: Vec<ReplyId>,
@@ -649,7 +649,7 @@ impl Core {
                 }),
                 _ => None,
             };
-            crate::health::ExecContext {
+            crate::service::health::ExecContext {
                 identity,
                 env: spec.env,
                 directory: spec.directory,

@@ -16,7 +16,7 @@ use super::core::{Core, Effect};
 use crate::build;
 use crate::config::BuildConfig;
 use crate::protocol::{DeployPhase, DeployStatus, HostInstance, HostState, HostStatus};
-use crate::state::FailedRestart;
+use crate::service::state::FailedRestart;
 
 /// Longest history of local deploys kept for `rollback`.
 const HISTORY_MAX: usize = 20;
@@ -503,7 +503,7 @@ pub struct HookContext {
     pub(super) service: String,
     pub(super) configured: BTreeMap<String, Vec<Vec<String>>>,
     /// Who the hooks run as (`None`: as the daemon), or why the service's user cannot be resolved.
-    pub(super) identity: Result<crate::spec::Identity, String>,
+    pub(super) identity: Result<crate::service::spec::Identity, String>,
     pub(super) env: BTreeMap<String, String>,
     pub(super) timeout_ms: u64,
     pub(super) log_dir: PathBuf,

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use crate::build::Releases;
 use crate::config::{HostConfig, ServiceConfig};
 use crate::coord::Slot;
-use crate::spec::{Identity, InstanceSpec};
-use crate::state::{self, ServiceState};
+use crate::service::spec::{Identity, InstanceSpec};
+use crate::service::state::{self, ServiceState};
 
 /// What the core asks of the host while it decides. Every answer is immediate (no waiting on the
 /// network or on a child): slow work is an [`super::core::Effect`].
@@ -43,7 +43,7 @@ pub struct HostEnv {
     pub host: HostConfig,
     pub name: String,
     pub state_path: PathBuf,
-    pub cgroups: crate::cgroup::Detected,
+    pub cgroups: crate::service::cgroup::Detected,
     /// Shared with the executor, which acquires and releases it.
     pub slot: Arc<Mutex<Option<Slot>>>,
 }
@@ -72,7 +72,7 @@ impl Env for HostEnv {
     }
 
     fn identity(&self, config: &ServiceConfig) -> Result<Identity, String> {
-        crate::spec::identity(&self.host, &self.name, config)
+        crate::service::spec::identity(&self.host, &self.name, config)
     }
 
     fn existing_cgroup(&self, index: u32) -> Option<PathBuf> {

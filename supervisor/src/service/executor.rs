@@ -25,8 +25,8 @@ use super::{Context, Reply, Request, make_log_dir};
 use crate::build::{self, Releases};
 use crate::config::ServiceConfig;
 use crate::coord::Slot;
-use crate::shim::{self, ShimError, ShimPaths};
-use crate::state::ServiceState;
+use crate::service::shim::{self, ShimError, ShimPaths};
+use crate::service::state::ServiceState;
 
 /// Pause before asking again for a slot after ZooKeeper refused one.
 const SLOT_RETRY_MS: u64 = 1_000;
@@ -71,8 +71,8 @@ pub(super) struct Executor {
 
 /// Loads the service's persisted state; an unreadable state file fails the service's start.
 pub(super) fn load_state(ctx: &Context, name: &str) -> Result<(PathBuf, ServiceState), String> {
-    let state_path = crate::state::path(&ctx.host.state_dir(), name);
-    let state = crate::state::load(&state_path).map_err(|e| e.to_string())?;
+    let state_path = crate::service::state::path(&ctx.host.state_dir(), name);
+    let state = crate::service::state::load(&state_path).map_err(|e| e.to_string())?;
     Ok((state_path, state))
 }
 
@@ -392,13 +392,13 @@ impl Executor {
                 release,
                 sibling,
             } => {
-                let requests = crate::warmup::load_requests(&config, release.as_deref());
+                let requests = crate::service::warmup::load_requests(&config, release.as_deref());
                 self.report(async move {
                     let event = match requests {
                         Ok(requests) => RestartEvent::Warmed {
                             index,
                             result: Box::new(
-                                crate::warmup::run(port, requests, &config, sibling).await,
+                                crate::service::warmup::run(port, requests, &config, sibling).await,
                             ),
                         },
                         Err(why) => {
@@ -434,9 +434,10 @@ impl Executor {
                 let service = self.name.clone();
                 self.report(async move {
                     let outcome = match port {
-                        Some(port) => {
-                            Some(crate::drain::wait(&service, index, port, until, timeout_ms).await)
-                        }
+                        Some(port) => Some(
+                            crate::service::drain::wait(&service, index, port, until, timeout_ms)
+                                .await,
+                        ),
                         None => None,
                     };
                     Event::Drained {
@@ -541,7 +542,7 @@ impl Executor {
         &mut self,
         index: u32,
         generation: u64,
-        spec: crate::spec::InstanceSpec,
+        spec: crate::service::spec::InstanceSpec,
         cgroup: bool,
     ) {
         let paths = self.paths(index);
@@ -604,7 +605,7 @@ impl Executor {
     }
 
     /// The periodic liveness probe of a healthy instance.
-    fn watch_liveness(&self, index: u32, generation: u64, probe: crate::health::Probe) {
+    fn watch_liveness(&self, index: u32, generation: u64, probe: crate::service::health::Probe) {
         let interval = probe.config.liveness_interval_ms;
         let limit = probe.config.liveness_failures.max(1);
         let events = self.events_tx.clone();
@@ -668,8 +669,8 @@ impl Executor {
 
     /// The service left the configuration: its state file and its steering go too.
     async fn forget(&mut self) {
-        let state_path = crate::state::path(&self.ctx.host.state_dir(), &self.name);
-        if let Err(e) = crate::state::remove(&state_path) {
+        let state_path = crate::service::state::path(&self.ctx.host.state_dir(), &self.name);
+        if let Err(e) = crate::service::state::remove(&state_path) {
             tracing::error!(service = %self.name, "{e}");
         }
         if let Some(iptables) = self.ctx.iptables.clone() {

@@ -13,7 +13,7 @@ use sluice_strategies::warmup::Summary;
 use super::core::{AfterStop, Core, Effect, Phase};
 use super::steer::DrainFor;
 use crate::config::StrategyName;
-use crate::state::FailedRestart;
+use crate::service::state::FailedRestart;
 
 /// What the restart in progress waits for; rebuilt by `resume` after a crash.
 #[derive(Debug, Default)]
@@ -442,7 +442,7 @@ impl Core {
     /// An instance of this service that serves clients now (running, healthy, not in the batch,
     /// and in steering when the service steers), to measure how fast a warm instance answers;
     /// `Err` says why there is none.
-    fn serving_sibling(&self, index: u32) -> Result<crate::warmup::Sibling, String> {
+    fn serving_sibling(&self, index: u32) -> Result<crate::service::warmup::Sibling, String> {
         if self.config.instances < 2 {
             return Err("no sibling: the service has one instance".into());
         }
@@ -462,7 +462,7 @@ impl Core {
             .find_map(|i| {
                 self.config
                     .port(i.index)
-                    .map(|port| crate::warmup::Sibling {
+                    .map(|port| crate::service::warmup::Sibling {
                         index: i.index,
                         port,
                     })

@@ -21,8 +21,8 @@ use super::core::{
 };
 use super::env::Env;
 use crate::config::{HostConfig, ServiceConfig, StrategyName};
-use crate::spec::InstanceSpec;
-use crate::state::ServiceState;
+use crate::service::spec::InstanceSpec;
+use crate::service::state::ServiceState;
 
 /// What the fake host records and how it misbehaves.
 #[derive(Debug, Default)]
@@ -88,7 +88,7 @@ impl Env for FakeEnv {
             .then(|| PathBuf::from(format!("/nonexistent/releases/{build}")))
     }
 
-    fn identity(&self, _config: &ServiceConfig) -> Result<crate::spec::Identity, String> {
+    fn identity(&self, _config: &ServiceConfig) -> Result<crate::service::spec::Identity, String> {
         Ok(None)
     }
 
@@ -203,7 +203,7 @@ impl World {
                 config,
                 state,
                 fleet,
-                cgroups: crate::cgroup::Detected::Off,
+                cgroups: crate::service::cgroup::Detected::Off,
                 steerable: true,
                 installed: Ok(steers.then(|| chain.clone())),
             },

@@ -1,6 +1,8 @@
 //! `sluice run`: finds the shims a previous daemon left, starts one task per service, serves the
 //! control API, and runs the daemon's one loop (requests, signals, watchdog) until told to go.
 
+pub mod notify;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -15,9 +17,8 @@ use crate::config::{self, HostConfig, ServiceConfig, Services};
 use crate::control::protocol::{LocalVerb, Order};
 use crate::control::queue::Request;
 use crate::control::{self, server};
-use crate::notify;
+use crate::service::shim::{self, ShimPaths};
 use crate::service::{self, Action, Context, ServiceHandle};
-use crate::shim::{self, ShimPaths};
 
 /// Bound of the queue between the control API and the daemon loop.
 const REQUEST_QUEUE: usize = 64;
@@ -105,7 +106,7 @@ pub async fn run(
     };
     // Before any shim is spawned: under cgroup v2 the daemon moves to a leaf of its own cgroup,
     // and the shims it spawns must start there too.
-    let cgroups = crate::cgroup::detect(&host);
+    let cgroups = crate::service::cgroup::detect(&host);
     let peers = match (&coord, host.peers.enabled) {
         (Some(zk), true) => Some(
             crate::build::peer::Peers::start(
@@ -350,7 +351,7 @@ impl Daemon {
     async fn reload(&mut self) -> Result<String, control::Error> {
         let services = config::load_services(&self.ctx.host.services_dir)
             .map_err(|e| control::Error::InvalidConfig(e.to_string()))?;
-        crate::spec::check_identities(&self.ctx.host, &services)
+        crate::service::spec::check_identities(&self.ctx.host, &services)
             .map_err(control::Error::InvalidConfig)?;
         let mut summary = Vec::new();
         let removed: Vec<String> = self
@@ -520,7 +521,7 @@ impl Daemon {
     ) -> Result<ServiceConfig, String> {
         file.with_config_node(node, &host.coordination.config_node_keys)
             .and_then(|config| {
-                crate::spec::identity(host, name, &config)?;
+                crate::service::spec::identity(host, name, &config)?;
                 Ok(config)
             })
             .map_err(|e| {

@@ -11,7 +11,7 @@ use sluice_shim::proto::{self, Status};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::spec::InstanceSpec;
+use crate::service::spec::InstanceSpec;
 
 /// How long a shim may take to answer a request (it answers from a poll loop, at once).
 pub const REQUEST_TIMEOUT_MS: u64 = 5_000;

@@ -8,19 +8,27 @@
 //! The core's restart side is in `service/restart.rs`, steering and the one drain wait in
 //! `service/steer.rs`, CPU isolation in `service/cpu.rs`, deploys in `service/deploy.rs`.
 
+pub mod cgroup;
 mod core;
 mod cpu;
 mod deploy;
+pub mod drain;
 mod env;
 mod executor;
+pub mod health;
+pub mod policy;
 mod restart;
+pub mod shim;
 #[cfg(test)]
 mod sim;
+pub mod spec;
+pub mod state;
 mod steer;
 #[cfg(test)]
 mod testkit;
 #[cfg(test)]
 mod tests;
+pub mod warmup;
 
 pub use crate::protocol::{DeployStatus, InstanceStatus, RestartStatus, ServiceStatus};
 pub use deploy::LocalVerb;
@@ -172,7 +180,7 @@ pub struct Context {
     /// Builds served to and fetched from other hosts, with `peers.enabled` and ZooKeeper.
     pub peers: Option<crate::build::peer::Peers>,
     /// The parent cgroup of starting instances, or why there is none.
-    pub cgroups: crate::cgroup::Detected,
+    pub cgroups: crate::service::cgroup::Detected,
 }
 
 /// Starts the task of service `name` and returns its handle. `found` are the shims the daemon
