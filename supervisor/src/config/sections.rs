@@ -180,10 +180,17 @@ pub struct RestartConfig {
     /// so its start-up (a JVM's JIT and GC threads) takes only CPU the serving instances leave idle.
     #[serde(default = "default_true")]
     pub cpu_isolation: bool,
+    /// The longest an instance stays at the low weight after its start, in ms; then it leaves
+    /// its cgroup even if it is not enabled yet, so a saturated host cannot starve its start.
+    #[serde(default = "default_cpu_low_max_ms")]
+    pub cpu_low_max_ms: u64,
 }
 
 fn default_batch_size() -> BatchSpec {
     BatchSpec(BatchSize::Count(1))
+}
+fn default_cpu_low_max_ms() -> u64 {
+    10_000
 }
 fn default_drain_timeout_ms() -> u64 {
     10_000
@@ -201,6 +208,7 @@ impl Default for RestartConfig {
             drain_timeout_ms: default_drain_timeout_ms(),
             reload_signal: default_reload_signal(),
             cpu_isolation: true,
+            cpu_low_max_ms: default_cpu_low_max_ms(),
         }
     }
 }

@@ -135,6 +135,8 @@ pub(super) struct Instance {
     /// The low weight was written to that cgroup; false when unknown (adopted from an earlier
     /// daemon).
     pub(super) weight_low: bool,
+    /// A timer is set for the end of its low phase (`restart.cpu_low_max_ms` after its start).
+    pub(super) low_timer: bool,
     /// Why its last start or weight change could not use a cgroup.
     pub(super) cgroup_error: Option<String>,
 }
@@ -157,6 +159,7 @@ impl Instance {
             last_drain: None,
             cgroup: None,
             weight_low: false,
+            low_timer: false,
             cgroup_error: None,
         }
     }
@@ -247,6 +250,11 @@ pub enum Timer {
     },
     /// Time to try a failed iptables transaction again.
     SteerRetry,
+    /// The instance's low CPU phase has lasted `restart.cpu_low_max_ms`: it leaves its cgroup.
+    LowPhaseOver {
+        index: u32,
+        generation: u64,
+    },
 }
 
 /// Everything the core reacts to.
@@ -531,6 +539,14 @@ impl Core {
                 self.on_instance(index, generation, InstanceEvent::BackoffElapsed)
             }
             Event::Timer(Timer::SteerRetry) => self.steering.retry_scheduled = false,
+            // Nothing to do here: `after_change` compares the instance's age with the bound.
+            Event::Timer(Timer::LowPhaseOver { index, generation }) => {
+                if let Some(instance) = self.instances.get_mut(&index)
+                    && instance.generation == generation
+                {
+                    instance.low_timer = false;
+                }
+            }
             Event::Steered(result) => self.on_steered(result),
             Event::Drained {
                 index,
@@ -1241,6 +1257,8 @@ impl Core {
             .expect("checked by the caller");
         let generation = instance.generation;
         instance.weight_low = false;
+        // A timer of the previous process carries its generation and is dropped.
+        instance.low_timer = false;
         let isolated = matches!(cgroup, Some(Ok(_)));
         match cgroup {
             Some(Ok(dir)) => {

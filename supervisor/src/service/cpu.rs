@@ -4,7 +4,7 @@
 
 use sluice_strategies::restart::Step;
 
-use super::core::{AfterStop, Core, Effect, Instance, Phase};
+use super::core::{AfterStop, Core, Effect, Instance, Phase, Timer};
 
 impl Core {
     /// Whether the host has cgroups and this service wants its instances isolated.
@@ -61,7 +61,13 @@ impl Core {
                     Some(Step::Starting | Step::Checking | Step::Warming | Step::Enabling)
                 )
         });
-        !instance.healthy || warming
+        // Bounded: on a host whose CPU is saturated the lowest weight gets nothing, and an
+        // instance that never starts fails its batch; past the bound it runs like any process.
+        let age_ms = instance
+            .shim
+            .as_ref()
+            .map_or(0, |s| self.now.saturating_sub(s.started_ms));
+        (!instance.healthy || warming) && age_ms < self.config.restart.cpu_low_max_ms
     }
 
     /// Keeps every starting instance's cgroup at the low weight, moves an instance that no longer
@@ -80,6 +86,30 @@ impl Core {
             .partition(|index| self.wants_low(&self.instances[index]));
         for index in released {
             self.remove_cgroup(index);
+        }
+        // A timer for the end of each low phase, so the bound holds without another event.
+        for &index in &low {
+            let instance = &self.instances[&index];
+            if instance.low_timer {
+                continue;
+            }
+            let age_ms = instance
+                .shim
+                .as_ref()
+                .map_or(0, |s| self.now.saturating_sub(s.started_ms));
+            let after_ms = self
+                .config
+                .restart
+                .cpu_low_max_ms
+                .saturating_sub(age_ms)
+                .max(1);
+            let instance = self.instances.get_mut(&index).expect("listed above");
+            instance.low_timer = true;
+            let generation = instance.generation;
+            self.emit(Effect::SetTimer {
+                after_ms,
+                timer: Timer::LowPhaseOver { index, generation },
+            });
         }
         let wanted: Vec<u32> = low
             .into_iter()
@@ -131,6 +161,7 @@ impl Core {
             return;
         };
         instance.weight_low = false;
+        instance.low_timer = false;
         if self.cgroups.cgroups().is_none() {
             return;
         }

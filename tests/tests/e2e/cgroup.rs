@@ -114,7 +114,11 @@ fn is_low(dir: &Path) -> bool {
     shares <= 3 && (idle || !dir.join("cpu.idle").exists())
 }
 
-fn service(port_base: u16, front: u16, start_delay_s: &str) -> String {
+/// The low phase's bound of the tests that watch an instance stay low until it is enabled: longer
+/// than any start here, so what they see is the enable, not the bound.
+const LOW_MAX_MS: u64 = 120_000;
+
+fn service(port_base: u16, front: u16, start_delay_s: &str, low_max_ms: u64) -> String {
     format!(
         r#"command = ["python3", "{app}", "{{port}}"]
 instances = 2
@@ -126,6 +130,7 @@ env = {{ START_DELAY_S = "{start_delay_s}", REQUEST_DELAY_S = "{REQUEST_DELAY_S}
 [restart]
 strategy = "drain"
 drain_timeout_ms = 1000
+cpu_low_max_ms = {low_max_ms}
 [health]
 http = "/health"
 start_timeout_ms = 30000
@@ -184,7 +189,7 @@ fn a_starting_instance_runs_at_the_lowest_cpu_weight_until_it_is_enabled() {
     };
     let ns = Netns::new();
     let h = host_with_cgroups(&ns, &parent);
-    h.service("slow", &service(9100, 9000, START_DELAY_S));
+    h.service("slow", &service(9100, 9000, START_DELAY_S, LOW_MAX_MS));
     h.start_daemon();
     let before = h.wait_until(both_enabled, PATIENCE * 3);
     assert!(
@@ -312,7 +317,7 @@ fn a_restarted_daemon_reapplies_the_weight_from_the_instance_state() {
     };
     let ns = Netns::new();
     let h = host_with_cgroups(&ns, &parent);
-    h.service("slow", &service(9100, 9000, SLOW_START_DELAY_S));
+    h.service("slow", &service(9100, 9000, SLOW_START_DELAY_S, LOW_MAX_MS));
     h.start_daemon();
     let before = h.wait_until(both_enabled, PATIENCE * 4);
     let old: Vec<i32> = before.pids("slow").into_iter().flatten().collect();
@@ -363,4 +368,65 @@ impl Drop for Guard {
             let _ = self.0.wait();
         }
     }
+}
+
+/// The low phase is bounded (`restart.cpu_low_max_ms`): an instance that is still starting when
+/// the bound passes leaves its cgroup and runs at the weight of any other process, so a saturated
+/// host cannot starve its start into a failed batch.
+#[test]
+fn the_low_phase_ends_at_its_bound_even_before_the_instance_is_enabled() {
+    const LOW_MAX_MS: u64 = 3_000;
+    if !require_root() {
+        return;
+    }
+    let Some(parent) = CgroupParent::new("bound") else {
+        return;
+    };
+    let ns = Netns::new();
+    let h = host_with_cgroups(&ns, &parent);
+    h.service("slow", &service(9100, 9000, SLOW_START_DELAY_S, LOW_MAX_MS));
+    h.start_daemon();
+    let before = h.wait_until(both_enabled, PATIENCE * 4);
+    let old: Vec<i32> = before.pids("slow").into_iter().flatten().collect();
+    let restart = spawn_restart(&h);
+    let mut restart = Guard(restart);
+    // The first batch's new process starts in its cgroup, at the low weight...
+    let dir = parent.instance("slow", 0);
+    let mut new_pid = None;
+    wait_for(
+        "instance 0 restarted into its cgroup",
+        RESTART_PATIENCE,
+        || {
+            new_pid = h
+                .status()
+                .pid("slow", 0)
+                .filter(|pid| !old.contains(pid) && in_parent(*pid, &parent));
+            new_pid.is_some()
+        },
+    );
+    let pid = new_pid.expect("seen above");
+    h.note_pids(&[pid]);
+    // ...and leaves it once the bound has passed, while it still sleeps before it listens (6 s).
+    wait_for(
+        "instance 0 out of its cgroup after the bound",
+        Duration::from_millis(LOW_MAX_MS) + PATIENCE,
+        || !in_parent(pid, &parent) && !dir.exists(),
+    );
+    let s = h.status();
+    assert_eq!(s.pid("slow", 0), Some(pid), "the same process\n{s}");
+    assert_ne!(
+        s.instance("slow", 0)["enabled"],
+        true,
+        "it left at the bound, before it was enabled (the start sleeps {SLOW_START_DELAY_S} s)\n{s}"
+    );
+    assert!(s.instance("slow", 0)["cpu_weight"].is_null(), "{s}");
+    // The restart completes as usual.
+    let code = restart.0.wait().expect("waiting for `sluice restart`");
+    assert!(
+        code.success(),
+        "sluice restart: {code}\n{}",
+        h.daemon_log_tail()
+    );
+    h.wait_until(both_enabled, PATIENCE * 2);
+    h.sluice(&["stop", "slow"]).success();
 }
