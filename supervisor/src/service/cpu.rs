@@ -63,11 +63,15 @@ impl Core {
         });
         // Bounded: on a host whose CPU is saturated the lowest weight gets nothing, and an
         // instance that never starts fails its batch; past the bound it runs like any process.
-        let age_ms = instance
+        (!instance.healthy || warming) && self.age_ms(instance) < self.config.restart.cpu_low_max_ms
+    }
+
+    /// How long the instance's process has run (its shim's start time: the same for a new brain).
+    fn age_ms(&self, instance: &Instance) -> u64 {
+        instance
             .shim
             .as_ref()
-            .map_or(0, |s| self.now.saturating_sub(s.started_ms));
-        (!instance.healthy || warming) && age_ms < self.config.restart.cpu_low_max_ms
+            .map_or(0, |s| self.now.saturating_sub(s.started_ms))
     }
 
     /// Keeps every starting instance's cgroup at the low weight, moves an instance that no longer
@@ -93,15 +97,11 @@ impl Core {
             if instance.low_timer {
                 continue;
             }
-            let age_ms = instance
-                .shim
-                .as_ref()
-                .map_or(0, |s| self.now.saturating_sub(s.started_ms));
             let after_ms = self
                 .config
                 .restart
                 .cpu_low_max_ms
-                .saturating_sub(age_ms)
+                .saturating_sub(self.age_ms(instance))
                 .max(1);
             let instance = self.instances.get_mut(&index).expect("listed above");
             instance.low_timer = true;
