@@ -34,12 +34,13 @@ if [ ! -x "$venv/bin/gunicorn" ] || [ ! -x "$venv/bin/moto_server" ]; then
 fi
 # The restart matrix's servers and clients: uvicorn serves the ASGI test app, aiohttp is the
 # keep-alive pool and the new-connection client (tests/fixtures/http_client.py).
-if [ ! -x "$venv/bin/uvicorn" ] || ! "$venv/bin/python" -c 'import aiohttp' 2>/dev/null; then
+if [ ! -x "$venv/bin/uvicorn" ] || ! "$venv/bin/python" -P -c 'import aiohttp' 2>/dev/null; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'uvicorn==0.54.*' 'aiohttp==3.14.*'
 fi
 # supervisord itself: the import tests (tests/tests/e2e/import.rs) have it read their supervisord
 # fixtures and compare its processes with the service files `sluice import-supervisord` wrote.
-if ! "$venv/bin/python" -c 'import supervisor' 2>/dev/null; then
+# -P: the checkout's own supervisor/ (the crate) would otherwise pass for the package.
+if ! "$venv/bin/python" -P -c 'import supervisor.supervisord' 2>/dev/null; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'supervisor==4.3.*'
 fi
 # Wheels for the deploy tests' offline `pip install` (the stock python-venv hook with SLUICE_WHEEL_DIR).

@@ -36,7 +36,7 @@ fn import(h: &Host, conf: &Path, extra: &[&str]) -> Out {
 fn supervisord_agrees(h: &Host, conf: &Path) -> Option<Out> {
     let python = fixtures::venv_bin("python")?;
     let has_supervisor = std::process::Command::new(&python)
-        .args(["-c", "import supervisor"])
+        .args(["-P", "-c", "import supervisor.supervisord"])
         .status()
         .is_ok_and(|s| s.success());
     if !fixtures::require("supervisor (PyPI) in the test virtualenv", has_supervisor) {
