@@ -444,6 +444,21 @@ impl Drop for Nginx {
 
 /// How each drain of `service` ended (`idle`, `closed`, `timeout`, …), from the daemon's log: the
 /// lines the drain writes when it hands an instance to its stop. One entry per drain, in order.
+/// The daemon's log lines of `service`'s restart that matter to a client (chain writes, drains,
+/// stops, exits, starts, enables), at most 80: set beside the clients' failure times.
+pub fn restart_timeline(log: &str, service: &str) -> String {
+    const WORDS: [&str; 8] = [
+        "chain", "steer", "drain", "stop", "exit", "start", "enable", "warm",
+    ];
+    let service_field = format!("service={service} ");
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&service_field) && WORDS.iter().any(|w| l.contains(w)))
+        .collect();
+    let skip = lines.len().saturating_sub(80);
+    lines[skip..].join("\n")
+}
+
 /// The kept-alive connections of each drain of `service` the daemon's log records: those the
 /// drain closed itself (`closed_idle=`) plus those left to the graceful stop (`left=`).
 pub fn drain_kept_alive(log: &str, service: &str) -> Vec<u64> {

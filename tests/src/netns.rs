@@ -18,6 +18,37 @@ impl Default for Netns {
 }
 
 impl Netns {
+    /// The namespace's counters of connections its listeners dropped (`/proc/net/netstat` read from
+    /// inside it): a SYN dropped on a full accept queue is retransmitted a second later to the same
+    /// instance (conntrack keeps its first destination), which may have stopped by then.
+    pub fn listen_counters(&self) -> std::collections::BTreeMap<String, u64> {
+        const WANTED: [&str; 3] = ["ListenOverflows", "ListenDrops", "TCPReqQFullDrop"];
+        let text = self
+            .command("cat")
+            .arg("/proc/net/netstat")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut out = std::collections::BTreeMap::new();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            if !names.starts_with("TcpExt:") {
+                continue;
+            }
+            for (name, value) in names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .skip(1)
+            {
+                if WANTED.contains(&name) {
+                    out.insert(name.to_owned(), value.parse().unwrap_or(0));
+                }
+            }
+        }
+        out
+    }
+
     /// Creates a namespace with its loopback up. Needs root.
     pub fn new() -> Netns {
         let name = format!(

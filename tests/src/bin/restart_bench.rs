@@ -243,7 +243,7 @@ fn main() {
                     variant.label()
                 );
                 let argv = app.argv(&classes, &gunicorn);
-                let before = listen_counters(&ns);
+                let before = ns.listen_counters();
                 let r = match &variant {
                     Variant::Sluice {
                         strategy,
@@ -253,7 +253,7 @@ fn main() {
                     } => run_sluice(&ns, app, &argv, *strategy, *warmup, extra, &settings),
                     Variant::Supervisord => run_supervisord(&ns, &argv, &settings),
                 };
-                let after = listen_counters(&ns);
+                let after = ns.listen_counters();
                 let mut r = r.unwrap_or_else(|skipped| json!({ "skipped": skipped }));
                 r["app"] = json!(app.name());
                 r["app_description"] = json!(app.describe());
@@ -680,37 +680,6 @@ fn health_once(port: u16) -> Result<(), String> {
 /// window (`call_s`..`ret_s`), the first [`FIRST_REQUESTS_S`] of requests answered by each
 /// restarted instance after it was `back` (seconds after the load began), and the restart's total
 /// against `unavoidable_ms`.
-/// The namespace's counters of connections its listeners dropped (`/proc/net/netstat` read from
-/// inside it): a SYN dropped on a full accept queue is retransmitted a second later to the same
-/// instance (conntrack keeps its first destination), which may have stopped by then.
-fn listen_counters(ns: &Netns) -> BTreeMap<String, u64> {
-    const WANTED: [&str; 3] = ["ListenOverflows", "ListenDrops", "TCPReqQFullDrop"];
-    let text = ns
-        .command("cat")
-        .arg("/proc/net/netstat")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let mut out = BTreeMap::new();
-    for pair in lines.chunks(2) {
-        let [names, values] = pair else { continue };
-        if !names.starts_with("TcpExt:") {
-            continue;
-        }
-        for (name, value) in names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .skip(1)
-        {
-            if WANTED.contains(&name) {
-                out.insert(name.to_owned(), value.parse().unwrap_or(0));
-            }
-        }
-    }
-    out
-}
-
 fn analyse(
     samples: &Samples,
     call_s: f64,

@@ -111,6 +111,7 @@ fn restart_matrix(server: Server) {
     }
     std::thread::sleep(LOAD_BEFORE_RESTART);
 
+    let listen_before = ns.listen_counters();
     let begun = Instant::now();
     let restart = run_bounded(h.sluice_command(&["restart", SERVICE]), RESTART_TIMEOUT)
         .unwrap_or_else(|e| panic!("{}: {e}\n{}", server.name(), h.daemon_log_tail()));
@@ -120,6 +121,7 @@ fn restart_matrix(server: Server) {
     std::thread::sleep(LOAD_AFTER_RESTART);
     let reports: Vec<ClientReport> = clients.into_iter().map(HttpClient::finish).collect();
     let nginx_log = nginx.log();
+    let listen_after = ns.listen_counters();
 
     let log = std::fs::read_to_string(h.path("daemon.log")).unwrap_or_default();
     let endings = sluice_tests::matrix::drain_endings(&log, SERVICE);
@@ -135,7 +137,7 @@ fn restart_matrix(server: Server) {
         );
     }
     println!(
-        "{}: restart {restart_took:?}, exit {:?}; drains ended {endings:?}; nginx: {} requests, {} resent upstream, {} not 200",
+        "{}: restart {restart_took:?}, exit {:?}; drains ended {endings:?}; listen drops {listen_before:?} -> {listen_after:?}; nginx: {} requests, {} resent upstream, {} not 200",
         server.name(),
         restart.code,
         nginx_log.requests,
@@ -153,12 +155,13 @@ fn restart_matrix(server: Server) {
         assert_eq!(
             r.failed,
             0,
-            "{} × {}: {} of {} requests failed: {:#?}",
+            "{} × {}: {} of {} requests failed: {:#?}\nthe restart as the daemon logged it:\n{}",
             server.name(),
             r.name,
             r.failed,
             r.total(),
-            r.failures
+            r.failures,
+            sluice_tests::matrix::restart_timeline(&log, SERVICE)
         );
         assert!(
             r.total() >= MIN_REQUESTS_PER_CELL,
