@@ -8,12 +8,6 @@
 //! that is being received, processed or answered: the kernel tells that per connection through its
 //! queues and `tcp_info`'s "milliseconds since data was last received / sent". The caller reads the
 //! connections (sock_diag in the daemon) and the clock; this module only decides.
-//!
-//! Left to the graceful stop, every kept-alive connection of the instance closes in the same
-//! instant, and a pool that sends a request on one of them in that instant resends it on another
-//! pooled connection, which may be closing too: the request fails twice and the client sees the
-//! error. So the drain may close the idle connections itself, one per look (`drain_close_idle`):
-//! a request that races the close of one connection is resent on a connection that stays open.
 
 use serde::{Deserialize, Serialize};
 
@@ -76,17 +70,6 @@ impl Connection {
     /// closed it; a connection in CLOSE_WAIT is the instance's own business to close).
     pub fn is_open(&self) -> bool {
         matches!(self.state, TcpState::SynRecv | TcpState::Established)
-    }
-
-    /// The drain may close it: established, nothing in flight.
-    pub fn closable(&self) -> bool {
-        self.state == TcpState::Established && !self.in_flight()
-    }
-
-    /// How long nothing went either way, in ms; `None` without `tcp_info`.
-    fn quiet_ms(&self) -> Option<u32> {
-        self.activity
-            .map(|a| a.last_data_recv_ms_ago.min(a.last_data_sent_ms_ago))
     }
 
     /// A request is in flight: being received, processed or answered.
@@ -158,35 +141,14 @@ impl Tally {
 }
 
 /// The decision after one look: `Some(ending)` to stop now, `None` to look again.
-///
-/// With `close_idle` the drain closes idle connections itself, so `idle` waits until at most one
-/// connection is left for the graceful stop to close: no two close at once.
-pub fn decide(
-    tally: Tally,
-    until: DrainUntil,
-    close_idle: bool,
-    waited_ms: u64,
-    timeout_ms: u64,
-) -> Option<Ending> {
+pub fn decide(tally: Tally, until: DrainUntil, waited_ms: u64, timeout_ms: u64) -> Option<Ending> {
     if tally.open == 0 && tally.in_flight == 0 {
         return Some(Ending::Closed);
     }
-    if until == DrainUntil::Idle && tally.in_flight == 0 && (!close_idle || tally.open <= 1) {
+    if until == DrainUntil::Idle && tally.in_flight == 0 {
         return Some(Ending::Idle);
     }
     (waited_ms >= timeout_ms).then_some(Ending::Timeout)
-}
-
-/// Which connection the drain closes after a look that did not end it: the closable one quiet
-/// the longest (pools reuse the connection released last, so the oldest idle one is the least
-/// likely to carry a request in the instant it closes); `None` when none is closable.
-pub fn next_to_close(connections: &[Connection]) -> Option<usize> {
-    connections
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.closable())
-        .max_by_key(|(i, c)| (c.quiet_ms(), std::cmp::Reverse(*i)))
-        .map(|(i, _)| i)
 }
 
 /// What a finished drain recorded: the log line and the instance's `last_drain` in status.
@@ -201,9 +163,6 @@ pub struct Outcome {
     pub waited_ms: u64,
     /// Looks at the connections, the last one included.
     pub polls: u32,
-    /// Idle connections the drain closed itself (`drain_close_idle`).
-    #[serde(default)]
-    pub closed_idle: u32,
 }
 
 #[cfg(test)]
@@ -406,62 +365,8 @@ mod tests {
             ),
         ];
         for (name, conns, until, waited_ms, want) in table {
-            let got = decide(Tally::of(conns), *until, false, *waited_ms, 10_000);
+            let got = decide(Tally::of(conns), *until, *waited_ms, 10_000);
             assert_eq!(got, *want, "{name}");
-        }
-    }
-
-    #[test]
-    fn closing_idle_connections_leaves_at_most_one_to_the_stop() {
-        use DrainUntil as U;
-        use Ending as E;
-        let busy = est(activity(2, 50, Some(500)));
-        // (case, connections, mode, decision with close_idle, drain_timeout_ms = 10000)
-        let table: &[(&str, Vec<Connection>, DrainUntil, Option<Ending>)] = &[
-            ("none left", vec![], U::Idle, Some(E::Closed)),
-            ("one idle left", vec![est(IDLE)], U::Idle, Some(E::Idle)),
-            (
-                "two idle: close one first",
-                vec![est(IDLE); 2],
-                U::Idle,
-                None,
-            ),
-            ("one busy", vec![busy], U::Idle, None),
-            ("closed mode, one idle", vec![est(IDLE)], U::Closed, None),
-        ];
-        for (name, conns, until, want) in table {
-            assert_eq!(
-                decide(Tally::of(conns), *until, true, 50, 10_000),
-                *want,
-                "{name}"
-            );
-        }
-        assert_eq!(
-            decide(Tally::of(&[est(IDLE); 2]), U::Idle, true, 10_000, 10_000),
-            Some(E::Timeout)
-        );
-    }
-
-    #[test]
-    fn the_connection_quiet_the_longest_closes_first() {
-        let recent = est(activity(30, 29, Some(900)));
-        let oldest = est(activity(700, 650, Some(900)));
-        let busy = est(activity(2, 50, Some(500)));
-        let closing = conn(TcpState::CloseWait, 0, 0, Some(IDLE));
-        let syn = conn(TcpState::SynRecv, 0, 0, None);
-        let table: &[(&str, Vec<Connection>, Option<usize>)] = &[
-            ("nothing", vec![], None),
-            ("only busy ones", vec![busy, syn], None),
-            (
-                "a client-closed one is not ours to close",
-                vec![closing],
-                None,
-            ),
-            ("the oldest idle", vec![recent, busy, oldest], Some(2)),
-            ("ties: the first", vec![recent, recent], Some(0)),
-        ];
-        for (name, conns, want) in table {
-            assert_eq!(next_to_close(conns), *want, "{name}");
         }
     }
 

@@ -137,7 +137,7 @@ fn main() {
         let (proc_us, proc_seen) = per_poll_us(polls, || proc_count(port));
 
         let cpu = process_cpu_us();
-        let outcome = rt.block_on(wait("bench", 0, port, DrainUntil::Closed, false, drain_ms));
+        let outcome = rt.block_on(wait("bench", 0, port, DrainUntil::Closed, drain_ms));
         let diag_drain_ms = (process_cpu_us() - cpu) as f64 / 1000.0;
         assert_eq!(outcome.connections_left, POOL, "{outcome:?}");
         let cpu = process_cpu_us();

@@ -459,19 +459,6 @@ pub fn restart_timeline(log: &str, service: &str) -> String {
     lines[skip..].join("\n")
 }
 
-/// The kept-alive connections of each drain of `service` the daemon's log records: those the
-/// drain closed itself (`closed_idle=`) plus those left to the graceful stop (`left=`).
-pub fn drain_kept_alive(log: &str, service: &str) -> Vec<u64> {
-    let service_field = format!("service={service} ");
-    let field = |l: &str, key: &str| -> Option<u64> {
-        l.split(key).nth(1)?.split_whitespace().next()?.parse().ok()
-    };
-    log.lines()
-        .filter(|l| l.contains("drain") && l.contains(&service_field) && l.contains("ending="))
-        .map(|l| field(l, " left=").unwrap_or(0) + field(l, " closed_idle=").unwrap_or(0))
-        .collect()
-}
-
 pub fn drain_endings(log: &str, service: &str) -> Vec<String> {
     let service_field = format!("service={service} ");
     log.lines()

@@ -214,11 +214,10 @@ fn progress_lines(
             && seen.get(&index) != Some(&Some(d))
         {
             lines.push(format!(
-                "{service}/{index}: drained: {}, {} connection(s) left, {} in flight, {} idle closed, {} ms",
+                "{service}/{index}: drained: {}, {} connection(s) left, {} in flight, {} ms",
                 d.ending.name(),
                 d.connections_left,
                 d.in_flight_left,
-                d.closed_idle,
                 d.waited_ms
             ));
         }
@@ -469,13 +468,12 @@ mod tests {
             in_flight_left: 0,
             waited_ms: 120,
             polls: 4,
-            closed_idle: 0,
         };
         status.services[0].instances[0].last_drain = Some(drain);
         let (lines, _) = progress_lines("web", &status, &seen, &last);
         assert_eq!(
             lines,
-            ["web/0: drained: idle, 3 connection(s) left, 0 in flight, 0 idle closed, 120 ms"]
+            ["web/0: drained: idle, 3 connection(s) left, 0 in flight, 120 ms"]
         );
         let seen = drains_in(&status);
         let (lines, _) = progress_lines("web", &status, &seen, &last);

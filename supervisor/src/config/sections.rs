@@ -170,10 +170,6 @@ pub struct RestartConfig {
     /// What a drain waits for: no request in flight (`idle`), or no connection (`closed`).
     #[serde(default)]
     pub drain_until: sluice_strategies::drain::DrainUntil,
-    /// The drain closes the instance's idle kept-alive connections itself, one per look, so its
-    /// graceful stop closes at most one (see `strategies::drain`).
-    #[serde(default = "default_true")]
-    pub drain_close_idle: bool,
     /// Longest drain wait before a drained instance is stopped with what is left.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
@@ -209,7 +205,6 @@ impl Default for RestartConfig {
             strategy: None,
             batch_size: default_batch_size(),
             drain_until: Default::default(),
-            drain_close_idle: true,
             drain_timeout_ms: default_drain_timeout_ms(),
             reload_signal: default_reload_signal(),
             cpu_isolation: true,

@@ -364,7 +364,6 @@ pub enum Effect {
         waiter: DrainFor,
         port: Option<u16>,
         until: sluice_strategies::drain::DrainUntil,
-        close_idle: bool,
         timeout_ms: u64,
     },
     /// Write the low weight to the instance's cgroup; answers `WeightSet`.

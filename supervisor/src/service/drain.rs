@@ -13,14 +13,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use sluice_strategies::drain::{
-    Activity, Connection, DrainUntil, Ending, Outcome, Tally, TcpState, decide, next_to_close,
+    Activity, Connection, DrainUntil, Ending, Outcome, Tally, TcpState, decide,
 };
 
-/// Time between two looks at a drained instance's connections. With `drain_close_idle` each look
-/// closes at most one idle connection, so this is also the spacing of those closes: long enough
-/// for a client to see one close before the next (a request resent after the first is then not
-/// on the second).
-pub const DRAIN_POLL_INTERVAL_MS: u64 = 25;
+/// Time between two looks at a drained instance's connections.
+pub const DRAIN_POLL_INTERVAL_MS: u64 = 50;
 
 /// Longest wait for the kernel's answer to one dump request (it answers at once; this bounds a
 /// kernel that does not).
@@ -35,11 +32,6 @@ const DIAG_MAX_CONNECTIONS: usize = 65_536;
 
 // Kernel ABI (linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h, linux/tcp.h).
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
-/// Aborts one socket named by its `inet_diag_sockid` (Linux 4.5+, `CONFIG_INET_DIAG_DESTROY`).
-const SOCK_DESTROY: u16 = 21;
-const NLM_F_ACK: u16 = 0x4;
-/// `inet_diag_sockid`: ports, addresses, interface and cookie, as the dump gives it.
-const INET_DIAG_SOCKID_BYTES: usize = 48;
 /// The older request (`inet_diag_req`), which dumps both address families in one walk.
 const TCPDIAG_GETSOCK: u16 = 18;
 const INET_DIAG_REQ_V1_BYTES: usize = 60;
@@ -77,16 +69,6 @@ pub enum DiagError {
     Malformed { port: u16, what: &'static str },
     #[error("sock_diag: more than {DIAG_MAX_CONNECTIONS} connections on port {port}")]
     TooMany { port: u16 },
-    #[error("sock_diag: kernel refused to close a connection of port {port}: {source}")]
-    Destroy { port: u16, source: io::Error },
-}
-
-/// A connection as the kernel names it: family and `inet_diag_sockid` (with the socket's cookie,
-/// so a closed connection's reused ports never name another socket).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SockId {
-    family: u8,
-    id: [u8; INET_DIAG_SOCKID_BYTES],
 }
 
 /// A netlink socket for sock_diag requests.
@@ -159,18 +141,6 @@ impl SockDiag {
     /// The TCP connections whose local port is `port` (IPv4 and IPv6) in the states a drain
     /// looks at, each with its queues and `tcp_info`.
     pub fn connections(&mut self, port: u16) -> Result<Vec<Connection>, DiagError> {
-        Ok(self
-            .connections_with_ids(port)?
-            .into_iter()
-            .map(|(c, _)| c)
-            .collect())
-    }
-
-    /// [`SockDiag::connections`], each with the name [`SockDiag::close`] takes.
-    pub fn connections_with_ids(
-        &mut self,
-        port: u16,
-    ) -> Result<Vec<(Connection, SockId)>, DiagError> {
         let mut out = Vec::new();
         if self.one_walk {
             match self.dump(Shape::BothFamilies, port, &mut out) {
@@ -187,47 +157,11 @@ impl SockDiag {
         Ok(out)
     }
 
-    /// Aborts the connection `id` of `port` (the kernel resets it: the client sees the server
-    /// close it, the instance sees it fail); a connection already gone is not an error.
-    pub fn close(&mut self, port: u16, id: &SockId) -> Result<(), DiagError> {
-        self.seq = self.seq.wrapping_add(1);
-        let total = NLMSG_HDR_BYTES + INET_DIAG_REQ_V2_BYTES;
-        let mut m = Vec::with_capacity(total);
-        m.extend_from_slice(&(total as u32).to_ne_bytes());
-        m.extend_from_slice(&SOCK_DESTROY.to_ne_bytes());
-        m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-        m.extend_from_slice(&self.seq.to_ne_bytes());
-        m.extend_from_slice(&0u32.to_ne_bytes());
-        m.extend_from_slice(&[id.family, libc::IPPROTO_TCP as u8, 0, 0]);
-        m.extend_from_slice(&u32::MAX.to_ne_bytes());
-        m.extend_from_slice(&id.id);
-        debug_assert_eq!(m.len(), total);
-        // SAFETY: send(2) of a live buffer with its length.
-        let sent = unsafe { libc::send(self.fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
-        if sent < 0 {
-            return Err(DiagError::Io {
-                what: "send",
-                source: io::Error::last_os_error(),
-            });
-        }
-        let mut ignored = Vec::new();
-        match self.read_dump(port, self.seq, &mut ignored) {
-            Ok(()) => Ok(()),
-            Err(DiagError::Refused { source, .. })
-                if source.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(DiagError::Refused { source, .. }) => Err(DiagError::Destroy { port, source }),
-            Err(e) => Err(e),
-        }
-    }
-
     fn dump(
         &mut self,
         shape: Shape,
         port: u16,
-        out: &mut Vec<(Connection, SockId)>,
+        out: &mut Vec<Connection>,
     ) -> Result<(), DiagError> {
         {
             self.seq = self.seq.wrapping_add(1);
@@ -251,12 +185,7 @@ impl SockDiag {
         }
     }
 
-    fn read_dump(
-        &self,
-        port: u16,
-        seq: u32,
-        out: &mut Vec<(Connection, SockId)>,
-    ) -> Result<(), DiagError> {
+    fn read_dump(&self, port: u16, seq: u32, out: &mut Vec<Connection>) -> Result<(), DiagError> {
         let mut buf = vec![0u8; DIAG_RECV_BUFFER_BYTES];
         loop {
             // SAFETY: recv(2) into a live buffer of the given length.
@@ -362,13 +291,12 @@ fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
-/// Parses one datagram of a dump; `Ok(true)` once `NLMSG_DONE` came, or the acknowledgement
-/// (an `NLMSG_ERROR` of 0) of a request that is not a dump.
+/// Parses one datagram of a dump; `Ok(true)` once `NLMSG_DONE` came.
 fn parse_messages(
     mut buf: &[u8],
     port: u16,
     seq: u32,
-    out: &mut Vec<(Connection, SockId)>,
+    out: &mut Vec<Connection>,
 ) -> Result<bool, DiagError> {
     let malformed = |what| DiagError::Malformed { port, what };
     while buf.len() >= NLMSG_HDR_BYTES {
@@ -389,8 +317,7 @@ fn parse_messages(
             NLMSG_ERROR => {
                 let errno = u32_at(payload, 0).ok_or(malformed("short error"))? as i32;
                 if errno == 0 {
-                    // The acknowledgement of a close; a dump ends with NLMSG_DONE instead.
-                    return Ok(true);
+                    continue;
                 }
                 return Err(DiagError::Refused {
                     port,
@@ -414,7 +341,7 @@ fn parse_messages(
 }
 
 /// One `inet_diag_msg` and its attributes; `Some(None)` for a state the drain does not look at.
-fn parse_connection(msg: &[u8]) -> Option<Option<(Connection, SockId)>> {
+fn parse_connection(msg: &[u8]) -> Option<Option<Connection>> {
     if msg.len() < INET_DIAG_MSG_BYTES {
         return None;
     }
@@ -446,43 +373,28 @@ fn parse_connection(msg: &[u8]) -> Option<Option<(Connection, SockId)>> {
         }
         attrs = &attrs[align4(len).min(attrs.len())..];
     }
-    let id = SockId {
-        family: msg[0],
-        id: msg[4..4 + INET_DIAG_SOCKID_BYTES].try_into().ok()?,
-    };
-    Some(Some((
-        Connection {
-            state,
-            recv_queue_bytes,
-            send_queue_bytes,
-            activity,
-        },
-        id,
-    )))
+    Some(Some(Connection {
+        state,
+        recv_queue_bytes,
+        send_queue_bytes,
+        activity,
+    }))
 }
 
 /// Waits until the instance on `port` may be stopped (see [`DrainUntil`]) or `timeout_ms` has
 /// passed. The one drain wait: stops of a steered instance and the restart's drain batches both
 /// come here. A poll that fails is logged and counts as "not done", so a drain whose connections
 /// cannot be read runs to its timeout rather than stopping an instance that may be busy.
-///
-/// With `close_idle`, a look that does not end the drain closes the connection idle the longest
-/// (at most one per look, in the same blocking call as the look, so the race with a request
-/// arriving on it is as short as the kernel allows). A kernel that refuses to close connections
-/// (no `CONFIG_INET_DIAG_DESTROY`) is logged once and the drain goes on without closing.
 pub async fn wait(
     service: &str,
     index: u32,
     port: u16,
     until: DrainUntil,
-    close_idle: bool,
     timeout_ms: u64,
 ) -> Outcome {
     let started = tokio::time::Instant::now();
     let mut diag: Option<SockDiag> = None;
     let mut polls = 0u32;
-    let mut closed_idle = 0u32;
-    let mut close_idle = close_idle;
     let mut tally = Tally::default();
     let mut logged_error = false;
     loop {
@@ -496,7 +408,7 @@ pub async fn wait(
                     Err(e) => return (None, Err(e)),
                 },
             };
-            let r = look(&mut d, port, until, close_idle);
+            let r = d.connections(port);
             (Some(d), r)
         })
         .await
@@ -504,22 +416,9 @@ pub async fn wait(
         diag = back;
         let waited_ms = started.elapsed().as_millis() as u64;
         let ending = match result {
-            Ok(look) => {
-                tally = look.tally;
-                match look.closed {
-                    Some(Ok(())) => closed_idle += 1,
-                    Some(Err(e)) => {
-                        tracing::warn!(
-                            service,
-                            index,
-                            port,
-                            "drain: {e}; leaving the idle connections to the graceful stop"
-                        );
-                        close_idle = false;
-                    }
-                    None => {}
-                }
-                decide(tally, until, close_idle, waited_ms, timeout_ms)
+            Ok(conns) => {
+                tally = Tally::of(&conns);
+                decide(tally, until, waited_ms, timeout_ms)
             }
             Err(e) => {
                 if !logged_error {
@@ -544,7 +443,6 @@ pub async fn wait(
                 in_flight_left: tally.in_flight,
                 waited_ms,
                 polls,
-                closed_idle,
             };
         }
         let left_ms = timeout_ms.saturating_sub(waited_ms);
@@ -553,33 +451,6 @@ pub async fn wait(
         ))
         .await;
     }
-}
-
-/// What one look saw, and the close it made (`None`: none was due).
-struct Look {
-    tally: Tally,
-    closed: Option<Result<(), DiagError>>,
-}
-
-/// One look at `port`'s connections and, with `close_idle`, when the look alone would not end the
-/// drain, the close of the connection idle the longest. The tally is of the connections before
-/// the close: the next look counts again.
-fn look(
-    d: &mut SockDiag,
-    port: u16,
-    until: DrainUntil,
-    close_idle: bool,
-) -> Result<Look, DiagError> {
-    let seen = d.connections_with_ids(port)?;
-    let conns: Vec<Connection> = seen.iter().map(|(c, _)| *c).collect();
-    let tally = Tally::of(&conns);
-    let mut closed = None;
-    if close_idle && decide(tally, until, true, 0, u64::MAX).is_none() {
-        if let Some(i) = next_to_close(&conns) {
-            closed = Some(d.close(port, &seen[i].1));
-        }
-    }
-    Ok(Look { tally, closed })
 }
 
 #[cfg(test)]
@@ -661,7 +532,7 @@ mod tests {
             assert_eq!(conns.len(), 2, "{conns:?}");
             let tally = Tally::of(&conns);
             assert_eq!((tally.open, tally.in_flight), (2, 1), "{conns:?}");
-            assert_eq!(decide(tally, DrainUntil::Idle, false, 0, 10_000), None);
+            assert_eq!(decide(tally, DrainUntil::Idle, 0, 10_000), None);
 
             // Read but not answered: still in flight (data came in after the last data went out).
             let mut req = [0u8; 22];
@@ -685,17 +556,17 @@ mod tests {
             // Two, not four: the clients' ends (other local ports) are filtered out by the kernel.
             assert_eq!(tally.open, 2, "{conns:?}");
             assert_eq!(
-                decide(tally, DrainUntil::Idle, false, 0, 10_000),
+                decide(tally, DrainUntil::Idle, 0, 10_000),
                 Some(Ending::Idle)
             );
-            assert_eq!(decide(tally, DrainUntil::Closed, false, 0, 10_000), None);
+            assert_eq!(decide(tally, DrainUntil::Closed, 0, 10_000), None);
 
             drop((idle, idle_srv, busy, busy_srv));
             let conns = wait_for(one_walk, port, "all closed", |c| {
                 c.iter().all(|c| !c.is_open())
             });
             assert_eq!(
-                decide(Tally::of(&conns), DrainUntil::Closed, false, 0, 10_000),
+                decide(Tally::of(&conns), DrainUntil::Closed, 0, 10_000),
                 Some(Ending::Closed)
             );
         }
@@ -730,88 +601,16 @@ mod tests {
         server.set_nodelay(true).unwrap();
         server.write_all(b"pong").unwrap();
         client.read_exact(&mut b).unwrap();
-        let out = wait("test", 0, port, DrainUntil::Idle, false, 5_000).await;
+        let out = wait("test", 0, port, DrainUntil::Idle, 5_000).await;
         assert_eq!(out.ending, Ending::Idle, "{out:?}");
-        assert_eq!((out.connections_left, out.closed_idle), (1, 0));
-        let out = wait("test", 0, port, DrainUntil::Closed, false, 200).await;
+        assert_eq!(out.connections_left, 1);
+        let out = wait("test", 0, port, DrainUntil::Closed, 200).await;
         assert_eq!(out.ending, Ending::Timeout, "{out:?}");
         assert_eq!((out.connections_left, out.in_flight_left), (1, 0));
         assert!(out.waited_ms >= 200 && out.polls >= 2, "{out:?}");
         drop((client, server));
-        let out = wait("test", 0, port, DrainUntil::Closed, false, 5_000).await;
+        let out = wait("test", 0, port, DrainUntil::Closed, 5_000).await;
         assert_eq!(out.ending, Ending::Closed, "{out:?}");
-    }
-
-    /// Three kept-alive connections and a busy one: the drain closes the idle ones one per look,
-    /// oldest first, leaves the busy one alone and ends when one idle connection is left for the
-    /// graceful stop. Closing needs CAP_NET_ADMIN: as another user the drain must say so and go on
-    /// without closing.
-    #[tokio::test]
-    async fn wait_closes_idle_connections_one_per_look() {
-        let root = nix::unistd::geteuid().is_root();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let mut pairs = Vec::new();
-        for _ in 0..3 {
-            let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            let (mut server, _) = listener.accept().unwrap();
-            client.write_all(b"ping").unwrap();
-            let mut b = [0u8; 4];
-            server.read_exact(&mut b).unwrap();
-            server.set_nodelay(true).unwrap();
-            server.write_all(b"pong").unwrap();
-            client.read_exact(&mut b).unwrap();
-            pairs.push((client, server));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // In flight: read, not answered, until after the drain.
-        let mut busy = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut busy_srv, _) = listener.accept().unwrap();
-        busy.write_all(b"slow").unwrap();
-        let mut b = [0u8; 4];
-        busy_srv.read_exact(&mut b).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-        let out = wait("test", 0, port, DrainUntil::Idle, true, 400).await;
-        if !root {
-            assert_eq!(
-                (out.ending, out.closed_idle),
-                (Ending::Timeout, 0),
-                "{out:?}"
-            );
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI runs as root: closing connections must work there"
-            );
-            eprintln!("skipping the close half: not root (SOCK_DESTROY needs CAP_NET_ADMIN)");
-            return;
-        }
-        // All three idle ones closed; the busy one keeps the drain to its timeout.
-        assert_eq!(out.ending, Ending::Timeout, "{out:?}");
-        assert_eq!(out.closed_idle, 3, "{out:?}");
-        assert!(out.polls >= 4, "one close per look: {out:?}");
-        for (client, _) in &mut pairs {
-            client
-                .set_read_timeout(Some(Duration::from_secs(2)))
-                .unwrap();
-            let mut b = [0u8; 1];
-            let r = client.read(&mut b);
-            assert!(
-                matches!(&r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset)
-                    || matches!(r, Ok(0)),
-                "the client sees its idle connection closed: {r:?}"
-            );
-        }
-        // The busy one was never touched: its answer still arrives.
-        busy_srv.set_nodelay(true).unwrap();
-        busy_srv.write_all(b"done").unwrap();
-        busy.read_exact(&mut b).unwrap();
-        assert_eq!(&b, b"done");
-        let out = wait("test", 0, port, DrainUntil::Idle, true, 2_000).await;
-        assert_eq!(
-            (out.ending, out.connections_left),
-            (Ending::Idle, 1),
-            "{out:?}"
-        );
     }
 
     #[test]

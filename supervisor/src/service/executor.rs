@@ -429,17 +429,14 @@ impl Executor {
                 waiter,
                 port,
                 until,
-                close_idle,
                 timeout_ms,
             } => {
                 let service = self.name.clone();
                 self.report(async move {
                     let outcome = match port {
                         Some(port) => Some(
-                            crate::service::drain::wait(
-                                &service, index, port, until, close_idle, timeout_ms,
-                            )
-                            .await,
+                            crate::service::drain::wait(&service, index, port, until, timeout_ms)
+                                .await,
                         ),
                         None => None,
                     };

@@ -134,7 +134,6 @@ impl Core {
             waiter,
             port: self.config.port(index),
             until: self.config.restart.drain_until,
-            close_idle: self.config.restart.drain_close_idle,
             timeout_ms: self.config.restart.drain_timeout_ms,
         });
     }
@@ -142,17 +141,16 @@ impl Core {
     /// A drain ended: record how, then let its waiter go on.
     pub(super) fn on_drained(&mut self, index: u32, waiter: DrainFor, outcome: Option<Outcome>) {
         if let Some(o) = outcome {
-            let (ending, left, in_flight, waited_ms, closed_idle) = (
+            let (ending, left, in_flight, waited_ms) = (
                 o.ending.name(),
                 o.connections_left,
                 o.in_flight_left,
                 o.waited_ms,
-                o.closed_idle,
             );
             if o.ending == Ending::Timeout {
-                tracing::warn!(service = %self.name, index, ending, left, in_flight, waited_ms, closed_idle, "drain timeout: stopping with connections left");
+                tracing::warn!(service = %self.name, index, ending, left, in_flight, waited_ms, "drain timeout: stopping with connections left");
             } else {
-                tracing::info!(service = %self.name, index, ending, left, in_flight, waited_ms, closed_idle, "drained");
+                tracing::info!(service = %self.name, index, ending, left, in_flight, waited_ms, "drained");
             }
             if let Some(instance) = self.instances.get_mut(&index) {
                 instance.last_drain = Some(o);

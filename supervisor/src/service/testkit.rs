@@ -625,7 +625,6 @@ impl World {
                     in_flight_left: 0,
                     waited_ms: 50,
                     polls: 1,
-                    closed_idle: 0,
                 };
                 let delay = self.delay();
                 self.later(
