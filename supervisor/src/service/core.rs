@@ -1132,6 +1132,13 @@ impl Core {
         tracing::info!(service = %self.name, "state file read again; supervising the service");
         self.state = loaded.state;
         self.state_error = None;
+        // Exits seen meanwhile were recorded without the restart policy: those instances start
+        // again like any that is down and wanted up.
+        for instance in self.instances.values_mut() {
+            if instance.phase == Phase::Exited {
+                instance.phase = Phase::Stopped;
+            }
+        }
         self.reconcile();
         self.resume_restart();
         self.local_desired_changed();

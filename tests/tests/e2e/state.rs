@@ -282,6 +282,11 @@ fn remove_and_re_add_within_the_stop_grace_keeps_one_owner() {
         h.service("web", &web);
         h.sluice(&["reload"]).success();
     }
+    // A re-added service refuses verbs until its previous task has ended.
+    h.wait_until(
+        |s| state_error(s, "web").is_none() && !s.instances("web").is_empty(),
+        PATIENCE,
+    );
     h.sluice(&["start", "web"]).success();
     let last = h.wait_until(
         |s| s.all_running("web", 2) && state_error(s, "web").is_none(),
