@@ -362,8 +362,10 @@ mod tests {
             ..ServiceState::default()
         })
         .unwrap();
+        /// Puts something in place of the file.
+        type Make<'a> = Box<dyn Fn() + 'a>;
         // (what is in place of the file, what the error says)
-        let cases: Vec<(Box<dyn Fn()>, &str)> = vec![
+        let cases: Vec<(Make, &str)> = vec![
             (
                 Box::new(|| std::fs::write(&p, b"{\"stopped\": [1,").unwrap()),
                 "is corrupt",
