@@ -341,7 +341,9 @@ fn failing_restore(h: &Host) -> std::path::PathBuf {
         let path = dir.join(tool);
         std::fs::write(
             &path,
-            "#!/bin/sh\necho \"$0: injected failure\" >&2\nexit 1\n",
+            // Reads its input first, as the real one does: the daemon sees the failure, not a
+            // broken pipe.
+            "#!/bin/sh\ncat >/dev/null\necho \"$0: injected failure\" >&2\nexit 1\n",
         )
         .unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
