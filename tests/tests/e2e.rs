@@ -19,6 +19,7 @@ mod e2e {
     mod peers;
     mod reload;
     mod restart_policy;
+    mod state;
     mod steering;
     mod stop;
     mod symlinks;

@@ -289,6 +289,7 @@ fn service_line(service: &ServiceStatus) -> Option<String> {
         ));
     }
     for error in [
+        &service.state_error,
         &service.deploy_error,
         &service.last_restart_error,
         &service.config_error,

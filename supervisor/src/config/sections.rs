@@ -173,6 +173,11 @@ pub struct RestartConfig {
     /// Longest drain wait before a drained instance is stopped with what is left.
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// Longest wait for the chain to be rewritten around an instance (out before a stop or a
+    /// restart batch's drain, back in after the batch) while `iptables-restore` fails; then the
+    /// stop or the restart fails with an error and the instance keeps running.
+    #[serde(default = "default_steer_timeout_ms")]
+    pub steer_timeout_ms: u64,
     /// The signal of the `signal` strategy.
     #[serde(default = "default_reload_signal")]
     pub reload_signal: Signal,
@@ -195,6 +200,9 @@ fn default_cpu_low_max_ms() -> u64 {
 fn default_drain_timeout_ms() -> u64 {
     10_000
 }
+fn default_steer_timeout_ms() -> u64 {
+    30_000
+}
 fn default_reload_signal() -> Signal {
     Signal(libc::SIGHUP)
 }
@@ -206,6 +214,7 @@ impl Default for RestartConfig {
             batch_size: default_batch_size(),
             drain_until: Default::default(),
             drain_timeout_ms: default_drain_timeout_ms(),
+            steer_timeout_ms: default_steer_timeout_ms(),
             reload_signal: default_reload_signal(),
             cpu_isolation: true,
             cpu_low_max_ms: default_cpu_low_max_ms(),

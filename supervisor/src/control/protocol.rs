@@ -385,6 +385,12 @@ pub struct ServiceStatus {
     /// Why instances of a service with `restart.cpu_isolation` run without a cgroup (the host has
     /// none for sluice, or making one failed).
     pub cgroups_error: Option<String>,
+    /// The service's state file could not be read (it was set aside, the message names both
+    /// files): its instances are watched but nothing is started or stopped for it until the
+    /// file is fixed or removed and `sluice reload` runs. Also set while a re-added service
+    /// waits for its previous task to end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_error: Option<String>,
 }
 
 /// A host's state in a fleet deploy, as its status node says.

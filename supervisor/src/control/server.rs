@@ -388,21 +388,33 @@ async fn logs(path: PathBuf, lines: usize, follow: bool) -> Response<Body> {
             });
         }
     };
-    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(8);
+    // The body is a stream over a channel whose receiver hyper drops when the client goes away
+    // (hyper reads the connection's end while it waits on the body): the follower sees the
+    // channel closed within one poll, even when the file never grows, and ends.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     tokio::spawn(async move {
-        if !tail.is_empty() && tx.send(Frame::data(Bytes::from(tail))).await.is_err() {
+        if !tail.is_empty() && tx.send(Bytes::from(tail)).await.is_err() {
             return;
         }
         if follow && let Some(log) = log {
-            // Ends when the client goes away (the send fails).
-            let _ = follow_file(log, offset, &mut tx).await;
+            FOLLOWERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = follow_file(log, offset, &tx).await;
+            FOLLOWERS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
+    });
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        let data = rx.recv().await?;
+        Some((Ok::<_, std::io::Error>(Frame::data(data)), rx))
     });
     Response::builder()
         .header("content-type", "text/plain; charset=utf-8")
-        .body(body.boxed())
+        .body(http_body_util::StreamBody::new(frames).boxed())
         .expect("static response parts are valid")
 }
+
+/// `logs --follow` answers streaming now (each holds its log file open while it runs); logged
+/// when one ends, so a follower left behind by a client that went away would show.
+static FOLLOWERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// A log file reached through its directory's descriptor.
 struct LogRef {
@@ -462,54 +474,82 @@ fn tail(file: &mut std::fs::File, lines: usize) -> std::io::Result<(Vec<u8>, u64
     Ok((buf.split_off(cut), len))
 }
 
+/// Sends what is appended to the log from `offset` on, following it across rotations, until the
+/// client goes away. The file stays open between polls (reopened by name only when the name
+/// points elsewhere: rotated, or refused), so a follower holds exactly one descriptor on it.
 async fn follow_file(
     log: LogRef,
     mut offset: u64,
-    tx: &mut http_body_util::channel::Sender<Bytes, std::io::Error>,
+    tx: &tokio::sync::mpsc::Sender<Bytes>,
 ) -> Result<(), ()> {
     let log = std::sync::Arc::new(log);
     let mut inode = log.dir.meta_of(&log.name).map(|m| m.ino).ok();
+    let mut file: Option<tokio::fs::File> = None;
     let mut buf = vec![0u8; 64 * 1024];
     // Reported once per stretch of refusals, not once per poll.
     let mut reported = false;
     loop {
-        let opened = {
-            let log = std::sync::Arc::clone(&log);
-            tokio::task::spawn_blocking(move || log.dir.open_read(&log.name))
-                .await
-                .expect("opening a log does not panic")
-        };
-        match opened {
-            Ok(file) => {
-                reported = false;
-                let mut file = tokio::fs::File::from_std(file);
-                let meta = file.metadata().await.map_err(drop)?;
-                if Some(std::os::unix::fs::MetadataExt::ino(&meta)) != inode || meta.len() < offset
-                {
-                    // Rotated (or truncated): the new file is read from its start.
-                    inode = Some(std::os::unix::fs::MetadataExt::ino(&meta));
-                    offset = 0;
-                }
-                file.seek(SeekFrom::Start(offset)).await.map_err(drop)?;
-                loop {
-                    let n = file.read(&mut buf).await.map_err(drop)?;
-                    if n == 0 {
-                        break;
-                    }
-                    offset += n as u64;
-                    tx.send(Frame::data(Bytes::copy_from_slice(&buf[..n])))
-                        .await
-                        .map_err(drop)?;
-                }
+        // First what was appended to the file held open (also the end of a file just rotated
+        // away), then whether the name points to another file now.
+        if let Some(open) = file.as_mut() {
+            let len = open.metadata().await.map_err(drop)?.len();
+            if len < offset {
+                // Truncated in place: read it again from its start.
+                offset = 0;
             }
-            Err(e) if sluice_safefs::is_refused(&e) && !reported => {
-                reported = true;
-                tracing::warn!("logs --follow: {}", crate::clip::clip(&e.to_string()));
+            open.seek(SeekFrom::Start(offset)).await.map_err(drop)?;
+            loop {
+                let n = open.read(&mut buf).await.map_err(drop)?;
+                if n == 0 {
+                    break;
+                }
+                offset += n as u64;
+                tx.send(Bytes::copy_from_slice(&buf[..n]))
+                    .await
+                    .map_err(drop)?;
             }
-            // Missing between a rotation's renames, or still refused: look again later.
-            Err(_) => {}
         }
-        tokio::time::sleep(Duration::from_millis(FOLLOW_POLL_MS)).await;
+        let named = log.dir.meta_of(&log.name).map(|m| m.ino).ok();
+        if file.is_none() || (named.is_some() && named != inode) {
+            let opened = {
+                let log = std::sync::Arc::clone(&log);
+                tokio::task::spawn_blocking(move || log.dir.open_read(&log.name))
+                    .await
+                    .expect("opening a log does not panic")
+            };
+            match opened {
+                Ok(opened) => {
+                    reported = false;
+                    let opened = tokio::fs::File::from_std(opened);
+                    let meta = opened.metadata().await.map_err(drop)?;
+                    let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+                    if Some(ino) != inode {
+                        // Rotated: the new file is read from its start.
+                        inode = Some(ino);
+                        offset = 0;
+                    }
+                    file = Some(opened);
+                    continue;
+                }
+                Err(e) if sluice_safefs::is_refused(&e) && !reported => {
+                    reported = true;
+                    file = None;
+                    tracing::warn!("logs --follow: {}", crate::clip::clip(&e.to_string()));
+                }
+                // Missing between a rotation's renames, or still refused: look again later.
+                Err(_) => file = None,
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(FOLLOW_POLL_MS)) => {}
+            () = tx.closed() => {
+                tracing::info!(
+                    followers_left = FOLLOWERS.load(std::sync::atomic::Ordering::Relaxed) - 1,
+                    "logs --follow: the client went away"
+                );
+                return Ok(());
+            }
+        }
     }
 }
 

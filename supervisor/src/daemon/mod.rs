@@ -49,6 +49,9 @@ struct Entry {
 struct Daemon {
     ctx: Arc<Context>,
     services: BTreeMap<String, Entry>,
+    /// Tasks of services a reload removed, until they have stopped their instances and ended:
+    /// a service added back under the same name waits for its predecessor (one owner per name).
+    retiring: BTreeMap<String, ServiceHandle>,
 }
 
 /// Runs the daemon until `shutdown` resolves, a SIGTERM/SIGINT arrives, or `sluice shutdown`.
@@ -139,6 +142,7 @@ pub async fn run(
     let mut daemon = Daemon {
         ctx: ctx.clone(),
         services: BTreeMap::new(),
+        retiring: BTreeMap::new(),
     };
 
     // Shims of services that are no longer configured are stopped; the rest are adopted.
@@ -165,8 +169,8 @@ pub async fn run(
             name.clone(),
             config.clone(),
             found.remove(&name).unwrap_or_default(),
-        )
-        .map_err(anyhow::Error::msg)?;
+            None,
+        );
         if waited_for {
             let settled =
                 tokio::time::timeout(Duration::from_millis(SETTLE_TIMEOUT_MS), handle.settled());
@@ -360,9 +364,13 @@ impl Daemon {
             .filter(|name| !services.contains_key(*name))
             .cloned()
             .collect();
+        self.retiring.retain(|_, handle| !handle.is_closed());
         for name in removed {
             let entry = self.services.remove(&name).expect("listed above");
             summary.push(format!("{name}: removed"));
+            // Kept until it has ended; a task added back under the name waits for it (and a
+            // predecessor it waits for itself is waited for through it).
+            self.retiring.insert(name, entry.handle.clone());
             tokio::spawn(async move { entry.handle.stop_all(true).await });
         }
         for (name, file_config) in services {
@@ -387,6 +395,9 @@ impl Daemon {
                             }
                         }
                     };
+                    if let Some(message) = entry.handle.recheck_state().await {
+                        summary.push(message);
+                    }
                     if entry.config != config {
                         entry.config = config.clone();
                         let changed = entry.handle.reconfigure(config).await;
@@ -394,14 +405,20 @@ impl Daemon {
                     }
                 }
                 None => {
+                    let previous = self.retiring.remove(&name);
+                    let waits = previous.is_some();
                     let handle = service::spawn(
                         self.ctx.clone(),
                         name.clone(),
                         file_config.clone(),
                         Vec::new(),
-                    )
-                    .map_err(control::Error::Failed)?;
-                    summary.push(format!("{name}: added"));
+                        previous,
+                    );
+                    summary.push(if waits {
+                        format!("{name}: added (starts once its removed predecessor has stopped)")
+                    } else {
+                        format!("{name}: added")
+                    });
                     self.services.insert(
                         name,
                         Entry {
@@ -546,6 +563,11 @@ impl Daemon {
                 tracing::info!(service = %name, "stopping every instance");
                 entry.handle.stop_all(false).await;
             }
+        }
+        // Services a reload removed are stopping on their own; every instance is stopped only
+        // once they have ended too.
+        for handle in std::mem::take(&mut self.retiring).into_values() {
+            handle.closed().await;
         }
     }
 }

@@ -37,6 +37,12 @@ use crate::service::state::ServiceState;
 /// The executor's clock, in unix milliseconds (the shims report start times in it).
 pub type Millis = u64;
 
+/// Callers of one service waiting for an operator verb to take effect (`start`, `stop`, `drain`,
+/// `enable` until their goal, `restart` until the restart ends); one more is refused. A client
+/// that gave up (its request timed out) still counts until the goal is reached or failed, so
+/// this bounds what a loop of timed-out clients can pile up.
+pub const WAITERS_MAX: usize = 256;
+
 /// Names a caller waiting for an answer; the executor keeps the channel behind it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ReplyId(pub u64);
@@ -179,6 +185,8 @@ pub enum Request {
     },
     /// Answered once every desired instance has either started or failed (for start ordering).
     Settled(ReplyId),
+    /// `sluice reload`: in `state_error`, read the state file again.
+    RecheckState(ReplyId),
     /// Stops every instance (host shutdown or the service left the configuration), then ends.
     StopAll { forget: bool, reply: ReplyId },
     /// The coordination backend named the build this host should run.
@@ -255,6 +263,18 @@ pub enum Timer {
         index: u32,
         generation: u64,
     },
+    /// A stop has waited `restart.steer_timeout_ms` for the chain to be rewritten without the
+    /// instance (set when it began draining).
+    UnsteerOver {
+        index: u32,
+        generation: u64,
+    },
+    /// A restart's step has waited `restart.steer_timeout_ms` for the chain to be rewritten
+    /// without (`Disable`) or with (`Enable`) a member of its batch.
+    MachineSteerOver {
+        index: u32,
+        epoch: u64,
+    },
 }
 
 /// Everything the core reacts to.
@@ -304,6 +324,10 @@ pub enum Effect {
         index: u32,
         signal: i32,
         grace_ms: u64,
+        /// The chain may still steer to it: every instance is being stopped (shutdown, the
+        /// service removed) and the chain could not be rewritten within
+        /// `restart.steer_timeout_ms`.
+        steered_anyway: bool,
     },
     /// The exit is recorded: let the shim go.
     Release {
@@ -421,6 +445,8 @@ pub struct Setup {
     pub host_name: String,
     pub config: ServiceConfig,
     pub state: ServiceState,
+    /// Why the state file could not be read (`state_error`); `state` is then the default.
+    pub state_error: Option<String>,
     /// Whether restarts wait for a fleet slot (the ZooKeeper backend).
     pub fleet: bool,
     /// The instance cgroups' parent, or why there is none.
@@ -439,6 +465,11 @@ pub struct Core {
     pub(super) config: ServiceConfig,
     /// Desired state; written before it is acted on.
     pub(super) state: ServiceState,
+    /// Set while the state file cannot be read (`state_error`): `state` is not what the
+    /// operator decided, so instances are watched (exits recorded, shims released) but nothing
+    /// is started, stopped, restarted, deployed or written for the service on its own, and
+    /// steering may only lose instances that went down. `sluice reload` reads the file again.
+    pub(super) state_error: Option<String>,
     pub(super) env: Box<dyn Env>,
     pub(super) fleet: bool,
     pub(super) steerable: bool,
@@ -448,6 +479,10 @@ pub struct Core {
     settled: Vec<ReplyId>,
     /// Set while every instance is being stopped; the service ends when they all are.
     pub(super) stopping_all: Option<(bool, ReplyId)>,
+    /// Instances (with their generation) stopped while the chain may still steer to them,
+    /// because every instance is being stopped and the chain could not be rewritten within
+    /// `restart.steer_timeout_ms`.
+    pub(super) stopped_steered: BTreeSet<(u32, u64)>,
     pub(super) steering: Steering,
     /// What the restart in progress waits for (rebuilt from the persisted machine on resume).
     pub(super) restart_waits: RestartWaits,
@@ -491,6 +526,7 @@ impl Core {
             host_name: setup.host_name,
             config: setup.config,
             state: setup.state,
+            state_error: setup.state_error,
             env,
             fleet: setup.fleet,
             steerable: setup.steerable,
@@ -499,6 +535,7 @@ impl Core {
             waiters: Vec::new(),
             settled: Vec::new(),
             stopping_all: None,
+            stopped_steered: BTreeSet::new(),
             steering,
             restart_waits: RestartWaits::default(),
             restart_replies: Vec::new(),
@@ -539,6 +576,12 @@ impl Core {
                 self.on_instance(index, generation, InstanceEvent::BackoffElapsed)
             }
             Event::Timer(Timer::SteerRetry) => self.steering.retry_scheduled = false,
+            Event::Timer(Timer::UnsteerOver { index, generation }) => {
+                self.on_unsteer_over(index, generation)
+            }
+            Event::Timer(Timer::MachineSteerOver { index, epoch }) => {
+                self.on_machine_steer_over(index, epoch)
+            }
             // Nothing to do here: `after_change` compares the instance's age with the bound.
             Event::Timer(Timer::LowPhaseOver { index, generation }) => {
                 if let Some(instance) = self.instances.get_mut(&index)
@@ -628,6 +671,10 @@ impl Core {
     /// daemon has always done, and a restarted daemon resumes from the last good write).
     pub(super) fn persist(&mut self) -> Result<(), String> {
         self.persisted_revision = self.machine_revision;
+        // The file holds the record of the state error, which only the operator replaces.
+        if let Some(error) = &self.state_error {
+            return Err(format!("{} is in state_error: {error}", self.name));
+        }
         self.env.store(&self.state)
     }
 
@@ -761,6 +808,9 @@ impl Core {
                 .entry(index)
                 .or_insert_with(|| Instance::new(index));
         }
+        if self.state_error.is_some() {
+            return;
+        }
         let indices: Vec<u32> = self.instances.keys().copied().collect();
         for index in indices {
             if self.in_batch(index) {
@@ -820,6 +870,20 @@ impl Core {
                 index,
                 reply,
             } => self.control(action, index, reply),
+            Request::Reconfigure { config, reply } if self.state_error.is_some() => {
+                // Applied once the state file is fixed: what to start or stop for it is unknown.
+                self.config = *config;
+                self.reconcile();
+                let message = format!(
+                    "{}: in state_error; the new configuration applies once its state file is fixed and `sluice reload` runs",
+                    self.name
+                );
+                self.reply(reply, Ok(message));
+            }
+            Request::RecheckState(reply) => {
+                let message = self.recheck_state();
+                self.reply(reply, Ok(message));
+            }
             Request::Reconfigure { config, reply } => {
                 let before = self.config.instances;
                 let saved = self.state.clone();
@@ -851,6 +915,10 @@ impl Core {
             Request::Connection(connected) => self.set_connected(connected),
             Request::ConfigError(error) => self.deploy.config_error = error,
             Request::WorldWritable(nodes) => self.deploy.world_writable = nodes,
+            Request::Local { reply, .. } if self.state_error.is_some() => {
+                let message = self.state_error_refusal();
+                self.reply(reply, Err(message));
+            }
             Request::Local { verb, reply } => {
                 let result = self.local_deploy(verb);
                 self.reply(reply, result);
@@ -892,6 +960,20 @@ impl Core {
         };
         if self.stopping_all.is_some() {
             let message = format!("{} is shutting down", self.name);
+            self.reply(reply, Err(message));
+            return;
+        }
+        if self.waiters.len() + self.restart_replies.len() >= WAITERS_MAX {
+            let message = format!(
+                "{}: {WAITERS_MAX} callers are waiting for earlier verbs already; try again once they are done",
+                self.name
+            );
+            self.reply(reply, Err(message));
+            return;
+        }
+        // Signals change nothing sluice decides; every other verb needs the desired state.
+        if self.state_error.is_some() && !matches!(action, Action::Signal(_)) {
+            let message = self.state_error_refusal();
             self.reply(reply, Err(message));
             return;
         }
@@ -1026,6 +1108,43 @@ impl Core {
         }
     }
 
+    /// Why a verb is refused in `state_error`, and what clears it.
+    fn state_error_refusal(&self) -> String {
+        format!(
+            "{} is in state_error, refused: {}",
+            self.name,
+            self.state_error.as_deref().unwrap_or_default()
+        )
+    }
+
+    /// `sluice reload` of a service in `state_error`: reads the state file again; once it reads,
+    /// the service is supervised from it as at start-up (started, stopped, resumed). Answers
+    /// what became of it (empty when it was not in `state_error`).
+    fn recheck_state(&mut self) -> String {
+        if self.state_error.is_none() {
+            return String::new();
+        }
+        let loaded = self.env.load_state();
+        if let Some(error) = loaded.error {
+            self.state_error = Some(error.clone());
+            return format!("{}: still in state_error: {error}", self.name);
+        }
+        tracing::info!(service = %self.name, "state file read again; supervising the service");
+        self.state = loaded.state;
+        self.state_error = None;
+        // Exits seen meanwhile were recorded without the restart policy: those instances start
+        // again like any that is down and wanted up.
+        for instance in self.instances.values_mut() {
+            if instance.phase == Phase::Exited {
+                instance.phase = Phase::Stopped;
+            }
+        }
+        self.reconcile();
+        self.resume_restart();
+        self.local_desired_changed();
+        format!("{}: state file read, supervised again", self.name)
+    }
+
     /// One owner: a shim is spawned only for an instance that has none. A second one would be a
     /// second process for the same index (the shim's lock refuses it, but the core must never ask).
     pub(super) fn assert_one_owner(&self, index: u32) {
@@ -1091,6 +1210,11 @@ impl Core {
         if drain && steered && self.config.steers() {
             tracing::info!(service = %self.name, index, "draining before stop");
             instance.phase = Phase::Draining;
+            let generation = instance.generation;
+            self.emit(Effect::SetTimer {
+                after_ms: self.config.restart.steer_timeout_ms,
+                timer: Timer::UnsteerOver { index, generation },
+            });
             return;
         }
         self.stop_now(index);
@@ -1114,10 +1238,13 @@ impl Core {
         if !self.config.steers() || self.stops_in_chain(index) {
             return;
         }
-        let (phase, healthy) = self
-            .instances
-            .get(&index)
-            .map_or((None, false), |i| (Some(i.phase), i.healthy));
+        let (phase, healthy, generation) =
+            self.instances.get(&index).map_or((None, false, 0), |i| {
+                (Some(i.phase), i.healthy, i.generation)
+            });
+        if self.stopped_steered.contains(&(index, generation)) {
+            return;
+        }
         let served = healthy || phase == Some(Phase::Draining);
         assert!(
             !served || !self.steering.may_steer_to(index),
@@ -1133,6 +1260,7 @@ impl Core {
         self.assert_may_stop(index);
         let (signal, grace_ms) = (self.config.stop_signal.0, self.config.stop_grace_ms);
         let instance = self.instances.get_mut(&index).expect("known index");
+        let steered_anyway = self.stopped_steered.contains(&(index, instance.generation));
         instance.phase = Phase::Stopping;
         instance.healthy = false;
         tracing::info!(service = %self.name, index, "stopping");
@@ -1140,7 +1268,66 @@ impl Core {
             index,
             signal,
             grace_ms,
+            steered_anyway,
         });
+    }
+
+    /// A stop's drain has waited `restart.steer_timeout_ms` and the chain still steers to the
+    /// instance (iptables failing). Under a stop of every instance (shutdown, the service
+    /// removed) it is stopped anyway: the host or the service is going away. An operator's stop
+    /// fails: the instance is left running and steered, its `stopped` mark undone, and the
+    /// caller answered with the error. Other stops (liveness, readiness, a smaller instance
+    /// count) have no caller waiting and go on waiting for the chain.
+    fn on_unsteer_over(&mut self, index: u32, generation: u64) {
+        let Some(instance) = self.instances.get(&index) else {
+            return;
+        };
+        if instance.generation != generation
+            || instance.phase != Phase::Draining
+            || !self.steering.may_steer_to(index)
+        {
+            return;
+        }
+        let why = format!(
+            "{}/{index} could not be taken out of steering within restart.steer_timeout_ms ({} ms): {}",
+            self.name,
+            self.config.restart.steer_timeout_ms,
+            self.steering
+                .error
+                .as_deref()
+                .unwrap_or("the chain is still being written")
+        );
+        if self.stopping_all.is_some() {
+            tracing::error!(service = %self.name, index, "{why}; stopping it anyway, every instance is being stopped");
+            self.stopped_steered.insert((index, generation));
+            self.stop_now(index);
+            return;
+        }
+        let operator_stop = instance.after_stop == AfterStop::Nothing
+            && self.state.stopped.contains(&index)
+            && !self.in_batch(index);
+        if !operator_stop {
+            tracing::warn!(service = %self.name, index, "{why}; still waiting for the chain");
+            return;
+        }
+        tracing::error!(service = %self.name, index, "{why}; the stop failed, it keeps running");
+        let instance = self.instances.get_mut(&index).expect("found above");
+        instance.phase = Phase::Running;
+        instance.last_error = Some(format!("stop failed: {why}"));
+        self.state.stopped.remove(&index);
+        self.persist_logged();
+        let mut failed = Vec::new();
+        self.waiters.retain(|w| {
+            let hit = w.goal == Goal::Down && w.indices.contains(&index);
+            if hit {
+                failed.push(w.reply);
+            }
+            !hit
+        });
+        for to in failed {
+            let message = format!("stop failed: {why}; it keeps running and steered");
+            self.reply(to, Err(message));
+        }
     }
 
     /// After a start outside a restart: probe until ready; only then does it get traffic.
@@ -1209,6 +1396,10 @@ impl Core {
                         instance.healthy = true;
                         self.start_liveness(index, generation);
                     }
+                    Err(reason) if self.state_error.is_some() => {
+                        tracing::error!(service = %self.name, index, "{reason}; left running (state_error)");
+                        instance.last_error = Some(reason);
+                    }
                     Err(reason) => {
                         tracing::error!(service = %self.name, index, "{reason}");
                         instance.last_restart_reason = Some(reason.clone());
@@ -1218,6 +1409,11 @@ impl Core {
                         self.stop(index, AfterStop::FailedStart, true);
                     }
                 }
+            }
+            InstanceEvent::LivenessFailed(reason) if self.state_error.is_some() => {
+                tracing::error!(service = %self.name, index, "{reason}; left running (state_error)");
+                instance.last_error = Some(reason);
+                instance.healthy = false;
             }
             InstanceEvent::LivenessFailed(reason) => {
                 let phase = instance.phase;
@@ -1333,6 +1529,7 @@ impl Core {
         };
         let exit = describe(outcome);
         instance.last_exit = Some(exit.clone());
+        let pid = instance.shim.as_ref().map_or(0, |s| s.pid);
         instance.shim = None;
         instance.healthy = false;
         instance.generation += 1;
@@ -1342,7 +1539,15 @@ impl Core {
         instance.phase = Phase::Stopped;
         // The exit status is ours now: let the shim go.
         self.emit(Effect::Release { index });
-        tracing::info!(service = %self.name, index, exit = %exit, ran_ms, "instance exited");
+        tracing::info!(service = %self.name, index, pid, exit = %exit, ran_ms, "instance exited");
+        if self.state_error.is_some() {
+            // Recorded and released; not restarted: whether it should run is unknown.
+            let instance = self.instances.get_mut(&index).expect("known index");
+            if was != Phase::Stopping {
+                instance.phase = Phase::Exited;
+            }
+            return;
+        }
         if was == Phase::Stopping {
             match after {
                 // The index came back into the configuration while it stopped: it stays, and
@@ -1546,6 +1751,7 @@ impl Core {
             config_error: self.deploy.config_error.clone(),
             world_writable_nodes: self.deploy.world_writable.clone(),
             cgroups_error: self.cgroups_error(),
+            state_error: self.state_error.clone(),
         }
     }
 

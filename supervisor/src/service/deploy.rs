@@ -100,7 +100,9 @@ impl Core {
         let Some(build) = self.deploy.desired.clone() else {
             return;
         };
-        if self.deploy.deploy.is_some() || self.stopping_all.is_some() {
+        // In `state_error` the build the instances run is unknown: nothing is deployed.
+        if self.deploy.deploy.is_some() || self.stopping_all.is_some() || self.state_error.is_some()
+        {
             return;
         }
         let target_is_it = self.state.target_build.as_ref().is_none_or(|t| *t == build);

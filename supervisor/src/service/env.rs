@@ -17,6 +17,9 @@ use crate::service::state::{self, ServiceState};
 pub trait Env: Send {
     /// Writes the desired state (write, fsync, rename, fsync dir) before the core acts on it.
     fn store(&mut self, state: &ServiceState) -> Result<(), String>;
+    /// Reads the state file again (`sluice reload` of a service in `state_error`); one that
+    /// still cannot be read is set aside again (see [`state::load_or_set_aside`]).
+    fn load_state(&mut self) -> state::Loaded;
     /// The launch spec of one instance of `config`, running from `release` (resolves the program
     /// in PATH and the service's user).
     fn spec(
@@ -51,6 +54,13 @@ pub struct HostEnv {
 impl Env for HostEnv {
     fn store(&mut self, state: &ServiceState) -> Result<(), String> {
         state::store(&self.state_path, state).map_err(|e| e.to_string())
+    }
+
+    fn load_state(&mut self) -> state::Loaded {
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        state::load_or_set_aside(&self.state_path, &self.name, now_s)
     }
 
     fn spec(

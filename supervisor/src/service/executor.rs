@@ -21,12 +21,11 @@ use super::core::{
 };
 use super::deploy::{HookContext, InstallJob};
 use super::env::HostEnv;
-use super::{Context, Reply, Request, make_log_dir};
+use super::{Context, Reply, Request, ServiceHandle, make_log_dir};
 use crate::build::{self, Releases};
 use crate::config::ServiceConfig;
 use crate::coord::Slot;
 use crate::service::shim::{self, ShimError, ShimPaths};
-use crate::service::state::ServiceState;
 
 /// Pause before asking again for a slot after ZooKeeper refused one.
 const SLOT_RETRY_MS: u64 = 1_000;
@@ -69,11 +68,107 @@ pub(super) struct Executor {
     immediate: VecDeque<Event>,
 }
 
-/// Loads the service's persisted state; an unreadable state file fails the service's start.
-pub(super) fn load_state(ctx: &Context, name: &str) -> Result<(PathBuf, ServiceState), String> {
-    let state_path = crate::service::state::path(&ctx.host.state_dir(), name);
-    let state = crate::service::state::load(&state_path).map_err(|e| e.to_string())?;
-    Ok((state_path, state))
+/// Numbers the service tasks of this daemon, for the log: one `service task started` and one
+/// `service task ended` per task, so a second owner of a name would show.
+static TASKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Loads the service's persisted state; a state file that cannot be read is set aside and the
+/// service is in `state_error` (see [`crate::service::state::load_or_set_aside`]).
+pub(super) fn load_state(
+    state_dir: &std::path::Path,
+    name: &str,
+) -> (PathBuf, crate::service::state::Loaded) {
+    let state_path = crate::service::state::path(state_dir, name);
+    let loaded = crate::service::state::load_or_set_aside(&state_path, name, now_ms() / 1000);
+    (state_path, loaded)
+}
+
+/// The status of a service whose task waits for its predecessor: nothing of its own yet.
+fn waiting_status(name: &str, config: &ServiceConfig) -> crate::service::ServiceStatus {
+    crate::service::ServiceStatus {
+        service: name.to_owned(),
+        front_port: config.front_port,
+        strategy: config.strategy(),
+        instances: Vec::new(),
+        restart: None,
+        last_restart_error: None,
+        steering_error: None,
+        build: None,
+        target_build: None,
+        deploy: None,
+        deploy_error: None,
+        config_error: None,
+        world_writable_nodes: Vec::new(),
+        cgroups_error: None,
+        state_error: Some(format!(
+            "not supervised yet: the previous task of {name} (removed by a reload) is still stopping its instances"
+        )),
+    }
+}
+
+/// Waits until the previous task of the name has ended, answering meanwhile what needs no core
+/// (status, refusals) and keeping the latest of each notice for the core. `Err` ends the task:
+/// every handle is gone, or a `StopAll` came (answered once the predecessor is gone, so that
+/// the end of this task still means the end of every earlier one).
+async fn wait_for_predecessor(
+    name: &str,
+    config: &mut ServiceConfig,
+    previous: ServiceHandle,
+    requests: &mut mpsc::Receiver<Request>,
+) -> Result<Vec<Request>, ()> {
+    tracing::info!(service = %name, "waiting for the previous task of the service to end");
+    let mut deferred: Vec<Request> = Vec::new();
+    let mut stop_all: Option<oneshot::Sender<()>> = None;
+    let busy = || {
+        Err(format!(
+            "{name} is waiting for its previous task (removed by a reload) to stop its instances; try again when `sluice status {name}` lists them"
+        ))
+    };
+    let closed = previous.closed();
+    tokio::pin!(closed);
+    loop {
+        tokio::select! {
+            () = &mut closed => break,
+            request = requests.recv() => match request {
+                None => return Err(()),
+                Some(Request::Status(reply)) => {
+                    let _ = reply.send(waiting_status(name, config));
+                }
+                Some(Request::Control { reply, .. } | Request::Local { reply, .. }) => {
+                    let _ = reply.send(busy());
+                }
+                Some(Request::Reconfigure { config: new, reply }) => {
+                    *config = *new;
+                    let _ = reply.send(Ok(format!(
+                        "{name}: applies once its previous task has ended"
+                    )));
+                }
+                Some(Request::RecheckState(reply)) => {
+                    let _ = reply.send(Ok(String::new()));
+                }
+                Some(Request::Settled(reply)) => {
+                    let _ = reply.send(());
+                }
+                Some(Request::StopAll { reply, .. }) => {
+                    stop_all = Some(reply);
+                }
+                Some(notice) => {
+                    // Desired build, connection, config node, ACLs: only the latest counts.
+                    let kind = std::mem::discriminant(&notice);
+                    deferred.retain(|r| std::mem::discriminant(r) != kind);
+                    deferred.push(notice);
+                }
+            },
+        }
+    }
+    tracing::info!(service = %name, "the previous task of the service has ended");
+    match stop_all {
+        Some(reply) => {
+            let _ = reply.send(());
+            Err(())
+        }
+        None => Ok(deferred),
+    }
 }
 
 /// Reads what a previous daemon installed, so that an unchanged chain is not rewritten.
@@ -107,13 +202,25 @@ fn installed_steering(
 pub(super) async fn run(
     ctx: Arc<Context>,
     name: String,
-    config: ServiceConfig,
-    (state_path, state): (PathBuf, ServiceState),
+    mut config: ServiceConfig,
     found: Vec<(u32, Status)>,
+    previous: Option<ServiceHandle>,
     mut requests: mpsc::Receiver<Request>,
     events_tx: mpsc::Sender<Event>,
     mut events: mpsc::Receiver<Event>,
 ) {
+    let deferred = match previous {
+        Some(previous) => {
+            match wait_for_predecessor(&name, &mut config, previous, &mut requests).await {
+                Ok(deferred) => deferred,
+                Err(()) => return,
+            }
+        }
+        None => Vec::new(),
+    };
+    let task = TASKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    tracing::info!(service = %name, task, "service task started");
+    let (state_path, loaded) = load_state(&ctx.host.state_dir(), &name);
     let installed = installed_steering(&ctx, &name, &config);
     let slot = Arc::new(Mutex::new(None));
     let env = HostEnv {
@@ -129,7 +236,8 @@ pub(super) async fn run(
             host: ctx.host.clone(),
             host_name: ctx.host.coordination.host_name(),
             config,
-            state,
+            state: loaded.state,
+            state_error: loaded.error,
             fleet: ctx.coord.is_some(),
             cgroups: ctx.cgroups.clone(),
             steerable: ctx.iptables.is_some(),
@@ -151,24 +259,31 @@ pub(super) async fn run(
     };
     let effects = executor.core.startup(found, now_ms());
     executor.run_effects(effects);
+    for request in deferred {
+        executor.on_request(request);
+    }
     loop {
         tokio::select! {
             request = requests.recv() => match request {
                 Some(request) => executor.on_request(request),
                 // Every handle is gone: the daemon is exiting and leaves instances running.
-                None => return,
+                None => break,
             },
             Some(event) = events.recv() => executor.handle(event),
         }
         if let Some((forget, reply)) = executor.core.finished() {
             executor.finish_cgroup_removals().await;
+            // The next owner of the name spawns shims for the same indices: their locks must
+            // be free by then.
+            executor.finish_releases().await;
             if forget {
                 executor.forget().await;
             }
             executor.answer(reply, Ok(String::new()));
-            return;
+            break;
         }
     }
+    tracing::info!(service = %executor.name, task, "service task ended");
 }
 
 impl Executor {
@@ -232,6 +347,9 @@ impl Executor {
                 verb,
                 reply: self.register(Pending::Text(reply)),
             },
+            Request::RecheckState(reply) => {
+                core::Request::RecheckState(self.register(Pending::Text(reply)))
+            }
         };
         self.handle(Event::Request(request));
     }
@@ -288,7 +406,11 @@ impl Executor {
                 index,
                 signal,
                 grace_ms,
+                steered_anyway,
             } => {
+                if steered_anyway {
+                    tracing::warn!(service = %self.name, index, "stopping it while the chain may still steer to it");
+                }
                 let socket = self.paths(index).socket;
                 let name = self.name.clone();
                 tokio::spawn(async move {
@@ -658,6 +780,14 @@ impl Executor {
             }
         });
         self.cgroup_removals.insert(index, handle);
+    }
+
+    /// Waits for the shim releases in progress (each bounded by the shim's request timeout and
+    /// its lock wait).
+    async fn finish_releases(&mut self) {
+        for (_, handle) in std::mem::take(&mut self.releasing) {
+            let _ = handle.await;
+        }
     }
 
     /// Waits for the cgroup removals in progress (bounded by their attempts).

@@ -97,6 +97,9 @@ enum Request {
         verb: LocalVerb,
         reply: Reply<String>,
     },
+    /// `sluice reload`: a service in `state_error` reads its state file again (answers what
+    /// became of it; nothing for a service that is not in `state_error`).
+    RecheckState(Reply<String>),
 }
 
 /// The handle through which everything else talks to a service's task.
@@ -166,6 +169,27 @@ impl ServiceHandle {
     pub async fn stop_all(&self, forget: bool) {
         self.ask(|reply| Request::StopAll { forget, reply }).await;
     }
+
+    /// For `sluice reload`: a service in `state_error` reads its state file again. `Some` says
+    /// what became of it.
+    pub async fn recheck_state(&self) -> Option<String> {
+        match self.ask(Request::RecheckState).await {
+            Some(Ok(message)) if !message.is_empty() => Some(message),
+            Some(Err(message)) => Some(message),
+            _ => None,
+        }
+    }
+
+    /// Whether the service's task has ended (it owns nothing any more).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Resolves once the service's task has ended: its instances are stopped or left to the next
+    /// daemon, its shims released, its cleanup done.
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
 }
 
 /// What is shared by every service task and never changes while the daemon runs.
@@ -184,20 +208,24 @@ pub struct Context {
 }
 
 /// Starts the task of service `name` and returns its handle. `found` are the shims the daemon
-/// found for this service at start-up, with what they said.
+/// found for this service at start-up, with what they said. `previous` is the task that owned
+/// the name before (removed by a reload and not finished yet): the new task reads the state
+/// file and touches instances only once that one has ended, so a name has one owner at a time.
+/// A state file that cannot be read puts the service in `state_error`; it never fails the
+/// daemon.
 pub fn spawn(
     ctx: Arc<Context>,
     name: String,
     config: ServiceConfig,
     found: Vec<(u32, Status)>,
-) -> Result<ServiceHandle, String> {
-    let state = executor::load_state(&ctx, &name)?;
+    previous: Option<ServiceHandle>,
+) -> ServiceHandle {
     let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
     tokio::spawn(executor::run(
-        ctx, name, config, state, found, rx, events_tx, events,
+        ctx, name, config, found, previous, rx, events_tx, events,
     ));
-    Ok(ServiceHandle { tx })
+    ServiceHandle { tx }
 }
 
 /// Where the steering chain should send new connections.

@@ -10,7 +10,7 @@ use sluice_strategies::plan;
 use sluice_strategies::restart::{Action, Input, Restart, Step, Strategy, Version};
 use sluice_strategies::warmup::Summary;
 
-use super::core::{AfterStop, Core, Effect, Phase};
+use super::core::{AfterStop, Core, Effect, Phase, Timer};
 use super::steer::DrainFor;
 use crate::config::StrategyName;
 use crate::service::state::FailedRestart;
@@ -238,6 +238,10 @@ impl Core {
                     for i in members {
                         if steers {
                             self.restart_waits.drain.insert(i, epoch);
+                            self.emit(Effect::SetTimer {
+                                after_ms: self.config.restart.steer_timeout_ms,
+                                timer: Timer::MachineSteerOver { index: i, epoch },
+                            });
                         } else {
                             self.restart_waits
                                 .inputs
@@ -312,6 +316,10 @@ impl Core {
                     for i in members {
                         if steers {
                             self.restart_waits.enable.insert(i, epoch);
+                            self.emit(Effect::SetTimer {
+                                after_ms: self.config.restart.steer_timeout_ms,
+                                timer: Timer::MachineSteerOver { index: i, epoch },
+                            });
                         } else {
                             self.restart_waits
                                 .inputs
@@ -671,6 +679,32 @@ impl Core {
     }
 
     /// Steering changed (or is as it should be): drains can begin, enables are done.
+    /// A restart step has waited `restart.steer_timeout_ms` for the chain around a batch member
+    /// (iptables failing): the restart fails naming it. Its instances keep running; steering
+    /// goes on retrying the chain they should have.
+    pub(super) fn on_machine_steer_over(&mut self, index: u32, epoch: u64) {
+        if self.state.restart.as_ref().is_none_or(|m| m.epoch != epoch) {
+            return;
+        }
+        let what = if self.restart_waits.drain.get(&index) == Some(&epoch) {
+            "taken out of steering"
+        } else if self.restart_waits.enable.get(&index) == Some(&epoch) {
+            "put back into steering"
+        } else {
+            return;
+        };
+        let why = format!(
+            "{}/{index} could not be {what} within restart.steer_timeout_ms ({} ms): {}",
+            self.name,
+            self.config.restart.steer_timeout_ms,
+            self.steering
+                .error
+                .as_deref()
+                .unwrap_or("the chain is still being written")
+        );
+        self.finish_restart(Err(why));
+    }
+
     pub(super) fn restart_after_steering(&mut self) {
         let out: Vec<(u32, u64)> = self
             .restart_waits

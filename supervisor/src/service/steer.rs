@@ -54,6 +54,9 @@ impl Core {
             Some(machine) if !self.batch_held() => machine.disabled(),
             _ => BTreeSet::new(),
         };
+        // In `state_error` the operator's drains are unknown: an instance may leave the chain
+        // (it went down), never join it.
+        let known = self.state_error.is_none();
         self.instances
             .values()
             .filter(|i| {
@@ -62,6 +65,7 @@ impl Core {
                     && i.healthy
                     && !self.state.drained.contains(&i.index)
                     && !out.contains(&i.index)
+                    && (known || self.steering.installed_contains(i.index))
             })
             .map(|i| i.index)
             .collect()

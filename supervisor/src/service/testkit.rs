@@ -53,6 +53,15 @@ impl Env for FakeEnv {
         Ok(())
     }
 
+    fn load_state(&mut self) -> crate::service::state::Loaded {
+        let host = self.0.lock().unwrap();
+        let state = host.written.clone().unwrap_or_default();
+        crate::service::state::Loaded {
+            error: state.state_error.clone(),
+            state,
+        }
+    }
+
     fn spec(
         &self,
         config: &ServiceConfig,
@@ -201,6 +210,7 @@ impl World {
                 host: HostConfig::default(),
                 host_name: "host-a".into(),
                 config,
+                state_error: state.state_error.clone(),
                 state,
                 fleet,
                 cgroups: crate::service::cgroup::Detected::Off,
@@ -496,8 +506,13 @@ impl World {
             Effect::Watch { index, generation } => {
                 self.watches.insert(*index, *generation);
             }
-            Effect::Stop { index, .. } => {
+            Effect::Stop {
+                index,
+                steered_anyway,
+                ..
+            } => {
                 if steers
+                    && !steered_anyway
                     && self.served.contains(index)
                     && self.may_steer_to(*index)
                     && !self.stops_in_chain(*index)

@@ -542,3 +542,180 @@ fn a_log_dir_is_never_made_through_a_planted_link() {
     assert!(shared.join("web/logs").is_dir());
     make_log_dir(&shared.join("web/logs")).unwrap();
 }
+
+/// The shims of `old`'s live instances as a new daemon finds them, running for a minute.
+fn found_of(old: &World) -> Vec<(u32, sluice_shim::proto::Status)> {
+    old.alive
+        .keys()
+        .map(|&index| {
+            (
+                index,
+                sluice_shim::proto::Status::Running {
+                    shim_pid: 100 + index,
+                    pid: 200 + index,
+                    started_ms: old.now.saturating_sub(60_000),
+                    tag: old.tags.get(&index).cloned().unwrap_or_default(),
+                    stopping: false,
+                },
+            )
+        })
+        .collect()
+}
+
+fn spawns_in(world: &World) -> usize {
+    world
+        .journal
+        .iter()
+        .filter(|(_, e)| matches!(e, super::core::Effect::Spawn { .. }))
+        .count()
+}
+
+/// In `state_error` the instances found are adopted and watched, an exit is recorded and not
+/// restarted, verbs that need the desired state are refused, nothing is written; a reload that
+/// finds the file readable again supervises the service from it.
+#[test]
+fn a_service_in_state_error_starts_stops_and_writes_nothing_until_its_file_reads() {
+    for steered in [false, true] {
+        let strategy = if steered {
+            StrategyName::Drain
+        } else {
+            StrategyName::Rolling
+        };
+        let old = serving(config(3, steered, strategy), false);
+        let marker = crate::service::state::ServiceState {
+            state_error: Some("state file web.json is corrupt; kept as web.json.bad-1".into()),
+            ..Default::default()
+        };
+        let mut world = World::with_state(
+            old.core.config.clone(),
+            false,
+            7,
+            marker,
+            found_of(&old),
+            old.chain.clone(),
+            old.now + 1_000,
+        )
+        .boot();
+        world.settle(SETTLE);
+        let stores = world.host.lock().unwrap().stores;
+        for i in 0..3 {
+            assert_eq!(world.core.instances[&i].phase, Phase::Running, "{i}");
+        }
+        assert!(world.core.status(world.now).state_error.is_some());
+        world.crash(1);
+        world.settle(SETTLE);
+        assert_eq!(world.core.instances[&1].phase, Phase::Exited);
+        assert_eq!(spawns_in(&world), 0, "started in state_error");
+        if steered {
+            // Gone from the chain, nobody added.
+            assert_eq!(world.chain, [0, 2].into());
+        }
+        for action in [Action::Stop, Action::Start, Action::Restart, Action::Drain] {
+            let reply = world.control(action, None);
+            world.settle(SETTLE);
+            let answer = world.replies[&reply].clone();
+            assert!(
+                answer.as_ref().is_err_and(|e| e.contains("state_error")),
+                "{action:?}: {answer:?}"
+            );
+        }
+        assert_eq!(spawns_in(&world), 0);
+        assert_eq!(
+            world.host.lock().unwrap().stores,
+            stores,
+            "written in state_error"
+        );
+        assert!(world.violations.is_empty(), "{:?}", world.violations);
+
+        // Still the marker: still in state_error.
+        let reply = world.request(Request::RecheckState);
+        assert!(
+            world.replies[&reply]
+                .as_ref()
+                .unwrap()
+                .contains("still in state_error")
+        );
+        // The operator removed it: the default state, every instance up.
+        world.host.lock().unwrap().written = None;
+        let reply = world.request(Request::RecheckState);
+        world.settle(SETTLE);
+        assert!(
+            world.replies[&reply]
+                .as_ref()
+                .unwrap()
+                .contains("supervised again")
+        );
+        assert!(world.core.status(world.now).state_error.is_none());
+        for i in 0..3 {
+            assert_eq!(world.core.instances[&i].phase, Phase::Running, "{i}");
+        }
+        assert_eq!(spawns_in(&world), 1);
+        if steered {
+            assert_eq!(world.chain, [0, 1, 2].into());
+        }
+        assert!(world.violations.is_empty(), "{:?}", world.violations);
+    }
+}
+
+/// While iptables fails, an operator `stop` of a steered instance fails after
+/// `restart.steer_timeout_ms` and leaves it running and steered (its `stopped` mark undone); a
+/// `restart` fails at its first drain the same way; nothing is stopped.
+#[test]
+fn stop_and_restart_fail_at_the_steer_bound_while_iptables_fails() {
+    let mut world = serving(config(2, true, StrategyName::Drain), false);
+    world.faults.iptables_fails = 1.0;
+    let start = world.now;
+    let reply = world.control(Action::Stop, Some(1));
+    world.settle(SETTLE);
+    let answer = world.replies[&reply].clone();
+    assert!(
+        answer
+            .as_ref()
+            .is_err_and(|e| e.contains("steer_timeout_ms") && e.contains("keeps running")),
+        "{answer:?}"
+    );
+    let bound = world.core.config.restart.steer_timeout_ms;
+    assert!(world.now - start >= bound, "answered before the bound");
+    let instance = &world.core.instances[&1];
+    assert_eq!(instance.phase, Phase::Running);
+    assert!(
+        instance
+            .last_error
+            .as_ref()
+            .unwrap()
+            .contains("stop failed")
+    );
+    assert!(world.core.state.stopped.is_empty());
+    assert_eq!(world.chain, [0, 1].into());
+
+    let reply = world.control(Action::Restart, None);
+    world.settle(SETTLE);
+    let answer = world.replies[&reply].clone();
+    assert!(
+        answer
+            .as_ref()
+            .is_err_and(|e| e.contains("steer_timeout_ms")),
+        "{answer:?}"
+    );
+    assert!(world.core.state.restart.is_none());
+    for i in 0..2 {
+        assert_eq!(world.core.instances[&i].phase, Phase::Running, "{i}");
+    }
+    assert_eq!(world.chain, [0, 1].into());
+    let stops = world
+        .journal
+        .iter()
+        .filter(|(_, e)| matches!(e, super::core::Effect::Stop { .. }))
+        .count();
+    assert_eq!(stops, 0);
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+
+    // Every instance being stopped (shutdown, removal): stopped anyway after the bound.
+    let reply = world.request(|reply| Request::StopAll {
+        forget: false,
+        reply,
+    });
+    world.settle(SETTLE);
+    assert!(world.core.finished().is_some_and(|(_, to)| to == reply));
+    assert!(world.alive.is_empty());
+}
