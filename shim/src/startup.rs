@@ -186,7 +186,7 @@ fn kill_predecessor(args: &ShimArgs, predecessor: Option<Predecessor>) -> Result
         }
     }
     if let Some((sid, start)) = predecessor {
-        let left = tree::kill_session(sid, me, start, timeout);
+        let left = tree::kill_session(sid, me, Some(start), timeout);
         if !left.is_empty() {
             return Err(format!(
                 "session {sid} of the previous shim: {} process(es) still alive after {} ms: {left:?}",

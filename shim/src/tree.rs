@@ -18,7 +18,7 @@ pub const PREDECESSOR_KILL_TIMEOUT_MS: u64 = 5_000;
 /// while it is killed shows up in the next round).
 pub const EXIT_KILL_TIMEOUT_MS: u64 = 1_000;
 /// Pause between two rounds of a kill.
-const KILL_ROUND_PAUSE: Duration = Duration::from_millis(5);
+const KILL_ROUND_PAUSE_MS: u64 = 5;
 
 /// One process as `/proc/<pid>/stat` shows it.
 struct Stat {
@@ -104,7 +104,7 @@ pub fn kill_cgroup(dir: &Path, timeout: Duration) -> io::Result<Vec<libc::pid_t>
         } else {
             kill_confirmed(&pids, || members(dir).unwrap_or_default());
         }
-        std::thread::sleep(KILL_ROUND_PAUSE);
+        std::thread::sleep(Duration::from_millis(KILL_ROUND_PAUSE_MS));
     }
 }
 
@@ -123,19 +123,23 @@ fn session_members(sid: libc::pid_t, except: libc::pid_t) -> Vec<libc::pid_t> {
 /// calls `setsid`, so its child and every descendant that did not `setsid` away share it), except
 /// `except`, and waits until none is left, at most `timeout`; returns the pids still alive.
 ///
-/// `leader_start` is the start time recorded for the session's leader (the shim whose pid is
-/// `sid`), when it is known to be dead (a new shim holds its lock). A process with that pid and
-/// another start time is then a stranger that reused it, and the kernel hands out a pid only
-/// when no process uses it as a session id: so whatever has session `sid` now is the stranger's,
-/// and nothing is killed. The leader itself may linger as a zombie nobody reaps.
+/// `leader_dead` is set when the session's leader (the shim whose pid is `sid`) is known to be dead
+/// (a new shim holds its lock), with the start time its lock file recorded, if any. A process with
+/// that pid and another start time is then a stranger that reused it, and the kernel hands out a
+/// pid only when no process uses it as a session id: so whatever has session `sid` now is the
+/// stranger's, and nothing is killed. The leader itself may linger as a zombie nobody reaps;
+/// without a recorded start time only a zombie is taken for it.
 pub fn kill_session(
     sid: libc::pid_t,
     except: libc::pid_t,
-    leader_start: Option<u64>,
+    leader_dead: Option<Option<u64>>,
     timeout: Duration,
 ) -> Vec<libc::pid_t> {
-    let stranger =
-        leader_start.is_some_and(|start| stat(sid).is_some_and(|s| s.starttime != start));
+    let stranger = match leader_dead {
+        None => false,
+        Some(Some(start)) => stat(sid).is_some_and(|s| s.starttime != start),
+        Some(None) => stat(sid).is_some_and(|s| s.state != b'Z'),
+    };
     if sid <= 1 || stranger {
         return Vec::new();
     }
@@ -146,7 +150,7 @@ pub fn kill_session(
             return pids;
         }
         kill_confirmed(&pids, || session_members(sid, except));
-        std::thread::sleep(KILL_ROUND_PAUSE);
+        std::thread::sleep(Duration::from_millis(KILL_ROUND_PAUSE_MS));
     }
 }
 

@@ -385,6 +385,10 @@ pub struct ServiceStatus {
     /// Why instances of a service with `restart.cpu_isolation` run without a cgroup (the host has
     /// none for sluice, or making one failed).
     pub cgroups_error: Option<String>,
+    /// Why instances' process trees are tracked by their shims' sessions only (no tracking cgroup
+    /// could be made): a descendant that calls `setsid` can then outlive a killed shim.
+    #[serde(default)]
+    pub tree_error: Option<String>,
 }
 
 /// A host's state in a fleet deploy, as its status node says.
@@ -619,7 +623,8 @@ mod tests {
               "batches_left": 1, "done": []},
             "last_restart_error": null, "steering_error": null, "build": "b1",
             "target_build": "b2", "deploy": {"build": "b2", "phase": "waiting-slot", "started_ms": 3},
-            "deploy_error": null, "config_error": null, "cgroups_error": null}]}"#;
+            "deploy_error": null, "config_error": null, "cgroups_error": null,
+            "tree_error": null}]}"#;
         let status: StatusDocument = serde_json::from_str(text).unwrap();
         let service = &status.services[0];
         assert_eq!(service.instances[0].state, InstanceState::Running);

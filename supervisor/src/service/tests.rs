@@ -542,3 +542,60 @@ fn a_log_dir_is_never_made_through_a_planted_link() {
     assert!(shared.join("web/logs").is_dir());
     make_log_dir(&shared.join("web/logs")).unwrap();
 }
+
+/// Issue 10: how long an instance ran is measured on the boot clock the shim reports, whatever
+/// its wall-clock times say. A wall clock stepped back an hour during a long run is no failed
+/// start (which would count towards `fatal`); one stepped forward an hour during a failed start
+/// does not make it a long run (which would skip the backoff).
+#[test]
+fn run_times_come_from_the_boot_clock_table() {
+    use sluice_shim::proto::{Outcome, Status};
+    const HOUR_MS: u64 = 3_600_000;
+    // (what happened, wall-clock run, boot-clock run, phase right after, failed starts)
+    let table: [(&str, i64, u64, Phase, u32); 4] = [
+        (
+            "long run, wall clock stepped back",
+            10_000 - HOUR_MS as i64,
+            10_000,
+            Phase::Spawning,
+            0,
+        ),
+        (
+            "failed start, wall clock stepped forward",
+            HOUR_MS as i64 + 100,
+            100,
+            Phase::Fatal,
+            1,
+        ),
+        ("long run, no step", 10_000, 10_000, Phase::Spawning, 0),
+        ("failed start, no step", 100, 100, Phase::Fatal, 1),
+    ];
+    for (what, wall_ran, boot_ran, phase, failed_starts) in table {
+        let mut config = config(1, false, StrategyName::AllAtOnce);
+        config.startup_ms = 1_000;
+        // One failed start is fatal: a failed start counted where there was none shows at once.
+        config.start_retries = 0;
+        let mut world = serving(config, false);
+        let started_wall = 1_700_000_000_000u64;
+        let started_boot = 5_000_000u64;
+        let status = Status::Exited {
+            shim_pid: 1,
+            pid: 2,
+            started_ms: started_wall,
+            started_boot_ms: Some(started_boot),
+            exited_ms: started_wall.saturating_add_signed(wall_ran),
+            exited_boot_ms: Some(started_boot + boot_ran),
+            outcome: Outcome::Code(1),
+            tag: String::new(),
+        };
+        let generation = generation(&world, 0);
+        world.handle(Event::Instance {
+            index: 0,
+            generation,
+            event: InstanceEvent::Exited(Ok(status)),
+        });
+        let instance = &world.core.instances[&0];
+        assert_eq!(instance.phase, phase, "{what}");
+        assert_eq!(instance.failed_starts, failed_starts, "{what}");
+    }
+}
