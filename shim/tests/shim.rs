@@ -810,13 +810,32 @@ fn a_new_shim_kills_the_session_its_killed_predecessor_left() {
 struct TestCgroup(PathBuf);
 
 impl TestCgroup {
-    fn new(name: &str) -> Option<TestCgroup> {
+    /// In the cgroup v2 hierarchy (where `cgroup.kill` kills the whole cgroup at once).
+    fn v2(name: &str) -> Option<TestCgroup> {
         let own = read(Path::new("/proc/self/cgroup"));
         let own = own.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
         let mount = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
             .into_iter()
             .find(|m| Path::new(m).join("cgroup.controllers").exists())?;
-        let dir = Path::new(mount)
+        Self::make(Path::new(mount), &own, name)
+    }
+
+    /// In the v1 `pids` hierarchy (members are killed one by one, through pidfds).
+    fn v1_pids(name: &str) -> Option<TestCgroup> {
+        let own = read(Path::new("/proc/self/cgroup"));
+        let own = own.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == "pids")
+                .then(|| path.to_owned())
+        })?;
+        Self::make(Path::new("/sys/fs/cgroup/pids"), &own, name)
+    }
+
+    fn make(mount: &Path, own: &str, name: &str) -> Option<TestCgroup> {
+        let dir = mount
             .join(own.trim_start_matches('/'))
             .join(format!("sluice-shim-test-{name}-{}", std::process::id()));
         std::fs::create_dir(&dir).ok()?;
@@ -841,12 +860,31 @@ impl Drop for TestCgroup {
 #[test]
 fn the_tracking_cgroup_takes_setsid_grandchildren_with_the_instance() {
     let in_ci = std::env::var_os("CI").is_some();
-    let Some(cgroup) = TestCgroup::new("tree").filter(|_| am_root()) else {
+    let Some(cgroup) = TestCgroup::v2("tree").filter(|_| am_root()) else {
         assert!(!in_ci, "CI runs as root with cgroup v2 mounted");
         eprintln!("skipped: needs root and a writable cgroup v2 hierarchy");
         return;
     };
-    let dir = TestDir::new("tree-cgroup");
+    tracking_cgroup_cycle(&cgroup, "tree-cgroup-v2");
+}
+
+/// The same in a v1 hierarchy, where there is no `cgroup.kill`.
+#[test]
+fn a_v1_tracking_cgroup_takes_setsid_grandchildren_with_the_instance() {
+    let in_ci = std::env::var_os("CI").is_some();
+    let Some(cgroup) = TestCgroup::v1_pids("tree").filter(|_| am_root()) else {
+        assert!(
+            !in_ci,
+            "CI runs as root with the v1 pids controller mounted"
+        );
+        eprintln!("skipped: needs root and the v1 pids controller");
+        return;
+    };
+    tracking_cgroup_cycle(&cgroup, "tree-cgroup-v1");
+}
+
+fn tracking_cgroup_cycle(cgroup: &TestCgroup, name: &str) {
+    let dir = TestDir::new(name);
     let tree = cgroup.0.to_string_lossy().into_owned();
     let program = tree_program(&dir);
     let program: Vec<&str> = program.iter().map(String::as_str).collect();

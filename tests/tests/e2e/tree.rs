@@ -42,12 +42,18 @@ fn wait_for_start(dir: &Path, starts: usize) -> [i32; 3] {
     }
 }
 
-/// Live processes whose environment carries the test's marker.
+/// Live processes of the instance: those whose environment carries the test's marker, except
+/// the shims (a shim gets the instance's environment too).
 fn marked(marker: &str) -> Vec<procs::Proc> {
     let wanted = format!("TREE_MARKER={marker}");
     procs::all()
         .into_iter()
         .filter(|p| p.live())
+        .filter(|p| {
+            !p.cmdline
+                .first()
+                .is_some_and(|a| a.ends_with("sluice-shim"))
+        })
         .filter(|p| procs::environ(p.pid).is_some_and(|env| env.contains(&wanted)))
         .collect()
 }
@@ -90,7 +96,11 @@ env = {{ PATH = "/usr/bin:/bin", DIR = "{dir}", TREE_MARKER = "{marker}" }}
         .map(|&pid| procs::get(pid).unwrap_or_else(|| panic!("process {pid} of start 1 is gone")))
         .collect();
     h.note_pids(&old.iter().map(|p| p.pid).collect::<Vec<_>>());
-    assert_eq!(marked(&marker).len(), 3, "one copy: instance, child, grandchild");
+    assert_eq!(
+        marked(&marker).len(),
+        3,
+        "one copy: instance, child, grandchild"
+    );
 
     let shim = s.shim_pid("tree", 0).expect("a shim pid");
     // SAFETY: kill of the shim this test's daemon reported for its instance.
