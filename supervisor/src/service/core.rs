@@ -1570,13 +1570,7 @@ impl Core {
         }
     }
 
-    /// The status document of the service at `now`.
-    #[cfg(test)]
-    pub fn status(&self, now: Millis) -> ServiceStatus {
-        self.status_at(Now::same(now))
-    }
-
-    /// [`Core::status`] with the two clocks apart: uptimes from the boot clock.
+    /// The status document of the service at `now`: uptimes from the boot clock.
     pub fn status_at(&self, now: Now) -> ServiceStatus {
         let steers = self.config.steers();
         let instances = self
