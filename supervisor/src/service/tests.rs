@@ -599,3 +599,45 @@ fn run_times_come_from_the_boot_clock_table() {
         assert_eq!(instance.failed_starts, failed_starts, "{what}");
     }
 }
+
+/// A shim started before the boot-clock keys existed (an upgrade) reports wall-clock times
+/// only: its run is measured on them, and an adopted one's start on the boot clock is derived
+/// from its wall-clock age.
+#[test]
+fn shims_without_boot_clock_times_fall_back_to_the_wall_clock() {
+    use super::core::Now;
+    use sluice_shim::proto::{Outcome, Status};
+    let now = Now {
+        wall_ms: 1_700_000_010_000,
+        boot_ms: 50_000,
+    };
+    assert_eq!(now.boot_of_wall(1_700_000_000_000), 40_000);
+    assert_eq!(now.boot_of_wall(0), 0, "saturates at boot");
+    for (what, ran_ms, phase, failed_starts) in [
+        ("long run", 10_000, Phase::Spawning, 0),
+        ("failed start", 100, Phase::Fatal, 1),
+    ] {
+        let mut config = config(1, false, StrategyName::AllAtOnce);
+        config.startup_ms = 1_000;
+        config.start_retries = 0;
+        let mut world = serving(config, false);
+        let generation = generation(&world, 0);
+        world.handle(Event::Instance {
+            index: 0,
+            generation,
+            event: InstanceEvent::Exited(Ok(Status::Exited {
+                shim_pid: 1,
+                pid: 2,
+                started_ms: 1_700_000_000_000,
+                started_boot_ms: None,
+                exited_ms: 1_700_000_000_000 + ran_ms,
+                exited_boot_ms: None,
+                outcome: Outcome::Code(1),
+                tag: String::new(),
+            })),
+        });
+        let instance = &world.core.instances[&0];
+        assert_eq!(instance.phase, phase, "{what}");
+        assert_eq!(instance.failed_starts, failed_starts, "{what}");
+    }
+}
