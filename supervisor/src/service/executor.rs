@@ -186,9 +186,11 @@ pub(super) async fn run(
         }
         if let Some((forget, reply)) = executor.core.finished() {
             executor.finish_cgroup_removals().await;
-            // Every instance stopped, and each shim killed what was left of its tree.
-            if let Some(tree) = executor.ctx.tree.cgroups() {
-                tree.remove_service(&executor.name);
+            // Every instance stopped, and each shim killed what was left of its tree. Directory
+            // work: off the runtime thread.
+            if let Some(tree) = executor.ctx.tree.cgroups().cloned() {
+                let name = executor.name.clone();
+                let _ = tokio::task::spawn_blocking(move || tree.remove_service(&name)).await;
             }
             if forget {
                 executor.forget().await;
