@@ -15,6 +15,8 @@ command -v javac >/dev/null || need_apt+=(openjdk-17-jdk-headless)
 [ -x /usr/share/zookeeper/bin/zkServer.sh ] || need_apt+=(zookeeper)
 # nginx proxies one client of the restart matrix (tests/tests/e2e/matrix.rs) with upstream keep-alive.
 [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
+# libfaketime steps the wall clock that the daemon and its shims see (e2e::clock), never the machine's.
+[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need_apt+=(faketime)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing packages: ${need_apt[*]} (run as root to install them)" >&2

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 /// Printed after an argument error.
 pub const USAGE: &str = "usage: sluice-shim --id SVC/INDEX --socket PATH --lock PATH --stdout-log PATH \
 --stderr-log PATH [--log-max-bytes N] [--log-backups N] [--tag STRING] [--cwd DIR] [--uid N] [--gid N] \
-[--groups N,N,...] [--umask OCTAL] [--nofile N] [--cgroup DIR] -- PROGRAM [ARGS...]";
+[--groups N,N,...] [--umask OCTAL] [--nofile N] [--tree-cgroup DIR] [--cgroup DIR] -- PROGRAM [ARGS...]";
 
 /// Default for `--log-max-bytes`: 50 MiB per log file before it is rotated.
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 50 * 1024 * 1024;
@@ -47,7 +47,14 @@ pub struct ShimArgs {
     pub umask: Option<u32>,
     /// `RLIMIT_NOFILE` (soft and hard) of the child.
     pub nofile: Option<u64>,
-    /// A cgroup directory the child joins (through its `cgroup.procs`) before it execs.
+    /// The instance's tracking cgroup: the child joins it before it execs, so every process of the
+    /// instance is in it (or in a child of it) for its whole life; the shim kills what is left in
+    /// it before it starts the child (survivors of a predecessor) and after the child exits.
+    /// `None`: the tree is tracked by the shim's session only (`setsid` descendants escape).
+    pub tree_cgroup: Option<PathBuf>,
+    /// A cgroup directory the child joins (through its `cgroup.procs`) before it execs, after the
+    /// tracking cgroup (the CPU one; in the same hierarchy as the tracking cgroup it is where the
+    /// child ends up, and the shim kills its members too).
     pub cgroup: Option<PathBuf>,
     /// Program to run, an absolute path or a name looked up in `PATH`.
     pub program: OsString,
@@ -91,6 +98,9 @@ impl ShimArgs {
         if let Some(nofile) = self.nofile {
             flag("--nofile", nofile.to_string().into());
         }
+        if let Some(dir) = &self.tree_cgroup {
+            flag("--tree-cgroup", dir.clone().into());
+        }
         if let Some(dir) = &self.cgroup {
             flag("--cgroup", dir.clone().into());
         }
@@ -122,6 +132,7 @@ fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<ShimArgs, String> {
     let mut groups = None;
     let mut umask = None;
     let mut nofile = None;
+    let mut tree_cgroup = None;
     let mut cgroup = None;
     let mut command = None;
 
@@ -175,6 +186,7 @@ fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<ShimArgs, String> {
                 }
             }
             "--nofile" => nofile = Some(number(&flag, &text()?)?),
+            "--tree-cgroup" => tree_cgroup = Some(PathBuf::from(value)),
             "--cgroup" => cgroup = Some(PathBuf::from(value)),
             _ => return Err(format!("unknown flag: {flag}")),
         }
@@ -202,6 +214,7 @@ fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<ShimArgs, String> {
         groups: groups.or_else(|| uid.map(|_| Vec::new())),
         umask,
         nofile,
+        tree_cgroup,
         cgroup,
         program,
         program_args: command.collect(),
@@ -256,6 +269,7 @@ mod tests {
         assert_eq!(args.tag, "-");
         assert_eq!(args.groups, None);
         assert_eq!(args.cgroup, None);
+        assert_eq!(args.tree_cgroup, None);
         assert_eq!(args.program, "sleep");
         assert_eq!(args.program_args, vec![OsString::from("100")]);
     }
@@ -280,6 +294,8 @@ mod tests {
             "027",
             "--nofile",
             "4096",
+            "--tree-cgroup",
+            "/sys/fs/cgroup/unified/sluice-tree/api@0",
             "--cgroup",
             "/sys/fs/cgroup/cpu/sluice/api@0",
             "--",
@@ -303,6 +319,10 @@ mod tests {
         assert_eq!(
             args.cgroup,
             Some(PathBuf::from("/sys/fs/cgroup/cpu/sluice/api@0"))
+        );
+        assert_eq!(
+            args.tree_cgroup,
+            Some(PathBuf::from("/sys/fs/cgroup/unified/sluice-tree/api@0"))
         );
         assert_eq!(args.program, "/bin/app");
         assert_eq!(
@@ -372,6 +392,7 @@ mod tests {
             groups: Some(vec![4, 27, 1001]),
             umask: Some(0o007),
             nofile: Some(65_536),
+            tree_cgroup: Some("/sys/fs/cgroup/unified/sluice-tree/api@3".into()),
             cgroup: Some("/sys/fs/cgroup/cpu/sluice/api@3".into()),
             program: "/usr/bin/java".into(),
             program_args: vec![
@@ -390,6 +411,7 @@ mod tests {
             groups: None,
             umask: None,
             nofile: None,
+            tree_cgroup: None,
             cgroup: None,
             program_args: Vec::new(),
             ..full.clone()

@@ -1,4 +1,5 @@
-//! Spawning the supervised child: its own process group, credentials, limits and a death signal.
+//! Spawning the supervised child: its own process group, its cgroups, credentials, limits and a
+//! death signal.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -45,26 +46,29 @@ pub fn spawn(args: &ShimArgs, shim_pid: libc::pid_t) -> io::Result<Spawned> {
         nofile: args.nofile,
     }
     .prepare();
-    // Opened before the fork (std opens with O_CLOEXEC, so the service never inherits it); the
-    // child writes "0" (itself) to it first thing, while still root, so that everything the service
-    // ever runs starts inside its cgroup. The file stays open in the shim only until spawn returns.
-    let cgroup_procs = match &args.cgroup {
-        Some(dir) => {
-            let path = dir.join("cgroup.procs");
-            let file = OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(|e| io::Error::new(e.kind(), format!("cgroup {}: {e}", path.display())))?;
-            Some(file)
-        }
-        None => None,
+    // Opened before the fork (std opens with O_CLOEXEC, so the service never inherits them); the
+    // child writes "0" (itself) to each first thing, while still root, so that everything the
+    // service ever runs starts inside its cgroups: the tracking one first, then the CPU one (in the
+    // same hierarchy the second write moves it there, which the shim's kills cover too). The files
+    // stay open in the shim only until spawn returns.
+    let open_procs = |dir: &std::path::Path| {
+        let path = dir.join("cgroup.procs");
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("cgroup {}: {e}", path.display())))
     };
-    let cgroup_fd = cgroup_procs.as_ref().map(AsRawFd::as_raw_fd);
+    let tree_procs: Option<File> = args.tree_cgroup.as_deref().map(open_procs).transpose()?;
+    let cgroup_procs: Option<File> = args.cgroup.as_deref().map(open_procs).transpose()?;
+    let join_fds = [
+        tree_procs.as_ref().map(AsRawFd::as_raw_fd),
+        cgroup_procs.as_ref().map(AsRawFd::as_raw_fd),
+    ];
 
     let pre_exec = move || -> io::Result<()> {
         // SAFETY (whole block): only async-signal-safe libc calls on values prepared before the fork.
         unsafe {
-            if let Some(fd) = cgroup_fd {
+            for fd in join_fds.into_iter().flatten() {
                 let me = b"0";
                 if libc::write(fd, me.as_ptr().cast(), me.len()) != me.len() as isize {
                     return Err(io::Error::last_os_error());
@@ -94,7 +98,7 @@ pub fn spawn(args: &ShimArgs, shim_pid: libc::pid_t) -> io::Result<Spawned> {
 
     let spawned = command.spawn();
     // Closed now: the child has joined (or failed to, which fails the spawn) and exec closed its copy.
-    drop(cgroup_procs);
+    drop((tree_procs, cgroup_procs));
     let mut child = spawned?;
     let pid = child.id() as libc::pid_t;
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::args::ShimArgs;
 use crate::logfile::LogFile;
 use crate::proto::{Command, MAX_CLIENTS, MAX_LINE_BYTES, Outcome, Status};
-use crate::sys;
+use crate::{sys, tree};
 
 /// Largest read from the child's pipes in one go (also the pipe's default capacity): a read takes
 /// the whole pipe, so a chunk holds whole lines when the service writes whole lines, and rotation
@@ -38,8 +38,10 @@ const MAX_ACCEPTS_PER_WAKE: usize = 64;
 pub struct Child {
     /// Pid and process group id.
     pub pid: libc::pid_t,
-    /// When it was spawned, unix ms.
+    /// When it was spawned, unix ms (for display).
     pub started_ms: u64,
+    /// When it was spawned, `CLOCK_BOOTTIME` ms (for its age: the wall clock may step).
+    pub started_boot_ms: u64,
     /// Readable once the child exited; `None` after it has been reaped.
     pub pidfd: Option<OwnedFd>,
 }
@@ -102,8 +104,8 @@ pub struct Shim {
     /// The child's stdout and stderr, in that order.
     streams: [Stream; 2],
     clients: Vec<Client>,
-    /// Set once the child is reaped (exit time in unix ms).
-    outcome: Option<(Outcome, u64)>,
+    /// Set once the child is reaped (exit time in unix ms, and in `CLOCK_BOOTTIME` ms).
+    outcome: Option<(Outcome, u64, u64)>,
     /// Reaped and its output drained: status lines say `exited`, `wait` answers, `release` works.
     finished: bool,
     /// A stop is in progress (reported as `stopping=1`).
@@ -307,10 +309,46 @@ impl Shim {
             // impossible code rather than spin on a pidfd that stays readable.
             Err(_) => Outcome::Code(-1),
         };
-        self.outcome = Some((outcome, sys::now_ms()));
+        self.outcome = Some((outcome, sys::now_ms(), sys::boot_ms()));
         self.child.pidfd = None;
+        self.kill_tree();
         self.stop_deadline = None;
         self.drain_deadline = Some(Instant::now() + DRAIN_AFTER_EXIT);
+    }
+
+    /// After the child's exit: whatever of its tree is left dies too, `setsid` descendants
+    /// included (bounded by `EXIT_KILL_TIMEOUT_MS`; a kill is immediate, so this blocks the loop
+    /// only while a member keeps forking). Without a tracking cgroup, the shim's own session.
+    fn kill_tree(&self) {
+        let timeout = Duration::from_millis(tree::EXIT_KILL_TIMEOUT_MS);
+        let mut left = Vec::new();
+        for dir in [&self.args.tree_cgroup, &self.args.cgroup]
+            .into_iter()
+            .flatten()
+        {
+            match tree::kill_cgroup(dir, timeout) {
+                Ok(pids) => left.extend(pids),
+                Err(e) => eprintln!(
+                    "sluice-shim {}: cgroup {}: {e}",
+                    self.args.id,
+                    dir.display()
+                ),
+            }
+        }
+        left.extend(tree::kill_session(
+            self.shim_pid,
+            self.shim_pid,
+            None,
+            timeout,
+        ));
+        if !left.is_empty() {
+            // The next shim of the instance kills them before it starts (or refuses to start).
+            eprintln!(
+                "sluice-shim {}: {} process(es) of the instance still alive after its exit: {left:?}",
+                self.args.id,
+                left.len()
+            );
+        }
     }
 
     /// Marks the child finished once it is reaped and its output drained, and answers the waiters.
@@ -486,13 +524,16 @@ impl Shim {
         let shim_pid = self.shim_pid as u32;
         let pid = self.child.pid as u32;
         let started_ms = self.child.started_ms;
+        let started_boot_ms = Some(self.child.started_boot_ms);
         let tag = self.args.tag.clone();
         match self.outcome {
-            Some((outcome, exited_ms)) if self.finished => Status::Exited {
+            Some((outcome, exited_ms, exited_boot_ms)) if self.finished => Status::Exited {
                 shim_pid,
                 pid,
                 started_ms,
+                started_boot_ms,
                 exited_ms,
+                exited_boot_ms: Some(exited_boot_ms),
                 outcome,
                 tag,
             },
@@ -500,6 +541,7 @@ impl Shim {
                 shim_pid,
                 pid,
                 started_ms,
+                started_boot_ms,
                 tag,
                 stopping: self.stopping,
             },

@@ -13,6 +13,8 @@
 //! - `event_loop`: the single-threaded `poll` loop that owns all state after start-up.
 //! - `logfile`: append with size-based rotation, through `sluice-safefs` (the log directory may be
 //!   the service user's).
+//! - `tree`: the instance's whole process tree, found through its tracking cgroup (or the shim's
+//!   session) and killed through pidfds.
 //! - `sys`: the few libc wrappers std lacks.
 //!
 //! Architecture Invariant: std and libc only (plus `sluice-safefs`, itself std and libc only), one thread, no async runtime — a hundred shims must cost
@@ -27,3 +29,4 @@ mod logfile;
 #[doc(hidden)]
 pub mod startup;
 mod sys;
+mod tree;

@@ -42,29 +42,38 @@ pub enum Outcome {
 /// One status line, as answered to `status` and `wait`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Status {
-    /// `running shim=<pid> pid=<pid> started_ms=<ms> tag=<tag>[ stopping=1]`
+    /// `running shim=<pid> pid=<pid> started_ms=<ms>[ started_boot_ms=<ms>] tag=<tag>[ stopping=1]`
     Running {
         /// The shim's own pid, so the brain can check it talks to the shim it thinks it does.
         shim_pid: u32,
         /// The child's pid, which is also its process group id.
         pid: u32,
-        /// When the child was spawned, unix milliseconds.
+        /// When the child was spawned, unix milliseconds (for display: the wall clock may step).
         started_ms: u64,
+        /// When the child was spawned, `CLOCK_BOOTTIME` milliseconds: what its age is measured
+        /// from. `None` from a shim older than the key.
+        started_boot_ms: Option<u64>,
         /// The opaque `--tag` the brain gave the shim (for example the build id).
         tag: String,
         /// A `stop` is in progress (the child got its stop signal and has not exited yet).
         stopping: bool,
     },
-    /// `exited shim=<pid> pid=<pid> started_ms=<ms> exited_ms=<ms> code=<n>|signal=<n> tag=<tag>`
+    /// `exited shim=<pid> pid=<pid> started_ms=<ms>[ started_boot_ms=<ms>] exited_ms=<ms>[
+    /// exited_boot_ms=<ms>] code=<n>|signal=<n> tag=<tag>`
     Exited {
         /// The shim's own pid.
         shim_pid: u32,
         /// The (now reaped) child's pid.
         pid: u32,
-        /// When the child was spawned, unix milliseconds.
+        /// When the child was spawned, unix milliseconds (display).
         started_ms: u64,
-        /// When the shim reaped the child, unix milliseconds.
+        /// When the child was spawned, `CLOCK_BOOTTIME` milliseconds (`None`: an older shim).
+        started_boot_ms: Option<u64>,
+        /// When the shim reaped the child, unix milliseconds (display).
         exited_ms: u64,
+        /// When the shim reaped the child, `CLOCK_BOOTTIME` milliseconds (`None`: an older shim):
+        /// with `started_boot_ms`, how long it ran, whatever the wall clock did meanwhile.
+        exited_boot_ms: Option<u64>,
         /// Exit code or signal.
         outcome: Outcome,
         /// The opaque `--tag` the brain gave the shim.
@@ -119,13 +128,14 @@ impl Status {
     /// that [`Display`](fmt::Display) writes them in; anything else is an error naming the token.
     pub fn parse(line: &str) -> Result<Status, ProtoError> {
         let line = line.trim_end_matches(['\n', '\r']);
-        let mut tokens = line.split(' ');
+        let mut tokens = line.split(' ').peekable();
         let state = tokens.next().unwrap_or("");
         let status = match state {
             "running" => {
                 let shim_pid = field(&mut tokens, "shim")?;
                 let pid = field(&mut tokens, "pid")?;
                 let started_ms = field(&mut tokens, "started_ms")?;
+                let started_boot_ms = optional(&mut tokens, "started_boot_ms")?;
                 let tag = field(&mut tokens, "tag")?;
                 let stopping = match tokens.next() {
                     None => false,
@@ -136,6 +146,7 @@ impl Status {
                     shim_pid,
                     pid,
                     started_ms,
+                    started_boot_ms,
                     tag,
                     stopping,
                 }
@@ -144,7 +155,9 @@ impl Status {
                 let shim_pid = field(&mut tokens, "shim")?;
                 let pid = field(&mut tokens, "pid")?;
                 let started_ms = field(&mut tokens, "started_ms")?;
+                let started_boot_ms = optional(&mut tokens, "started_boot_ms")?;
                 let exited_ms = field(&mut tokens, "exited_ms")?;
+                let exited_boot_ms = optional(&mut tokens, "exited_boot_ms")?;
                 let token = tokens.next().unwrap_or("<end of line>");
                 let outcome = if let Some(code) = token.strip_prefix("code=") {
                     Outcome::Code(code.parse().map_err(|_| bad(token, "code=<integer>"))?)
@@ -158,7 +171,9 @@ impl Status {
                     shim_pid,
                     pid,
                     started_ms,
+                    started_boot_ms,
                     exited_ms,
+                    exited_boot_ms,
                     outcome,
                     tag,
                 }
@@ -192,6 +207,22 @@ fn field<'a, T: FromStr>(
         .ok_or_else(|| bad(token, &format!("{key}=<value>")))
 }
 
+/// Takes the next token if it is `key=<value>` (a key newer shims add and older ones lack); a
+/// token with that key and a bad value is an error.
+fn optional<'a, T: FromStr>(
+    tokens: &mut std::iter::Peekable<impl Iterator<Item = &'a str>>,
+    key: &str,
+) -> Result<Option<T>, ProtoError> {
+    let present = tokens
+        .peek()
+        .is_some_and(|t| t.strip_prefix(key).is_some_and(|r| r.starts_with('=')));
+    if present {
+        field(tokens, key).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 impl fmt::Display for Status {
     /// Writes the status line without its trailing `\n`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -200,13 +231,18 @@ impl fmt::Display for Status {
                 shim_pid,
                 pid,
                 started_ms,
+                started_boot_ms,
                 tag,
                 stopping,
             } => {
                 write!(
                     f,
-                    "running shim={shim_pid} pid={pid} started_ms={started_ms} tag={tag}"
+                    "running shim={shim_pid} pid={pid} started_ms={started_ms}"
                 )?;
+                if let Some(boot) = started_boot_ms {
+                    write!(f, " started_boot_ms={boot}")?;
+                }
+                write!(f, " tag={tag}")?;
                 if *stopping {
                     f.write_str(" stopping=1")?;
                 }
@@ -216,14 +252,24 @@ impl fmt::Display for Status {
                 shim_pid,
                 pid,
                 started_ms,
+                started_boot_ms,
                 exited_ms,
+                exited_boot_ms,
                 outcome,
                 tag,
             } => {
                 write!(
                     f,
-                    "exited shim={shim_pid} pid={pid} started_ms={started_ms} exited_ms={exited_ms} "
+                    "exited shim={shim_pid} pid={pid} started_ms={started_ms}"
                 )?;
+                if let Some(boot) = started_boot_ms {
+                    write!(f, " started_boot_ms={boot}")?;
+                }
+                write!(f, " exited_ms={exited_ms}")?;
+                if let Some(boot) = exited_boot_ms {
+                    write!(f, " exited_boot_ms={boot}")?;
+                }
+                f.write_str(" ")?;
                 match outcome {
                     Outcome::Code(code) => write!(f, "code={code}")?,
                     Outcome::Signal(signal) => write!(f, "signal={signal}")?,
@@ -339,6 +385,7 @@ mod tests {
             shim_pid: 10,
             pid: 11,
             started_ms: 1_700_000_000_123,
+            started_boot_ms: None,
             tag: "build-7".into(),
             stopping,
         }
@@ -349,7 +396,9 @@ mod tests {
             shim_pid: 10,
             pid: 11,
             started_ms: 1,
+            started_boot_ms: None,
             exited_ms: 2,
+            exited_boot_ms: None,
             outcome,
             tag: "-".into(),
         }
@@ -384,6 +433,39 @@ mod tests {
             assert_eq!(Status::parse(line), Ok(status.clone()), "{line}");
             assert_eq!(Status::parse(&format!("{line}\n")), Ok(status), "{line}");
         }
+    }
+
+    /// Boot-clock times are written by shims since issue 10 and are optional when read, so a
+    /// brain adopts shims that were started by an older version.
+    #[test]
+    fn boot_clock_times_round_trip_and_may_be_missing() {
+        let running = Status::Running {
+            shim_pid: 10,
+            pid: 11,
+            started_ms: 5,
+            started_boot_ms: Some(7),
+            tag: "t".into(),
+            stopping: true,
+        };
+        let line = "running shim=10 pid=11 started_ms=5 started_boot_ms=7 tag=t stopping=1";
+        assert_eq!(running.to_string(), line);
+        assert_eq!(Status::parse(line), Ok(running));
+        let exited = Status::Exited {
+            shim_pid: 10,
+            pid: 11,
+            started_ms: 5,
+            started_boot_ms: Some(7),
+            exited_ms: 6,
+            exited_boot_ms: Some(3_600_007),
+            outcome: Outcome::Code(1),
+            tag: "t".into(),
+        };
+        let line = "exited shim=10 pid=11 started_ms=5 started_boot_ms=7 exited_ms=6 exited_boot_ms=3600007 code=1 tag=t";
+        assert_eq!(exited.to_string(), line);
+        assert_eq!(Status::parse(line), Ok(exited));
+        let err = Status::parse("running shim=1 pid=2 started_ms=3 started_boot_ms=x tag=a")
+            .expect_err("a bad boot time");
+        assert_eq!(err.token, "started_boot_ms=x");
     }
 
     #[test]

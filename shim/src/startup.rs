@@ -1,5 +1,6 @@
-//! The shim's start-up: detach from the brain, take the instance lock, bind the socket, spawn the
-//! child, and report the outcome as one handshake line on stdout.
+//! The shim's start-up: detach from the brain, take the instance lock, kill what a previous shim
+//! of the instance left running, bind the socket, spawn the child, and report the outcome as one
+//! handshake line on stdout.
 //!
 //! Architecture Invariant: the process the brain spawned exits at once; the shim proper is its child,
 //! in a session of its own, so it is never the brain's child and outlives any brain crash.
@@ -14,7 +15,7 @@ use std::path::Path;
 use crate::args::{self, ShimArgs};
 use crate::event_loop::{Child, Shim};
 use crate::logfile::LogFile;
-use crate::{child, proto, sys};
+use crate::{child, proto, sys, tree};
 
 /// Exit code for a bad command line.
 pub const EXIT_USAGE: i32 = 2;
@@ -52,11 +53,15 @@ pub fn main() -> ! {
 /// Everything from the lock to the handshake; on failure writes `error ...` and exits 1.
 fn start(args: ShimArgs) -> Shim {
     let shim_pid = std::process::id() as libc::pid_t;
-    let lock = take_lock(&args, shim_pid);
+    let (lock, predecessor) = take_lock(&args, shim_pid);
     let stdout_log = open_log(&args.stdout_log, &args);
     let stderr_log = open_log(&args.stderr_log, &args);
     let signals = sys::sigterm_fd().unwrap_or_else(|e| fail(&format!("signalfd: {e}")));
     let listener = bind(&args.socket);
+    if let Err(message) = kill_predecessor(&args, predecessor) {
+        let _ = std::fs::remove_file(&args.socket);
+        fail(&message);
+    }
 
     let spawned = match child::spawn(&args, shim_pid) {
         Ok(spawned) => spawned,
@@ -66,6 +71,7 @@ fn start(args: ShimArgs) -> Shim {
         }
     };
     let started_ms = sys::now_ms();
+    let started_boot_ms = sys::boot_ms();
     let pidfd = match sys::pidfd_open(spawned.pid) {
         Ok(fd) => fd,
         Err(e) => {
@@ -95,15 +101,22 @@ fn start(args: ShimArgs) -> Shim {
         Child {
             pid: spawned.pid,
             started_ms,
+            started_boot_ms,
             pidfd: Some(pidfd),
         },
         [(spawned.stdout, stdout_log), (spawned.stderr, stderr_log)],
     )
 }
 
-/// Takes the instance lock, or reports who holds it. The lock file is never unlinked: unlinking would
-/// let a second shim lock a fresh inode while the first still holds the old one.
-fn take_lock(args: &ShimArgs, shim_pid: libc::pid_t) -> File {
+/// The previous shim of an instance, as its lock file names it: pid and start time (clock ticks
+/// after boot; absent in files written before issue 10).
+type Predecessor = (libc::pid_t, Option<u64>);
+
+/// Takes the instance lock, or reports who holds it, and returns the previous shim the file names
+/// (`None`: the first shim of the instance). The file holds `<pid> <start time>`. It is never
+/// unlinked: unlinking would let a second shim lock a fresh inode while the first still holds the
+/// old one.
+fn take_lock(args: &ShimArgs, shim_pid: libc::pid_t) -> (File, Option<Predecessor>) {
     let path = &args.lock;
     let mut file = OpenOptions::new()
         .read(true)
@@ -119,10 +132,7 @@ fn take_lock(args: &ShimArgs, shim_pid: libc::pid_t) -> File {
         Ok(false) => {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
-            let holder = match holder.trim() {
-                "" => "?",
-                pid => pid,
-            };
+            let holder = holder.split_whitespace().next().unwrap_or("?");
             fail(&format!(
                 "busy: instance {} already has a shim (pid {holder})",
                 args.id
@@ -130,14 +140,62 @@ fn take_lock(args: &ShimArgs, shim_pid: libc::pid_t) -> File {
         }
         Err(e) => fail(&format!("lock {}: {e}", path.display())),
     }
+    // Read before it is overwritten: the session of that shim is where its survivors are found
+    // when there is no tracking cgroup.
+    let mut previous = String::new();
+    let _ = file.read_to_string(&mut previous);
+    let mut words = previous.split_whitespace();
+    let predecessor = words
+        .next()
+        .and_then(|pid| pid.parse().ok())
+        .filter(|&pid: &libc::pid_t| pid > 1 && pid != shim_pid)
+        .map(|pid| (pid, words.next().and_then(|t| t.parse().ok())));
+    let record = match tree::starttime(shim_pid) {
+        Some(start) => format!("{shim_pid} {start}\n"),
+        None => format!("{shim_pid}\n"),
+    };
     let written = file
         .set_len(0)
         .and_then(|()| file.rewind())
-        .and_then(|()| file.write_all(format!("{shim_pid}\n").as_bytes()));
+        .and_then(|()| file.write_all(record.as_bytes()));
     if let Err(e) = written {
         fail(&format!("lock {}: {e}", path.display()));
     }
-    file
+    (file, predecessor)
+}
+
+/// Kills whatever the instance's previous shim left running (it was killed itself, so its
+/// child's descendants lost their supervisor): every process in the tracking cgroup (and the CPU
+/// cgroup) of the instance, and every process of the previous shim's session. We hold the lock,
+/// so no other shim of the instance is alive: nothing there is anyone's to keep. Refuses to start
+/// (the brain retries after its backoff) while any of them survives, so a new instance never runs
+/// beside an old one.
+fn kill_predecessor(args: &ShimArgs, predecessor: Option<Predecessor>) -> Result<(), String> {
+    let timeout = std::time::Duration::from_millis(tree::PREDECESSOR_KILL_TIMEOUT_MS);
+    let me = std::process::id() as libc::pid_t;
+    for dir in [&args.tree_cgroup, &args.cgroup].into_iter().flatten() {
+        let left = tree::kill_cgroup(dir, timeout)
+            .map_err(|e| format!("cgroup {}: {e}", dir.display()))?;
+        if !left.is_empty() {
+            return Err(format!(
+                "cgroup {}: {} process(es) of the previous instance still alive after {} ms: {left:?}",
+                dir.display(),
+                left.len(),
+                tree::PREDECESSOR_KILL_TIMEOUT_MS
+            ));
+        }
+    }
+    if let Some((sid, start)) = predecessor {
+        let left = tree::kill_session(sid, me, Some(start), timeout);
+        if !left.is_empty() {
+            return Err(format!(
+                "session {sid} of the previous shim: {} process(es) still alive after {} ms: {left:?}",
+                left.len(),
+                tree::PREDECESSOR_KILL_TIMEOUT_MS
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn open_log(path: &Path, args: &ShimArgs) -> LogFile {

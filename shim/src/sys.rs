@@ -218,7 +218,53 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usi
     Ok(n as usize)
 }
 
-/// Wall-clock time in unix milliseconds (for status lines; deadlines use `Instant`).
+/// `CLOCK_BOOTTIME` in milliseconds: the clock ages and run times are measured on. It never steps
+/// with the wall clock, counts time suspended, and is the same for every process of the host, so
+/// the brain compares it with its own reading across the shim boundary and across brain restarts.
+pub fn boot_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_BOOTTIME exists on every kernel the shim runs on.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if ret != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+}
+
+/// `pidfd_send_signal(pidfd, signum, NULL, 0)`: signals exactly the process the pidfd names, never a
+/// later process that reused its pid.
+pub fn pidfd_send_signal(pidfd: &OwnedFd, signum: libc::c_int) -> io::Result<()> {
+    // SAFETY: a pidfd we own, a null siginfo and no flags.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signum,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the process a pidfd names has exited (its pidfd polls readable then).
+pub fn pidfd_exited(pidfd: &OwnedFd) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    matches!(poll(&mut fds, 0), Ok(n) if n > 0)
+}
+
+/// Wall-clock time in unix milliseconds (for display only; ages use [`boot_ms`], deadlines
+/// `Instant`).
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

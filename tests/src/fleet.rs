@@ -261,9 +261,12 @@ impl Fleet {
             .map(|(i, ns)| {
                 let name = format!("h{}", i + 1);
                 let host = Host::new().in_netns(ns);
-                let mut file =
-                    "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\nallow_root = true\n"
-                        .to_owned();
+                // A cgroup parent of its own, like every default host file: hosts of one test
+                // run the same services, and instances' tracking cgroups are named after it.
+                let mut file = format!(
+                    "data_dir = \"data\"\nruntime_dir = \"run\"\nservices_dir = \"services\"\nallow_root = true\ncgroup_parent = \"{}\"\n",
+                    host.cgroup_parent()
+                );
                 file += &host_extra(i);
                 if let Some(zk) = &zk {
                     file += &format!(

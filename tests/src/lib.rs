@@ -668,6 +668,12 @@ impl Host {
     fn teardown(&self) {
         self.kill_everything();
         remove_cgroup_parent(&cgroup_parent_of(&self.root));
+        remove_tree_cgroups(&cgroup_parent_of(&self.root));
+    }
+
+    /// The `cgroup_parent` of this host's default host file (unique to the host).
+    pub fn cgroup_parent(&self) -> String {
+        cgroup_parent_of(&self.root)
     }
 
     fn kill_everything(&self) {
@@ -760,6 +766,42 @@ fn remove_cgroup_parent(name: &str) {
         }
     }
     let _ = fs::remove_dir(&dir);
+}
+
+/// Removes a host's tracking cgroups (`<cgroup_parent>-tree` and its instance cgroups, empty once
+/// the instances are gone) from the cgroup v2 hierarchy, or the v1 `pids` one, at the test
+/// process's own cgroup, where the daemon made them. Best effort: teardown never panics.
+fn remove_tree_cgroups(parent: &str) {
+    let Ok(own) = fs::read_to_string("/proc/self/cgroup") else {
+        return;
+    };
+    let mut dirs = Vec::new();
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let path = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            for mount in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+                dirs.push(Path::new(mount).join(path));
+            }
+        } else if controllers.split(',').any(|c| c == "pids") {
+            dirs.push(Path::new("/sys/fs/cgroup/pids").join(path));
+        }
+    }
+    for own_dir in dirs {
+        let dir = own_dir.join(format!("{parent}-tree"));
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.path().is_dir() {
+                    let _ = fs::remove_dir(entry.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(&dir);
+    }
 }
 
 /// `/proc` scans: pids, parents, process groups, states and command lines.

@@ -7,6 +7,7 @@
 mod e2e {
     mod archive_bombs;
     mod cgroup;
+    mod clock;
     mod control;
     mod deploy;
     mod drain;
@@ -24,6 +25,7 @@ mod e2e {
     mod stop;
     mod symlinks;
     mod systemd_unit;
+    mod tree;
     mod warmup;
     mod zk_authority;
 }

@@ -391,6 +391,10 @@ pub struct ServiceStatus {
     /// waits for its previous task to end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_error: Option<String>,
+    /// Why instances' process trees are tracked by their shims' sessions only (no tracking cgroup
+    /// could be made): a descendant that calls `setsid` can then outlive a killed shim.
+    #[serde(default)]
+    pub tree_error: Option<String>,
 }
 
 /// A host's state in a fleet deploy, as its status node says.
@@ -625,7 +629,8 @@ mod tests {
               "batches_left": 1, "done": []},
             "last_restart_error": null, "steering_error": null, "build": "b1",
             "target_build": "b2", "deploy": {"build": "b2", "phase": "waiting-slot", "started_ms": 3},
-            "deploy_error": null, "config_error": null, "cgroups_error": null}]}"#;
+            "deploy_error": null, "config_error": null, "cgroups_error": null,
+            "tree_error": null}]}"#;
         let status: StatusDocument = serde_json::from_str(text).unwrap();
         let service = &status.services[0];
         assert_eq!(service.instances[0].state, InstanceState::Running);

@@ -110,6 +110,8 @@ pub async fn run(
     // Before any shim is spawned: under cgroup v2 the daemon moves to a leaf of its own cgroup,
     // and the shims it spawns must start there too.
     let cgroups = crate::service::cgroup::detect(&host);
+    // After the CPU cgroups: under cgroup v2 the tracking parent goes beside the daemon's leaf.
+    let tree = crate::service::tree::detect(&host);
     let peers = match (&coord, host.peers.enabled) {
         (Some(zk), true) => Some(
             crate::build::peer::Peers::start(
@@ -137,6 +139,7 @@ pub async fn run(
         coord,
         peers,
         cgroups,
+        tree,
     });
     let mut found = scan_shims(&ctx.host.shim_dir()).await;
     let mut daemon = Daemon {

@@ -4,8 +4,9 @@
 //!
 //! Layout: `<cpu hierarchy><daemon's cgroup>/<cgroup_parent>/<service>@<index>`. An instance is in
 //! its directory only while it starts beside a serving sibling; once enabled its processes move
-//! back to the daemon's cgroup (`Cgroups::home`) and the directory is removed. So the cgroup is not
-//! a handle on an instance's whole life (issue 10 needs one of its own for that).
+//! back to the daemon's cgroup (`Cgroups::home`; under cgroup v2, where there is one hierarchy,
+//! to the instance's tracking cgroup) and the directory is removed. So this cgroup is not a handle
+//! on an instance's whole life: its tracking cgroup (`service::tree`) is.
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -108,6 +109,8 @@ pub fn detect(host: &HostConfig) -> Detected {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Mounts {
     pub v1_cpu: Option<(PathBuf, String)>,
+    /// The v1 `pids` controller: where instances' tracking cgroups go without cgroup v2.
+    pub v1_pids: Option<(PathBuf, String)>,
     pub v2: Option<(PathBuf, String)>,
 }
 
@@ -135,6 +138,14 @@ pub fn parse_mountinfo(text: &str) -> Mounts {
                         .is_some_and(|o| o.split(',').any(|opt| opt == "cpu")) =>
             {
                 mounts.v1_cpu = Some(entry)
+            }
+            "cgroup"
+                if mounts.v1_pids.is_none()
+                    && right
+                        .get(2)
+                        .is_some_and(|o| o.split(',').any(|opt| opt == "pids")) =>
+            {
+                mounts.v1_pids = Some(entry)
             }
             _ => {}
         }
@@ -181,9 +192,21 @@ pub fn own_path(proc_cgroup: &str, version: Version) -> Option<String> {
     })
 }
 
+/// The daemon's cgroup path in the v1 hierarchy of `controller`, from `/proc/self/cgroup`.
+pub fn own_path_of(proc_cgroup: &str, controller: &str) -> Option<String> {
+    proc_cgroup.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == controller)
+            .then(|| path.to_owned())
+    })
+}
+
 /// The directory of cgroup `path` (as `/proc/self/cgroup` names it) under a mount whose root in
 /// the hierarchy is `mount_root`.
-fn under_mount(point: &Path, mount_root: &str, path: &str) -> Option<PathBuf> {
+pub fn under_mount(point: &Path, mount_root: &str, path: &str) -> Option<PathBuf> {
     let rel = if mount_root == "/" {
         path
     } else {
@@ -360,16 +383,17 @@ impl Cgroups {
     }
 
     /// Removes the instance's cgroup: whatever still runs in it (an instance just enabled, or the
-    /// last processes of one that is exiting) moves back to [`Cgroups::home`], then the directory
-    /// goes, retried while processes are still moving or forking. A cgroup that was never made is
-    /// fine.
-    pub async fn remove(&self, dir: &Path) -> Result<(), String> {
+    /// last processes of one that is exiting) moves back to `home` ([`Cgroups::home`], or the
+    /// instance's tracking cgroup when that is in the same hierarchy, cgroup v2), then the
+    /// directory goes, retried while processes are still moving or forking. A cgroup that was
+    /// never made is fine.
+    pub async fn remove(&self, dir: &Path, home: &Path) -> Result<(), String> {
         let mut last = None;
         for attempt in 0..REMOVE_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(REMOVE_RETRY_MS)).await;
             }
-            if let Err(e) = self.move_home(dir) {
+            if let Err(e) = move_procs(dir, home) {
                 last = Some(std::io::Error::other(e));
                 continue;
             }
@@ -389,30 +413,28 @@ impl Cgroups {
     }
 }
 
-impl Cgroups {
-    /// Moves every process of the cgroup `dir` to [`Cgroups::home`]; one that exits meanwhile is
-    /// fine. A process forked during the move may be left behind: the caller retries.
-    fn move_home(&self, dir: &Path) -> Result<(), String> {
-        let procs = match std::fs::read_to_string(dir.join("cgroup.procs")) {
-            Ok(procs) => procs,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(format!("cgroups: cannot read {}: {e}", dir.display())),
-        };
-        let target = self.home.join("cgroup.procs");
-        for pid in procs.split_whitespace() {
-            match std::fs::write(&target, pid) {
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                Err(e) => {
-                    return Err(format!(
-                        "cgroups: cannot move pid {pid} to {}: {e}",
-                        self.home.display()
-                    ));
-                }
-                Ok(()) => {}
+/// Moves every process of the cgroup `dir` to `home`; one that exits meanwhile is fine. A
+/// process forked during the move may be left behind: the caller retries.
+fn move_procs(dir: &Path, home: &Path) -> Result<(), String> {
+    let procs = match std::fs::read_to_string(dir.join("cgroup.procs")) {
+        Ok(procs) => procs,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cgroups: cannot read {}: {e}", dir.display())),
+    };
+    let target = home.join("cgroup.procs");
+    for pid in procs.split_whitespace() {
+        match std::fs::write(&target, pid) {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(e) => {
+                return Err(format!(
+                    "cgroups: cannot move pid {pid} to {}: {e}",
+                    home.display()
+                ));
             }
+            Ok(()) => {}
         }
-        Ok(())
     }
+    Ok(())
 }
 
 fn write(path: &Path, value: &str) -> Result<(), String> {

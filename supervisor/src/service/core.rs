@@ -34,7 +34,7 @@ use crate::service::policy::{self, Decision};
 use crate::service::spec::InstanceSpec;
 use crate::service::state::ServiceState;
 
-/// The executor's clock, in unix milliseconds (the shims report start times in it).
+/// Milliseconds on one of the two clocks of [`Now`].
 pub type Millis = u64;
 
 /// Callers of one service waiting for an operator verb to take effect (`start`, `stop`, `drain`,
@@ -42,6 +42,34 @@ pub type Millis = u64;
 /// that gave up (its request timed out) still counts until the goal is reached or failed, so
 /// this bounds what a loop of timed-out clients can pile up.
 pub const WAITERS_MAX: usize = 256;
+/// The time of an event on both clocks the core uses. Ages, uptimes and run times (what decides
+/// between a crash and a failed start) are differences of `boot_ms`, `CLOCK_BOOTTIME`: it never
+/// steps with the wall clock, and the shims report start and exit times on it, so it holds across
+/// the shim boundary and across brain restarts. `wall_ms` (unix) is for display and for what other
+/// hosts read (deploy times in the status node) only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub wall_ms: Millis,
+    pub boot_ms: Millis,
+}
+
+impl Now {
+    /// Virtual time, where both clocks read the same (the unit tests and the simulation).
+    #[cfg(test)]
+    pub fn same(ms: Millis) -> Now {
+        Now {
+            wall_ms: ms,
+            boot_ms: ms,
+        }
+    }
+
+    /// The boot-clock time of a wall-clock time in the past (`started_wall_ms`), for a shim older
+    /// than its boot-clock keys: right unless the wall clock stepped since.
+    pub fn boot_of_wall(self, started_wall_ms: Millis) -> Millis {
+        self.boot_ms
+            .saturating_sub(self.wall_ms.saturating_sub(started_wall_ms))
+    }
+}
 
 /// Names a caller waiting for an answer; the executor keeps the channel behind it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -102,7 +130,10 @@ impl Phase {
 pub struct ShimInfo {
     pub shim_pid: u32,
     pub pid: u32,
+    /// When the instance's process started, unix ms (display).
     pub started_ms: u64,
+    /// When it started, `CLOCK_BOOTTIME` ms: its age is measured from here.
+    pub started_boot_ms: u64,
     pub tag: String,
 }
 
@@ -491,8 +522,10 @@ pub struct Core {
     /// Desired build, deploy in progress, fleet slot, status publishing (not ZooKeeper itself,
     /// which the executor holds).
     pub(super) deploy: Coordination,
-    /// The time of the event being handled.
+    /// The time of the event being handled, wall clock (display, status node).
     pub(super) now: Millis,
+    /// The time of the event being handled, `CLOCK_BOOTTIME` (ages: see [`Now`]).
+    pub(super) boot_now: Millis,
     /// What the event being handled wants done.
     pub(super) effects: Vec<Effect>,
     /// Bumped whenever the restart machine changes; `persisted_revision` is its value at the last
@@ -541,6 +574,7 @@ impl Core {
             restart_replies: Vec::new(),
             deploy: Coordination::default(),
             now: 0,
+            boot_now: 0,
             effects: Vec::new(),
             machine_revision: 0,
             persisted_revision: 0,
@@ -549,8 +583,14 @@ impl Core {
 
     /// The first decisions: adopt the shims found (`found`, with what they said), start what is
     /// missing, resume a persisted restart, apply the local backend's desired build.
+    #[cfg(test)]
     pub fn startup(&mut self, found: Vec<(u32, Status)>, now: Millis) -> Vec<Effect> {
-        self.now = now;
+        self.startup_at(found, Now::same(now))
+    }
+
+    /// [`Core::startup`] with the two clocks apart.
+    pub fn startup_at(&mut self, found: Vec<(u32, Status)>, now: Now) -> Vec<Effect> {
+        self.set_now(now);
         self.adopt(found);
         self.reconcile();
         self.resume_restart();
@@ -559,9 +599,28 @@ impl Core {
         std::mem::take(&mut self.effects)
     }
 
-    /// Handles one event at `now` and returns what to do, in order.
+    /// Handles one event at `now` (virtual time: both clocks) and returns what to do, in order.
+    #[cfg(test)]
     pub fn handle(&mut self, event: Event, now: Millis) -> Vec<Effect> {
-        self.now = now;
+        self.handle_at(event, Now::same(now))
+    }
+
+    /// The time of the event being handled, on both clocks.
+    pub(super) fn clocks(&self) -> Now {
+        Now {
+            wall_ms: self.now,
+            boot_ms: self.boot_now,
+        }
+    }
+
+    fn set_now(&mut self, now: Now) {
+        self.now = now.wall_ms;
+        self.boot_now = now.boot_ms;
+    }
+
+    /// Handles one event at `now` and returns what to do, in order.
+    pub fn handle_at(&mut self, event: Event, now: Now) -> Vec<Effect> {
+        self.set_now(now);
         match event {
             Event::Request(request) => self.on_request(request),
             Event::Instance {
@@ -738,16 +797,20 @@ impl Core {
                     shim_pid,
                     pid,
                     started_ms,
+                    started_boot_ms,
                     tag,
                     stopping,
                 } => {
+                    let started_boot_ms =
+                        started_boot_ms.unwrap_or_else(|| self.clocks().boot_of_wall(started_ms));
                     instance.shim = Some(ShimInfo {
                         shim_pid,
                         pid,
                         started_ms,
+                        started_boot_ms,
                         tag,
                     });
-                    let age_ms = self.now.saturating_sub(started_ms);
+                    let age_ms = self.boot_now.saturating_sub(started_boot_ms);
                     instance.phase = if stopping {
                         Phase::Stopping
                     } else if age_ms >= self.config.startup_ms {
@@ -782,6 +845,7 @@ impl Core {
                     shim_pid,
                     pid,
                     started_ms,
+                    started_boot_ms,
                     ref tag,
                     ..
                 } => {
@@ -789,6 +853,8 @@ impl Core {
                         shim_pid,
                         pid,
                         started_ms,
+                        started_boot_ms: started_boot_ms
+                            .unwrap_or_else(|| self.clocks().boot_of_wall(started_ms)),
                         tag: tag.clone(),
                     });
                     instance.phase = Phase::Running;
@@ -1510,9 +1576,19 @@ impl Core {
     fn on_exit(&mut self, index: u32, status: Result<Status, String>) {
         let desired_up = self.desired_up(index);
         let in_batch = self.in_batch(index);
-        let now = self.now;
+        let boot_now = self.boot_now;
         let instance = self.instances.get_mut(&index).expect("known index");
+        // How long it ran decides between a crash and a failed start: measured on the boot
+        // clock, so a wall-clock step never turns a long run into a failed start (towards
+        // `fatal`) nor a failed start into a long run (skipping the backoff).
         let (outcome, ran_ms) = match &status {
+            Ok(Status::Exited {
+                outcome,
+                started_boot_ms: Some(started_boot),
+                exited_boot_ms: Some(exited_boot),
+                ..
+            }) => (Some(*outcome), exited_boot.saturating_sub(*started_boot)),
+            // A shim older than the boot-clock keys: its wall-clock times are all there is.
             Ok(Status::Exited {
                 outcome,
                 started_ms,
@@ -1523,8 +1599,11 @@ impl Core {
             Ok(Status::Running { .. }) => (None, 0),
             Err(e) => {
                 instance.last_error = Some(e.clone());
-                let started = instance.shim.as_ref().map_or(0, |s| s.started_ms);
-                (None, now.saturating_sub(started))
+                let started = instance
+                    .shim
+                    .as_ref()
+                    .map_or(boot_now, |s| s.started_boot_ms);
+                (None, boot_now.saturating_sub(started))
             }
         };
         let exit = describe(outcome);
@@ -1695,8 +1774,8 @@ impl Core {
         }
     }
 
-    /// The status document of the service at `now`.
-    pub fn status(&self, now: Millis) -> ServiceStatus {
+    /// The status document of the service at `now`: uptimes from the boot clock.
+    pub fn status_at(&self, now: Now) -> ServiceStatus {
         let steers = self.config.steers();
         let instances = self
             .instances
@@ -1716,7 +1795,10 @@ impl Core {
                 enabled: steers.then(|| self.steering.installed_contains(i.index)),
                 healthy: i.healthy,
                 started_ms: i.shim.as_ref().map(|s| s.started_ms),
-                uptime_ms: i.shim.as_ref().map(|s| now.saturating_sub(s.started_ms)),
+                uptime_ms: i
+                    .shim
+                    .as_ref()
+                    .map(|s| now.boot_ms.saturating_sub(s.started_boot_ms)),
                 restarts: i.restarts,
                 failed_starts: i.failed_starts,
                 last_exit: i.last_exit.clone(),
@@ -1752,6 +1834,8 @@ impl Core {
             world_writable_nodes: self.deploy.world_writable.clone(),
             cgroups_error: self.cgroups_error(),
             state_error: self.state_error.clone(),
+            // The executor's to fill in: tracking cgroups are made where shims are spawned.
+            tree_error: None,
         }
     }
 

@@ -66,12 +66,13 @@ impl Core {
         (!instance.healthy || warming) && self.age_ms(instance) < self.config.restart.cpu_low_max_ms
     }
 
-    /// How long the instance's process has run (its shim's start time: the same for a new brain).
+    /// How long the instance's process has run (its shim's start time on the boot clock: the
+    /// same for a new brain, and blind to wall-clock steps).
     fn age_ms(&self, instance: &Instance) -> u64 {
         instance
             .shim
             .as_ref()
-            .map_or(0, |s| self.now.saturating_sub(s.started_ms))
+            .map_or(0, |s| self.boot_now.saturating_sub(s.started_boot_ms))
     }
 
     /// Keeps every starting instance's cgroup at the low weight, moves an instance that no longer

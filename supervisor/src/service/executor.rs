@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::core::{
-    self as core, Core, DeployEvent, Effect, Event, InstanceEvent, Millis, ReplyId, RestartEvent,
-    Setup, ShimInfo,
+    self as core, Core, DeployEvent, Effect, Event, InstanceEvent, Millis, Now, ReplyId,
+    RestartEvent, Setup, ShimInfo,
 };
 use super::deploy::{HookContext, InstallJob};
 use super::env::HostEnv;
@@ -40,6 +40,26 @@ fn now_ms() -> Millis {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `CLOCK_BOOTTIME` in milliseconds, the clock the shims report start and exit times on.
+fn boot_ms() -> Millis {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_BOOTTIME exists on every supported kernel.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    assert_eq!(ret, 0, "clock_gettime(CLOCK_BOOTTIME)");
+    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+}
+
+/// Both clocks, read now: what every event is handled at.
+fn now() -> Now {
+    Now {
+        wall_ms: now_ms(),
+        boot_ms: boot_ms(),
+    }
 }
 
 /// A caller waiting for an answer.
@@ -66,6 +86,9 @@ pub(super) struct Executor {
     cgroup_removals: BTreeMap<u32, JoinHandle<()>>,
     /// Outcomes known at once (a weight written), handled before the next event.
     immediate: VecDeque<Event>,
+    /// Why the last spawn of an index got no tracking cgroup (its tree is tracked by session
+    /// only), shared with the spawn tasks; for status.
+    tree_errors: Arc<Mutex<BTreeMap<u32, String>>>,
 }
 
 /// Numbers the service tasks of this daemon, for the log: one `service task started` and one
@@ -100,6 +123,7 @@ fn waiting_status(name: &str, config: &ServiceConfig) -> crate::service::Service
         config_error: None,
         world_writable_nodes: Vec::new(),
         cgroups_error: None,
+        tree_error: None,
         state_error: Some(format!(
             "not supervised yet: the previous task of {name} (removed by a reload) is still stopping its instances"
         )),
@@ -256,8 +280,9 @@ pub(super) async fn run(
         releasing: BTreeMap::new(),
         cgroup_removals: BTreeMap::new(),
         immediate: VecDeque::new(),
+        tree_errors: Arc::new(Mutex::new(BTreeMap::new())),
     };
-    let effects = executor.core.startup(found, now_ms());
+    let effects = executor.core.startup_at(found, now());
     executor.run_effects(effects);
     for request in deferred {
         executor.on_request(request);
@@ -276,6 +301,12 @@ pub(super) async fn run(
             // The next owner of the name spawns shims for the same indices: their locks must
             // be free by then.
             executor.finish_releases().await;
+            // Every instance stopped, and each shim killed what was left of its tree. Directory
+            // work: off the runtime thread.
+            if let Some(tree) = executor.ctx.tree.cgroups().cloned() {
+                let name = executor.name.clone();
+                let _ = tokio::task::spawn_blocking(move || tree.remove_service(&name)).await;
+            }
             if forget {
                 executor.forget().await;
             }
@@ -292,7 +323,7 @@ impl Executor {
     }
 
     fn handle(&mut self, event: Event) {
-        let effects = self.core.handle(event, now_ms());
+        let effects = self.core.handle_at(event, now());
         self.run_effects(effects);
     }
 
@@ -318,7 +349,9 @@ impl Executor {
     fn on_request(&mut self, request: Request) {
         let request = match request {
             Request::Status(reply) => {
-                let _ = reply.send(self.core.status(now_ms()));
+                let mut status = self.core.status_at(now());
+                status.tree_error = self.tree_error();
+                let _ = reply.send(status);
                 return;
             }
             Request::Control {
@@ -360,7 +393,7 @@ impl Executor {
             self.run_effect(effect);
         }
         while let Some(event) = self.immediate.pop_front() {
-            let effects = self.core.handle(event, now_ms());
+            let effects = self.core.handle_at(event, now());
             for effect in effects {
                 self.run_effect(effect);
             }
@@ -671,6 +704,8 @@ impl Executor {
         let releasing = self.releasing.remove(&index);
         let shim_binary = self.ctx.shim_binary.clone();
         let cgroups = self.ctx.cgroups.cgroups().filter(|_| cgroup).cloned();
+        let tree = self.ctx.tree.cgroups().cloned();
+        let tree_errors = self.tree_errors.clone();
         let removal = self.cgroup_removals.remove(&index);
         let service = self.name.clone();
         for log in [&spec.stdout_log, &spec.stderr_log] {
@@ -692,20 +727,31 @@ impl Executor {
             }
             let cgroup = cgroups.map(|c| c.prepare(&service, index));
             let cgroup_dir = cgroup.as_ref().and_then(|c| c.as_ref().ok());
+            let tree_dir = match tree.map(|t| t.prepare(&service, index)) {
+                Some(Ok(dir)) => {
+                    lock(&tree_errors).remove(&index);
+                    Some(dir)
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(service = %service, index, "{e}; its process tree is tracked by its shim's session only");
+                    lock(&tree_errors).insert(index, e);
+                    None
+                }
+                None => None,
+            };
             let tag = spec.tag();
-            let result = match shim::spawn(
-                &shim_binary,
-                &paths,
-                &spec,
-                cgroup_dir.map(PathBuf::as_path),
-            )
-            .await
+            let joins = shim::Cgroups {
+                tree: tree_dir.as_deref(),
+                cpu: cgroup_dir.map(PathBuf::as_path),
+            };
+            let result = match shim::spawn(&shim_binary, &paths, &spec, joins).await
             {
                 Ok((shim_pid, pid)) => Ok((
                     ShimInfo {
                         shim_pid,
                         pid,
                         started_ms: now_ms(),
+                        started_boot_ms: boot_ms(),
                         tag,
                     },
                     false,
@@ -767,12 +813,23 @@ impl Executor {
             return;
         };
         let service = self.name.clone();
+        // Under cgroup v2 the CPU and tracking cgroups share the one hierarchy: the instance's
+        // processes go back to its tracking cgroup, so its tree stays whole.
+        let home = match self.ctx.tree.cgroups() {
+            Some(tree)
+                if tree.version == crate::service::cgroup::Version::V2
+                    && cgroups.version == crate::service::cgroup::Version::V2 =>
+            {
+                tree.dir(&service, index)
+            }
+            _ => cgroups.home.clone(),
+        };
         let previous = self.cgroup_removals.remove(&index);
         let handle = tokio::spawn(async move {
             if let Some(previous) = previous {
                 let _ = previous.await;
             }
-            match cgroups.remove(&dir).await {
+            match cgroups.remove(&dir, &home).await {
                 Ok(()) => {
                     tracing::info!(service = %service, index, cgroup = %dir.display(), "cgroup removed")
                 }
@@ -788,6 +845,17 @@ impl Executor {
         for (_, handle) in std::mem::take(&mut self.releasing) {
             let _ = handle.await;
         }
+    }
+
+    /// Why instances of the service are tracked by session only: the host has no tracking
+    /// cgroups, or making an instance's failed.
+    fn tree_error(&self) -> Option<String> {
+        self.ctx.tree.error().or_else(|| {
+            lock(&self.tree_errors)
+                .iter()
+                .next()
+                .map(|(index, e)| format!("{}/{index}: {e}", self.name))
+        })
     }
 
     /// Waits for the cgroup removals in progress (bounded by their attempts).
@@ -899,6 +967,12 @@ impl Executor {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .expect("the tree errors lock is never held across a panic")
+}
+
 /// Takes over a shim that another daemon spawned: waits for its socket, then asks its status.
 async fn adopt_busy(paths: &ShimPaths) -> Result<(ShimInfo, bool), ShimError> {
     let mut last = None;
@@ -908,6 +982,7 @@ async fn adopt_busy(paths: &ShimPaths) -> Result<(ShimInfo, bool), ShimError> {
                 shim_pid,
                 pid,
                 started_ms,
+                started_boot_ms,
                 tag,
                 ..
             }) => {
@@ -916,6 +991,8 @@ async fn adopt_busy(paths: &ShimPaths) -> Result<(ShimInfo, bool), ShimError> {
                         shim_pid,
                         pid,
                         started_ms,
+                        started_boot_ms: started_boot_ms
+                            .unwrap_or_else(|| now().boot_of_wall(started_ms)),
                         tag,
                     },
                     true,

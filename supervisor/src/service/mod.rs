@@ -6,7 +6,8 @@
 //! returns effects, with no I/O of its own), and `service/executor.rs` acts (the tokio task that
 //! runs each effect in a small helper task and turns its outcome into the core's next event).
 //! The core's restart side is in `service/restart.rs`, steering and the one drain wait in
-//! `service/steer.rs`, CPU isolation in `service/cpu.rs`, deploys in `service/deploy.rs`.
+//! `service/steer.rs`, CPU isolation in `service/cpu.rs`, deploys in `service/deploy.rs`; every instance's
+//! tracking cgroup (its whole process tree) is `service/tree.rs`.
 
 pub mod cgroup;
 mod core;
@@ -28,6 +29,7 @@ mod steer;
 mod testkit;
 #[cfg(test)]
 mod tests;
+pub mod tree;
 pub mod warmup;
 
 pub use crate::protocol::{DeployStatus, InstanceStatus, RestartStatus, ServiceStatus};
@@ -205,6 +207,8 @@ pub struct Context {
     pub peers: Option<crate::build::peer::Peers>,
     /// The parent cgroup of starting instances, or why there is none.
     pub cgroups: crate::service::cgroup::Detected,
+    /// The parent of every instance's tracking cgroup, or why there is none.
+    pub tree: crate::service::tree::Tree,
 }
 
 /// Starts the task of service `name` and returns its handle. `found` are the shims the daemon

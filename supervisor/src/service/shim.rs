@@ -63,7 +63,7 @@ impl ShimPaths {
 fn shim_args(
     paths: &ShimPaths,
     spec: &InstanceSpec,
-    cgroup: Option<&Path>,
+    cgroups: Cgroups<'_>,
 ) -> Result<ShimArgs, String> {
     // Validated non-empty with the service file; a spec built otherwise is refused, not run.
     let Some((program, program_args)) = spec.argv.split_first() else {
@@ -84,10 +84,21 @@ fn shim_args(
         groups: spec.groups.clone(),
         umask: spec.umask,
         nofile: spec.nofile,
-        cgroup: cgroup.map(Path::to_owned),
+        tree_cgroup: cgroups.tree.map(Path::to_owned),
+        cgroup: cgroups.cpu.map(Path::to_owned),
         program: program.into(),
         program_args: program_args.iter().map(Into::into).collect(),
     })
+}
+
+/// The cgroups an instance's process joins before it execs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cgroups<'a> {
+    /// Its tracking cgroup (`service::tree`): the shim kills what is left in it before it starts
+    /// the instance and after the instance exits. `None`: tracked by the shim's session only.
+    pub tree: Option<&'a Path>,
+    /// Its low-weight CPU cgroup while it starts beside a serving sibling.
+    pub cpu: Option<&'a Path>,
 }
 
 /// Spawns a shim for `spec` and returns `(shim pid, instance pid)` once the instance runs.
@@ -95,14 +106,14 @@ pub async fn spawn(
     shim_binary: &Path,
     paths: &ShimPaths,
     spec: &InstanceSpec,
-    cgroup: Option<&Path>,
+    cgroups: Cgroups<'_>,
 ) -> Result<(u32, u32), ShimError> {
     let instance = format!("{}/{}", spec.service, spec.index);
     let spawn_err = |message: String| ShimError::Spawn {
         instance: instance.clone(),
         message,
     };
-    let args = shim_args(paths, spec, cgroup).map_err(spawn_err)?;
+    let args = shim_args(paths, spec, cgroups).map_err(spawn_err)?;
     let mut cmd = tokio::process::Command::new(shim_binary);
     cmd.args(args.to_args());
     cmd.env_clear()
@@ -286,7 +297,12 @@ mod tests {
         };
         let paths = ShimPaths::new(Path::new("/run/sluice/shims"), "api", 2);
         let cgroup = Path::new("/sys/fs/cgroup/cpu/sluice/api@2");
-        let args = shim_args(&paths, &spec, Some(cgroup)).unwrap();
+        let tree = Path::new("/sys/fs/cgroup/unified/sluice-tree/api@2");
+        let cgroups = Cgroups {
+            tree: Some(tree),
+            cpu: Some(cgroup),
+        };
+        let args = shim_args(&paths, &spec, cgroups).unwrap();
         let parsed = ShimArgs::parse(args.to_args()).unwrap();
         assert_eq!(parsed, args);
         assert_eq!(parsed.id, "api/2");
@@ -297,6 +313,7 @@ mod tests {
         assert_eq!(parsed.groups, Some(vec![27]));
         assert_eq!((parsed.umask, parsed.nofile), (Some(0o027), Some(4096)));
         assert_eq!(parsed.cgroup.as_deref(), Some(cgroup));
+        assert_eq!(parsed.tree_cgroup.as_deref(), Some(tree));
         assert_eq!(parsed.program, "/usr/bin/python3");
         assert_eq!(parsed.program_args, ["-m", "http.server"]);
 
@@ -305,7 +322,7 @@ mod tests {
             ..spec
         };
         assert_eq!(
-            shim_args(&paths, &empty, None).unwrap_err(),
+            shim_args(&paths, &empty, Cgroups::default()).unwrap_err(),
             "the command is empty"
         );
     }

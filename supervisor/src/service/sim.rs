@@ -282,6 +282,7 @@ fn restart_daemon(old: World, fleet: bool, seed: u64) -> World {
                     shim_pid: 100 + index,
                     pid: 200 + index,
                     started_ms: old.now.saturating_sub(60_000),
+                    started_boot_ms: Some(old.now.saturating_sub(60_000)),
                     tag: old.tags.get(&index).cloned().unwrap_or_default(),
                     stopping: false,
                 },

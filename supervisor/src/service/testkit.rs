@@ -445,7 +445,9 @@ impl World {
             shim_pid: 1,
             pid: 2,
             started_ms: self.now.saturating_sub(5_000),
+            started_boot_ms: Some(self.now.saturating_sub(5_000)),
             exited_ms: self.now,
+            exited_boot_ms: Some(self.now),
             outcome,
             tag: String::new(),
         }
@@ -485,6 +487,7 @@ impl World {
                             shim_pid: 100 + index,
                             pid: 200 + index,
                             started_ms: self.now,
+                            started_boot_ms: self.now,
                             tag: spec.tag(),
                         },
                         false,

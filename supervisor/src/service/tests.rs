@@ -554,6 +554,7 @@ fn found_of(old: &World) -> Vec<(u32, sluice_shim::proto::Status)> {
                     shim_pid: 100 + index,
                     pid: 200 + index,
                     started_ms: old.now.saturating_sub(60_000),
+                    started_boot_ms: Some(old.now.saturating_sub(60_000)),
                     tag: old.tags.get(&index).cloned().unwrap_or_default(),
                     stopping: false,
                 },
@@ -601,7 +602,13 @@ fn a_service_in_state_error_starts_stops_and_writes_nothing_until_its_file_reads
         for i in 0..3 {
             assert_eq!(world.core.instances[&i].phase, Phase::Running, "{i}");
         }
-        assert!(world.core.status(world.now).state_error.is_some());
+        assert!(
+            world
+                .core
+                .status_at(super::core::Now::same(world.now))
+                .state_error
+                .is_some()
+        );
         world.crash(1);
         world.settle(SETTLE);
         assert_eq!(world.core.instances[&1].phase, Phase::Exited);
@@ -645,7 +652,13 @@ fn a_service_in_state_error_starts_stops_and_writes_nothing_until_its_file_reads
                 .unwrap()
                 .contains("supervised again")
         );
-        assert!(world.core.status(world.now).state_error.is_none());
+        assert!(
+            world
+                .core
+                .status_at(super::core::Now::same(world.now))
+                .state_error
+                .is_none()
+        );
         for i in 0..3 {
             assert_eq!(world.core.instances[&i].phase, Phase::Running, "{i}");
         }
@@ -718,4 +731,103 @@ fn stop_and_restart_fail_at_the_steer_bound_while_iptables_fails() {
     world.settle(SETTLE);
     assert!(world.core.finished().is_some_and(|(_, to)| to == reply));
     assert!(world.alive.is_empty());
+}
+
+/// Issue 10: how long an instance ran is measured on the boot clock the shim reports, whatever
+/// its wall-clock times say. A wall clock stepped back an hour during a long run is no failed
+/// start (which would count towards `fatal`); one stepped forward an hour during a failed start
+/// does not make it a long run (which would skip the backoff).
+#[test]
+fn run_times_come_from_the_boot_clock_table() {
+    use sluice_shim::proto::{Outcome, Status};
+    const HOUR_MS: u64 = 3_600_000;
+    // (what happened, wall-clock run, boot-clock run, phase right after, failed starts)
+    let table: [(&str, i64, u64, Phase, u32); 4] = [
+        (
+            "long run, wall clock stepped back",
+            10_000 - HOUR_MS as i64,
+            10_000,
+            Phase::Spawning,
+            0,
+        ),
+        (
+            "failed start, wall clock stepped forward",
+            HOUR_MS as i64 + 100,
+            100,
+            Phase::Fatal,
+            1,
+        ),
+        ("long run, no step", 10_000, 10_000, Phase::Spawning, 0),
+        ("failed start, no step", 100, 100, Phase::Fatal, 1),
+    ];
+    for (what, wall_ran, boot_ran, phase, failed_starts) in table {
+        let mut config = config(1, false, StrategyName::AllAtOnce);
+        config.startup_ms = 1_000;
+        // One failed start is fatal: a failed start counted where there was none shows at once.
+        config.start_retries = 0;
+        let mut world = serving(config, false);
+        let started_wall = 1_700_000_000_000u64;
+        let started_boot = 5_000_000u64;
+        let status = Status::Exited {
+            shim_pid: 1,
+            pid: 2,
+            started_ms: started_wall,
+            started_boot_ms: Some(started_boot),
+            exited_ms: started_wall.saturating_add_signed(wall_ran),
+            exited_boot_ms: Some(started_boot + boot_ran),
+            outcome: Outcome::Code(1),
+            tag: String::new(),
+        };
+        let generation = generation(&world, 0);
+        world.handle(Event::Instance {
+            index: 0,
+            generation,
+            event: InstanceEvent::Exited(Ok(status)),
+        });
+        let instance = &world.core.instances[&0];
+        assert_eq!(instance.phase, phase, "{what}");
+        assert_eq!(instance.failed_starts, failed_starts, "{what}");
+    }
+}
+
+/// A shim started before the boot-clock keys existed (an upgrade) reports wall-clock times
+/// only: its run is measured on them, and an adopted one's start on the boot clock is derived
+/// from its wall-clock age.
+#[test]
+fn shims_without_boot_clock_times_fall_back_to_the_wall_clock() {
+    use super::core::Now;
+    use sluice_shim::proto::{Outcome, Status};
+    let now = Now {
+        wall_ms: 1_700_000_010_000,
+        boot_ms: 50_000,
+    };
+    assert_eq!(now.boot_of_wall(1_700_000_000_000), 40_000);
+    assert_eq!(now.boot_of_wall(0), 0, "saturates at boot");
+    for (what, ran_ms, phase, failed_starts) in [
+        ("long run", 10_000, Phase::Spawning, 0),
+        ("failed start", 100, Phase::Fatal, 1),
+    ] {
+        let mut config = config(1, false, StrategyName::AllAtOnce);
+        config.startup_ms = 1_000;
+        config.start_retries = 0;
+        let mut world = serving(config, false);
+        let generation = generation(&world, 0);
+        world.handle(Event::Instance {
+            index: 0,
+            generation,
+            event: InstanceEvent::Exited(Ok(Status::Exited {
+                shim_pid: 1,
+                pid: 2,
+                started_ms: 1_700_000_000_000,
+                started_boot_ms: None,
+                exited_ms: 1_700_000_000_000 + ran_ms,
+                exited_boot_ms: None,
+                outcome: Outcome::Code(1),
+                tag: String::new(),
+            })),
+        });
+        let instance = &world.core.instances[&0];
+        assert_eq!(instance.phase, phase, "{what}");
+        assert_eq!(instance.failed_starts, failed_starts, "{what}");
+    }
 }

@@ -71,6 +71,17 @@ impl Drop for CgroupParent {
             }
         }
         let _ = std::fs::remove_dir(&self.dir);
+        // The instances' tracking cgroups (issue 10), named after the same parent, at the root
+        // of the cgroup v2 hierarchy where the test machines run the tests.
+        let tree = Path::new("/sys/fs/cgroup/unified").join(format!("{}-tree", self.name));
+        if let Ok(entries) = std::fs::read_dir(&tree) {
+            for entry in entries.flatten() {
+                if entry.path().is_dir() {
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&tree);
     }
 }
 
