@@ -54,6 +54,17 @@ pub struct HostConfig {
     /// Serving builds to other hosts and fetching them from them (`crate::build::peer`).
     #[serde(default)]
     pub peers: super::PeerConfig,
+    /// At host shutdown (`sluice shutdown`), how long an instance that is being drained waits for
+    /// its steering chain to drop it (iptables failing) before it is stopped anyway, milliseconds.
+    #[serde(default = "default_shutdown_steer_timeout_ms")]
+    pub shutdown_steer_timeout_ms: u64,
+}
+
+/// Default of [`HostConfig::shutdown_steer_timeout_ms`]: ten retries of a failed transaction.
+pub const DEFAULT_SHUTDOWN_STEER_TIMEOUT_MS: u64 = 10_000;
+
+fn default_shutdown_steer_timeout_ms() -> u64 {
+    DEFAULT_SHUTDOWN_STEER_TIMEOUT_MS
 }
 
 fn default_cgroup_parent() -> String {
@@ -223,6 +234,7 @@ impl Default for HostConfig {
             coordination: CoordinationConfig::default(),
             rack: None,
             peers: super::PeerConfig::default(),
+            shutdown_steer_timeout_ms: DEFAULT_SHUTDOWN_STEER_TIMEOUT_MS,
         }
     }
 }

@@ -181,6 +181,9 @@ pub enum Request {
     Settled(ReplyId),
     /// Stops every instance (host shutdown or the service left the configuration), then ends.
     StopAll { forget: bool, reply: ReplyId },
+    /// The host is shutting down (its intent is persisted): from now on nothing of the service is
+    /// started, whatever its desired state says, until its `StopAll` comes.
+    ShuttingDown,
     /// The coordination backend named the build this host should run.
     Desired { build: Option<String> },
     /// ZooKeeper became reachable or not.
@@ -255,6 +258,9 @@ pub enum Timer {
         index: u32,
         generation: u64,
     },
+    /// A host shutdown's `shutdown_steer_timeout_ms` has passed: instances still waiting for the
+    /// chain to drop them are stopped anyway.
+    ShutdownSteerOver,
 }
 
 /// Everything the core reacts to.
@@ -448,6 +454,8 @@ pub struct Core {
     settled: Vec<ReplyId>,
     /// Set while every instance is being stopped; the service ends when they all are.
     pub(super) stopping_all: Option<(bool, ReplyId)>,
+    /// The host is shutting down: nothing is started (see [`Request::ShuttingDown`]).
+    pub(super) shutting_down: bool,
     pub(super) steering: Steering,
     /// What the restart in progress waits for (rebuilt from the persisted machine on resume).
     pub(super) restart_waits: RestartWaits,
@@ -499,6 +507,7 @@ impl Core {
             waiters: Vec::new(),
             settled: Vec::new(),
             stopping_all: None,
+            shutting_down: false,
             steering,
             restart_waits: RestartWaits::default(),
             restart_replies: Vec::new(),
@@ -522,6 +531,17 @@ impl Core {
         std::mem::take(&mut self.effects)
     }
 
+    /// The first decisions of a daemon that finishes a host shutdown an earlier daemon began (its
+    /// intent was persisted): adopt the shims found and watch them; start nothing, resume no
+    /// restart, apply no desired build. The daemon's `StopAll` stops them in their turn.
+    pub fn startup_for_shutdown(&mut self, found: Vec<(u32, Status)>, now: Millis) -> Vec<Effect> {
+        self.now = now;
+        self.shutting_down = true;
+        self.adopt(found);
+        self.after_change();
+        std::mem::take(&mut self.effects)
+    }
+
     /// Handles one event at `now` and returns what to do, in order.
     pub fn handle(&mut self, event: Event, now: Millis) -> Vec<Effect> {
         self.now = now;
@@ -539,6 +559,7 @@ impl Core {
                 self.on_instance(index, generation, InstanceEvent::BackoffElapsed)
             }
             Event::Timer(Timer::SteerRetry) => self.steering.retry_scheduled = false,
+            Event::Timer(Timer::ShutdownSteerOver) => self.stop_still_steered(),
             // Nothing to do here: `after_change` compares the instance's age with the bound.
             Event::Timer(Timer::LowPhaseOver { index, generation }) => {
                 if let Some(instance) = self.instances.get_mut(&index)
@@ -588,6 +609,7 @@ impl Core {
 
     pub(super) fn desired_up(&self, index: u32) -> bool {
         self.stopping_all.is_none()
+            && !self.shutting_down
             && index < self.config.instances
             && !self.state.stopped.contains(&index)
     }
@@ -855,8 +877,17 @@ impl Core {
                 let result = self.local_deploy(verb);
                 self.reply(reply, result);
             }
+            Request::ShuttingDown => self.shutting_down = true,
             Request::StopAll { forget, reply } => {
                 self.stopping_all = Some((forget, reply));
+                // A host shutdown (the service stays configured) must end even when the chain
+                // cannot be rewritten: past the bound, what still waits for it is stopped anyway.
+                if !forget && self.config.steers() {
+                    self.emit(Effect::SetTimer {
+                        after_ms: self.host.shutdown_steer_timeout_ms,
+                        timer: Timer::ShutdownSteerOver,
+                    });
+                }
                 self.abandon_restart("the service is being stopped");
                 let indices: Vec<u32> = self.instances.keys().copied().collect();
                 for index in indices {
@@ -1094,6 +1125,39 @@ impl Core {
             return;
         }
         self.stop_now(index);
+    }
+
+    /// A host shutdown's steering bound passed: every instance still draining while the chain
+    /// steers to it (the transaction keeps failing) is stopped anyway, the one stop of a steered
+    /// instance outside `rolling`/`all-at-once`: the host is going down and its clients with it.
+    fn stop_still_steered(&mut self) {
+        if !matches!(self.stopping_all, Some((false, _))) {
+            return;
+        }
+        let stuck: Vec<u32> = self
+            .instances
+            .values()
+            .filter(|i| i.phase == Phase::Draining && self.steering.may_steer_to(i.index))
+            .map(|i| i.index)
+            .collect();
+        for index in stuck {
+            tracing::error!(
+                service = %self.name,
+                index,
+                bound_ms = self.host.shutdown_steer_timeout_ms,
+                steering_error = self.steering.error.as_deref().unwrap_or("none"),
+                "host shutdown: the chain still steers to this instance after `shutdown_steer_timeout_ms`; stopping it anyway"
+            );
+            let (signal, grace_ms) = (self.config.stop_signal.0, self.config.stop_grace_ms);
+            let instance = self.instances.get_mut(&index).expect("listed above");
+            instance.phase = Phase::Stopping;
+            instance.healthy = false;
+            self.emit(Effect::Stop {
+                index,
+                signal,
+                grace_ms,
+            });
+        }
     }
 
     /// Whether the strategy of the restart in progress stops the instance in the chain by

@@ -100,7 +100,7 @@ impl Core {
         let Some(build) = self.deploy.desired.clone() else {
             return;
         };
-        if self.deploy.deploy.is_some() || self.stopping_all.is_some() {
+        if self.deploy.deploy.is_some() || self.stopping_all.is_some() || self.shutting_down {
             return;
         }
         let target_is_it = self.state.target_build.as_ref().is_none_or(|t| *t == build);
