@@ -6,6 +6,7 @@
 
 mod e2e {
     mod archive_bombs;
+    mod blocking;
     mod cgroup;
     mod control;
     mod deploy;
@@ -19,6 +20,7 @@ mod e2e {
     mod peers;
     mod reload;
     mod restart_policy;
+    mod shutdown;
     mod steering;
     mod stop;
     mod symlinks;

@@ -877,7 +877,11 @@ impl Core {
                 let result = self.local_deploy(verb);
                 self.reply(reply, result);
             }
-            Request::ShuttingDown => self.shutting_down = true,
+            Request::ShuttingDown => {
+                self.shutting_down = true;
+                // A restart would start instances; the host is going down instead.
+                self.abandon_restart("the host is shutting down");
+            }
             Request::StopAll { forget, reply } => {
                 self.stopping_all = Some((forget, reply));
                 // A host shutdown (the service stays configured) must end even when the chain

@@ -164,6 +164,14 @@ impl Core {
             self.deploy_failed(&build, why);
             return;
         }
+        // A host going down restarts nothing; the deploy is dropped, not failed, so the next
+        // start (the release now installed) takes it up again.
+        if self.shutting_down || self.stopping_all.is_some() {
+            tracing::info!(service = %self.name, build, "installed, but the host is shutting down: not restarting onto it");
+            self.deploy.deploy = None;
+            self.release_slot();
+            return;
+        }
         tracing::info!(service = %self.name, build, "installed; restarting onto it");
         self.state.target_build = Some(build.clone());
         if let Err(e) = self.persist() {
