@@ -205,6 +205,7 @@ fn a_brain_killed_during_a_shutdown_finishes_it_and_starts_nothing() {
     h.service("a", &stubborn(&starts, "a", 2, 1_500, ""));
     h.service("b", &stubborn(&starts, "b", 2, 1_500, "\"a\""));
     h.service("c", &stubborn(&starts, "c", 2, 1_500, "\"b\""));
+    let mut killed_during = 0;
     for round in 0..ROUNDS {
         h.start_daemon();
         let s = h.wait_until(|s| services.iter().all(|svc| s.running(svc) == 2), PATIENCE);
@@ -216,18 +217,27 @@ fn a_brain_killed_during_a_shutdown_finishes_it_and_starts_nothing() {
             "round {round}: starts so far: {started:?}"
         );
         let shutdown = spawn_shutdown(&h);
-        // From the moment the intent is on disk (the shutdown has begun) to past its end.
+        // The moments count from the shutdown's visible beginning: its intent on disk, or (a
+        // daemon that writes none) the first instance gone. Before that the request may not
+        // have arrived, and a kill would only test an ordinary restart.
         let deadline = Instant::now() + PATIENCE;
-        while !h.path(INTENT).exists() && h.daemon_exit_status().is_none() {
+        while !h.path(INTENT).exists()
+            && pids.iter().all(|p| procs::is_live(*p))
+            && h.daemon_exit_status().is_none()
+        {
             assert!(
                 Instant::now() < deadline,
-                "round {round}: no intent written"
+                "round {round}: the shutdown never began"
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        let moment = Duration::from_millis(rng.range(0, 4_000));
+        // Three services one after the other, each 1.5 s past TERM: at least 3 s of shutdown.
+        let moment = Duration::from_millis(rng.range(0, 2_500));
         std::thread::sleep(moment);
         let finished_first = h.daemon_exit_status().is_some();
+        if !finished_first {
+            killed_during += 1;
+        }
         h.kill9_daemon();
         let (code, out) = finish(shutdown, PATIENCE);
         println!(
@@ -259,9 +269,14 @@ fn a_brain_killed_during_a_shutdown_finishes_it_and_starts_nothing() {
             "round {round}: the intent outlived the shutdown"
         );
     }
+    // Else nothing above was tested.
+    assert!(
+        killed_during > 0,
+        "every shutdown ended before its kill: no brain was killed during one"
+    );
     let log = std::fs::read_to_string(h.path("daemon.log")).unwrap_or_default();
     println!(
-        "restarted daemons that finished a shutdown: {}",
+        "{killed_during} of {ROUNDS} brains killed during a shutdown; restarted daemons that finished one: {}",
         log.matches("finishing that shutdown").count()
     );
 }
