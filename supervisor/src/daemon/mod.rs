@@ -1,5 +1,8 @@
 //! `sluice run`: finds the shims a previous daemon left, starts one task per service, serves the
-//! control API, and runs the daemon's one loop (requests, signals, watchdog) until told to go.
+//! control API, and runs the daemon's one loop (requests, signals, watchdog, the end of a host
+//! shutdown) until told to go. A host shutdown is a persisted intent ([`intent`]) and a task of
+//! its own, so the loop keeps answering while instances stop; a daemon that finds the intent
+//! finishes that shutdown instead of starting anything.
 
 pub mod intent;
 pub mod notify;

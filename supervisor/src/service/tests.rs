@@ -562,7 +562,11 @@ fn a_host_shutdown_starts_nothing_and_ends_when_iptables_fails() {
         spawns,
         "a spawn after ShuttingDown"
     );
-    assert_eq!(world.core.instances[&1].phase, Phase::Stopped, "the crashed instance");
+    assert_eq!(
+        world.core.instances[&1].phase,
+        Phase::Stopped,
+        "the crashed instance"
+    );
 
     // A daemon finishing a shutdown adopts the two instances found and starts the third not.
     let found: Vec<(u32, Status)> = (0..2)
