@@ -33,6 +33,7 @@ pub mod fleet;
 pub mod load;
 pub mod matrix;
 pub mod netns;
+pub mod watchdog;
 pub mod zk;
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine running tests in

@@ -6,6 +6,7 @@
 
 mod e2e {
     mod archive_bombs;
+    mod blocking;
     mod cgroup;
     mod clock;
     mod control;
@@ -20,6 +21,7 @@ mod e2e {
     mod peers;
     mod reload;
     mod restart_policy;
+    mod shutdown;
     mod state;
     mod steering;
     mod stop;

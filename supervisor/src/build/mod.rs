@@ -297,34 +297,68 @@ impl Releases {
         check_build_id(build).map_err(bad_id(build))?;
         let dest = self.release_dir(build);
         let releases = self.releases_dir();
-        std::fs::create_dir_all(&releases).map_err(|e| BuildError::io(&releases, e))?;
-        self.remove_stale_tmp();
-
         let tmp = releases.join(format!("{TMP_PREFIX}{build}-{}", tmp_suffix()));
-        let guard = TmpDir(tmp.clone());
-        std::fs::create_dir(&tmp).map_err(|e| BuildError::io(&tmp, e))?;
-        let actual = store::stream_and_extract(stream, label, limits, &tmp, tee).await?;
+        // Leftovers of a crashed install may be whole release trees: removed, like everything
+        // that walks or syncs a tree here, on the blocking pool, never on a runtime thread.
+        let guard = {
+            let (this, releases, tmp) = (self.clone(), releases.clone(), tmp.clone());
+            blocking(move || {
+                std::fs::create_dir_all(&releases).map_err(|e| BuildError::io(&releases, e))?;
+                this.remove_stale_tmp();
+                std::fs::create_dir(&tmp).map_err(|e| BuildError::io(&tmp, e))?;
+                Ok(TmpDir(Some(tmp)))
+            })
+            .await?
+        };
+        let actual = match store::stream_and_extract(stream, label, limits, &tmp, tee).await {
+            Ok(actual) => actual,
+            Err(e) => {
+                guard.remove().await;
+                return Err(e);
+            }
+        };
         if actual != expected {
+            guard.remove().await;
             return Err(BuildError::Checksum {
                 url: crate::clip::clip(label).into_owned(),
                 expected: expected.to_owned(),
                 actual,
             });
         }
-        write_install_marker(&tmp)?;
-        sync_filesystem(&tmp)?;
-        let releases_fd =
-            sluice_safefs::Dir::open(&releases).map_err(|e| BuildError::io(&releases, e))?;
-        let tmp_name = tmp.file_name().expect("a temporary name");
-        match releases_fd.rename(tmp_name, build) {
-            Ok(()) => {}
-            // Another install of the same build won the race; its release is as good as ours.
-            Err(_) if self.has(build) => return Ok(dest),
-            Err(e) => return Err(BuildError::io(&dest, e)),
+        let this = self.clone();
+        let build_id = build.to_owned();
+        let published = blocking(move || {
+            let publish = || {
+                write_install_marker(&tmp)?;
+                sync_filesystem(&tmp)?;
+                let releases_fd = sluice_safefs::Dir::open(&releases)
+                    .map_err(|e| BuildError::io(&releases, e))?;
+                let tmp_name = tmp.file_name().expect("a temporary name");
+                match releases_fd.rename(tmp_name, &build_id) {
+                    Ok(()) => {}
+                    // Another install of the same build won the race; its release is as good
+                    // as ours.
+                    Err(_) if this.has(&build_id) => return Ok(false),
+                    Err(e) => return Err(BuildError::io(&this.release_dir(&build_id), e)),
+                }
+                Ok(true)
+            };
+            match publish() {
+                Ok(true) => {
+                    guard.disarm();
+                    fsync_dir(&releases)?;
+                    Ok(true)
+                }
+                other => {
+                    guard.remove_now();
+                    other
+                }
+            }
+        })
+        .await?;
+        if published {
+            tracing::info!(build, from = %crate::clip::clip(label), "installed release");
         }
-        drop(guard);
-        fsync_dir(&releases)?;
-        tracing::info!(build, from = %crate::clip::clip(label), "installed release");
         Ok(dest)
     }
 
@@ -446,18 +480,58 @@ impl Releases {
 }
 
 /// Removes a temporary directory on drop, so every early return (and a cancelled install)
-/// cleans up after itself.
-struct TmpDir(PathBuf);
+/// cleans up after itself. The tree may be large: the async paths call [`TmpDir::remove`], and a
+/// drop inside the runtime (a cancelled install) hands the removal to the blocking pool.
+struct TmpDir(Option<PathBuf>);
+
+impl TmpDir {
+    /// The directory became a release: nothing to remove.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+
+    /// Removes the directory here; for callers already on the blocking pool.
+    fn remove_now(mut self) {
+        if let Some(path) = self.0.take() {
+            remove_tmp_dir(&path);
+        }
+    }
+
+    /// Removes the directory on the blocking pool and waits for it.
+    async fn remove(mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = tokio::task::spawn_blocking(move || remove_tmp_dir(&path)).await;
+        }
+    }
+}
 
 impl Drop for TmpDir {
     fn drop(&mut self) {
-        let removed = sluice_safefs::split(&self.0)
-            .and_then(|(parent, name)| parent.remove_tree(name, RELEASE_MAX_DEPTH));
-        if let Err(e) = removed
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %self.0.display(), error = %e, "cannot remove temporary directory");
+        let Some(path) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || remove_tmp_dir(&path))),
+            Err(_) => remove_tmp_dir(&path),
         }
+    }
+}
+
+fn remove_tmp_dir(path: &Path) {
+    let removed = sluice_safefs::split(path)
+        .and_then(|(parent, name)| parent.remove_tree(name, RELEASE_MAX_DEPTH));
+    if let Err(e) = removed
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove temporary directory");
+    }
+}
+
+/// Runs `work` on the blocking pool and returns its result (a panic there is re-raised here).
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, BuildError> + Send + 'static,
+) -> Result<T, BuildError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 

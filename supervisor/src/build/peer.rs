@@ -646,15 +646,22 @@ impl Peers {
         let result = releases
             .install_stream(build, expected, limits, label, stream, Some(&mut tee))
             .await;
-        let kept = result.as_ref().map_err(|_| ()).and_then(|_| {
-            tee.file
-                .sync_all()
-                .and_then(|()| std::fs::rename(&path, dir.join(build)))
-                .map_err(|e| {
+        let PartialTee { file, .. } = tee;
+        let kept = match &result {
+            Err(_) => Err(()),
+            // The fsync of a whole archive (hundreds of MiB) runs on the blocking pool.
+            Ok(_) => {
+                let (from, to) = (path.clone(), dir.join(build));
+                let synced = tokio::task::spawn_blocking(move || {
+                    file.sync_all().and_then(|()| std::fs::rename(&from, &to))
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                synced.map_err(|e| {
                     tracing::warn!(service, build, "keeping the archive for peers: {e}");
                 })
-        });
-        drop(tee);
+            }
+        };
         self.0.partials.lock().expect("partials lock").remove(&key);
         match kept {
             Ok(()) => {

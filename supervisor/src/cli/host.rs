@@ -356,7 +356,34 @@ fn render_status(status: &StatusDocument) -> String {
             out.push('\n');
         }
     }
+    if let Some(shutdown) = &status.shutdown {
+        out.push_str(&shutdown_line(shutdown));
+        out.push('\n');
+    }
     out
+}
+
+/// `shutting down: stopping web (web/0 stopping); stopped: db; pending: cache`.
+fn shutdown_line(s: &crate::control::protocol::ShutdownStatus) -> String {
+    let mut line = String::from(if s.resumed {
+        "shutting down (finishing an earlier daemon's shutdown):"
+    } else {
+        "shutting down:"
+    });
+    match &s.stopping {
+        Some(name) => line.push_str(&format!(" stopping {name}")),
+        None => line.push_str(" stopping"),
+    }
+    if !s.instances_left.is_empty() {
+        line.push_str(&format!(" ({})", s.instances_left.join(", ")));
+    }
+    if !s.stopped.is_empty() {
+        line.push_str(&format!("; stopped: {}", s.stopped.join(", ")));
+    }
+    if !s.pending.is_empty() {
+        line.push_str(&format!("; pending: {}", s.pending.join(", ")));
+    }
+    line
 }
 
 fn human_duration(ms: u64) -> String {
@@ -421,6 +448,29 @@ mod tests {
         let mut status: StatusDocument = serde_json::from_str(text).unwrap();
         status.services[0].instances = instances;
         status
+    }
+
+    #[test]
+    fn a_shutdown_in_progress_ends_the_table_with_its_progress() {
+        let mut status = service(vec![instance(0, InstanceState::Stopping, Some(4242))]);
+        status.shutdown = Some(crate::control::protocol::ShutdownStatus {
+            requested_ms: 1,
+            resumed: false,
+            stopped: vec!["db".into()],
+            stopping: Some("web".into()),
+            pending: vec!["cache".into()],
+            instances_left: vec!["web/0 stopping".into()],
+        });
+        let text = render_status(&status);
+        assert_eq!(
+            text.lines().last(),
+            Some("shutting down: stopping web (web/0 stopping); stopped: db; pending: cache")
+        );
+        status.shutdown.as_mut().unwrap().resumed = true;
+        assert!(
+            render_status(&status)
+                .contains("shutting down (finishing an earlier daemon's shutdown): stopping web")
+        );
     }
 
     #[test]

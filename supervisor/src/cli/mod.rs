@@ -77,6 +77,12 @@ pub enum DaemonVerb {
     Cleanup,
 }
 
+/// Worker threads of `sluice run`'s runtime (service tasks, control API, ZooKeeper, peers); the
+/// daemon's loop has the main thread to itself.
+const DAEMON_WORKER_THREADS: usize = 2;
+/// Threads of the blocking pool: extraction, release pruning, syncfs, iptables, file reads.
+const MAX_BLOCKING_THREADS: usize = 8;
+
 /// Parses the command line, runs it, and returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -88,9 +94,21 @@ pub fn main() -> i32 {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    // One thread runs the daemon; a few more serve blocking work (iptables, file reads).
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .max_blocking_threads(8)
+    // The daemon's loop runs on this thread (`block_on`), its service tasks and the control API on
+    // `DAEMON_WORKER_THREADS` workers, and blocking work (file trees, fsync, extraction, iptables,
+    // hooks) on the blocking pool: a service task that waits for its state file's fsync
+    // (`block_in_place`) never holds up the loop, the watchdog or `status`. The other verbs are
+    // one request each and need only one thread.
+    let daemon = matches!(cli.command, Command::Daemon(DaemonVerb::Run));
+    let mut builder = if daemon {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(DAEMON_WORKER_THREADS);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = builder
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()
         .build()
         .expect("a tokio runtime can be built");

@@ -244,6 +244,32 @@ fn lenient_kind<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ErrorKi
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StatusDocument {
     pub services: Vec<ServiceStatus>,
+    /// The host shutdown in progress, if one is (absent otherwise, and from older daemons).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown: Option<ShutdownStatus>,
+}
+
+/// Where a host shutdown (`sluice shutdown`, persisted as an intent in `data_dir`) is. Services
+/// are stopped one at a time, in the reverse of start order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownStatus {
+    /// When the shutdown was asked for, milliseconds since the Unix epoch (wall time, display).
+    pub requested_ms: u64,
+    /// Whether this daemon found the intent of an earlier one at start-up and finishes its
+    /// shutdown (the earlier daemon died during it).
+    pub resumed: bool,
+    /// Services whose instances have all stopped.
+    #[serde(default)]
+    pub stopped: Vec<String>,
+    /// The service being stopped now.
+    #[serde(default)]
+    pub stopping: Option<String>,
+    /// Services still to stop, in the order they will be.
+    #[serde(default)]
+    pub pending: Vec<String>,
+    /// Instances that still have a process (`service/index state`), of every service not stopped.
+    #[serde(default)]
+    pub instances_left: Vec<String>,
 }
 
 /// Where an instance is in its life, as status shows it.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Error;
-use super::protocol::{LocalVerb, Order, ServiceStatus};
+use super::protocol::{LocalVerb, Order, StatusDocument};
 
 /// Where the daemon loop sends one answer.
 pub type Reply<T> = oneshot::Sender<Result<T, Error>>;
@@ -15,7 +15,7 @@ pub type Reply<T> = oneshot::Sender<Result<T, Error>>;
 pub enum Request {
     Status {
         service: Option<String>,
-        reply: Reply<Vec<ServiceStatus>>,
+        reply: Reply<StatusDocument>,
     },
     Control {
         service: String,

@@ -312,12 +312,11 @@ async fn route(request: Request<Incoming>, daemon: Requests) -> Response<Body> {
 
 async fn status(request: &Request<Incoming>, daemon: &Requests) -> Result<StatusDocument, Error> {
     let query: StatusQuery = query(request)?;
-    let services = ask(daemon, |reply| queue::Request::Status {
+    ask(daemon, |reply| queue::Request::Status {
         service: query.service,
         reply,
     })
-    .await?;
-    Ok(StatusDocument { services })
+    .await
 }
 
 async fn control(request: Request<Incoming>, daemon: &Requests) -> Result<String, Error> {
@@ -614,7 +613,6 @@ mod tests {
     #[tokio::test]
     async fn errors_cross_the_socket_typed_and_pick_status_and_exit_code() {
         use super::super::client::Client;
-        use super::super::protocol::ServiceStatus;
         use super::super::queue::Request;
         use super::super::{ErrorKind, queue};
 
@@ -631,8 +629,8 @@ mod tests {
             while let Some(request) = rx.recv().await {
                 match request {
                     Request::Status { service, reply } => {
-                        let answer: Result<Vec<ServiceStatus>, Error> = match service {
-                            None => Ok(Vec::new()),
+                        let answer: Result<StatusDocument, Error> = match service {
+                            None => Ok(StatusDocument::default()),
                             Some(name) => Err(Error::NoSuchService {
                                 name,
                                 known: vec!["web".into()],

@@ -1,6 +1,10 @@
 //! `sluice run`: finds the shims a previous daemon left, starts one task per service, serves the
-//! control API, and runs the daemon's one loop (requests, signals, watchdog) until told to go.
+//! control API, and runs the daemon's one loop (requests, signals, watchdog, the end of a host
+//! shutdown) until told to go. A host shutdown is a persisted intent ([`intent`]) and a task of
+//! its own, so the loop keeps answering while instances stop; a daemon that finds the intent
+//! finishes that shutdown instead of starting anything.
 
+pub mod intent;
 pub mod notify;
 
 use std::collections::BTreeMap;
@@ -11,10 +15,10 @@ use std::time::Duration;
 
 use sluice_shim::proto::Status;
 use tokio::net::UnixListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{self, HostConfig, ServiceConfig, Services};
-use crate::control::protocol::{LocalVerb, Order};
+use crate::control::protocol::{LocalVerb, Order, ShutdownStatus, StatusDocument};
 use crate::control::queue::Request;
 use crate::control::{self, server};
 use crate::service::shim::{self, ShimPaths};
@@ -26,6 +30,8 @@ const REQUEST_QUEUE: usize = 64;
 const SETTLE_TIMEOUT_MS: u64 = 60_000;
 /// Grace given to instances of services no longer configured, found at start-up.
 const ORPHAN_STOP_GRACE_MS: u64 = 10_000;
+/// Callers of `sluice shutdown` that may wait for one shutdown at once; more are refused.
+const SHUTDOWN_WAITERS_MAX: usize = 16;
 
 /// How the daemon ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +58,25 @@ struct Daemon {
     /// Tasks of services a reload removed, until they have stopped their instances and ended:
     /// a service added back under the same name waits for its predecessor (one owner per name).
     retiring: BTreeMap<String, ServiceHandle>,
+    /// The host shutdown in progress: a task of its own, so the loop keeps answering and pinging.
+    shutdown: Option<Shutdown>,
+}
+
+/// A host shutdown in progress, as the loop sees it.
+struct Shutdown {
+    /// What status shows; sent by the shutdown's task as it goes.
+    progress: watch::Receiver<ShutdownStatus>,
+    /// Callers of `sluice shutdown` waiting for its end (at most [`SHUTDOWN_WAITERS_MAX`]).
+    waiters: Vec<control::queue::Reply<String>>,
+    /// The task's end: `Ok` once every service stopped, `Err` when the intent could not be
+    /// written (then nothing was stopped).
+    done: oneshot::Receiver<Result<(), String>>,
+}
+
+/// How the shutdown's task ended, as the loop learns it.
+enum ShutdownEnd {
+    Stopped,
+    NotBegun(String),
 }
 
 /// Runs the daemon until `shutdown` resolves, a SIGTERM/SIGINT arrives, or `sluice shutdown`.
@@ -146,6 +171,38 @@ pub async fn run(
         ctx: ctx.clone(),
         services: BTreeMap::new(),
         retiring: BTreeMap::new(),
+        shutdown: None,
+    };
+    // A shutdown an earlier daemon of this boot began and did not finish is finished, not undone.
+    let intent_path = intent::path(&ctx.host.data_dir);
+    let pending = {
+        let path = intent_path.clone();
+        let found = tokio::task::spawn_blocking(move || intent::read(&path, &intent::boot_id()))
+            .await
+            .expect("reading the intent does not panic");
+        match found {
+            intent::Found::None => None,
+            intent::Found::Pending(intent) => {
+                tracing::warn!(
+                    path = %intent_path.display(),
+                    "an earlier daemon was shutting the host down: finishing that shutdown (stopping what runs, starting nothing), then exiting"
+                );
+                Some(intent)
+            }
+            intent::Found::Stale { why, aside } => {
+                tracing::warn!(
+                    path = %intent_path.display(),
+                    aside = %aside.display(),
+                    "ignoring a shutdown intent ({why}); starting ordinarily"
+                );
+                None
+            }
+        }
+    };
+    let startup = if pending.is_some() {
+        service::Startup::ForShutdown
+    } else {
+        service::Startup::Ordinary
     };
 
     // Shims of services that are no longer configured are stopped; the rest are adopted.
@@ -166,13 +223,16 @@ pub async fn run(
         .map_err(|cycle| anyhow::anyhow!("`after` forms a cycle through {}", cycle.join(", ")))?;
     for name in order {
         let config = services[&name].clone();
-        let waited_for = services.values().any(|s| s.after.contains(&name));
-        let handle = service::spawn(
+        // Finishing a shutdown starts nothing, so nothing is waited for.
+        let waited_for = startup == service::Startup::Ordinary
+            && services.values().any(|s| s.after.contains(&name));
+        let handle = service::spawn_with(
             ctx.clone(),
             name.clone(),
             config.clone(),
             found.remove(&name).unwrap_or_default(),
             None,
+            startup,
         );
         if waited_for {
             let settled =
@@ -200,8 +260,16 @@ pub async fn run(
     let mut signals = Signals::new()?;
     let watchdog = notify::watchdog_interval();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
-    notify::ready(&format!("supervising {} service(s)", daemon.services.len()));
-    tracing::info!(services = daemon.services.len(), "sluice is running");
+    match &pending {
+        None => {
+            notify::ready(&format!("supervising {} service(s)", daemon.services.len()));
+            tracing::info!(services = daemon.services.len(), "sluice is running");
+        }
+        Some(intent) => {
+            notify::ready("finishing a shutdown an earlier daemon began");
+            daemon.begin_shutdown(intent.requested_ms, None);
+        }
+    }
     tokio::pin!(shutdown);
 
     let exit = loop {
@@ -213,6 +281,9 @@ pub async fn run(
             }
             signal = signals.next() => match signal {
                 SignalKind::Stop => break Exit::Detached,
+                SignalKind::Reload if daemon.shutdown.is_some() => {
+                    tracing::warn!("SIGHUP ignored: the host is shutting down");
+                }
                 SignalKind::Reload => match daemon.reload().await {
                     Ok(summary) => tracing::info!("reloaded on SIGHUP: {summary}"),
                     Err(e) => tracing::error!("reload on SIGHUP refused: {e}"),
@@ -220,9 +291,20 @@ pub async fn run(
             },
             _ = watchdog_tick.tick(), if watchdog.is_some() => notify::watchdog(),
             Some(event) = next_coord_event(&mut coord_events) => daemon.on_coord(event).await,
+            end = shutdown_end(&mut daemon.shutdown) => {
+                if let Some(exit) = daemon.on_shutdown_end(end, &intent_path).await {
+                    break exit;
+                }
+            }
             () = &mut shutdown => break Exit::Detached,
         }
     };
+    if exit == Exit::Detached && daemon.shutdown.is_some() {
+        tracing::warn!(
+            path = %intent_path.display(),
+            "exiting in the middle of a shutdown: its intent stays, and the next daemon finishes it"
+        );
+    }
     notify::stopping();
     let _ = stop_api.send(());
     let _ = server.await;
@@ -252,11 +334,15 @@ impl Daemon {
                         .map(|(n, e)| (n.clone(), e.handle.clone()))
                         .collect(),
                 };
+                let shutdown = self.shutdown.as_ref().map(|s| s.progress.clone());
                 tokio::spawn(async move {
                     let mut all = Vec::new();
                     for (name, handle) in handles {
                         match handle.status().await {
                             Some(status) => all.push(status),
+                            // During a shutdown a stopped service's task has ended: its progress
+                            // says so.
+                            None if shutdown.is_some() => {}
                             None => {
                                 let _ = reply.send(Err(control::Error::Failed(format!(
                                     "service {name} is gone"
@@ -265,8 +351,30 @@ impl Daemon {
                             }
                         }
                     }
-                    let _ = reply.send(Ok(all));
+                    let shutdown = shutdown.map(|progress| {
+                        let mut progress = progress.borrow().clone();
+                        progress.instances_left = all
+                            .iter()
+                            .flat_map(|s| &s.instances)
+                            .filter(|i| i.pid.is_some())
+                            .map(|i| format!("{}/{} {}", i.service, i.index, i.state.as_str()))
+                            .collect();
+                        progress
+                    });
+                    let _ = reply.send(Ok(StatusDocument {
+                        services: all,
+                        shutdown,
+                    }));
                 });
+            }
+            Request::Control { reply, .. } if self.shutdown.is_some() => {
+                let _ = reply.send(Err(Self::shutting_down()));
+            }
+            Request::Reload { reply } if self.shutdown.is_some() => {
+                let _ = reply.send(Err(Self::shutting_down()));
+            }
+            Request::Local { reply, .. } if self.shutdown.is_some() => {
+                let _ = reply.send(Err(Self::shutting_down()));
             }
             Request::Control {
                 service,
@@ -315,14 +423,141 @@ impl Daemon {
             } => {
                 let _ = reply.send(self.log_path(&service, index, stderr));
             }
-            Request::Shutdown { reply } => {
-                notify::status("stopping every instance");
-                self.stop_everything().await;
-                let _ = reply.send(Ok("every instance stopped".into()));
-                return Some(Exit::ShutDown);
-            }
+            Request::Shutdown { reply } => match &mut self.shutdown {
+                // One shutdown at a time; a second caller waits for the same end.
+                Some(shutdown) if shutdown.waiters.len() >= SHUTDOWN_WAITERS_MAX => {
+                    let _ = reply.send(Err(control::Error::Conflict(format!(
+                        "{SHUTDOWN_WAITERS_MAX} callers already wait for the shutdown in progress"
+                    ))));
+                }
+                Some(shutdown) => shutdown.waiters.push(reply),
+                None => {
+                    let intent = intent::Intent {
+                        boot_id: intent::boot_id(),
+                        requested_ms: wall_ms(),
+                    };
+                    self.begin_shutdown(intent.requested_ms, Some(intent));
+                    if let Some(shutdown) = &mut self.shutdown {
+                        shutdown.waiters.push(reply);
+                    }
+                }
+            },
         }
         None
+    }
+
+    fn shutting_down() -> control::Error {
+        control::Error::Conflict(
+            "the host is shutting down (`sluice status` shows its progress)".into(),
+        )
+    }
+
+    /// Begins the host shutdown as a task: it writes `intent` (when given; a daemon finishing an
+    /// earlier daemon's shutdown finds it written) and only then tells every service that nothing
+    /// starts any more, and stops them, in the reverse of start order, each completely before the
+    /// next. The loop goes on answering status (with the progress) and pinging the watchdog.
+    fn begin_shutdown(&mut self, requested_ms: u64, intent: Option<intent::Intent>) {
+        let services: Services = self
+            .services
+            .iter()
+            .map(|(n, e)| (n.clone(), e.config.clone()))
+            .collect();
+        let mut order =
+            config::start_order(&services).unwrap_or_else(|_| services.keys().cloned().collect());
+        order.reverse();
+        let handles: Vec<(String, ServiceHandle)> = order
+            .iter()
+            .filter_map(|name| Some((name.clone(), self.services.get(name)?.handle.clone())))
+            .collect();
+        // Services a reload removed are stopping on their own; every instance is stopped only
+        // once they have ended too.
+        let retiring: Vec<ServiceHandle> =
+            std::mem::take(&mut self.retiring).into_values().collect();
+        let (progress_tx, progress) = watch::channel(ShutdownStatus {
+            requested_ms,
+            resumed: intent.is_none(),
+            pending: order,
+            ..ShutdownStatus::default()
+        });
+        let (done_tx, done) = oneshot::channel();
+        let path = intent::path(&self.ctx.host.data_dir);
+        notify::status("shutting down: stopping every instance");
+        tracing::info!("host shutdown: stopping every instance");
+        tokio::spawn(async move {
+            if let Some(intent) = intent {
+                // Persist before act: nothing is stopped unless the intent is on disk.
+                let written = tokio::task::spawn_blocking(move || intent::write(&path, &intent))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("writing the shutdown intent: {e}")));
+                if let Err(e) = written {
+                    let _ = done_tx.send(Err(e));
+                    return;
+                }
+            }
+            for (_, handle) in &handles {
+                handle.shutting_down().await;
+            }
+            for (name, handle) in handles {
+                progress_tx.send_modify(|p| {
+                    p.pending.retain(|n| *n != name);
+                    p.stopping = Some(name.clone());
+                });
+                notify::status(&format!("shutting down: stopping {name}"));
+                tracing::info!(service = %name, "stopping every instance");
+                handle.stop_all(false).await;
+                progress_tx.send_modify(|p| {
+                    p.stopping = None;
+                    p.stopped.push(name.clone());
+                });
+            }
+            for handle in retiring {
+                handle.closed().await;
+            }
+            let _ = done_tx.send(Ok(()));
+        });
+        self.shutdown = Some(Shutdown {
+            progress,
+            waiters: Vec::new(),
+            done,
+        });
+    }
+
+    /// The shutdown's task ended: once every service stopped, the intent is cleared (so the next
+    /// start is ordinary), the callers are answered, and the daemon exits; when the intent could
+    /// not be written, nothing was stopped and the daemon goes on as before.
+    async fn on_shutdown_end(&mut self, end: ShutdownEnd, path: &Path) -> Option<Exit> {
+        let shutdown = self.shutdown.take()?;
+        match end {
+            ShutdownEnd::NotBegun(e) => {
+                tracing::error!("shutdown refused, nothing was stopped: {e}");
+                notify::status(&format!("supervising {} service(s)", self.services.len()));
+                for reply in shutdown.waiters {
+                    let _ = reply.send(Err(control::Error::Failed(format!(
+                        "nothing was stopped: {e}"
+                    ))));
+                }
+                // The services were never told: the intent's write comes first.
+                None
+            }
+            ShutdownEnd::Stopped => {
+                let path = path.to_owned();
+                let cleared = tokio::task::spawn_blocking(move || intent::clear(&path))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("clearing the shutdown intent: {e}")));
+                if let Err(e) = &cleared {
+                    tracing::error!("{e}");
+                }
+                for reply in shutdown.waiters {
+                    let _ = reply.send(match &cleared {
+                        Ok(()) => Ok("every instance stopped".to_owned()),
+                        Err(e) => Err(control::Error::Failed(format!(
+                            "every instance stopped, but {e}: remove it before the next start, which would otherwise finish this shutdown again"
+                        ))),
+                    });
+                }
+                Some(Exit::ShutDown)
+            }
+        }
     }
 
     fn unknown(&self, name: &str) -> control::Error {
@@ -452,6 +687,8 @@ impl Daemon {
     async fn on_coord(&mut self, event: crate::coord::CoordEvent) {
         use crate::coord::CoordEvent;
         match event {
+            // A shutting-down host takes no new configuration or build.
+            CoordEvent::Service { .. } if self.shutdown.is_some() => {}
             CoordEvent::Service { name, view } => {
                 let Some(entry) = self.services.get_mut(&name) else {
                     return;
@@ -550,29 +787,25 @@ impl Daemon {
                 )
             })
     }
+}
 
-    /// Stops every service, in the reverse of start order, each completely before the next.
-    async fn stop_everything(&mut self) {
-        let services: Services = self
-            .services
-            .iter()
-            .map(|(n, e)| (n.clone(), e.config.clone()))
-            .collect();
-        let mut order =
-            config::start_order(&services).unwrap_or_else(|_| services.keys().cloned().collect());
-        order.reverse();
-        for name in order {
-            if let Some(entry) = self.services.get(&name) {
-                tracing::info!(service = %name, "stopping every instance");
-                entry.handle.stop_all(false).await;
-            }
-        }
-        // Services a reload removed are stopping on their own; every instance is stopped only
-        // once they have ended too.
-        for handle in std::mem::take(&mut self.retiring).into_values() {
-            handle.closed().await;
-        }
+/// The end of the shutdown in progress, or never without one.
+async fn shutdown_end(shutdown: &mut Option<Shutdown>) -> ShutdownEnd {
+    let Some(shutdown) = shutdown else {
+        return std::future::pending().await;
+    };
+    match (&mut shutdown.done).await {
+        Ok(Ok(())) => ShutdownEnd::Stopped,
+        Ok(Err(e)) => ShutdownEnd::NotBegun(e),
+        Err(_) => panic!("the shutdown's task ended without saying how"),
     }
+}
+
+/// Wall time, milliseconds since the Unix epoch: for display only.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The next coordination event, or never without a coordination backend.

@@ -220,6 +220,9 @@ pub enum Request {
     RecheckState(ReplyId),
     /// Stops every instance (host shutdown or the service left the configuration), then ends.
     StopAll { forget: bool, reply: ReplyId },
+    /// The host is shutting down (its intent is persisted): from now on nothing of the service is
+    /// started, whatever its desired state says, until its `StopAll` comes.
+    ShuttingDown,
     /// The coordination backend named the build this host should run.
     Desired { build: Option<String> },
     /// ZooKeeper became reachable or not.
@@ -514,6 +517,8 @@ pub struct Core {
     /// because every instance is being stopped and the chain could not be rewritten within
     /// `restart.steer_timeout_ms`.
     pub(super) stopped_steered: BTreeSet<(u32, u64)>,
+    /// The host is shutting down: nothing is started (see [`Request::ShuttingDown`]).
+    pub(super) shutting_down: bool,
     pub(super) steering: Steering,
     /// What the restart in progress waits for (rebuilt from the persisted machine on resume).
     pub(super) restart_waits: RestartWaits,
@@ -569,6 +574,7 @@ impl Core {
             settled: Vec::new(),
             stopping_all: None,
             stopped_steered: BTreeSet::new(),
+            shutting_down: false,
             steering,
             restart_waits: RestartWaits::default(),
             restart_replies: Vec::new(),
@@ -595,6 +601,17 @@ impl Core {
         self.reconcile();
         self.resume_restart();
         self.local_desired_changed();
+        self.after_change();
+        std::mem::take(&mut self.effects)
+    }
+
+    /// The first decisions of a daemon that finishes a host shutdown an earlier daemon began (its
+    /// intent was persisted): adopt the shims found and watch them; start nothing, resume no
+    /// restart, apply no desired build. The daemon's `StopAll` stops them in their turn.
+    pub fn startup_for_shutdown(&mut self, found: Vec<(u32, Status)>, now: Now) -> Vec<Effect> {
+        self.set_now(now);
+        self.shutting_down = true;
+        self.adopt(found);
         self.after_change();
         std::mem::take(&mut self.effects)
     }
@@ -690,6 +707,7 @@ impl Core {
 
     pub(super) fn desired_up(&self, index: u32) -> bool {
         self.stopping_all.is_none()
+            && !self.shutting_down
             && index < self.config.instances
             && !self.state.stopped.contains(&index)
     }
@@ -988,6 +1006,11 @@ impl Core {
             Request::Local { verb, reply } => {
                 let result = self.local_deploy(verb);
                 self.reply(reply, result);
+            }
+            Request::ShuttingDown => {
+                self.shutting_down = true;
+                // A restart would start instances; the host is going down instead.
+                self.abandon_restart("the host is shutting down");
             }
             Request::StopAll { forget, reply } => {
                 self.stopping_all = Some((forget, reply));

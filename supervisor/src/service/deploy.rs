@@ -101,7 +101,10 @@ impl Core {
             return;
         };
         // In `state_error` the build the instances run is unknown: nothing is deployed.
-        if self.deploy.deploy.is_some() || self.stopping_all.is_some() || self.state_error.is_some()
+        if self.deploy.deploy.is_some()
+            || self.stopping_all.is_some()
+            || self.state_error.is_some()
+            || self.shutting_down
         {
             return;
         }
@@ -164,6 +167,14 @@ impl Core {
         }
         if let Err(why) = result {
             self.deploy_failed(&build, why);
+            return;
+        }
+        // A host going down restarts nothing; the deploy is dropped, not failed, so the next
+        // start (the release now installed) takes it up again.
+        if self.shutting_down || self.stopping_all.is_some() {
+            tracing::info!(service = %self.name, build, "installed, but the host is shutting down: not restarting onto it");
+            self.deploy.deploy = None;
+            self.release_slot();
             return;
         }
         tracing::info!(service = %self.name, build, "installed; restarting onto it");

@@ -53,7 +53,15 @@ pub struct HostEnv {
 
 impl Env for HostEnv {
     fn store(&mut self, state: &ServiceState) -> Result<(), String> {
-        state::store(&self.state_path, state).map_err(|e| e.to_string())
+        // The core needs the outcome in this step (persist before act), so the service task waits
+        // for the fsyncs; `block_in_place` first hands the worker's other tasks (other services,
+        // the control API) to another thread, so only this service waits. A current-thread
+        // runtime (unit tests) cannot hand them over and writes in place.
+        let write = || state::store(&self.state_path, state).map_err(|e| e.to_string());
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(write),
+            _ => write(),
+        }
     }
 
     fn load_state(&mut self) -> state::Loaded {

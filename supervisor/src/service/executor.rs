@@ -196,7 +196,8 @@ async fn wait_for_predecessor(
 }
 
 /// Reads what a previous daemon installed, so that an unchanged chain is not rewritten.
-fn installed_steering(
+/// `iptables-save` runs on the blocking pool, never on a runtime thread.
+async fn installed_steering(
     ctx: &Context,
     name: &str,
     config: &ServiceConfig,
@@ -204,10 +205,14 @@ fn installed_steering(
     if !config.steers() {
         return Ok(None);
     }
-    let Some(iptables) = &ctx.iptables else {
+    let Some(iptables) = ctx.iptables.clone() else {
         return Err("steering needs root and iptables-restore".into());
     };
-    let families = iptables.read(name).map_err(|e| e.to_string())?;
+    let service = name.to_owned();
+    let families = tokio::task::spawn_blocking(move || iptables.read(&service))
+        .await
+        .map_err(|e| format!("iptables-save task: {e}"))?
+        .map_err(|e| e.to_string())?;
     let ports: Vec<_> = config.instance_ports().collect();
     let first = families.into_iter().next().unwrap_or_default();
     Ok(Some(
@@ -229,6 +234,7 @@ pub(super) async fn run(
     mut config: ServiceConfig,
     found: Vec<(u32, Status)>,
     previous: Option<ServiceHandle>,
+    startup: super::Startup,
     mut requests: mpsc::Receiver<Request>,
     events_tx: mpsc::Sender<Event>,
     mut events: mpsc::Receiver<Event>,
@@ -245,7 +251,7 @@ pub(super) async fn run(
     let task = TASKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     tracing::info!(service = %name, task, "service task started");
     let (state_path, loaded) = load_state(&ctx.host.state_dir(), &name);
-    let installed = installed_steering(&ctx, &name, &config);
+    let installed = installed_steering(&ctx, &name, &config).await;
     let slot = Arc::new(Mutex::new(None));
     let env = HostEnv {
         host: ctx.host.clone(),
@@ -282,7 +288,10 @@ pub(super) async fn run(
         immediate: VecDeque::new(),
         tree_errors: Arc::new(Mutex::new(BTreeMap::new())),
     };
-    let effects = executor.core.startup_at(found, now());
+    let effects = match startup {
+        super::Startup::Ordinary => executor.core.startup_at(found, now()),
+        super::Startup::ForShutdown => executor.core.startup_for_shutdown(found, now()),
+    };
     executor.run_effects(effects);
     for request in deferred {
         executor.on_request(request);
@@ -372,6 +381,7 @@ impl Executor {
                 forget,
                 reply: self.register(Pending::Done(reply)),
             },
+            Request::ShuttingDown => core::Request::ShuttingDown,
             Request::Desired { build } => core::Request::Desired { build },
             Request::Connection(connected) => core::Request::Connection(connected),
             Request::ConfigError(error) => core::Request::ConfigError(error),
@@ -634,9 +644,15 @@ impl Executor {
                     let result = hooks
                         .run(Stage::PostRestart, &build, None, release.as_deref())
                         .await;
-                    // The serving release and the one before stay, whatever `keep` says.
-                    if let Err(e) = releases.prune(keep.max(2), &in_use) {
-                        tracing::warn!("pruning releases: {e}");
+                    // The serving release and the one before stay, whatever `keep` says. A
+                    // release tree may hold 100,000s of files: removed on the blocking pool.
+                    let pruned =
+                        tokio::task::spawn_blocking(move || releases.prune(keep.max(2), &in_use))
+                            .await;
+                    match pruned {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!("pruning releases: {e}"),
+                        Err(e) => tracing::warn!("pruning releases: the task failed: {e}"),
                     }
                     Event::Deploy(DeployEvent::PostRestartDone { build, result })
                 });
@@ -955,7 +971,14 @@ impl Executor {
                 hooks
                     .run(Stage::PostInstall, &build, previous.as_deref(), Some(&dir))
                     .await?;
-                releases.set_current(&build).map_err(|e| e.to_string())?;
+                // Rename and fsync of the service's directory: on the blocking pool.
+                {
+                    let (releases, build) = (releases.clone(), build.clone());
+                    tokio::task::spawn_blocking(move || releases.set_current(&build))
+                        .await
+                        .map_err(|e| format!("switching `current`: the task failed: {e}"))?
+                        .map_err(|e| e.to_string())?;
+                }
                 hooks
                     .run(Stage::PreRestart, &build, previous.as_deref(), Some(&dir))
                     .await?;

@@ -84,6 +84,8 @@ enum Request {
         forget: bool,
         reply: oneshot::Sender<()>,
     },
+    /// The host is shutting down: nothing of the service starts any more.
+    ShuttingDown,
     /// The coordination backend named the build this host should run.
     Desired {
         build: Option<String>,
@@ -166,6 +168,12 @@ impl ServiceHandle {
             .unwrap_or_else(|| Err("the service's task has ended".into()))
     }
 
+    /// The host is shutting down (its intent is persisted): nothing of the service starts any
+    /// more; its instances are stopped by its `stop_all` in its turn.
+    pub async fn shutting_down(&self) {
+        let _ = self.tx.send(Request::ShuttingDown).await;
+    }
+
     /// Stops every instance and ends the task; `forget` also removes the persisted state and the
     /// service's steering.
     pub async fn stop_all(&self, forget: bool) {
@@ -224,10 +232,31 @@ pub fn spawn(
     found: Vec<(u32, Status)>,
     previous: Option<ServiceHandle>,
 ) -> ServiceHandle {
+    spawn_with(ctx, name, config, found, previous, Startup::Ordinary)
+}
+
+/// How a service task begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Startup {
+    /// Adopt what runs, start what is missing, resume a restart, deploy the desired build.
+    Ordinary,
+    /// The daemon finishes a persisted host shutdown: adopt what runs and start nothing.
+    ForShutdown,
+}
+
+/// [`spawn`], beginning as `startup` says.
+pub fn spawn_with(
+    ctx: Arc<Context>,
+    name: String,
+    config: ServiceConfig,
+    found: Vec<(u32, Status)>,
+    previous: Option<ServiceHandle>,
+    startup: Startup,
+) -> ServiceHandle {
     let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
     tokio::spawn(executor::run(
-        ctx, name, config, found, previous, rx, events_tx, events,
+        ctx, name, config, found, previous, startup, rx, events_tx, events,
     ));
     ServiceHandle { tx }
 }

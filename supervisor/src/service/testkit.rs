@@ -248,7 +248,16 @@ impl World {
     }
 
     /// The daemon starts: adopts the shims found, resumes what was written.
-    pub fn boot(mut self) -> Self {
+    pub fn boot(self) -> Self {
+        self.boot_as(false)
+    }
+
+    /// The daemon starts to finish a persisted host shutdown: adopts, starts nothing.
+    pub fn boot_for_shutdown(self) -> Self {
+        self.boot_as(true)
+    }
+
+    fn boot_as(mut self, for_shutdown: bool) -> Self {
         let found = std::mem::take(&mut self.found);
         for (index, status) in &found {
             if let Status::Running { tag, .. } = status {
@@ -259,7 +268,12 @@ impl World {
         if self.trace {
             println!("{} <- boot with {found:?}", self.now);
         }
-        let effects = self.core.startup(found, self.now);
+        let effects = if for_shutdown {
+            self.core
+                .startup_for_shutdown(found, crate::service::core::Now::same(self.now))
+        } else {
+            self.core.startup(found, self.now)
+        };
         if self.trace {
             for effect in &effects {
                 println!("{}    -> {effect:?}", self.now);

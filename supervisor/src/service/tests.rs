@@ -6,10 +6,11 @@ use std::os::unix::fs::PermissionsExt;
 
 use sluice_strategies::restart::{self, Restart, Strategy};
 
-use super::core::{Event, InstanceEvent, Phase, Request};
+use super::core::{Effect, Event, InstanceEvent, Phase, Request};
 use super::testkit::{World, config};
 use super::{Action, make_log_dir};
 use crate::config::{HealthConfig, ServiceConfig, StrategyName};
+use sluice_shim::proto::Status;
 
 /// Events enough for any of these scenarios to settle.
 const SETTLE: usize = 5_000;
@@ -830,4 +831,95 @@ fn shims_without_boot_clock_times_fall_back_to_the_wall_clock() {
         assert_eq!(instance.phase, phase, "{what}");
         assert_eq!(instance.failed_starts, failed_starts, "{what}");
     }
+}
+
+/// A host shutdown: once the daemon says the host is going down nothing starts again (a crash is
+/// not restarted); a daemon that finishes an earlier daemon's shutdown adopts and starts nothing;
+/// and an instance whose chain cannot be rewritten is stopped anyway once
+/// `restart.steer_timeout_ms` has passed (`Effect::Stop.steered_anyway`, the one stop of a steered
+/// instance outside `rolling`/`all-at-once`).
+#[test]
+fn a_host_shutdown_starts_nothing_and_ends_when_iptables_fails() {
+    // Nothing restarts after the daemon said the host is going down.
+    let mut world = serving(config(3, true, StrategyName::Drain), false);
+    let spawns: usize = (0..3).map(|i| world.spawns(i)).sum();
+    world.handle(Event::Request(Request::ShuttingDown));
+    world.crash(1);
+    world.settle(SETTLE);
+    assert_eq!(
+        (0..3).map(|i| world.spawns(i)).sum::<usize>(),
+        spawns,
+        "a spawn after ShuttingDown"
+    );
+    assert_eq!(
+        world.core.instances[&1].phase,
+        Phase::Stopped,
+        "the crashed instance"
+    );
+
+    // A daemon finishing a shutdown adopts the two instances found and starts the third not.
+    let found: Vec<(u32, Status)> = (0..2)
+        .map(|index| {
+            (
+                index,
+                Status::Running {
+                    shim_pid: 100 + index,
+                    pid: 200 + index,
+                    started_ms: 1_000,
+                    started_boot_ms: Some(1_000),
+                    tag: String::new(),
+                    stopping: false,
+                },
+            )
+        })
+        .collect();
+    let mut world = World::with_state(
+        config(3, true, StrategyName::Drain),
+        false,
+        7,
+        Default::default(),
+        found,
+        [0, 1].into(),
+        1_000_000,
+    )
+    .boot_for_shutdown();
+    world.settle(SETTLE);
+    assert_eq!(
+        (0..3).map(|i| world.spawns(i)).sum::<usize>(),
+        0,
+        "spawned while finishing a shutdown"
+    );
+    world.request(|reply| Request::StopAll {
+        forget: false,
+        reply,
+    });
+    world.settle(SETTLE);
+    assert!(world.alive.is_empty(), "left running: {:?}", world.alive);
+    assert!(world.core.finished().is_some(), "the service did not end");
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+
+    // iptables fails for good: the stops come at the bound, and only then.
+    let mut world = serving(config(2, true, StrategyName::Drain), false);
+    world.faults.iptables_fails = 1.0;
+    let began = world.now;
+    world.request(|reply| Request::StopAll {
+        forget: false,
+        reply,
+    });
+    world.settle(SETTLE);
+    assert!(world.alive.is_empty(), "left running: {:?}", world.alive);
+    let bound = world.core.config.restart.steer_timeout_ms;
+    let stops: Vec<u64> = world
+        .journal
+        .iter()
+        .filter(|(at, e)| *at >= began && matches!(e, Effect::Stop { .. }))
+        .map(|(at, _)| *at)
+        .collect();
+    assert_eq!(stops.len(), 2, "stops: {stops:?}");
+    assert!(
+        stops.iter().all(|at| *at >= began + bound),
+        "a stop before the bound: {stops:?} (began {began}, bound {bound})"
+    );
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+    assert!(world.core.finished().is_some(), "the service did not end");
 }
