@@ -293,6 +293,7 @@ fn service_line(service: &ServiceStatus) -> Option<String> {
         &service.last_restart_error,
         &service.config_error,
         &service.steering_error,
+        &service.state_write_error,
     ]
     .into_iter()
     .flatten()

@@ -385,6 +385,11 @@ pub struct ServiceStatus {
     /// Why instances of a service with `restart.cpu_isolation` run without a cgroup (the host has
     /// none for sluice, or making one failed).
     pub cgroups_error: Option<String>,
+    /// Why the service's state file could not be written (naming the file and the OS error),
+    /// until a write succeeds; meanwhile nothing that depends on it is done (see
+    /// `docs/cli.md`, "When the state cannot be written"). Absent from older daemons' answers.
+    #[serde(default)]
+    pub state_write_error: Option<String>,
 }
 
 /// A host's state in a fleet deploy, as its status node says.
@@ -631,12 +636,15 @@ mod tests {
         );
         let again: serde_json::Value = serde_json::to_value(&status).unwrap();
         let original: serde_json::Value = serde_json::from_str(text).unwrap();
-        // `world_writable_nodes` is the one field written that older daemons left out.
+        // `world_writable_nodes` and `state_write_error` are the fields written that older
+        // daemons left out.
         let mut again = again;
-        again["services"][0]
-            .as_object_mut()
-            .unwrap()
-            .remove("world_writable_nodes");
+        let service = again["services"][0].as_object_mut().unwrap();
+        service.remove("world_writable_nodes");
+        assert_eq!(
+            service.remove("state_write_error"),
+            Some(serde_json::Value::Null)
+        );
         assert_eq!(again, original);
     }
 
