@@ -9,6 +9,7 @@ mod e2e {
     mod cgroup;
     mod control;
     mod deploy;
+    mod disk_full;
     mod drain;
     mod identity;
     mod import;
