@@ -294,7 +294,14 @@ impl World {
         }
         let held = self.host.lock().unwrap().slot_valid && self.connected;
         let writes_fail = self.host.lock().unwrap().fail_store;
-        let batch = self.core.state.restart.as_ref().map(|m| m.batch.clone());
+        // A machine that finished (its end waiting for a write) keeps its failed batch there.
+        let batch = self.core.state.restart.as_ref().map(|m| {
+            if m.finished {
+                m.failed_batch.clone()
+            } else {
+                m.batch.clone()
+            }
+        });
         let failed = self.core.state.failed.as_ref().map(|f| f.reason.clone());
         let effects = self.core.handle(event, self.now);
         // A failed restart leaves its batch as it is (reported in `last_restart_error`): a member
