@@ -303,6 +303,9 @@ pub struct Host {
     seen: Mutex<BTreeMap<i32, u64>>,
     /// The network namespace the daemon and the CLI run in, when the test made one.
     netns: Option<fs::File>,
+    /// Size in bytes of the tmpfs each daemon of this host mounts over `data/` in a mount
+    /// namespace of its own (see [`Host::with_data_on_tmpfs`]).
+    data_tmpfs_bytes: Option<u64>,
 }
 
 impl Default for Host {
@@ -343,6 +346,7 @@ impl Host {
             daemon: Mutex::new(None),
             seen: Mutex::new(BTreeMap::new()),
             netns: None,
+            data_tmpfs_bytes: None,
         }
     }
 
@@ -352,6 +356,27 @@ impl Host {
         let path = format!("/run/netns/{}", ns.name);
         self.netns = Some(fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}")));
         self
+    }
+
+    /// Gives each daemon of this host (and the shims and instances it starts, which inherit it) a
+    /// private mount namespace with a tmpfs of `bytes` over `data/`: a small disk to fill. The
+    /// mount propagates nowhere and goes when the last process in the namespace exits, so nothing
+    /// is left mounted on the machine. Needs root; the test reaches the daemon's `data/` through
+    /// [`Host::daemon_data_path`].
+    pub fn with_data_on_tmpfs(mut self, bytes: u64) -> Host {
+        fs::create_dir_all(self.root.join("data")).expect("creating data/");
+        self.data_tmpfs_bytes = Some(bytes);
+        self
+    }
+
+    /// `data/<relative>` as the running daemon sees it (`/proc/<pid>/root/...`, through its mount
+    /// namespace): on a host [`Host::with_data_on_tmpfs`], the files on its tmpfs.
+    #[track_caller]
+    pub fn daemon_data_path(&self, relative: &str) -> PathBuf {
+        let pid = self.daemon_pid().expect("a running daemon");
+        let data = self.root.join("data").join(relative);
+        Path::new(&format!("/proc/{pid}/root"))
+            .join(data.strip_prefix("/").expect("an absolute temp dir"))
     }
 
     /// Rewrites the host file (e.g. with a `[coordination]` section), aside and renamed like a
@@ -463,6 +488,9 @@ impl Host {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup of the daemon log"))
             .stderr(log);
+        if let Some(bytes) = self.data_tmpfs_bytes {
+            private_tmpfs_over(&mut cmd, &self.root.join("data"), bytes);
+        }
         *daemon = Some(cmd.spawn().expect("spawning `sluice run`"));
     }
 
@@ -730,6 +758,50 @@ impl Drop for Host {
                 eprintln!("kept the test's directory: {}", dir.keep().display());
             }
         }
+    }
+}
+
+/// Makes `cmd` start in a mount namespace of its own, every mount in it private (so nothing
+/// propagates back to the machine's), with a tmpfs of `bytes` mounted over `dir`.
+fn private_tmpfs_over(cmd: &mut Command, dir: &Path, bytes: u64) {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let target = CString::new(dir.as_os_str().as_bytes()).expect("a path without NUL");
+    let options = CString::new(format!("size={bytes},mode=0755")).expect("no NUL");
+    let root = c"/";
+    let tmpfs = c"tmpfs";
+    // SAFETY: unshare and mount are async-signal-safe system calls on strings made before the
+    // fork; they touch only the child being set up.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let private = libc::MS_REC | libc::MS_PRIVATE;
+            if libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                private,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            let flags = libc::MS_NOSUID | libc::MS_NODEV;
+            if libc::mount(
+                tmpfs.as_ptr(),
+                target.as_ptr(),
+                tmpfs.as_ptr(),
+                flags,
+                options.as_ptr().cast(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

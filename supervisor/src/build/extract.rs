@@ -17,7 +17,7 @@
 //! Every name quoted in an error is clipped ([`crate::clip`]).
 
 use std::collections::BTreeSet;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -226,10 +226,7 @@ impl Unpacker<'_> {
                     .create_new(true)
                     .open(&target)
                     .map_err(|e| write_error(&name, e))?;
-                let written = io::copy(&mut entry, &mut file).map_err(|e| BuildError::Archive {
-                    url: self.url.to_owned(),
-                    message: format!("entry `{name}`: {}", clip(&e.to_string())),
-                })?;
+                let written = copy_entry(&mut entry, &mut file, &name, self.url)?;
                 if written != size {
                     return Err(BuildError::Archive {
                         url: self.url.to_owned(),
@@ -330,6 +327,38 @@ impl Unpacker<'_> {
                 std::fs::remove_file(&target).map_err(|e| BuildError::io(&target, e))
             }
         }
+    }
+}
+
+/// Bytes of an entry's data read and written at a time (on the stack, as `io::copy` does).
+const COPY_BUF_BYTES: usize = 8 << 10;
+
+/// Copies an entry's data into its file. Unlike `io::copy`, tells a bad archive (reading the
+/// entry failed) from a failed write (a full disk: [`write_error`], which the install reports as
+/// ENOSPC naming the releases directory).
+fn copy_entry(
+    entry: &mut impl Read,
+    file: &mut std::fs::File,
+    name: &str,
+    url: &str,
+) -> Result<u64, BuildError> {
+    let mut buf = [0u8; COPY_BUF_BYTES];
+    let mut total = 0u64;
+    loop {
+        let n = match entry.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(BuildError::Archive {
+                    url: url.to_owned(),
+                    message: format!("entry `{name}`: {}", clip(&e.to_string())),
+                });
+            }
+        };
+        file.write_all(&buf[..n])
+            .map_err(|e| write_error(name, e))?;
+        total += n as u64;
     }
 }
 

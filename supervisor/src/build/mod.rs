@@ -138,6 +138,19 @@ pub enum BuildError {
     },
     #[error("build `{build}` is not installed")]
     NotInstalled { build: String },
+    /// The file system of the releases ran out of space (or quota) during an install; the
+    /// partial release was removed and the serving build is untouched.
+    #[error(
+        "{releases}: {what} while installing build `{build}` ({detail}); the partial release was removed"
+    )]
+    NoSpace {
+        releases: PathBuf,
+        build: String,
+        /// `no space left on device (ENOSPC)` or `disk quota exceeded (EDQUOT)`.
+        what: &'static str,
+        /// The failed operation, as the inner error says it.
+        detail: String,
+    },
 }
 
 impl BuildError {
@@ -145,6 +158,19 @@ impl BuildError {
         BuildError::Io {
             path: path.to_owned(),
             source,
+        }
+    }
+
+    /// What a write that ran out of room says, when that is why this error happened.
+    fn out_of_space(&self) -> Option<&'static str> {
+        let source = match self {
+            BuildError::Io { source, .. } | BuildError::Write { source, .. } => source,
+            _ => return None,
+        };
+        match source.raw_os_error() {
+            Some(libc::ENOSPC) => Some("no space left on device (ENOSPC)"),
+            Some(libc::EDQUOT) => Some("disk quota exceeded (EDQUOT)"),
+            _ => None,
         }
     }
 }
@@ -286,6 +312,31 @@ impl Releases {
     /// hash to `expected` (lowercase hex), copying every byte into `tee` when given. The same
     /// checks and the same rename as [`Releases::install`], whoever sends the bytes.
     async fn install_stream(
+        &self,
+        build: &str,
+        expected: &str,
+        limits: &Limits,
+        label: &str,
+        stream: store::ByteStream,
+        tee: Option<&mut dyn store::Tee>,
+    ) -> Result<PathBuf, BuildError> {
+        // By the time an error comes back here the temporary directory is gone (its guard
+        // dropped), so the message can say so.
+        let result = self
+            .install_stream_once(build, expected, limits, label, stream, tee)
+            .await;
+        result.map_err(|e| match e.out_of_space() {
+            Some(what) => BuildError::NoSpace {
+                releases: self.releases_dir(),
+                build: build.to_owned(),
+                what,
+                detail: e.to_string(),
+            },
+            None => e,
+        })
+    }
+
+    async fn install_stream_once(
         &self,
         build: &str,
         expected: &str,

@@ -295,6 +295,7 @@ fn service_line(service: &ServiceStatus) -> Option<String> {
         &service.config_error,
         &service.steering_error,
         &service.tree_error,
+        &service.state_write_error,
     ]
     .into_iter()
     .flatten()

@@ -421,6 +421,11 @@ pub struct ServiceStatus {
     /// could be made): a descendant that calls `setsid` can then outlive a killed shim.
     #[serde(default)]
     pub tree_error: Option<String>,
+    /// Why the service's state file could not be written (naming the file and the OS error),
+    /// until a write succeeds; meanwhile nothing that depends on it is done (see
+    /// `docs/cli.md`, "When the state cannot be written"). Absent from older daemons' answers.
+    #[serde(default)]
+    pub state_write_error: Option<String>,
 }
 
 /// A host's state in a fleet deploy, as its status node says.
@@ -668,12 +673,15 @@ mod tests {
         );
         let again: serde_json::Value = serde_json::to_value(&status).unwrap();
         let original: serde_json::Value = serde_json::from_str(text).unwrap();
-        // `world_writable_nodes` is the one field written that older daemons left out.
+        // `world_writable_nodes` and `state_write_error` are the fields written that older
+        // daemons left out.
         let mut again = again;
-        again["services"][0]
-            .as_object_mut()
-            .unwrap()
-            .remove("world_writable_nodes");
+        let service = again["services"][0].as_object_mut().unwrap();
+        service.remove("world_writable_nodes");
+        assert_eq!(
+            service.remove("state_write_error"),
+            Some(serde_json::Value::Null)
+        );
         assert_eq!(again, original);
     }
 

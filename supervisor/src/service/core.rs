@@ -309,7 +309,14 @@ pub enum Timer {
         index: u32,
         epoch: u64,
     },
+    /// Time to try a failed state write again ([`STATE_WRITE_RETRY_MS`]).
+    StateWriteRetry,
 }
+
+/// Pause between attempts to write a state file whose last write failed (a full disk, a
+/// read-only file system): until one succeeds, the restart step, the deploy's `post_restart`
+/// and pruning that wait for it stay put, and status shows `state_write_error`. Default 5,000 ms.
+pub const STATE_WRITE_RETRY_MS: u64 = 5_000;
 
 /// Everything the core reacts to.
 #[derive(Debug)]
@@ -537,6 +544,11 @@ pub struct Core {
     /// write of the state, and a restart action may only be emitted when the two agree.
     pub(super) machine_revision: u64,
     pub(super) persisted_revision: u64,
+    /// Actions of a restart step whose write failed: they run once the state is written.
+    pub(super) unwritten: Vec<sluice_strategies::restart::Action>,
+    /// Why the last state write failed; `None` once a write succeeded.
+    pub(super) state_write_error: Option<String>,
+    write_retry_scheduled: bool,
 }
 
 pub(super) fn describe(outcome: Option<Outcome>) -> String {
@@ -584,6 +596,9 @@ impl Core {
             effects: Vec::new(),
             machine_revision: 0,
             persisted_revision: 0,
+            unwritten: Vec::new(),
+            state_write_error: None,
+            write_retry_scheduled: false,
         }
     }
 
@@ -658,6 +673,7 @@ impl Core {
             Event::Timer(Timer::MachineSteerOver { index, epoch }) => {
                 self.on_machine_steer_over(index, epoch)
             }
+            Event::Timer(Timer::StateWriteRetry) => self.retry_write(),
             // Nothing to do here: `after_change` compares the instance's age with the bound.
             Event::Timer(Timer::LowPhaseOver { index, generation }) => {
                 if let Some(instance) = self.instances.get_mut(&index)
@@ -743,21 +759,58 @@ impl Core {
         )
     }
 
-    /// Writes the desired state. The restart machine counts as written from here on, even when
-    /// the write fails (the failure is the caller's to report; a machine step goes ahead, as the
-    /// daemon has always done, and a restarted daemon resumes from the last good write).
+    /// Writes the desired state. Only a write that succeeded counts: the restart machine is
+    /// written (its actions may run) from here on only then. A failure is logged once per
+    /// distinct error, shown in status (`state_write_error`), and the write is tried again every
+    /// [`STATE_WRITE_RETRY_MS`] until one succeeds; the caller decides what does not happen
+    /// meanwhile (a request is refused, a restart step waits).
     pub(super) fn persist(&mut self) -> Result<(), String> {
-        self.persisted_revision = self.machine_revision;
         // The file holds the record of the state error, which only the operator replaces.
         if let Some(error) = &self.state_error {
             return Err(format!("{} is in state_error: {error}", self.name));
         }
-        self.env.store(&self.state)
+        match self.env.store(&self.state) {
+            Ok(()) => {
+                self.persisted_revision = self.machine_revision;
+                if let Some(e) = self.state_write_error.take() {
+                    tracing::info!(service = %self.name, "state written again (the last write failed: {e})");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if self.state_write_error.as_ref() != Some(&e) {
+                    tracing::error!(service = %self.name, "{e}");
+                }
+                self.state_write_error = Some(e.clone());
+                if !self.write_retry_scheduled {
+                    self.write_retry_scheduled = true;
+                    self.emit(Effect::SetTimer {
+                        after_ms: STATE_WRITE_RETRY_MS,
+                        timer: Timer::StateWriteRetry,
+                    });
+                }
+                Err(e)
+            }
+        }
     }
 
+    /// Writes the state where nothing waits on the outcome but the retry (`persist` logs and
+    /// shows a failure).
     pub(super) fn persist_logged(&mut self) {
-        if let Err(e) = self.persist() {
-            tracing::error!(service = %self.name, "{e}");
+        let _ = self.persist();
+    }
+
+    /// The retry timer: the last write failed, so the state is written again; what waited for it
+    /// runs in `after_change` ([`Core::run_written`]).
+    fn retry_write(&mut self) {
+        self.write_retry_scheduled = false;
+        if self.state_write_error.is_none() && self.machine_revision == self.persisted_revision {
+            return;
+        }
+        if self.persist().is_ok() && self.state.restart.is_none() {
+            // A restart of changed instances that could not begin while the state could not be
+            // written (a reload, a deploy) begins now.
+            self.restart_outdated();
         }
     }
 
@@ -1145,10 +1198,12 @@ impl Core {
                     self.restart_replies.push(reply);
                     return;
                 }
-                // An operator's restart retries what failed before.
-                self.state.failed = None;
+                // An operator's restart retries what failed before (unless it cannot begin).
+                let failed = self.state.failed.take();
                 self.restart_replies.push(reply);
-                self.begin_restart(wanted);
+                if !self.begin_restart(wanted) {
+                    self.state.failed = failed;
+                }
             }
             Action::Signal(signal) => {
                 let indices: Vec<u32> = indices
@@ -1720,6 +1775,7 @@ impl Core {
     /// After every request and event: steering, waiting callers, start-up ordering, deploys, the
     /// host's status in ZooKeeper.
     fn after_change(&mut self) {
+        self.run_written();
         self.sync_steering();
         self.sync_cgroups();
         self.maybe_deploy();
@@ -1859,6 +1915,7 @@ impl Core {
             state_error: self.state_error.clone(),
             // The executor's to fill in: tracking cgroups are made where shims are spawned.
             tree_error: None,
+            state_write_error: self.state_write_error.clone(),
         }
     }
 

@@ -41,6 +41,9 @@ pub(super) struct Coordination {
     slot_pending: bool,
     /// Actions of a restart held at a batch's start until a slot is held.
     held: Vec<Action>,
+    /// A deploy whose restart finished but whose build could not be recorded: its
+    /// `post_restart` and pruning wait until the state is written.
+    post_restart_unwritten: Option<String>,
     restart_started_ms: Option<u64>,
     restart_finished_ms: Option<u64>,
     last_published: Option<HostStatus>,
@@ -195,8 +198,12 @@ impl Core {
             .collect();
         if targets.is_empty() {
             self.deploy_after_restart(&Ok(()));
-        } else {
-            self.begin_restart(targets);
+        } else if !self.begin_restart(targets) {
+            let why = self
+                .state_write_error
+                .clone()
+                .unwrap_or_else(|| "its restart could not be written".into());
+            self.deploy_failed(&build, why);
         }
     }
 
@@ -227,20 +234,22 @@ impl Core {
         let target = self.state.target_build.clone();
         match (result, target) {
             (Ok(()), Some(build)) if self.state.build.as_ref() != Some(&build) => {
+                // The instances run the build now, written or not; what depends on the record
+                // (`post_restart`, which prunes releases by it) waits for it to be written.
                 self.state.build = Some(build.clone());
                 self.deploy.last_error = None;
-                self.persist_logged();
-                tracing::info!(service = %self.name, build, "deployed");
                 self.set_phase(DeployPhase::PostRestart);
-                let hooks = self.hook_context();
-                let release = self.release_of(Some(&build));
-                let keep = self.config.build.as_ref().map_or(5, |b| b.keep_releases);
-                self.emit(Effect::PostRestart {
-                    build,
-                    hooks: Box::new(hooks),
-                    release,
-                    keep,
-                });
+                if let Err(e) = self.persist() {
+                    self.deploy.last_error = Some(format!(
+                        "deploy of {} build {build}: the instances run it, but it is not recorded \
+                         yet ({e}); post_restart and pruning wait until it is",
+                        self.name
+                    ));
+                    self.deploy.post_restart_unwritten = Some(build);
+                } else {
+                    tracing::info!(service = %self.name, build, "deployed");
+                    self.post_restart(build);
+                }
             }
             (Err(why), Some(build)) if self.deploy.deploy.is_some() => {
                 // The failed batch is back on the old build; the batches before it stay on the new
@@ -259,6 +268,36 @@ impl Core {
         // Publish the end of the restart before the slot goes: another host may take it at once.
         self.publish_status();
         self.release_slot();
+    }
+
+    /// Runs `post_restart` and the pruning of releases for a deploy whose build is recorded.
+    fn post_restart(&mut self, build: String) {
+        let hooks = self.hook_context();
+        let release = self.release_of(Some(&build));
+        let keep = self.config.build.as_ref().map_or(5, |b| b.keep_releases);
+        self.emit(Effect::PostRestart {
+            build,
+            hooks: Box::new(hooks),
+            release,
+            keep,
+        });
+    }
+
+    /// A deploy's build that could not be recorded is, once a write succeeded: its
+    /// `post_restart` runs now.
+    pub(super) fn post_restart_if_written(&mut self) {
+        if self.state_write_error.is_some() {
+            return;
+        }
+        let Some(build) = self.deploy.post_restart_unwritten.take() else {
+            return;
+        };
+        if self.state.build.as_deref() != Some(&build) {
+            return;
+        }
+        tracing::info!(service = %self.name, build, "deployed (recorded after a failed write)");
+        self.deploy.last_error = None;
+        self.post_restart(build);
     }
 
     pub(super) fn on_post_restart(&mut self, build: String, result: Result<(), String>) {
@@ -350,6 +389,7 @@ impl Core {
 
     /// Local backend: `sluice deploy`, `promote` and `rollback` change what this host runs.
     pub(super) fn local_deploy(&mut self, verb: LocalVerb) -> Result<String, String> {
+        let saved = self.state.local.clone();
         let local = &mut self.state.local;
         let message = match verb {
             LocalVerb::Deploy { build, canary } => {
@@ -389,8 +429,13 @@ impl Core {
         let excess = local.history.len().saturating_sub(HISTORY_MAX);
         local.history.drain(..excess);
         // An operator's choice clears an earlier failure.
-        self.state.failed = None;
-        self.persist()?;
+        let failed = self.state.failed.take();
+        if let Err(e) = self.persist() {
+            // Not written, so not done: the desired builds stay as they were.
+            self.state.local = saved;
+            self.state.failed = failed;
+            return Err(e);
+        }
         self.local_desired_changed();
         Ok(message)
     }

@@ -124,6 +124,7 @@ fn waiting_status(name: &str, config: &ServiceConfig) -> crate::service::Service
         world_writable_nodes: Vec::new(),
         cgroups_error: None,
         tree_error: None,
+        state_write_error: None,
         state_error: Some(format!(
             "not supervised yet: the previous task of {name} (removed by a reload) is still stopping its instances"
         )),

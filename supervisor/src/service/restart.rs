@@ -1,8 +1,10 @@
 //! The core's side of a restart: turns the actions of the restart machine
 //! (`sluice_strategies::restart`) into stops, starts, probes, warm-ups and steering changes (as
 //! effects), and feeds back what happened. The machine is persisted before its actions run
-//! ([`Core::assert_persisted`]); after a crash of the daemon, `resume` repeats the current step's
-//! actions, which are all idempotent here.
+//! ([`Core::assert_persisted`]): a step whose write fails keeps its actions in
+//! `Core::unwritten`, and they run only once a later write (the retry every
+//! `STATE_WRITE_RETRY_MS`) succeeds. After a crash of the daemon, `resume` repeats the current
+//! step's actions, which are all idempotent here.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -39,6 +41,7 @@ impl Core {
     /// the machine past its gate without a slot.
     pub(super) fn in_batch(&self, index: u32) -> bool {
         !self.batch_held()
+            && !self.batch_unwritten()
             && self
                 .state
                 .restart
@@ -80,18 +83,52 @@ impl Core {
         self.machine_revision += 1;
     }
 
+    /// The machine in memory is the one last written.
+    fn machine_written(&self) -> bool {
+        self.machine_revision == self.persisted_revision
+    }
+
+    /// Whether actions of a restart step wait for their step to be written.
+    pub(super) fn holds_unwritten(&self) -> bool {
+        !self.unwritten.is_empty()
+    }
+
+    /// A batch whose first step is not written has not begun, like one held for a slot: its
+    /// members serve and follow the restart policy.
+    pub(super) fn batch_unwritten(&self) -> bool {
+        self.holds_unwritten()
+            && self
+                .state
+                .restart
+                .as_ref()
+                .is_some_and(|m| m.at_batch_start())
+    }
+
+    /// After every event: once the state is written again, the step (and a deploy's
+    /// `post_restart`) that waited for it goes ahead.
+    pub(super) fn run_written(&mut self) {
+        if self.holds_unwritten() && self.machine_written() {
+            tracing::info!(service = %self.name, "the restart step is written; its actions run");
+            let held = std::mem::take(&mut self.unwritten);
+            self.execute(held);
+            self.drive();
+        }
+        self.post_restart_if_written();
+    }
+
     fn epoch(&self) -> u64 {
         self.state.restart.as_ref().map_or(0, |m| m.epoch)
     }
 
-    /// Begins a restart of `indices` with the service's strategy.
-    pub(super) fn begin_restart(&mut self, indices: Vec<u32>) {
+    /// Begins a restart of `indices` with the service's strategy. False when its state could not
+    /// be written: nothing was done, and the callers waiting in `restart_replies` got the error.
+    pub(super) fn begin_restart(&mut self, indices: Vec<u32>) -> bool {
         if indices.is_empty() {
             let message = format!("{}: nothing to restart", self.name);
             for to in std::mem::take(&mut self.restart_replies) {
                 self.reply(to, Ok(message.clone()));
             }
-            return;
+            return true;
         }
         let strategy = match self.config.strategy() {
             StrategyName::Drain => Strategy::Drain,
@@ -106,6 +143,7 @@ impl Core {
         };
         let warm = self.config.warmup.is_some();
         tracing::info!(service = %self.name, ?strategy, ?batches, warm, "restart begins");
+        let applied = self.state.applied.clone();
         if self.state.applied.is_none() {
             self.state.applied = Some(self.config.clone());
         }
@@ -117,15 +155,20 @@ impl Core {
         self.state.restart = Some(machine);
         self.machine_changed();
         if let Err(e) = self.persist() {
+            // Nothing of it was written, so nothing of it happens: the state is as before.
             self.state.restart = None;
+            self.state.applied = applied;
+            let message = format!("restart of {} not begun: {e}", self.name);
             for to in std::mem::take(&mut self.restart_replies) {
-                self.reply(to, Err(e.clone()));
+                self.reply(to, Err(message.clone()));
             }
-            return;
+            return false;
         }
         self.restart_waits = RestartWaits::default();
+        self.unwritten.clear();
         self.execute(actions);
         self.drive();
+        true
     }
 
     /// Restarts instances whose configuration changed, unless that configuration failed before.
@@ -169,7 +212,8 @@ impl Core {
         let before = machine.epoch;
         let actions = machine.resume();
         if machine.epoch != before {
-            // A machine written before its first step (by an earlier version) enters it now.
+            // A machine written before its first step (by an earlier version) enters it now; if
+            // that cannot be written, its actions wait for the retry (`execute`).
             self.machine_changed();
             self.persist_logged();
         }
@@ -181,9 +225,12 @@ impl Core {
     /// Drops the restart in progress (the service is being stopped).
     pub(super) fn abandon_restart(&mut self, why: &str) {
         if self.state.restart.take().is_some() {
+            // The service is being stopped whatever the write says (a failed write leaves the
+            // machine on disk, and a restarted daemon resumes it with whatever then runs).
             self.machine_changed();
             self.persist_logged();
         }
+        self.unwritten.clear();
         self.restart_waits = RestartWaits::default();
         for to in std::mem::take(&mut self.restart_replies) {
             self.reply(to, Err(why.to_owned()));
@@ -195,7 +242,8 @@ impl Core {
         self.drive();
     }
 
-    /// Feeds queued inputs to the machine, persisting it before its actions run.
+    /// Feeds queued inputs to the machine, persisting it before its actions run (a step that
+    /// cannot be written keeps its actions; see [`Core::execute`]).
     pub(super) fn drive(&mut self) {
         while let Some((epoch, input)) = self.restart_waits.inputs.pop_front() {
             let Some(machine) = self.state.restart.as_mut() else {
@@ -219,8 +267,23 @@ impl Core {
         }
     }
 
-    /// Runs the machine's actions that may run now (see [`Core::gate`]).
+    /// Runs the machine's actions that may run now (see [`Core::gate`]). While the machine in
+    /// memory is not the one last written (its write failed), they are kept, after any kept
+    /// before, and run in order once a write succeeds ([`Core::run_written`]).
     pub(super) fn execute(&mut self, actions: Vec<Action>) {
+        if !self.machine_written() {
+            if !actions.is_empty() {
+                tracing::warn!(service = %self.name, ?actions, "restart step not written; its actions wait for the state to be written");
+            }
+            self.unwritten.extend(actions);
+            return;
+        }
+        let mut actions = actions;
+        if self.holds_unwritten() {
+            let mut held = std::mem::take(&mut self.unwritten);
+            held.append(&mut actions);
+            actions = held;
+        }
         let actions = self.gate(actions);
         self.carry_out(actions);
     }
@@ -574,8 +637,8 @@ impl Core {
         let Some(machine) = self.state.restart.take() else {
             return;
         };
+        let (applied, failed) = (self.state.applied.clone(), self.state.failed.clone());
         self.machine_changed();
-        self.restart_waits = RestartWaits::default();
         match &result {
             Ok(()) => {
                 tracing::info!(service = %self.name, restarted = ?machine.done, "restart finished");
@@ -599,7 +662,17 @@ impl Core {
                 });
             }
         }
-        self.persist_logged();
+        if self.persist().is_err() {
+            // Its end is not written: nothing follows from it yet (no reply, no deploy record,
+            // no `post_restart`, no slot release, no next restart). The finished machine stays,
+            // as written, and the end is carried out again once a write succeeds.
+            self.state.restart = Some(machine);
+            self.state.applied = applied;
+            self.state.failed = failed;
+            self.unwritten.push(Action::Finished(result));
+            return;
+        }
+        self.restart_waits = RestartWaits::default();
         self.deploy_after_restart(&result);
         let answer = match &result {
             Ok(()) => Ok(format!(

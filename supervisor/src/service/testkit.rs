@@ -317,7 +317,15 @@ impl World {
             println!("{} <- {event:?}", self.now);
         }
         let held = self.host.lock().unwrap().slot_valid && self.connected;
-        let batch = self.core.state.restart.as_ref().map(|m| m.batch.clone());
+        let writes_fail = self.host.lock().unwrap().fail_store;
+        // A machine that finished (its end waiting for a write) keeps its failed batch there.
+        let batch = self.core.state.restart.as_ref().map(|m| {
+            if m.finished {
+                m.failed_batch.clone()
+            } else {
+                m.batch.clone()
+            }
+        });
         let failed = self.core.state.failed.as_ref().map(|f| f.reason.clone());
         let effects = self.core.handle(event, self.now);
         // A failed restart leaves its batch as it is (reported in `last_restart_error`): a member
@@ -333,6 +341,9 @@ impl World {
             for effect in &effects {
                 println!("{}    -> {effect:?}", self.now);
             }
+        }
+        if writes_fail {
+            self.check_nothing_unwritten_runs(&effects);
         }
         self.apply(effects);
         self.check_persisted();
@@ -409,7 +420,8 @@ impl World {
     /// Slot before batch: a batch passes its gate (and may drain or stop anything) only while
     /// the slot holds and ZooKeeper is reachable (`held` is what held before the event).
     fn check_slot(&mut self, held: bool) {
-        if !self.core.fleet || self.core.batch_held() {
+        // A batch held for a slot, or whose first step is not written yet, has not begun.
+        if !self.core.fleet || self.core.batch_held() || self.core.batch_unwritten() {
             return;
         }
         let Some(m) = self.core.state.restart.as_ref() else {
@@ -424,8 +436,8 @@ impl World {
         }
     }
 
-    /// Persist before act: while a restart runs, the machine last written is the one whose step
-    /// is being carried out.
+    /// Persist before act: while a restart runs, the machine last written (successfully) is the
+    /// one whose step is being carried out, or the core holds that step's actions until it is.
     fn check_persisted(&mut self) {
         let Some(m) = self.core.state.restart.as_ref() else {
             return;
@@ -434,15 +446,44 @@ impl World {
             .host
             .lock()
             .unwrap()
-            .last_store
+            .written
             .as_ref()
             .and_then(|s| s.restart.as_ref())
             .map(|w| (w.epoch, w.step, w.batch.clone(), w.version));
-        if written != Some((m.epoch, m.step, m.batch.clone(), m.version)) {
+        if written != Some((m.epoch, m.step, m.batch.clone(), m.version))
+            && !self.core.holds_unwritten()
+        {
             self.violation(format!(
                 "restart step {:?} of batch {:?} (epoch {}) runs unwritten (written: {written:?})",
                 m.step, m.batch, m.epoch
             ));
+        }
+    }
+
+    /// Persist before act, from the effects: during an event in which every write fails, no
+    /// effect of a restart step carries an epoch other than the one last written (the step
+    /// being carried out is the written one; a newer step waits).
+    fn check_nothing_unwritten_runs(&mut self, effects: &[Effect]) {
+        let written = self
+            .host
+            .lock()
+            .unwrap()
+            .written
+            .as_ref()
+            .and_then(|s| s.restart.as_ref())
+            .map(|w| w.epoch);
+        for effect in effects {
+            let epoch = match effect {
+                Effect::Check { epoch, .. }
+                | Effect::WarmUp { epoch, .. }
+                | Effect::RestartSignal { epoch, .. } => *epoch,
+                _ => continue,
+            };
+            if written != Some(epoch) {
+                self.violation(format!(
+                    "{effect:?} of epoch {epoch} went out while no write succeeded (written: {written:?})"
+                ));
+            }
         }
     }
 

@@ -400,7 +400,7 @@ fn persist_before_act_table() {
 }
 
 /// The core's own assertion: a restart action of a machine that changed after its last write
-/// is a panic.
+/// is a panic (`execute` keeps such actions; carrying one out directly is the bug it catches).
 #[test]
 #[should_panic(expected = "before the machine was persisted")]
 fn a_restart_action_before_its_write_panics() {
@@ -409,7 +409,7 @@ fn a_restart_action_before_its_write_panics() {
     let actions = machine.resume();
     world.core.state.restart = Some(machine);
     world.core.machine_changed();
-    world.core.execute(actions);
+    world.core.carry_out(actions);
 }
 
 /// Slot before batch: on the fleet backend no batch drains or stops anything before the host
@@ -922,4 +922,228 @@ fn a_host_shutdown_starts_nothing_and_ends_when_iptables_fails() {
     );
     assert!(world.violations.is_empty(), "{:?}", world.violations);
     assert!(world.core.finished().is_some(), "the service did not end");
+}
+
+/// Events delivered while the disk is full in the persist-before-act tables (retry timers and
+/// outcomes of what was already under way; nothing new may begin).
+const WHILE_FULL: usize = 300;
+
+/// Persist before act, for a restart under way: from whichever event on the state cannot be
+/// written, nothing of a step that was not written goes out (the world checks every effect's
+/// epoch and the machine against what was written), no instance outside the written batch is
+/// stopped or started, status shows the write error, the caller is not answered unless the
+/// restart's end was written; once writes succeed again the retry (after
+/// `STATE_WRITE_RETRY_MS`) lets the same restart finish.
+#[test]
+fn a_restart_step_runs_only_after_its_write_table() {
+    for strategy in [
+        StrategyName::Drain,
+        StrategyName::Rolling,
+        StrategyName::AllAtOnce,
+        StrategyName::Signal,
+    ] {
+        // Up to 60 events in: every step of the three batches, and past the end.
+        for k in 0..60 {
+            let mut world = serving(config(3, true, strategy), false);
+            let reply = world.control(Action::Restart, None);
+            for _ in 0..k {
+                world.step();
+            }
+            let written = world
+                .host
+                .lock()
+                .unwrap()
+                .written
+                .clone()
+                .unwrap_or_default();
+            let answered_before = world.replies.contains_key(&reply);
+            world.host.lock().unwrap().fail_store = true;
+            let from = world.journal.len();
+            world.step();
+            let blocked = world.core.holds_unwritten();
+            world.settle(WHILE_FULL);
+            let row = format!("{strategy:?} after {k} events");
+            assert!(world.violations.is_empty(), "{row}: {:?}", world.violations);
+            let batch: BTreeSet<u32> = written
+                .restart
+                .as_ref()
+                .filter(|m| !m.finished)
+                .map(|m| m.in_flight().iter().copied().collect())
+                .unwrap_or_default();
+            for (_, effect) in &world.journal[from..] {
+                let index = match effect {
+                    super::core::Effect::Stop { index, .. }
+                    | super::core::Effect::Spawn { index, .. }
+                    | super::core::Effect::RestartSignal { index, .. } => *index,
+                    _ => continue,
+                };
+                assert!(
+                    batch.contains(&index),
+                    "{row}: {effect:?} outside the written batch {batch:?}"
+                );
+            }
+            if written.restart.is_some() && !answered_before {
+                assert!(
+                    !world.replies.contains_key(&reply),
+                    "{row}: answered {:?} while its end could not be written",
+                    world.replies.get(&reply)
+                );
+            }
+            if blocked || world.core.holds_unwritten() {
+                let status = world.core.status_at(super::core::Now::same(world.now));
+                assert!(
+                    status
+                        .state_write_error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("web.json")),
+                    "{row}: status shows {:?}",
+                    status.state_write_error
+                );
+            }
+            // Space again: the retry writes the state and the restart goes on to its end.
+            world.host.lock().unwrap().fail_store = false;
+            world.settle(SETTLE);
+            assert!(world.violations.is_empty(), "{row}: {:?}", world.violations);
+            assert!(
+                world.core.state.restart.is_none(),
+                "{row}: a restart is left"
+            );
+            assert!(
+                matches!(world.replies.get(&reply), Some(Ok(_))),
+                "{row}: {:?}",
+                world.replies.get(&reply)
+            );
+            assert_eq!(
+                world
+                    .core
+                    .status_at(super::core::Now::same(world.now))
+                    .state_write_error,
+                None,
+                "{row}"
+            );
+            assert_eq!(
+                world
+                    .host
+                    .lock()
+                    .unwrap()
+                    .written
+                    .as_ref()
+                    .map(|s| s.restart.is_none()),
+                Some(true),
+                "{row}: the end is not written"
+            );
+        }
+    }
+}
+
+/// Persist before act, for a deploy: `post_restart` (which prunes releases by the recorded
+/// build) goes out only once the build the instances now run is written; a deploy whose restart
+/// cannot be written fails naming the state file and nothing is restarted.
+#[test]
+fn a_deploy_records_its_build_before_post_restart_table() {
+    let build_config = |mut config: ServiceConfig| {
+        config.build = Some(
+            serde_json::from_value(serde_json::json!({"source": "file:///builds/{build}.tar.gz"}))
+                .unwrap(),
+        );
+        config
+    };
+    let post_restarts = |world: &World, from: usize, build: &str| {
+        world.journal[from..]
+            .iter()
+            .filter(|(_, e)| {
+                matches!(e, super::core::Effect::PostRestart { build: b, .. } if b == build)
+            })
+            .count()
+    };
+    for k in 0..40 {
+        let mut world = World::new(build_config(config(2, true, StrategyName::Drain)), false, 7);
+        world.handle(Event::Request(Request::Desired {
+            build: Some("b1".into()),
+        }));
+        world.settle(SETTLE);
+        assert_eq!(world.core.state.build.as_deref(), Some("b1"));
+        let from = world.journal.len();
+        world.handle(Event::Request(Request::Desired {
+            build: Some("b2".into()),
+        }));
+        for _ in 0..k {
+            world.step();
+        }
+        world.host.lock().unwrap().fail_store = true;
+        let recorded = |world: &World| {
+            world
+                .host
+                .lock()
+                .unwrap()
+                .written
+                .as_ref()
+                .and_then(|s| s.build.clone())
+                == Some("b2".into())
+        };
+        let recorded_before = recorded(&world);
+        let full_from = world.journal.len();
+        world.settle(WHILE_FULL);
+        let row = format!("b2 after {k} events");
+        assert!(world.violations.is_empty(), "{row}: {:?}", world.violations);
+        if !recorded_before {
+            assert_eq!(
+                post_restarts(&world, full_from, "b2"),
+                0,
+                "{row}: post_restart ran for a build not recorded"
+            );
+        }
+        world.host.lock().unwrap().fail_store = false;
+        world.settle(SETTLE);
+        assert!(world.violations.is_empty(), "{row}: {:?}", world.violations);
+        let status = world.core.status_at(super::core::Now::same(world.now));
+        assert_eq!(status.state_write_error, None, "{row}");
+        if world.core.state.failed.is_some() {
+            // The disk filled before its restart was written: the deploy failed, naming the
+            // file, and b1 still serves.
+            let error = status.deploy_error.unwrap_or_default();
+            assert!(error.contains("web.json"), "{row}: {error}");
+            assert_eq!(world.core.state.build.as_deref(), Some("b1"), "{row}");
+            assert_eq!(post_restarts(&world, from, "b2"), 0, "{row}");
+        } else {
+            assert!(recorded(&world), "{row}: b2 never recorded");
+            assert_eq!(post_restarts(&world, from, "b2"), 1, "{row}");
+            assert_eq!(status.deploy_error, None, "{row}");
+        }
+    }
+}
+
+/// A refused local deploy (its state cannot be written) changes nothing: the desired builds
+/// stay as they were, also once later writes succeed.
+#[test]
+fn a_local_deploy_that_cannot_be_written_is_forgotten() {
+    let mut world = serving(config(1, false, StrategyName::Rolling), false);
+    world.host.lock().unwrap().fail_store = true;
+    let reply = world.request(|reply| Request::Local {
+        verb: super::LocalVerb::Deploy {
+            build: "b9".into(),
+            canary: false,
+        },
+        reply,
+    });
+    assert!(
+        matches!(world.replies.get(&reply), Some(Err(e)) if e.contains("no space left on device")),
+        "{:?}",
+        world.replies.get(&reply)
+    );
+    assert_eq!(world.core.state.local.enabled, None);
+    world.host.lock().unwrap().fail_store = false;
+    world.settle(SETTLE);
+    let written = world.host.lock().unwrap().written.clone().unwrap();
+    assert_eq!(
+        written.local.enabled, None,
+        "the refused deploy was written later"
+    );
+    assert_eq!(
+        world
+            .core
+            .status_at(super::core::Now::same(world.now))
+            .state_write_error,
+        None
+    );
 }
