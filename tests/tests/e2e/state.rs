@@ -425,6 +425,27 @@ fn stop_and_restart_end_at_their_bound_while_iptables_fails() {
     for port in ["9300", "9301"] {
         assert!(rules.contains(port), "{rules}");
     }
+
+    // `sluice shutdown` stops them anyway once the bound has passed: the host is going down.
+    let out = h.sluice(&["shutdown"]).success();
+    assert!(out.elapsed < slack, "{out}");
+    h.wait_daemon_exit(PATIENCE);
+    for pid in s.pids("web").into_iter().flatten() {
+        let deadline = Instant::now() + PATIENCE;
+        while procs::is_live(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "pid {pid} still runs after shutdown"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let log = std::fs::read_to_string(h.path("daemon.log")).unwrap();
+    assert!(
+        log.contains("stopping it anyway, every instance is being stopped"),
+        "{}",
+        h.daemon_log_tail()
+    );
 }
 
 /// How many descriptors of the daemon point to `path`.
