@@ -189,6 +189,8 @@ pub enum Request {
     ConfigError(Option<String>),
     /// ZooKeeper nodes this service obeys that the world may write (read after each connect).
     WorldWritable(Vec<String>),
+    /// The fleet's restart limit is invalid (why, naming the node) or valid again.
+    SlotError(Option<String>),
     /// `sluice deploy`, `promote`, `rollback` on the local backend.
     Local { verb: LocalVerb, reply: ReplyId },
 }
@@ -388,7 +390,9 @@ pub enum Effect {
     },
     /// Ask ZooKeeper for a fleet restart slot; answers `Slot`.
     AcquireSlot,
-    ReleaseSlot,
+    /// Release the fleet slot once ZooKeeper acknowledged this status of the host (the end of
+    /// its restart), published with it: the next host never sees this one still restarting.
+    ReleaseSlot(Box<HostStatus>),
     PublishHostStatus(Box<HostStatus>),
     Reply {
         to: ReplyId,
@@ -851,6 +855,7 @@ impl Core {
             Request::Connection(connected) => self.set_connected(connected),
             Request::ConfigError(error) => self.deploy.config_error = error,
             Request::WorldWritable(nodes) => self.deploy.world_writable = nodes,
+            Request::SlotError(error) => self.deploy.slot_error = error,
             Request::Local { verb, reply } => {
                 let result = self.local_deploy(verb);
                 self.reply(reply, result);
@@ -1544,6 +1549,7 @@ impl Core {
             deploy: self.deploy.deploy.clone(),
             deploy_error: self.deploy.last_error.clone(),
             config_error: self.deploy.config_error.clone(),
+            slot_error: self.deploy.slot_error.clone(),
             world_writable_nodes: self.deploy.world_writable.clone(),
             cgroups_error: self.cgroups_error(),
         }

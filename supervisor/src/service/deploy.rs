@@ -35,6 +35,9 @@ pub(super) struct Coordination {
     pub(super) config_error: Option<String>,
     /// Nodes this service obeys that the world may write (see `Zk::world_writable`).
     pub(super) world_writable: Vec<String>,
+    /// The fleet's restart limit holds invalid data (`restarting`): no slot is granted to any
+    /// host, so this host's next batch waits; shown in status and in the host's status node.
+    pub(super) slot_error: Option<String>,
     /// The executor holds a fleet slot for this service (whether it is still valid is asked of
     /// [`super::env::Env::slot_valid`]).
     slot: bool,
@@ -243,8 +246,8 @@ impl Core {
             }
             _ => {}
         }
-        // Publish the end of the restart before the slot goes: another host may take it at once.
-        self.publish_status();
+        // The end of the restart is published with the release, which waits until ZooKeeper
+        // acknowledged it before it deletes the lease: another host may take the slot at once.
         self.release_slot();
     }
 
@@ -328,10 +331,17 @@ impl Core {
         }
     }
 
+    /// Gives the slot back. The effect carries this host's status as it is now (the restart
+    /// ended, or never began): the executor publishes it and deletes the lease only once
+    /// ZooKeeper acknowledged it, so the order is not left to two tasks.
     fn release_slot(&mut self) {
         self.deploy.held.clear();
         if std::mem::take(&mut self.deploy.slot) {
-            self.emit(Effect::ReleaseSlot);
+            let host = self.host_status();
+            self.deploy.last_published = Some(host.clone());
+            let mut host = host;
+            host.updated_ms = Some(self.now);
+            self.emit(Effect::ReleaseSlot(Box::new(host)));
         }
     }
 
@@ -402,6 +412,18 @@ impl Core {
         if !self.fleet {
             return;
         }
+        let host = self.host_status();
+        if self.deploy.last_published.as_ref() == Some(&host) {
+            return;
+        }
+        self.deploy.last_published = Some(host.clone());
+        let mut host = host;
+        host.updated_ms = Some(self.now);
+        self.emit(Effect::PublishHostStatus(Box::new(host)));
+    }
+
+    /// This host's status node as the core stands now (`updated_ms` unset, for comparing).
+    fn host_status(&self) -> HostStatus {
         let state = match (&self.deploy.deploy, &self.state.restart) {
             (Some(d), _) => match d.phase {
                 DeployPhase::Installing | DeployPhase::PreRestart => HostState::Installing,
@@ -414,7 +436,7 @@ impl Core {
             (None, None) if self.deploy.last_error.is_some() => HostState::Failed,
             (None, None) => HostState::Serving,
         };
-        let host = HostStatus {
+        HostStatus {
             host: self.host_name.clone(),
             build: self.state.build.clone(),
             target_build: self.state.target_build.clone(),
@@ -441,19 +463,13 @@ impl Core {
                 .deploy
                 .config_error
                 .clone()
+                .or_else(|| self.deploy.slot_error.clone())
                 .or_else(|| self.deploy.last_error.clone())
                 .or_else(|| self.state.failed.as_ref().map(|f| f.reason.clone())),
             restart_started_ms: self.deploy.restart_started_ms,
             restart_finished_ms: self.deploy.restart_finished_ms,
             updated_ms: None,
-        };
-        if self.deploy.last_published.as_ref() == Some(&host) {
-            return;
         }
-        self.deploy.last_published = Some(host.clone());
-        let mut host = host;
-        host.updated_ms = Some(self.now);
-        self.emit(Effect::PublishHostStatus(Box::new(host)));
     }
 
     /// What the hooks of this service's deploys need.

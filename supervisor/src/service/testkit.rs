@@ -672,7 +672,7 @@ impl World {
                 };
                 self.later(delay, Event::Deploy(DeployEvent::Slot(result)));
             }
-            Effect::ReleaseSlot => self.host.lock().unwrap().slot_valid = false,
+            Effect::ReleaseSlot(_) => self.host.lock().unwrap().slot_valid = false,
             Effect::Reply { to, result } => {
                 self.replies.insert(*to, result.clone());
             }
