@@ -174,10 +174,8 @@ fn lease_at(obs: &[LeaseObs], host: &str, start_ms: u64) -> Option<String> {
 pub fn check(limit: usize, polls: &BTreeMap<String, Vec<Poll>>, obs: &[LeaseObs]) -> Verdict {
     let mut v = Verdict::default();
     let gone = leases_gone(obs, &mut v);
-    let intervals: BTreeMap<&String, Vec<(u64, u64)>> = polls
-        .iter()
-        .map(|(h, p)| (h, batch_intervals(p)))
-        .collect();
+    let intervals: BTreeMap<&String, Vec<(u64, u64)>> =
+        polls.iter().map(|(h, p)| (h, batch_intervals(p))).collect();
     // The count changes only where an interval begins: check at every start.
     let starts: BTreeSet<u64> = intervals.values().flatten().map(|i| i.0).collect();
     for t in starts {
@@ -189,9 +187,9 @@ pub fn check(limit: usize, polls: &BTreeMap<String, Vec<Poll>>, obs: &[LeaseObs]
             };
             inside.push(host.as_str());
             let lease = lease_at(obs, host, s);
-            let lost = gone.iter().any(|g| {
-                g.lost && Some(&g.lease.name) == lease.as_ref() && g.after_ms < t
-            });
+            let lost = gone
+                .iter()
+                .any(|g| g.lost && Some(&g.lease.name) == lease.as_ref() && g.after_ms < t);
             if lost {
                 exempt += 1;
             }
@@ -264,13 +262,18 @@ async fn record(servers: String, base: String, stop: Arc<AtomicBool>) -> Vec<Lea
                 .with_session_timeout(Duration::from_millis(RECORDER_SESSION_TIMEOUT_MS))
                 .connect(&servers);
             let bound = Duration::from_millis(RECORDER_SESSION_TIMEOUT_MS);
-            client = tokio::time::timeout(bound, connect).await.ok().and_then(Result::ok);
+            client = tokio::time::timeout(bound, connect)
+                .await
+                .ok()
+                .and_then(Result::ok);
         }
         if let Some(c) = &client {
             let bound = Duration::from_millis(RECORDER_READ_TIMEOUT_MS);
             match tokio::time::timeout(bound, observe(c, &base)).await {
                 Ok(Ok(o)) => out.push(o),
-                Ok(Err(zookeeper_client::Error::SessionExpired | zookeeper_client::Error::ClientClosed)) => {
+                Ok(Err(
+                    zookeeper_client::Error::SessionExpired | zookeeper_client::Error::ClientClosed,
+                )) => {
                     client = None;
                 }
                 // A server stopped or electing: a gap in the history.
@@ -437,7 +440,11 @@ pub fn seeds(default: usize) -> Vec<u64> {
         }
         Ok(text) => text
             .split(',')
-            .map(|s| s.trim().parse().expect("SLUICE_NEMESIS_SEEDS: seeds are u64"))
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .expect("SLUICE_NEMESIS_SEEDS: seeds are u64")
+            })
             .collect(),
         Err(_) => (0..default).map(|_| rand::random::<u32>().into()).collect(),
     }
@@ -490,7 +497,14 @@ mod tests {
 
     #[test]
     fn intervals_are_read_conservatively() {
-        let p = polls(&[(0, false), (100, true), (200, true), (300, false), (400, true), (500, false)]);
+        let p = polls(&[
+            (0, false),
+            (100, true),
+            (200, true),
+            (300, false),
+            (400, true),
+            (500, false),
+        ]);
         // The lone poll at 400 proves no interval; the first run is 110..200.
         assert_eq!(batch_intervals(&p), vec![(110, 200)]);
     }
@@ -498,10 +512,20 @@ mod tests {
     #[test]
     fn two_hosts_in_a_batch_with_live_leases_is_a_violation() {
         let mut p = BTreeMap::new();
-        p.insert("h1".to_owned(), polls(&[(100, true), (500, true), (600, false)]));
-        p.insert("h2".to_owned(), polls(&[(200, true), (400, true), (700, false)]));
+        p.insert(
+            "h1".to_owned(),
+            polls(&[(100, true), (500, true), (600, false)]),
+        );
+        p.insert(
+            "h2".to_owned(),
+            polls(&[(200, true), (400, true), (700, false)]),
+        );
         let o = vec![
-            obs(50, &[("lease-h1-1", "h1", 1), ("lease-h2-2", "h2", 2)], &[("h1", 1, "restarting"), ("h2", 2, "waiting")]),
+            obs(
+                50,
+                &[("lease-h1-1", "h1", 1), ("lease-h2-2", "h2", 2)],
+                &[("h1", 1, "restarting"), ("h2", 2, "waiting")],
+            ),
             obs(800, &[], &[("h1", 1, "serving"), ("h2", 2, "serving")]),
         ];
         let v = check(1, &p, &o);
@@ -512,17 +536,30 @@ mod tests {
     #[test]
     fn a_lease_lost_with_its_session_allows_one_more() {
         let mut p = BTreeMap::new();
-        p.insert("h1".to_owned(), polls(&[(100, true), (900, true), (1000, false)]));
-        p.insert("h2".to_owned(), polls(&[(500, true), (800, true), (1100, false)]));
+        p.insert(
+            "h1".to_owned(),
+            polls(&[(100, true), (900, true), (1000, false)]),
+        );
+        p.insert(
+            "h2".to_owned(),
+            polls(&[(500, true), (800, true), (1100, false)]),
+        );
         let o = vec![
-            obs(50, &[("lease-h1-1", "h1", 1), ("lease-h2-2", "h2", 2)], &[("h1", 1, "restarting"), ("h2", 2, "waiting")]),
+            obs(
+                50,
+                &[("lease-h1-1", "h1", 1), ("lease-h2-2", "h2", 2)],
+                &[("h1", 1, "restarting"), ("h2", 2, "waiting")],
+            ),
             // h1's session expired: its lease and status went together.
             obs(300, &[("lease-h2-2", "h2", 2)], &[("h2", 2, "waiting")]),
             obs(1200, &[], &[("h1", 3, "serving"), ("h2", 2, "serving")]),
         ];
         let v = check(1, &p, &o);
         assert!(v.violations.is_empty(), "{v:?}");
-        assert_eq!((v.max_concurrent, v.allowed_oversubscriptions, v.lost_leases), (2, 1, 1));
+        assert_eq!(
+            (v.max_concurrent, v.allowed_oversubscriptions, v.lost_leases),
+            (2, 1, 1)
+        );
     }
 
     #[test]

@@ -639,7 +639,15 @@ mod unit {
         assert_eq!(limit(Some(b"")), Ok(1));
         assert_eq!(limit(Some(b" 3\n")), Ok(3));
         assert_eq!(limit(Some(b"10000")), Ok(10_000));
-        let bad: [&[u8]; 7] = [b"0", b"x", b"-1", b"1.5", b"10001", b"99999999999999999999999", b"\xff"];
+        let bad: [&[u8]; 7] = [
+            b"0",
+            b"x",
+            b"-1",
+            b"1.5",
+            b"10001",
+            b"99999999999999999999999",
+            b"\xff",
+        ];
         for data in bad {
             let e = limit(Some(data)).unwrap_err();
             assert!(e.contains("must be a whole number from 1 to 10000"), "{e}");

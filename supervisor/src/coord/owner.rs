@@ -20,8 +20,8 @@ use tokio::task::JoinHandle;
 use zookeeper_client::{Client, CreateMode, EventType, OneshotWatcher, SessionState};
 
 use super::{
-    AclSet, CoordError, CoordEvent, RECONNECT_MAX_MS, RECONNECT_MIN_MS, RETRY_MAX_MS, ServiceView,
-    Published, Session, Shared, backoff, build_id, check_name, parse_limit, parse_role,
+    AclSet, CoordError, CoordEvent, Published, RECONNECT_MAX_MS, RECONNECT_MIN_MS, RETRY_MAX_MS,
+    ServiceView, Session, Shared, backoff, build_id, check_name, parse_limit, parse_role,
     service_path, status_path,
 };
 

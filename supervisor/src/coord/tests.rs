@@ -715,7 +715,9 @@ async fn the_end_of_a_restart_is_acknowledged_before_the_slot_is_released() {
     let status_path = "/services/web/status/h1";
     zk.publish_status("web", serde_json::json!({"state": "restarting"}));
     eventually("the restarting status is written", || async {
-        raw.get_data(status_path).await.is_ok_and(|(d, _)| d == br#"{"state":"restarting"}"#)
+        raw.get_data(status_path)
+            .await
+            .is_ok_and(|(d, _)| d == br#"{"state":"restarting"}"#)
     })
     .await;
     let slot = tokio::time::timeout(Duration::from_millis(WAIT_MS), zk.acquire_slot("web"))
@@ -727,7 +729,10 @@ async fn the_end_of_a_restart_is_acknowledged_before_the_slot_is_released() {
     let lease = format!("/services/web/restarting/{}", leases[0]);
 
     // The status node refuses writes for now.
-    let read_only = [Acl::new(Permission::READ | Permission::ADMIN, AuthId::anyone())];
+    let read_only = [Acl::new(
+        Permission::READ | Permission::ADMIN,
+        AuthId::anyone(),
+    )];
     raw.set_acl(status_path, &read_only, None).await.unwrap();
     let end = serde_json::json!({"state": "serving", "restart_finished_ms": 42});
     let seq = zk.publish_status("web", end.clone());
@@ -741,9 +746,13 @@ async fn the_end_of_a_restart_is_acknowledged_before_the_slot_is_released() {
         "the lease was deleted before the end of the restart was acknowledged"
     );
     let (_, watch) = raw.check_and_watch_stat(&lease).await.unwrap();
-    raw.set_acl(status_path, &[Acl::new(Permission::ALL, AuthId::anyone())], None)
-        .await
-        .unwrap();
+    raw.set_acl(
+        status_path,
+        &[Acl::new(Permission::ALL, AuthId::anyone())],
+        None,
+    )
+    .await
+    .unwrap();
     let event = tokio::time::timeout(Duration::from_millis(WAIT_MS), watch.changed())
         .await
         .expect("the lease is deleted once the status is written");
@@ -775,11 +784,8 @@ async fn an_invalid_limit_grants_no_slot_until_it_is_fixed() {
         raw.set_data("/services/web/restarting", bad, None)
             .await
             .unwrap();
-        let waiting = tokio::time::timeout(
-            Duration::from_millis(QUIET_MS * 2),
-            zk.acquire_slot("web"),
-        )
-        .await;
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(QUIET_MS * 2), zk.acquire_slot("web")).await;
         assert!(waiting.is_err(), "a slot was granted under {bad:?}");
     }
     let waiter = {

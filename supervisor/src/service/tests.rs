@@ -531,7 +531,12 @@ fn a_session_lost_mid_batch_finishes_the_batch_and_waits_for_a_new_slot() {
         world.step();
     }
     assert!(world.violations.is_empty(), "{:?}", world.violations);
-    let machine = world.core.state.restart.as_ref().expect("the restart waits");
+    let machine = world
+        .core
+        .state
+        .restart
+        .as_ref()
+        .expect("the restart waits");
     assert_eq!(machine.done, vec![0], "the batch in flight finished");
     assert!(world.core.batch_held(), "the next batch waits for a slot");
     let stops = |w: &World| {
@@ -560,8 +565,14 @@ fn a_session_lost_mid_batch_finishes_the_batch_and_waits_for_a_new_slot() {
         .iter()
         .position(|(_, e)| matches!(e, super::core::Effect::Stop { .. }))
         .expect("the next batch ran");
-    assert!(acquire < next_stop, "a batch began before a new slot was asked for");
-    assert!(asked_before <= 1, "no slot was asked for while ZooKeeper was away");
+    assert!(
+        acquire < next_stop,
+        "a batch began before a new slot was asked for"
+    );
+    assert!(
+        asked_before <= 1,
+        "no slot was asked for while ZooKeeper was away"
+    );
     assert!(
         matches!(world.replies.get(&reply), Some(Ok(_))),
         "{:?}",
