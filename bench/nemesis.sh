@@ -29,7 +29,7 @@ if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
     echo "== cargo build --workspace --bins; the e2e test binary" >&2
     timeout 1800 cargo build --workspace --bins
 fi
-bin=$(timeout 1800 cargo test -p sluice-tests --test e2e --no-run --message-format=json 2>/dev/null |
+bin=$(timeout 1800 cargo test --workspace --test e2e --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
