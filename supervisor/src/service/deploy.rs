@@ -41,6 +41,11 @@ pub(super) struct Coordination {
     /// The executor holds a fleet slot for this service (whether it is still valid is asked of
     /// [`super::env::Env::slot_valid`]).
     slot: bool,
+    /// ZooKeeper answered an acquire of the slot since the last batch began: one batch may
+    /// begin on it. The next batch asks again (the same lease comes back at once while the
+    /// session lives), so a batch never begins on a lease that a session cut off from
+    /// ZooKeeper may have lost before the client noticed.
+    slot_fresh: bool,
     slot_pending: bool,
     /// Actions of a restart held at a batch's start until a slot is held.
     held: Vec<Action>,
@@ -266,9 +271,10 @@ impl Core {
         self.maybe_deploy();
     }
 
-    /// Holds the actions of a restart at the start of a batch until a fleet slot is held and
-    /// ZooKeeper is reachable: no instance is stopped while ZooKeeper is away, and never more
-    /// hosts restart than the fleet allows. Returns what may run now.
+    /// Holds the actions of a restart at the start of a batch until a fleet slot is held, just
+    /// confirmed by ZooKeeper, and ZooKeeper is reachable: no instance is stopped while
+    /// ZooKeeper is away, and never more hosts restart than the fleet allows (beyond the batches
+    /// in flight of hosts whose sessions expired). Returns what may run now.
     pub(super) fn gate(&mut self, actions: Vec<Action>) -> Vec<Action> {
         if !self.fleet {
             return actions;
@@ -279,17 +285,25 @@ impl Core {
             .as_ref()
             .is_some_and(|m| m.at_batch_start());
         let holding = self.slot_holding();
-        if !at_start || holding {
-            if at_start && self.deploy.restart_started_ms.is_none() {
-                self.deploy.restart_started_ms = Some(self.now);
-                self.deploy.restart_finished_ms = None;
+        if !at_start || holding && self.deploy.slot_fresh {
+            if at_start {
+                // Spent: the next batch has the lease confirmed again.
+                self.deploy.slot_fresh = false;
+                if self.deploy.restart_started_ms.is_none() {
+                    self.deploy.restart_started_ms = Some(self.now);
+                    self.deploy.restart_finished_ms = None;
+                }
             }
             return actions;
         }
         if self.deploy.deploy.is_some() {
             self.set_phase(DeployPhase::WaitingSlot);
         }
-        tracing::info!(service = %self.name, "waiting for a restart slot before the next batch");
+        if holding {
+            tracing::info!(service = %self.name, "confirming the restart slot before the next batch");
+        } else {
+            tracing::info!(service = %self.name, "waiting for a restart slot before the next batch");
+        }
         self.deploy.held.extend(actions);
         self.request_slot_if_needed();
         Vec::new()
@@ -313,6 +327,7 @@ impl Core {
                 tracing::info!(service = %self.name, "holding a restart slot");
                 // The executor released the slot it held before, if any.
                 self.deploy.slot = true;
+                self.deploy.slot_fresh = true;
                 if self.state.restart.is_none() {
                     self.release_slot();
                     return;
@@ -336,6 +351,7 @@ impl Core {
     /// ZooKeeper acknowledged it, so the order is not left to two tasks.
     fn release_slot(&mut self) {
         self.deploy.held.clear();
+        self.deploy.slot_fresh = false;
         if std::mem::take(&mut self.deploy.slot) {
             let host = self.host_status();
             self.deploy.last_published = Some(host.clone());

@@ -621,3 +621,36 @@ fn a_log_dir_is_never_made_through_a_planted_link() {
     assert!(shared.join("web/logs").is_dir());
     make_log_dir(&shared.join("web/logs")).unwrap();
 }
+
+/// An invalid fleet limit reaches `status` (`slot_error`) and the host's status node
+/// (`last_error`), naming the node, while the restart waits for a slot (issue 10).
+#[test]
+fn an_invalid_fleet_limit_is_shown_in_status_and_in_the_host_status() {
+    let mut world = serving(config(2, true, StrategyName::Drain), true);
+    world.faults.slot_refused = 1.0;
+    let error = "node /services/web/restarting holds \"0\": max_hosts_restarting must be a whole \
+                 number from 1 to 10000";
+    world.handle(Event::Request(Request::SlotError(Some(error.into()))));
+    let _reply = world.control(Action::Restart, None);
+    for _ in 0..50 {
+        world.now += 1_000;
+        world.step();
+    }
+    assert_eq!(
+        world.core.status(world.now).slot_error.as_deref(),
+        Some(error)
+    );
+    let published = world
+        .journal
+        .iter()
+        .rev()
+        .find_map(|(_, e)| match e {
+            super::core::Effect::PublishHostStatus(h) => Some(h.clone()),
+            _ => None,
+        })
+        .expect("a host status was published");
+    assert_eq!(published.last_error.as_deref(), Some(error));
+    assert_eq!(published.state, crate::protocol::HostState::Waiting);
+    world.handle(Event::Request(Request::SlotError(None)));
+    assert_eq!(world.core.status(world.now).slot_error, None);
+}

@@ -345,3 +345,78 @@ fn zookeeper_faults_keep_the_restart_bound_and_lose_no_request() {
         seeds.len()
     );
 }
+
+/// Invalid data in `restarting` (`0`, garbage, a huge number) is an error naming the node in
+/// `sluice status` and in `sluice hosts`, not a silent stall; a deploy waits for its slot
+/// visibly, the serving build keeps serving, and `sluice limit` lets it go on.
+#[test]
+fn an_invalid_restart_limit_is_an_error_naming_the_node_not_a_silent_stall() {
+    const LIM: &str = "lim";
+    let Some(fleet) = Fleet::new(FleetOptions {
+        hosts: 1,
+        zookeepers: 1,
+    }) else {
+        return;
+    };
+    fleet.service(LIM, &sluice_tests::fleet::light_service(LIM));
+    fleet.start_daemons();
+    for id in ["l1", "l2"] {
+        let build = fleet.builds().good(LIM, id);
+        fleet.register(LIM, &build);
+    }
+    fleet.sluice(&["limit", LIM, "1"]).success();
+    fleet.sluice(&["deploy", LIM, "l1"]).success();
+    let h = fleet.host(0);
+    let on = |s: &Status, build: &str| {
+        s.service(LIM)["build"] == build && s.all_running(LIM, 1) && !s.restart_in_progress(LIM)
+    };
+    h.wait_until(|s| on(s, "l1"), PATIENCE * 6);
+
+    let node = format!("{ZK_CHROOT}/services/{LIM}/restarting");
+    for bad in ["0", "garbage", "99999999999"] {
+        fleet.zk().cli(&["set", &node, bad]).success();
+        let s = h.wait_until(
+            |s| {
+                s.service(LIM)["slot_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(&format!("holds \"{bad}\"")))
+            },
+            PATIENCE,
+        );
+        let error = s.service(LIM)["slot_error"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        assert!(
+            error.contains(&format!("/services/{LIM}/restarting")),
+            "the error names the node: {error}"
+        );
+    }
+    fleet.sluice(&["deploy", LIM, "l2"]).success();
+    let view = fleet.wait_hosts(
+        LIM,
+        |v| {
+            v.get("h1").is_some_and(|h| {
+                h["state"] == "waiting"
+                    && h["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains(&format!("/services/{LIM}/restarting")))
+            })
+        },
+        PATIENCE * 3,
+    );
+    println!("hosts view while the limit is invalid: {view:?}");
+    let text = fleet.sluice(&["hosts", LIM]).success();
+    assert!(
+        text.stdout.contains(&format!("/services/{LIM}/restarting")),
+        "`sluice hosts` names the node: {text}"
+    );
+    // Nothing restarted: the serving build serves.
+    let s = h.status();
+    assert_eq!(s.service(LIM)["build"], "l1", "{s}");
+    assert!(s.all_running(LIM, 1), "{s}");
+
+    fleet.sluice(&["limit", LIM, "1"]).success();
+    let s = h.wait_until(|s| on(s, "l2"), PATIENCE * 6);
+    assert!(s.service(LIM)["slot_error"].is_null(), "{s}");
+}
