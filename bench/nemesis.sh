@@ -11,6 +11,7 @@
 #   BENCH_SEEDS        how many random seeds, default 50; or SLUICE_NEMESIS_SEEDS=1,2,3 for given ones
 #   BENCH_CHUNK        seeds per fleet, default 10
 #   BENCH_SKIP_BUILD=1 skip the cargo builds
+#   SLUICE_NEMESIS_FAULTS=0  the same deploys without faults (the convergence baseline)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -46,7 +47,7 @@ unset CI
 
 {
     echo "# bench/nemesis.sh $(date -u +%FT%TZ) on $(uname -n): $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "# BENCH_SEEDS=$seeds_total BENCH_CHUNK=$chunk SLUICE_NEMESIS_SEEDS=${SLUICE_NEMESIS_SEEDS:-}"
+    echo "# BENCH_SEEDS=$seeds_total BENCH_CHUNK=$chunk SLUICE_NEMESIS_SEEDS=${SLUICE_NEMESIS_SEEDS:-} SLUICE_NEMESIS_FAULTS=${SLUICE_NEMESIS_FAULTS:-1} commit $(git -C "$repo" rev-parse --short HEAD)"
 } | tee "$log"
 
 run_chunk() {

@@ -9,6 +9,7 @@
 //!
 //! Seeds: `SLUICE_NEMESIS_SEEDS` (`1,2,3` or `random:N`), else 5 random ones; each is printed,
 //! and a failing one replays its faults (not the machine's timing) when given again.
+//! `SLUICE_NEMESIS_FAULTS=0` runs the same deploys without faults (a baseline).
 //! `bench/nemesis.sh` runs 50.
 
 use std::collections::BTreeMap;
@@ -146,7 +147,9 @@ fn run_seed(fleet: &Fleet, round: usize, seed: u64) -> Outcome {
         }
         let t0 = Instant::now();
         fleet.sluice(&["deploy", SVC, &build]).success();
-        let deadline = t0 + NEMESIS_MAX;
+        // `SLUICE_NEMESIS_FAULTS=0`: the same deploy without faults, the benchmark's baseline.
+        let faulty = std::env::var("SLUICE_NEMESIS_FAULTS").map_or(true, |v| v != "0");
+        let deadline = t0 + if faulty { NEMESIS_MAX } else { Duration::ZERO };
         while Instant::now() < deadline && !converged(fleet, &build) {
             std::thread::sleep(Duration::from_millis(rng.range(300, 1_500)));
             let pick = rng.range(0, 99);
