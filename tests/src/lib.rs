@@ -32,6 +32,7 @@ pub mod fixtures;
 pub mod fleet;
 pub mod load;
 pub mod matrix;
+pub mod nemesis;
 pub mod netns;
 pub mod watchdog;
 pub mod zk;

@@ -197,8 +197,9 @@ pub async fn main(
             service,
             max_hosts_restarting,
         } => {
-            if max_hosts_restarting == 0 {
-                bail!("max_hosts_restarting must be at least 1");
+            let max = crate::coord::MAX_HOSTS_RESTARTING_MAX;
+            if max_hosts_restarting == 0 || max_hosts_restarting > max {
+                bail!("max_hosts_restarting must be a whole number from 1 to {max}");
             }
             fleet
                 .set_max_hosts_restarting(&service, max_hosts_restarting)

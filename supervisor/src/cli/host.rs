@@ -293,6 +293,7 @@ fn service_line(service: &ServiceStatus) -> Option<String> {
         &service.deploy_error,
         &service.last_restart_error,
         &service.config_error,
+        &service.slot_error,
         &service.steering_error,
         &service.tree_error,
         &service.state_write_error,

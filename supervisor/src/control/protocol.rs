@@ -404,6 +404,10 @@ pub struct ServiceStatus {
     pub deploy_error: Option<String>,
     /// A bad configuration node in ZooKeeper; the last good configuration runs.
     pub config_error: Option<String>,
+    /// The fleet's restart limit (`/services/<svc>/restarting`) holds invalid data: no host is
+    /// granted a restart slot until it is fixed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_error: Option<String>,
     /// ZooKeeper nodes this service obeys whose ACL lets anyone write them (checked with a
     /// `digest_file`, after each connect): whoever reaches ZooKeeper can steer this service.
     #[serde(default)]

@@ -89,8 +89,9 @@ pub struct ServiceView {
     pub role: Role,
     /// Raw JSON text of the `config` node, unvalidated: the daemon validates and reports.
     pub config: Option<String>,
-    /// The data of `restarting` (absent, empty or not a number: 1).
-    pub max_hosts_restarting: u32,
+    /// The data of `restarting` (absent or empty: 1), or why it is invalid (the node's path
+    /// and its value, clipped): then no host is granted a slot.
+    pub max_hosts_restarting: Result<u32, String>,
 }
 
 impl ServiceView {
@@ -182,10 +183,22 @@ pub struct Zk {
     /// The current session, published by the owner (`None` while connecting).
     session: watch::Receiver<Option<Session>>,
     /// Statuses to publish, per service: the owner's status writer keeps them in ZooKeeper.
-    statuses: Arc<watch::Sender<BTreeMap<String, serde_json::Value>>>,
+    statuses: Arc<watch::Sender<BTreeMap<String, Published>>>,
+    /// Per service, the sequence number of the newest status ZooKeeper acknowledged (in any
+    /// session): what a slot's release waits for.
+    acked: Arc<watch::Sender<BTreeMap<String, u64>>>,
+    /// Sequence numbers of published statuses: later publications get higher ones.
+    next_status: Arc<std::sync::atomic::AtomicU64>,
     /// Builds this host serves to peers: the owner's peer writer keeps them in ZooKeeper.
     peers: Arc<watch::Sender<peers::PeerMap>>,
     shared: Arc<Shared>,
+}
+
+/// One status to publish, numbered so that an acknowledgement of a later one covers it.
+#[derive(Clone, Debug, PartialEq)]
+struct Published {
+    seq: u64,
+    value: serde_json::Value,
 }
 
 /// What never changes while a [`Zk`] lives.
@@ -215,6 +228,8 @@ impl Zk {
         let (session_tx, session_rx) = watch::channel(None);
         let (statuses_tx, _) = watch::channel(BTreeMap::new());
         let statuses = Arc::new(statuses_tx);
+        let (acked_tx, _) = watch::channel(BTreeMap::new());
+        let acked = Arc::new(acked_tx);
         let (peers_tx, _) = watch::channel(BTreeMap::new());
         let peers = Arc::new(peers_tx);
         let shared = Arc::new(Shared {
@@ -227,6 +242,7 @@ impl Zk {
             events_tx,
             session_tx,
             statuses.subscribe(),
+            acked.clone(),
             peers.subscribe(),
         );
         tokio::spawn(owner.run(requests_rx));
@@ -234,6 +250,8 @@ impl Zk {
             requests: requests_tx,
             session: session_rx,
             statuses,
+            acked,
+            next_status: Arc::new(std::sync::atomic::AtomicU64::new(1)),
             peers,
             shared,
         };
@@ -258,13 +276,24 @@ impl Zk {
     /// Publishes this host's status of `service` (ephemeral node). Returns at once: the owner's
     /// writer keeps the latest value in ZooKeeper, re-creating it after a session expiry.
     pub async fn set_status(&self, service: &str, status: serde_json::Value) {
+        self.publish_status(service, status);
+    }
+
+    /// [`Zk::set_status`] without an await, so that statuses published one after the other reach
+    /// the writer in that order. Returns the status's sequence number (0 for a service name that
+    /// cannot be a node), which [`Slot::release_after`] waits for.
+    pub fn publish_status(&self, service: &str, status: serde_json::Value) -> u64 {
         if let Err(e) = check_name("service", service) {
             tracing::warn!("not publishing a status: {e}");
-            return;
+            return 0;
         }
+        let seq = self
+            .next_status
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.statuses.send_modify(|statuses| {
-            statuses.insert(service.to_owned(), status);
+            statuses.insert(service.to_owned(), Published { seq, value: status });
         });
+        seq
     }
 
     /// Reads `/builds/<service>/<build>`; `None` when it does not exist.
@@ -494,7 +523,7 @@ fn restarting_path(service: &str) -> String {
 pub fn parse_node_data_for_fuzzing(data: &[u8]) {
     let _ = parse_build_meta("/builds/fuzz/b1", data);
     let _ = build_id(Some(data.to_vec()));
-    let _ = parse_limit(Some(data));
+    let _ = parse_limit("/services/fuzz/restarting", Some(data));
     let _ = parse_role(Some(data));
 }
 
@@ -512,18 +541,29 @@ fn build_id(data: Option<Vec<u8>>) -> Option<String> {
         .map(|d| String::from_utf8_lossy(&d).into_owned())
 }
 
-/// The restart limit from the data of `restarting`: absent, empty or garbage is 1.
-fn parse_limit(data: Option<&[u8]>) -> u32 {
-    let Some(data) = data else { return 1 };
+/// Largest `max_hosts_restarting` taken as meant: anything above is taken for a typing error
+/// (a fleet never has this many hosts restarting on purpose).
+pub const MAX_HOSTS_RESTARTING_MAX: u32 = 10_000;
+
+/// The restart limit from the data of `restarting`: absent or empty is 1; anything but a whole
+/// number from 1 to [`MAX_HOSTS_RESTARTING_MAX`] is an error naming the value (clipped). No
+/// slot is granted while the limit is invalid: sluice does not guess what was meant.
+fn parse_limit(path: &str, data: Option<&[u8]>) -> Result<u32, String> {
+    let Some(data) = data else { return Ok(1) };
     let text = String::from_utf8_lossy(data);
     let text = text.trim();
     if text.is_empty() {
-        return 1;
+        return Ok(1);
     }
-    text.parse().unwrap_or_else(|_| {
-        tracing::warn!("max_hosts_restarting {text:?} is not a number: using 1");
-        1
-    })
+    match text.parse::<u64>() {
+        Ok(n) if (1..=u64::from(MAX_HOSTS_RESTARTING_MAX)).contains(&n) => Ok(n as u32),
+        _ => Err(format!(
+            "node {path} holds {:?}: max_hosts_restarting must be a whole number from 1 to \
+             {MAX_HOSTS_RESTARTING_MAX}; no host begins a restart until it is fixed \
+             (`sluice limit <svc> N`)",
+            crate::clip::clip(text)
+        )),
+    }
 }
 
 fn parse_role(data: Option<&[u8]>) -> Role {
@@ -583,7 +623,7 @@ mod unit {
             canary: Some("b2".into()),
             role: Role::Prod,
             config: None,
-            max_hosts_restarting: 1,
+            max_hosts_restarting: Ok(1),
         };
         assert_eq!(view.desired_build(), Some("b1"));
         view.role = Role::Canary;
@@ -594,10 +634,31 @@ mod unit {
 
     #[test]
     fn limits_roles_and_names() {
-        assert_eq!(parse_limit(None), 1);
-        assert_eq!(parse_limit(Some(b"")), 1);
-        assert_eq!(parse_limit(Some(b" 3\n")), 3);
-        assert_eq!(parse_limit(Some(b"x")), 1);
+        let limit = |data| parse_limit("/services/web/restarting", data);
+        assert_eq!(limit(None), Ok(1));
+        assert_eq!(limit(Some(b"")), Ok(1));
+        assert_eq!(limit(Some(b" 3\n")), Ok(3));
+        assert_eq!(limit(Some(b"10000")), Ok(10_000));
+        let bad: [&[u8]; 7] = [
+            b"0",
+            b"x",
+            b"-1",
+            b"1.5",
+            b"10001",
+            b"99999999999999999999999",
+            b"\xff",
+        ];
+        for data in bad {
+            let e = limit(Some(data)).unwrap_err();
+            assert!(e.contains("must be a whole number from 1 to 10000"), "{e}");
+        }
+        assert!(
+            limit(Some(b"0"))
+                .unwrap_err()
+                .starts_with("node /services/web/restarting holds \"0\":")
+        );
+        let long = vec![b'7'; 5000];
+        assert!(limit(Some(&long)).unwrap_err().len() < 600, "clipped");
         assert_eq!(parse_role(Some(b"canary")), Role::Canary);
         assert_eq!(parse_role(Some(b"prod")), Role::Prod);
         assert_eq!(parse_role(None), Role::Prod);

@@ -20,9 +20,9 @@ use tokio::task::JoinHandle;
 use zookeeper_client::{Client, CreateMode, EventType, OneshotWatcher, SessionState};
 
 use super::{
-    AclSet, CoordError, CoordEvent, RECONNECT_MAX_MS, RECONNECT_MIN_MS, RETRY_MAX_MS, ServiceView,
-    Session, Shared, backoff, build_id, check_name, parse_limit, parse_role, service_path,
-    status_path,
+    AclSet, CoordError, CoordEvent, Published, RECONNECT_MAX_MS, RECONNECT_MIN_MS, RETRY_MAX_MS,
+    ServiceView, Session, Shared, backoff, build_id, check_name, parse_limit, parse_role,
+    service_path, status_path,
 };
 
 /// Bound of the queue of messages from the owner's helper tasks.
@@ -117,7 +117,9 @@ pub(super) struct Owner {
     /// Set once the daemon dropped its receiver: events are then discarded.
     events_closed: bool,
     session: watch::Sender<Option<Session>>,
-    statuses: watch::Receiver<BTreeMap<String, serde_json::Value>>,
+    statuses: watch::Receiver<BTreeMap<String, Published>>,
+    /// Where the status writers record what ZooKeeper acknowledged.
+    acked: Arc<watch::Sender<BTreeMap<String, u64>>>,
     /// Builds this host serves to peers (see `peers`).
     peers: watch::Receiver<super::peers::PeerMap>,
     internal_tx: mpsc::Sender<Internal>,
@@ -140,7 +142,8 @@ impl Owner {
         services: Vec<String>,
         events: mpsc::Sender<CoordEvent>,
         session: watch::Sender<Option<Session>>,
-        statuses: watch::Receiver<BTreeMap<String, serde_json::Value>>,
+        statuses: watch::Receiver<BTreeMap<String, Published>>,
+        acked: Arc<watch::Sender<BTreeMap<String, u64>>>,
         peers: watch::Receiver<super::peers::PeerMap>,
     ) -> Self {
         let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
@@ -153,6 +156,7 @@ impl Owner {
             events_closed: false,
             session,
             statuses,
+            acked,
             peers,
             internal_tx,
             internal_rx: Some(internal_rx),
@@ -341,6 +345,7 @@ impl Owner {
             client,
             host: self.shared.config.host.clone(),
             acl: self.shared.acl.clone(),
+            acked: self.acked.clone(),
         };
         self.status_writer = Some(TaskGuard(tokio::spawn(writer.run(self.statuses.clone()))));
     }
@@ -488,7 +493,7 @@ impl ServiceWatcher {
                     config: data[3]
                         .as_deref()
                         .map(|d| String::from_utf8_lossy(d).into_owned()),
-                    max_hosts_restarting: parse_limit(data[4].as_deref()),
+                    max_hosts_restarting: parse_limit(&paths[4], data[4].as_deref()),
                 };
                 let message = Internal::View {
                     epoch: self.epoch,
@@ -550,26 +555,30 @@ async fn read_watched(
 }
 
 /// Keeps this host's statuses in ZooKeeper for one connection: writes each status that differs
-/// from what it last wrote, and retries failed writes with backoff.
+/// from what it last wrote, retries failed writes with backoff, and records the sequence number
+/// of each status ZooKeeper acknowledged (one written, or equal to one written).
 struct StatusWriter {
     client: Client,
     host: String,
     acl: AclSet,
+    acked: Arc<watch::Sender<BTreeMap<String, u64>>>,
 }
 
 impl StatusWriter {
-    async fn run(self, mut statuses: watch::Receiver<BTreeMap<String, serde_json::Value>>) {
+    async fn run(self, mut statuses: watch::Receiver<BTreeMap<String, Published>>) {
         let mut written: HashMap<String, serde_json::Value> = HashMap::new();
         let mut attempt: u32 = 0;
         loop {
             let snapshot = statuses.borrow_and_update().clone();
             let mut failed = false;
-            for (service, status) in snapshot {
+            for (service, Published { seq, value: status }) in snapshot {
                 if written.get(&service) == Some(&status) {
+                    self.ack(&service, seq);
                     continue;
                 }
                 match self.write(&service, &status).await {
                     Ok(()) => {
+                        self.ack(&service, seq);
                         written.insert(service, status);
                     }
                     Err(e) => {
@@ -588,6 +597,15 @@ impl StatusWriter {
                 }
             }
         }
+    }
+
+    fn ack(&self, service: &str, seq: u64) {
+        self.acked.send_if_modified(|acked| {
+            let entry = acked.entry(service.to_owned()).or_insert(0);
+            let newer = seq > *entry;
+            *entry = (*entry).max(seq);
+            newer
+        });
     }
 
     /// Writes one status as an ephemeral node of this session. A node left by an expired
@@ -644,7 +662,7 @@ mod unit {
             canary: None,
             role: Role::Prod,
             config: None,
-            max_hosts_restarting: limit,
+            max_hosts_restarting: Ok(limit),
         }
     }
 

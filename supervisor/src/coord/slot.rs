@@ -6,6 +6,11 @@
 //! left) and the limit (a raised limit takes effect at once). Leases are ephemeral: a host whose
 //! session ends frees its slot, and a lease lost with a session is lost for good
 //! ([`Slot::is_valid`] turns false); it is never re-created behind the holder's back.
+//!
+//! A lease is deleted only by [`Slot::release_after`], which first waits until ZooKeeper
+//! acknowledged the host's status that says its restart ended: a host that takes the slot next
+//! never sees this host still `restarting` in its status node. A limit that is not a valid
+//! number grants no slot (the daemon reports it in status; see `parse_limit`).
 
 use std::time::Duration;
 
@@ -19,6 +24,13 @@ use super::{
 
 /// Bound of the delete that releases a lease.
 const RELEASE_TIMEOUT_MS: u64 = 5_000;
+/// How many session timeouts a release waits for the end-of-restart status to be acknowledged.
+/// Past that many, a session cut off from ZooKeeper has expired (its lease went with it); a
+/// session still connected whose status write keeps failing (e.g. an ACL) releases anyway,
+/// logging an error, rather than holding the fleet's slot for ever.
+const END_STATUS_WAIT_SESSION_TIMEOUTS: u32 = 3;
+/// How often a release waiting for its status looks whether the lease's session ended.
+const END_STATUS_POLL_MS: u64 = 100;
 /// First delay before retrying after a connection loss while acquiring.
 const RETRY_MIN_MS: u64 = 100;
 
@@ -52,12 +64,69 @@ impl Slot {
         !self.state.peek_state().is_terminated() && self.current().is_some()
     }
 
-    /// Deletes the lease (if its session still lives), letting the next host in.
-    pub async fn release(mut self) {
+    /// Releases the slot once this host's status of `service` numbered `status_seq` (from
+    /// [`Zk::publish_status`]: the status saying the restart ended), or a later one, is
+    /// acknowledged by ZooKeeper; then deletes the lease, letting the next host in. When the
+    /// lease's session ends first, the lease is gone with it and nothing is deleted. Waits at
+    /// most [`END_STATUS_WAIT_SESSION_TIMEOUTS`] session timeouts for the status.
+    pub async fn release_after(self, zk: &Zk, service: &str, status_seq: u64) {
+        let session_timeout_ms = zk.shared.config.session_timeout_ms.max(1);
+        let bound_ms = session_timeout_ms * u64::from(END_STATUS_WAIT_SESSION_TIMEOUTS);
+        let mut acked = zk.acked.subscribe();
+        let wait = async {
+            loop {
+                let done = acked
+                    .borrow_and_update()
+                    .get(service)
+                    .is_some_and(|seq| *seq >= status_seq);
+                if done {
+                    return true;
+                }
+                if !self.is_valid() {
+                    return false;
+                }
+                tokio::select! {
+                    _ = acked.changed() => {}
+                    () = tokio::time::sleep(Duration::from_millis(END_STATUS_POLL_MS)) => {}
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_millis(bound_ms), wait).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    "restart slot {}: its session ended before the end of the restart was \
+                     published; the lease went with the session",
+                    self.path
+                );
+            }
+            Err(_) => tracing::error!(
+                "restart slot {}: the status of {service} saying its restart ended was not \
+                 acknowledged within {bound_ms} ms; releasing the slot anyway",
+                self.path
+            ),
+        }
+        self.release().await;
+    }
+
+    /// Deletes the lease (if its session still lives).
+    pub(super) async fn release(mut self) {
         self.released = true;
         if let Some(client) = self.current() {
             delete_lease(client, self.path.clone()).await;
         }
+    }
+
+    /// Whether `other` is a handle to the same lease in the same session (a host holds one
+    /// lease per service: acquiring again while holding returns it).
+    pub fn same_lease(&self, other: &Slot) -> bool {
+        self.epoch == other.epoch && self.path == other.path
+    }
+
+    /// Drops this handle without deleting the lease: another handle to the same lease
+    /// ([`Slot::same_lease`]) now owns it.
+    pub fn disown(mut self) {
+        self.released = true;
     }
 
     /// The client of the lease's session, if that session is still the owner's current one.
@@ -207,7 +276,9 @@ async fn look(
         Err(E::NoNode) => return Ok(Step::Again),
         Err(e) => return Err(("read", dir.to_owned(), e)),
     };
-    let limit = parse_limit(Some(&limit));
+    // An invalid limit grants no slot: waiting is safe, guessing is not. The daemon shows the
+    // error (from its view of the same node) in `status` and in its status node.
+    let limit = parse_limit(dir, Some(&limit)).unwrap_or(0);
 
     let known = pending
         .name_in(session.epoch)

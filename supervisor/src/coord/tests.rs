@@ -86,7 +86,7 @@ fn empty_view() -> ServiceView {
         canary: None,
         role: Role::Prod,
         config: None,
-        max_hosts_restarting: 1,
+        max_hosts_restarting: Ok(1),
     }
 }
 
@@ -199,12 +199,27 @@ async fn views_follow_every_node() {
     expect_quiet(&mut rx).await;
 
     fleet.set_max_hosts_restarting("web", 3).await.unwrap();
-    expected.max_hosts_restarting = 3;
+    expected.max_hosts_restarting = Ok(3);
     assert_eq!(next_view(&mut rx).await, expected);
     expect_quiet(&mut rx).await;
 
     // Bad data is passed through for the daemon to judge.
     let raw = server.raw().await;
+    // An invalid limit is an error naming the node, not a number made up.
+    for bad in [&b"0"[..], b"-2", b"lots", b"99999999999"] {
+        raw.set_data("/services/web/restarting", bad, None)
+            .await
+            .unwrap();
+        let view = next_view(&mut rx).await;
+        let error = view.max_hosts_restarting.clone().unwrap_err();
+        assert!(
+            error.starts_with("node /services/web/restarting holds ")
+                && error.contains(&String::from_utf8_lossy(bad).into_owned()),
+            "{error}"
+        );
+    }
+    fleet.set_max_hosts_restarting("web", 3).await.unwrap();
+    assert_eq!(next_view(&mut rx).await, expected);
     raw.set_data("/services/web/config", b"not json", None)
         .await
         .unwrap();
@@ -382,7 +397,7 @@ async fn restart_slots_are_shared_by_the_fleet() {
     );
 
     slot1.release().await;
-    drop(again);
+    again.disown();
     let (first, slot_first) = tokio::time::timeout(within, waiting.join_next())
         .await
         .expect("the next host gets the released slot")
@@ -683,4 +698,106 @@ async fn peers_register_under_registered_builds_and_one_host_per_rack_fetches() 
         },
     )
     .await;
+}
+
+/// The end-of-restart status is acknowledged by ZooKeeper before the lease is deleted: while the
+/// host's status node cannot be written (its ACL made read-only), the lease stays; once writes
+/// go through, the observer that sees the lease vanish reads the end status. A release that did
+/// not wait (the old order: status handed to the writer, lease deleted at once) fails here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_a_restart_is_acknowledged_before_the_slot_is_released() {
+    let Some(server) = ZkServer::start().await else {
+        return;
+    };
+    let raw = server.raw().await;
+    let (zk, mut rx) = Zk::start(config(&server, "h1", 10_000), vec![]);
+    assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
+    let status_path = "/services/web/status/h1";
+    zk.publish_status("web", serde_json::json!({"state": "restarting"}));
+    eventually("the restarting status is written", || async {
+        raw.get_data(status_path)
+            .await
+            .is_ok_and(|(d, _)| d == br#"{"state":"restarting"}"#)
+    })
+    .await;
+    let slot = tokio::time::timeout(Duration::from_millis(WAIT_MS), zk.acquire_slot("web"))
+        .await
+        .expect("a free slot")
+        .unwrap();
+    let leases = raw.list_children("/services/web/restarting").await.unwrap();
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    let lease = format!("/services/web/restarting/{}", leases[0]);
+
+    // The status node refuses writes for now.
+    let read_only = [Acl::new(
+        Permission::READ | Permission::ADMIN,
+        AuthId::anyone(),
+    )];
+    raw.set_acl(status_path, &read_only, None).await.unwrap();
+    let end = serde_json::json!({"state": "serving", "restart_finished_ms": 42});
+    let seq = zk.publish_status("web", end.clone());
+    let release = {
+        let zk = zk.clone();
+        tokio::spawn(async move { slot.release_after(&zk, "web", seq).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(
+        raw.check_stat(&lease).await.unwrap().is_some(),
+        "the lease was deleted before the end of the restart was acknowledged"
+    );
+    let (_, watch) = raw.check_and_watch_stat(&lease).await.unwrap();
+    raw.set_acl(
+        status_path,
+        &[Acl::new(Permission::ALL, AuthId::anyone())],
+        None,
+    )
+    .await
+    .unwrap();
+    let event = tokio::time::timeout(Duration::from_millis(WAIT_MS), watch.changed())
+        .await
+        .expect("the lease is deleted once the status is written");
+    assert_eq!(event.event_type, zookeeper_client::EventType::NodeDeleted);
+    let (data, _) = raw.get_data(status_path).await.unwrap();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&data).unwrap(),
+        end,
+        "when the lease went, the status said the restart ended"
+    );
+    tokio::time::timeout(Duration::from_millis(WAIT_MS), release)
+        .await
+        .expect("the release ends")
+        .unwrap();
+}
+
+/// A limit of `0` (or garbage) grants no slot, and a valid one set later lets the waiter in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_limit_grants_no_slot_until_it_is_fixed() {
+    let Some(server) = ZkServer::start().await else {
+        return;
+    };
+    let fleet = Fleet::connect(&server.chrooted(), None).await.unwrap();
+    let raw = server.raw().await;
+    let (zk, mut rx) = Zk::start(config(&server, "h1", 10_000), vec![]);
+    assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
+    fleet.set_max_hosts_restarting("web", 1).await.unwrap();
+    for bad in [&b"0"[..], b"garbage"] {
+        raw.set_data("/services/web/restarting", bad, None)
+            .await
+            .unwrap();
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(QUIET_MS * 2), zk.acquire_slot("web")).await;
+        assert!(waiting.is_err(), "a slot was granted under {bad:?}");
+    }
+    let waiter = {
+        let zk = zk.clone();
+        tokio::spawn(async move { zk.acquire_slot("web").await })
+    };
+    tokio::time::sleep(Duration::from_millis(QUIET_MS)).await;
+    fleet.set_max_hosts_restarting("web", 2).await.unwrap();
+    let slot = tokio::time::timeout(Duration::from_millis(WAIT_MS), waiter)
+        .await
+        .expect("a fixed limit lets the waiter in")
+        .unwrap()
+        .unwrap();
+    assert!(slot.is_valid());
 }

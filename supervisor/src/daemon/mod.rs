@@ -719,6 +719,10 @@ impl Daemon {
                 }
                 entry
                     .handle
+                    .slot_error(view.max_hosts_restarting.clone().err())
+                    .await;
+                entry
+                    .handle
                     .desired(view.desired_build().map(str::to_owned))
                     .await;
             }

@@ -231,6 +231,8 @@ pub enum Request {
     ConfigError(Option<String>),
     /// ZooKeeper nodes this service obeys that the world may write (read after each connect).
     WorldWritable(Vec<String>),
+    /// The fleet's restart limit is invalid (why, naming the node) or valid again.
+    SlotError(Option<String>),
     /// `sluice deploy`, `promote`, `rollback` on the local backend.
     Local { verb: LocalVerb, reply: ReplyId },
 }
@@ -453,7 +455,9 @@ pub enum Effect {
     },
     /// Ask ZooKeeper for a fleet restart slot; answers `Slot`.
     AcquireSlot,
-    ReleaseSlot,
+    /// Release the fleet slot once ZooKeeper acknowledged this status of the host (the end of
+    /// its restart), published with it: the next host never sees this one still restarting.
+    ReleaseSlot(Box<HostStatus>),
     PublishHostStatus(Box<HostStatus>),
     Reply {
         to: ReplyId,
@@ -1056,6 +1060,7 @@ impl Core {
                 let message = self.state_error_refusal();
                 self.reply(reply, Err(message));
             }
+            Request::SlotError(error) => self.deploy.slot_error = error,
             Request::Local { verb, reply } => {
                 let result = self.local_deploy(verb);
                 self.reply(reply, result);
@@ -1910,6 +1915,7 @@ impl Core {
             deploy: self.deploy.deploy.clone(),
             deploy_error: self.deploy.last_error.clone(),
             config_error: self.deploy.config_error.clone(),
+            slot_error: self.deploy.slot_error.clone(),
             world_writable_nodes: self.deploy.world_writable.clone(),
             cgroups_error: self.cgroups_error(),
             state_error: self.state_error.clone(),

@@ -35,9 +35,17 @@ pub(super) struct Coordination {
     pub(super) config_error: Option<String>,
     /// Nodes this service obeys that the world may write (see `Zk::world_writable`).
     pub(super) world_writable: Vec<String>,
+    /// The fleet's restart limit holds invalid data (`restarting`): no slot is granted to any
+    /// host, so this host's next batch waits; shown in status and in the host's status node.
+    pub(super) slot_error: Option<String>,
     /// The executor holds a fleet slot for this service (whether it is still valid is asked of
     /// [`super::env::Env::slot_valid`]).
     slot: bool,
+    /// ZooKeeper answered an acquire of the slot since the last batch began: one batch may
+    /// begin on it. The next batch asks again (the same lease comes back at once while the
+    /// session lives), so a batch never begins on a lease that a session cut off from
+    /// ZooKeeper may have lost before the client noticed.
+    slot_fresh: bool,
     slot_pending: bool,
     /// Actions of a restart held at a batch's start until a slot is held.
     held: Vec<Action>,
@@ -265,8 +273,8 @@ impl Core {
             }
             _ => {}
         }
-        // Publish the end of the restart before the slot goes: another host may take it at once.
-        self.publish_status();
+        // The end of the restart is published with the release, which waits until ZooKeeper
+        // acknowledged it before it deletes the lease: another host may take the slot at once.
         self.release_slot();
     }
 
@@ -315,9 +323,10 @@ impl Core {
         self.maybe_deploy();
     }
 
-    /// Holds the actions of a restart at the start of a batch until a fleet slot is held and
-    /// ZooKeeper is reachable: no instance is stopped while ZooKeeper is away, and never more
-    /// hosts restart than the fleet allows. Returns what may run now.
+    /// Holds the actions of a restart at the start of a batch until a fleet slot is held, just
+    /// confirmed by ZooKeeper, and ZooKeeper is reachable: no instance is stopped while
+    /// ZooKeeper is away, and never more hosts restart than the fleet allows (beyond the batches
+    /// in flight of hosts whose sessions expired). Returns what may run now.
     pub(super) fn gate(&mut self, actions: Vec<Action>) -> Vec<Action> {
         if !self.fleet {
             return actions;
@@ -328,17 +337,25 @@ impl Core {
             .as_ref()
             .is_some_and(|m| m.at_batch_start());
         let holding = self.slot_holding();
-        if !at_start || holding {
-            if at_start && self.deploy.restart_started_ms.is_none() {
-                self.deploy.restart_started_ms = Some(self.now);
-                self.deploy.restart_finished_ms = None;
+        if !at_start || holding && self.deploy.slot_fresh {
+            if at_start {
+                // Spent: the next batch has the lease confirmed again.
+                self.deploy.slot_fresh = false;
+                if self.deploy.restart_started_ms.is_none() {
+                    self.deploy.restart_started_ms = Some(self.now);
+                    self.deploy.restart_finished_ms = None;
+                }
             }
             return actions;
         }
         if self.deploy.deploy.is_some() {
             self.set_phase(DeployPhase::WaitingSlot);
         }
-        tracing::info!(service = %self.name, "waiting for a restart slot before the next batch");
+        if holding {
+            tracing::info!(service = %self.name, "confirming the restart slot before the next batch");
+        } else {
+            tracing::info!(service = %self.name, "waiting for a restart slot before the next batch");
+        }
         self.deploy.held.extend(actions);
         self.request_slot_if_needed();
         Vec::new()
@@ -362,6 +379,7 @@ impl Core {
                 tracing::info!(service = %self.name, "holding a restart slot");
                 // The executor released the slot it held before, if any.
                 self.deploy.slot = true;
+                self.deploy.slot_fresh = true;
                 if self.state.restart.is_none() {
                     self.release_slot();
                     return;
@@ -380,10 +398,18 @@ impl Core {
         }
     }
 
+    /// Gives the slot back. The effect carries this host's status as it is now (the restart
+    /// ended, or never began): the executor publishes it and deletes the lease only once
+    /// ZooKeeper acknowledged it, so the order is not left to two tasks.
     fn release_slot(&mut self) {
         self.deploy.held.clear();
+        self.deploy.slot_fresh = false;
         if std::mem::take(&mut self.deploy.slot) {
-            self.emit(Effect::ReleaseSlot);
+            let host = self.host_status();
+            self.deploy.last_published = Some(host.clone());
+            let mut host = host;
+            host.updated_ms = Some(self.now);
+            self.emit(Effect::ReleaseSlot(Box::new(host)));
         }
     }
 
@@ -460,6 +486,18 @@ impl Core {
         if !self.fleet {
             return;
         }
+        let host = self.host_status();
+        if self.deploy.last_published.as_ref() == Some(&host) {
+            return;
+        }
+        self.deploy.last_published = Some(host.clone());
+        let mut host = host;
+        host.updated_ms = Some(self.now);
+        self.emit(Effect::PublishHostStatus(Box::new(host)));
+    }
+
+    /// This host's status node as the core stands now (`updated_ms` unset, for comparing).
+    fn host_status(&self) -> HostStatus {
         let state = match (&self.deploy.deploy, &self.state.restart) {
             (Some(d), _) => match d.phase {
                 DeployPhase::Installing | DeployPhase::PreRestart => HostState::Installing,
@@ -472,7 +510,7 @@ impl Core {
             (None, None) if self.deploy.last_error.is_some() => HostState::Failed,
             (None, None) => HostState::Serving,
         };
-        let host = HostStatus {
+        HostStatus {
             host: self.host_name.clone(),
             build: self.state.build.clone(),
             target_build: self.state.target_build.clone(),
@@ -499,19 +537,13 @@ impl Core {
                 .deploy
                 .config_error
                 .clone()
+                .or_else(|| self.deploy.slot_error.clone())
                 .or_else(|| self.deploy.last_error.clone())
                 .or_else(|| self.state.failed.as_ref().map(|f| f.reason.clone())),
             restart_started_ms: self.deploy.restart_started_ms,
             restart_finished_ms: self.deploy.restart_finished_ms,
             updated_ms: None,
-        };
-        if self.deploy.last_published.as_ref() == Some(&host) {
-            return;
         }
-        self.deploy.last_published = Some(host.clone());
-        let mut host = host;
-        host.updated_ms = Some(self.now);
-        self.emit(Effect::PublishHostStatus(Box::new(host)));
     }
 
     /// What the hooks of this service's deploys need.

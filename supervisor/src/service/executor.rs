@@ -78,6 +78,10 @@ pub(super) struct Executor {
     next_reply: u64,
     /// The fleet slot, shared with the core's [`HostEnv`] (which asks whether it is still valid).
     slot: Arc<Mutex<Option<Slot>>>,
+    /// The release of the slot in progress (it waits for the end-of-restart status to be
+    /// acknowledged): the next acquire waits for it, so that a release never deletes the lease
+    /// a later acquire returned (a host has one lease per service).
+    slot_release: Option<JoinHandle<()>>,
     /// The release of each index's previous shim; the next spawn waits for it (the lock must be
     /// free).
     releasing: BTreeMap<u32, JoinHandle<()>>,
@@ -125,6 +129,7 @@ fn waiting_status(name: &str, config: &ServiceConfig) -> crate::service::Service
         cgroups_error: None,
         tree_error: None,
         state_write_error: None,
+        slot_error: None,
         state_error: Some(format!(
             "not supervised yet: the previous task of {name} (removed by a reload) is still stopping its instances"
         )),
@@ -284,6 +289,7 @@ pub(super) async fn run(
         replies: BTreeMap::new(),
         next_reply: 0,
         slot,
+        slot_release: None,
         releasing: BTreeMap::new(),
         cgroup_removals: BTreeMap::new(),
         immediate: VecDeque::new(),
@@ -387,6 +393,7 @@ impl Executor {
             Request::Connection(connected) => core::Request::Connection(connected),
             Request::ConfigError(error) => core::Request::ConfigError(error),
             Request::WorldWritable(nodes) => core::Request::WorldWritable(nodes),
+            Request::SlotError(error) => core::Request::SlotError(error),
             Request::Local { verb, reply } => core::Request::Local {
                 verb,
                 reply: self.register(Pending::Text(reply)),
@@ -668,15 +675,21 @@ impl Executor {
                 };
                 let service = self.name.clone();
                 let held = self.slot.clone();
+                let releasing = self.slot_release.take();
                 self.report(async move {
+                    if let Some(releasing) = releasing {
+                        let _ = releasing.await;
+                    }
                     let result = match zk.acquire_slot(&service).await {
                         Ok(slot) => {
                             let old = held
                                 .lock()
                                 .expect("the slot lock is never held across a panic")
                                 .replace(slot);
+                            // A handle kept from before is either this very lease (the session
+                            // lived on: it must not be deleted) or one lost with its session.
                             if let Some(old) = old {
-                                tokio::spawn(old.release());
+                                old.disown();
                             }
                             Ok(())
                         }
@@ -688,14 +701,27 @@ impl Executor {
                     Event::Deploy(DeployEvent::Slot(result))
                 });
             }
-            Effect::ReleaseSlot => {
+            Effect::ReleaseSlot(host) => {
+                let Some(zk) = self.ctx.coord.clone() else {
+                    return;
+                };
+                let value = serde_json::to_value(&*host).expect("status serializes");
+                // Published here, in the order of the effects; the release waits for its ack.
+                let seq = zk.publish_status(&self.name, value);
                 let slot = self
                     .slot
                     .lock()
                     .expect("the slot lock is never held across a panic")
                     .take();
                 if let Some(slot) = slot {
-                    tokio::spawn(slot.release());
+                    let service = self.name.clone();
+                    let previous = self.slot_release.take();
+                    self.slot_release = Some(tokio::spawn(async move {
+                        if let Some(previous) = previous {
+                            let _ = previous.await;
+                        }
+                        slot.release_after(&zk, &service, seq).await;
+                    }));
                 }
             }
             Effect::PublishHostStatus(host) => {
@@ -703,8 +729,8 @@ impl Executor {
                     return;
                 };
                 let value = serde_json::to_value(&*host).expect("status serializes");
-                let service = self.name.clone();
-                tokio::spawn(async move { zk.set_status(&service, value).await });
+                // Synchronously, so that statuses reach the writer in the order they were made.
+                zk.publish_status(&self.name, value);
             }
             Effect::Reply { to, result } => self.answer(to, result),
         }

@@ -96,6 +96,8 @@ enum Request {
     ConfigError(Option<String>),
     /// ZooKeeper nodes this service obeys that the world may write (read after each connect).
     WorldWritable(Vec<String>),
+    /// The fleet's restart limit is invalid (`Some`: why, naming the node) or valid again.
+    SlotError(Option<String>),
     /// `sluice deploy`, `promote`, `rollback` on the local backend.
     Local {
         verb: LocalVerb,
@@ -160,6 +162,10 @@ impl ServiceHandle {
 
     pub async fn world_writable(&self, nodes: Vec<String>) {
         let _ = self.tx.send(Request::WorldWritable(nodes)).await;
+    }
+
+    pub async fn slot_error(&self, error: Option<String>) {
+        let _ = self.tx.send(Request::SlotError(error)).await;
     }
 
     pub async fn local(&self, verb: LocalVerb) -> Result<String, String> {

@@ -745,7 +745,23 @@ impl World {
                 };
                 self.later(delay, Event::Deploy(DeployEvent::Slot(result)));
             }
-            Effect::ReleaseSlot => self.host.lock().unwrap().slot_valid = false,
+            Effect::ReleaseSlot(host) => {
+                // The status released with the slot is the one the next host sees: it must
+                // say that this host's restart ended.
+                // (A restart that follows at once, e.g. after a reconfigure, waits for a new
+                // slot: the released status is about the one that ended.)
+                if matches!(
+                    host.state,
+                    crate::protocol::HostState::Restarting | crate::protocol::HostState::Waiting
+                ) || host.restart_finished_ms.is_none() && host.restart_started_ms.is_some()
+                {
+                    self.violation(format!(
+                        "slot released with a status that says {:?} (restart {:?}..{:?})",
+                        host.state, host.restart_started_ms, host.restart_finished_ms
+                    ));
+                }
+                self.host.lock().unwrap().slot_valid = false;
+            }
             Effect::Reply { to, result } => {
                 self.replies.insert(*to, result.clone());
             }

@@ -509,6 +509,85 @@ fn slot_before_batch_table() {
     );
 }
 
+/// A session lost while holding a slot (issue 10): ZooKeeper goes away mid-batch and the lease
+/// dies with the session. The batch in flight finishes; no further batch begins until a slot is
+/// held again, asked for and granted after the new session is up; the restart then completes and
+/// releases the new slot with a status saying it ended.
+#[test]
+fn a_session_lost_mid_batch_finishes_the_batch_and_waits_for_a_new_slot() {
+    let mut world = serving(config(3, true, StrategyName::Drain), true);
+    let reply = world.control(Action::Restart, None);
+    while world
+        .journal
+        .iter()
+        .all(|(_, e)| !matches!(e, super::core::Effect::Stop { .. }))
+    {
+        assert!(world.step(), "the first batch never stopped its member");
+    }
+    // The session expires: the core hears the connection is gone, and the slot is no more.
+    world.handle(Event::Request(Request::Connection(false)));
+    world.host.lock().unwrap().slot_valid = false;
+    for _ in 0..300 {
+        world.now += 1_000;
+        world.step();
+    }
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+    let machine = world
+        .core
+        .state
+        .restart
+        .as_ref()
+        .expect("the restart waits");
+    assert_eq!(machine.done, vec![0], "the batch in flight finished");
+    assert!(world.core.batch_held(), "the next batch waits for a slot");
+    let stops = |w: &World| {
+        w.journal
+            .iter()
+            .filter(|(_, e)| matches!(e, super::core::Effect::Stop { .. }))
+            .count()
+    };
+    assert_eq!(stops(&world), 1, "nothing else was stopped");
+    let asked_before = world
+        .journal
+        .iter()
+        .filter(|(_, e)| matches!(e, super::core::Effect::AcquireSlot))
+        .count();
+    // The new session is up: a slot is asked for in it, and only then does the next batch go.
+    let reconnected_at = world.journal.len();
+    world.handle(Event::Request(Request::Connection(true)));
+    world.settle(SETTLE);
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+    let after = &world.journal[reconnected_at..];
+    let acquire = after
+        .iter()
+        .position(|(_, e)| matches!(e, super::core::Effect::AcquireSlot))
+        .expect("a slot is asked for in the new session");
+    let next_stop = after
+        .iter()
+        .position(|(_, e)| matches!(e, super::core::Effect::Stop { .. }))
+        .expect("the next batch ran");
+    assert!(
+        acquire < next_stop,
+        "a batch began before a new slot was asked for"
+    );
+    assert!(
+        asked_before <= 1,
+        "no slot was asked for while ZooKeeper was away"
+    );
+    assert!(
+        matches!(world.replies.get(&reply), Some(Ok(_))),
+        "{:?}",
+        world.replies.get(&reply)
+    );
+    assert!(
+        world
+            .journal
+            .iter()
+            .any(|(_, e)| matches!(e, super::core::Effect::ReleaseSlot(_))),
+        "the new slot was released at the end"
+    );
+}
+
 /// The core's own assertion: a batch begun without a slot is a panic.
 #[test]
 #[should_panic(expected = "begins a batch without a fleet slot")]
@@ -1144,6 +1223,49 @@ fn a_local_deploy_that_cannot_be_written_is_forgotten() {
             .core
             .status_at(super::core::Now::same(world.now))
             .state_write_error,
+        None
+    );
+}
+
+/// An invalid fleet limit reaches `status` (`slot_error`) and the host's status node
+/// (`last_error`), naming the node, while the restart waits for a slot (issue 10).
+#[test]
+fn an_invalid_fleet_limit_is_shown_in_status_and_in_the_host_status() {
+    let mut world = serving(config(2, true, StrategyName::Drain), true);
+    world.faults.slot_refused = 1.0;
+    let error = "node /services/web/restarting holds \"0\": max_hosts_restarting must be a whole \
+                 number from 1 to 10000";
+    world.handle(Event::Request(Request::SlotError(Some(error.into()))));
+    let _reply = world.control(Action::Restart, None);
+    for _ in 0..50 {
+        world.now += 1_000;
+        world.step();
+    }
+    assert_eq!(
+        world
+            .core
+            .status_at(super::core::Now::same(world.now))
+            .slot_error
+            .as_deref(),
+        Some(error)
+    );
+    let published = world
+        .journal
+        .iter()
+        .rev()
+        .find_map(|(_, e)| match e {
+            super::core::Effect::PublishHostStatus(h) => Some(h.clone()),
+            _ => None,
+        })
+        .expect("a host status was published");
+    assert_eq!(published.last_error.as_deref(), Some(error));
+    assert_eq!(published.state, crate::protocol::HostState::Waiting);
+    world.handle(Event::Request(Request::SlotError(None)));
+    assert_eq!(
+        world
+            .core
+            .status_at(super::core::Now::same(world.now))
+            .slot_error,
         None
     );
 }
