@@ -27,23 +27,6 @@ const WATCHDOG: Duration = Duration::from_millis(1_000);
 const DEPLOY_PATIENCE: Duration = Duration::from_secs(300);
 const SVC: &str = "big";
 
-/// A ustar header for a regular file of `size` bytes.
-fn tar_header(name: &str, size: u64) -> [u8; 512] {
-    let mut h = [0u8; 512];
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    h[100..108].copy_from_slice(b"0000644\0");
-    h[108..116].copy_from_slice(b"0000000\0");
-    h[116..124].copy_from_slice(b"0000000\0");
-    h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-    h[136..148].copy_from_slice(b"00000000001\0");
-    h[156] = b'0';
-    h[257..265].copy_from_slice(b"ustar\x0000");
-    h[148..156].copy_from_slice(b"        ");
-    let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    h
-}
-
 /// Writes `store/<id>.tar` (files of random bytes from /dev/urandom, so no layer can compress
 /// them away) and its `.sha256` sidecar.
 fn random_build(store: &Path, id: &str) {
@@ -53,8 +36,11 @@ fn random_build(store: &Path, id: &str) {
     let mut chunk = vec![0u8; BUILD_FILE_BYTES as usize];
     for i in 0..BUILD_BYTES / BUILD_FILE_BYTES {
         random.read_exact(&mut chunk).expect("random bytes");
-        out.write_all(&tar_header(&format!("data/file-{i:03}"), BUILD_FILE_BYTES))
-            .unwrap();
+        out.write_all(&sluice_tests::tar_header(
+            &format!("data/file-{i:03}"),
+            BUILD_FILE_BYTES,
+        ))
+        .unwrap();
         out.write_all(&chunk).unwrap();
     }
     out.write_all(&[0u8; 1024]).unwrap();

@@ -28,28 +28,11 @@ const STATE_WRITE_RETRY: Duration = Duration::from_millis(5_000);
 const ACTION_PATIENCE: Duration = Duration::from_secs(120);
 const SVC: &str = "disk";
 
-/// One ustar header block for a regular file.
-fn tar_header(name: &str, size: u64) -> [u8; 512] {
-    let mut h = [0u8; 512];
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    h[100..108].copy_from_slice(b"0000644\0");
-    h[108..116].copy_from_slice(b"0000000\0");
-    h[116..124].copy_from_slice(b"0000000\0");
-    h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-    h[136..148].copy_from_slice(b"00000000001\0");
-    h[156] = b'0';
-    h[257..265].copy_from_slice(b"ustar\x0000");
-    h[148..156].copy_from_slice(b"        ");
-    let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    h
-}
-
 /// An uncompressed tar of `files`, then its end marker.
 fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, data) in files {
-        out.extend_from_slice(&tar_header(name, data.len() as u64));
+        out.extend_from_slice(&sluice_tests::tar_header(name, data.len() as u64));
         out.extend_from_slice(data);
         out.resize(out.len().div_ceil(512) * 512, 0);
     }
