@@ -17,7 +17,7 @@ const WRITE_ATTEMPTS: usize = 5;
 
 /// The CLI's connection to ZooKeeper. Closes its session when dropped.
 pub struct Fleet {
-    client: Client,
+    pub(super) client: Client,
     acl: AclSet,
 }
 
@@ -247,7 +247,7 @@ impl Fleet {
         writer.commit().await.map(drop).map_err(E::from)
     }
 
-    async fn read(&self, path: &str) -> Result<Option<(Vec<u8>, Stat)>, CoordError> {
+    pub(super) async fn read(&self, path: &str) -> Result<Option<(Vec<u8>, Stat)>, CoordError> {
         match self.client.get_data(path).await {
             Ok(read) => Ok(Some(read)),
             Err(E::NoNode) => Ok(None),
@@ -255,7 +255,7 @@ impl Fleet {
         }
     }
 
-    async fn children(&self, path: &str) -> Result<Vec<String>, CoordError> {
+    pub(super) async fn children(&self, path: &str) -> Result<Vec<String>, CoordError> {
         match self.client.list_children(path).await {
             Ok(children) => Ok(children),
             Err(E::NoNode) => Ok(Vec::new()),

@@ -24,6 +24,7 @@ mod peers;
 mod slot;
 #[cfg(test)]
 mod tests;
+mod view;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ use zookeeper_client::{Acl, Acls, AuthId, Client, CreateMode, CreateOptions, Per
 pub use fleet::Fleet;
 pub use peers::{PEER_READS_MAX, PeerNode, PeerSeen};
 pub use slot::Slot;
+pub use view::{FleetView, ViewWatch};
 
 /// Chroot used when the connect string names none.
 pub const DEFAULT_CHROOT: &str = "/sluice";
@@ -163,6 +165,8 @@ pub enum CoordError {
     NoHistory { service: String },
     #[error("node {path} holds invalid data: {reason}")]
     BadData { path: String, reason: String },
+    #[error("the zookeeper session ended ({state})")]
+    SessionEnded { state: String },
 }
 
 impl CoordError {

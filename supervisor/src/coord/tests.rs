@@ -801,3 +801,91 @@ async fn an_invalid_limit_grants_no_slot_until_it_is_fixed() {
         .unwrap();
     assert!(slot.is_valid());
 }
+
+/// Waits for the watched view to satisfy `check`, failing after `WAIT_MS`.
+async fn view_until(watch: &mut ViewWatch<'_>, what: &str, check: impl Fn(&FleetView) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(WAIT_MS);
+    while !check(watch.view()) {
+        match tokio::time::timeout_at(deadline, watch.changed()).await {
+            Err(_) => panic!(
+                "no view with {what} within {WAIT_MS} ms: {:?}",
+                watch.view()
+            ),
+            Ok(result) => {
+                result.expect("the view watch goes on");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_view_follows_builds_roles_statuses_and_leases_and_survives_a_restart() {
+    let Some(server) = ZkServer::start().await else {
+        return;
+    };
+    let raw = server.raw().await;
+    let fleet = Fleet::connect(&server.chrooted(), None).await.unwrap();
+    fleet.deploy("web", "b1", false).await.unwrap();
+    let mut watch = fleet.watch_view("web").await.unwrap();
+    assert_eq!(watch.view().enabled.as_deref(), Some("b1"));
+    assert!(watch.view().hosts.is_empty());
+
+    let persistent = CreateMode::Persistent.with_acls(Acls::anyone_all());
+    raw.mkdir("/services/web/status", &persistent)
+        .await
+        .unwrap();
+    raw.create(
+        "/services/web/status/h1",
+        br#"{"state":"serving"}"#,
+        &persistent,
+    )
+    .await
+    .unwrap();
+    view_until(&mut watch, "h1's status", |v| {
+        v.hosts.get("h1") == Some(&serde_json::json!({"state": "serving"}))
+    })
+    .await;
+
+    fleet.set_role("web", "h1", Role::Canary).await.unwrap();
+    fleet.deploy("web", "b2", true).await.unwrap();
+    view_until(&mut watch, "h1 a canary of b2", |v| {
+        v.target_of("h1") == Some("b2") && v.target_of("h2") == Some("b1")
+    })
+    .await;
+
+    raw.mkdir("/services/web/restarting", &persistent)
+        .await
+        .unwrap();
+    raw.create("/services/web/restarting/lease-h1", b"h1", &persistent)
+        .await
+        .unwrap();
+    view_until(&mut watch, "one lease", |v| v.leases == 1).await;
+    raw.set_data("/services/web/status/h1", b"not json", None)
+        .await
+        .unwrap();
+    view_until(&mut watch, "h1's status as text", |v| {
+        v.hosts.get("h1") == Some(&serde_json::json!("not json"))
+    })
+    .await;
+
+    // Changes made while the server is down and the watch is away are read once it is back.
+    server.down().await;
+    server.up().await;
+    raw_after_restart(&server).await;
+    view_until(&mut watch, "the changes made across the restart", |v| {
+        v.leases == 0 && !v.hosts.contains_key("h1") && v.enabled.as_deref() == Some("b3")
+    })
+    .await;
+}
+
+/// Changes made by another client right after a server restart.
+async fn raw_after_restart(server: &ZkServer) {
+    let raw = server.raw().await;
+    raw.delete("/services/web/restarting/lease-h1", None)
+        .await
+        .unwrap();
+    raw.delete("/services/web/status/h1", None).await.unwrap();
+    raw.set_data("/services/web/enabled", b"b3", None)
+        .await
+        .unwrap();
+}
