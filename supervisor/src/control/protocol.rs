@@ -353,7 +353,7 @@ pub struct InstanceStatus {
 }
 
 /// A restart in progress, as status shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RestartStatus {
     pub strategy: Strategy,
     pub step: Option<Step>,
@@ -377,7 +377,7 @@ pub enum DeployPhase {
 }
 
 /// A deploy in progress.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeployStatus {
     pub build: String,
     pub phase: DeployPhase,
@@ -483,6 +483,12 @@ pub struct HostStatus {
     pub last_error: Option<String>,
     pub restart_started_ms: Option<u64>,
     pub restart_finished_ms: Option<u64>,
+    /// The restart in flight: its batch, step, what is done and what is left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartStatus>,
+    /// The deploy in flight: its build, phase and start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<DeployStatus>,
     /// When the host wrote it (wall clock, for display); `None` when comparing two statuses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_ms: Option<u64>,
@@ -511,6 +517,8 @@ mod tests {
             last_error: None,
             restart_started_ms: None,
             restart_finished_ms: None,
+            restart: None,
+            deploy: None,
             updated_ms: None,
         };
         let value = serde_json::to_value(&host).unwrap();

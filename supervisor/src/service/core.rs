@@ -1858,6 +1858,18 @@ impl Core {
         }
     }
 
+    /// The restart in flight as status shows it (also in the host's status node).
+    pub(super) fn restart_status(&self) -> Option<RestartStatus> {
+        self.state.restart.as_ref().map(|m| RestartStatus {
+            strategy: m.strategy,
+            step: m.step,
+            batch: m.batch.clone(),
+            rolling_back: m.version == Version::Old,
+            batches_left: m.pending.len(),
+            done: m.done.clone(),
+        })
+    }
+
     /// The status document of the service at `now`: uptimes from the boot clock.
     pub fn status_at(&self, now: Now) -> ServiceStatus {
         let steers = self.config.steers();
@@ -1900,14 +1912,7 @@ impl Core {
             front_port: self.config.front_port,
             strategy: self.config.strategy(),
             instances,
-            restart: self.state.restart.as_ref().map(|m| RestartStatus {
-                strategy: m.strategy,
-                step: m.step,
-                batch: m.batch.clone(),
-                rolling_back: m.version == Version::Old,
-                batches_left: m.pending.len(),
-                done: m.done.clone(),
-            }),
+            restart: self.restart_status(),
             last_restart_error: self.state.failed.as_ref().map(|f| f.reason.clone()),
             steering_error: self.steering.error.clone(),
             build: self.state.build.clone(),

@@ -542,6 +542,8 @@ impl Core {
                 .or_else(|| self.state.failed.as_ref().map(|f| f.reason.clone())),
             restart_started_ms: self.deploy.restart_started_ms,
             restart_finished_ms: self.deploy.restart_finished_ms,
+            restart: self.restart_status(),
+            deploy: self.deploy.deploy.clone(),
             updated_ms: None,
         }
     }
