@@ -45,6 +45,11 @@ fi
 if ! "$venv/bin/python" -P -c 'import supervisor.supervisord' 2>/dev/null; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'supervisor==4.3.*'
 fi
+# Prometheus's own Python client parses the text exposition the metrics tests scrape from sluice
+# (tests/tests/e2e/metrics.rs) and from the canary tests' service.
+if ! "$venv/bin/python" -P -c 'import prometheus_client.parser' 2>/dev/null; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'prometheus-client==0.26.*'
+fi
 # Wheels for the deploy tests' offline `pip install` (the stock python-venv hook with SLUICE_WHEEL_DIR).
 if ! ls target/test-wheels/gunicorn-*.whl >/dev/null 2>&1; then
   "$venv/bin/pip" download --quiet --disable-pip-version-check -d target/test-wheels 'gunicorn==27.*'
