@@ -13,7 +13,7 @@ use clap::{Subcommand, ValueEnum};
 use crate::config::{Backend, HostConfig, ServiceConfig};
 use crate::control::client::Client;
 use crate::control::protocol::{DeployRequest, DeployVerb, HostStatus, InstanceState};
-use crate::coord::{BuildMeta, Fleet, Role};
+use crate::coord::{BuildMeta, Fleet, Limit, Role};
 use serde::Deserialize as _;
 
 /// How often `watch` redraws.
@@ -65,10 +65,12 @@ pub enum FleetVerb {
         #[arg(value_enum)]
         role: RoleArg,
     },
-    /// How many hosts may restart a service at once (ZooKeeper).
+    /// How many hosts may restart a service at once (ZooKeeper): a count (`3`) or a percentage
+    /// of the service's hosts (`10%`, rounded down, at least one).
     Limit {
         service: String,
-        max_hosts_restarting: u32,
+        /// `N` (1 to 10000) or `P%` (1% to 100%).
+        max_hosts_restarting: String,
     },
     /// Publish a service's config node (ZooKeeper): a JSON object of the service-file keys each
     /// host lets it set (`coordination.config_node_keys`), overriding the hosts' local files.
@@ -198,13 +200,20 @@ pub async fn main(
             max_hosts_restarting,
         } => {
             let max = crate::coord::MAX_HOSTS_RESTARTING_MAX;
-            if max_hosts_restarting == 0 || max_hosts_restarting > max {
-                bail!("max_hosts_restarting must be a whole number from 1 to {max}");
+            let Some(limit) = Limit::parse(&max_hosts_restarting) else {
+                bail!(
+                    "max_hosts_restarting must be a whole number from 1 to {max} or a percentage \
+                     from 1% to 100%, not `{}`",
+                    crate::clip::clip(&max_hosts_restarting)
+                );
+            };
+            fleet.set_max_hosts_restarting(&service, limit).await?;
+            match limit {
+                Limit::Hosts(n) => println!("{service}: at most {n} host(s) restart at once"),
+                Limit::Percent(p) => println!(
+                    "{service}: at most {p}% of the hosts (rounded down, at least one) restart at once"
+                ),
             }
-            fleet
-                .set_max_hosts_restarting(&service, max_hosts_restarting)
-                .await?;
-            println!("{service}: at most {max_hosts_restarting} host(s) restart at once");
         }
         FleetVerb::PushConfig { service, file } => {
             let text = std::fs::read_to_string(&file)

@@ -6,8 +6,8 @@ use std::time::Duration;
 use zookeeper_client::{Client, CreateMode, Error as E, Stat};
 
 use super::{
-    AclSet, BuildMeta, CoordError, HISTORY_MAX, Role, build_id, build_path, check_name, open,
-    parse_build_meta, restarting_path, service_path,
+    AclSet, BuildMeta, CoordError, HISTORY_MAX, Limit, Role, build_id, build_path, check_name,
+    open, parse_build_meta, restarting_path, service_path,
 };
 
 /// Session timeout of the CLI's client: long enough to ride out a leader election.
@@ -184,9 +184,13 @@ impl Fleet {
         self.put(&path, json.as_bytes()).await
     }
 
-    pub async fn set_max_hosts_restarting(&self, service: &str, n: u32) -> Result<(), CoordError> {
+    pub async fn set_max_hosts_restarting(
+        &self,
+        service: &str,
+        limit: Limit,
+    ) -> Result<(), CoordError> {
         check_name("service", service)?;
-        self.put(&restarting_path(service), n.to_string().as_bytes())
+        self.put(&restarting_path(service), limit.to_string().as_bytes())
             .await
     }
 

@@ -10,7 +10,7 @@
 //! | `/services/<svc>/enabled/canary` | build id canary hosts should run (empty: none) |
 //! | `/services/<svc>/roles/<host>` | `canary` or `prod` (absent: prod) |
 //! | `/services/<svc>/status/<host>` | ephemeral: the host's status (JSON) |
-//! | `/services/<svc>/restarting` | data: `max_hosts_restarting` (absent/empty: 1); children: leases |
+//! | `/services/<svc>/restarting` | data: `max_hosts_restarting`, `N` or `P%` of the hosts (absent/empty: 1); children: leases |
 //! | `/services/<svc>/history` | JSON list of the builds `enabled` held, oldest first (last 20) |
 //! | `/builds/<svc>/<build>` | build metadata (JSON `{"url", "sha256", "size", "created"}`) |
 //!
@@ -93,7 +93,7 @@ pub struct ServiceView {
     pub config: Option<String>,
     /// The data of `restarting` (absent or empty: 1), or why it is invalid (the node's path
     /// and its value, clipped): then no host is granted a slot.
-    pub max_hosts_restarting: Result<u32, String>,
+    pub max_hosts_restarting: Result<Limit, String>,
 }
 
 impl ServiceView {
@@ -549,25 +549,76 @@ fn build_id(data: Option<Vec<u8>>) -> Option<String> {
 /// (a fleet never has this many hosts restarting on purpose).
 pub const MAX_HOSTS_RESTARTING_MAX: u32 = 10_000;
 
+/// How many hosts of a service may restart at once, as `restarting` holds it: a count (`3`) or a
+/// percentage of the service's hosts (`10%`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Hosts(u32),
+    /// Percent (1 to 100) of the hosts that publish a status node for the service, rounded down,
+    /// at least one.
+    Percent(u32),
+}
+
+impl Limit {
+    /// The number of slots with `hosts` hosts in the fleet.
+    pub fn slots(self, hosts: usize) -> u32 {
+        match self {
+            Limit::Hosts(n) => n,
+            Limit::Percent(p) => {
+                let slots = (hosts as u64).saturating_mul(u64::from(p)) / 100;
+                slots.clamp(1, u64::from(MAX_HOSTS_RESTARTING_MAX)) as u32
+            }
+        }
+    }
+
+    /// Parses what `sluice limit` and the `restarting` node hold (surrounding space allowed).
+    pub fn parse(text: &str) -> Option<Limit> {
+        let text = text.trim();
+        if let Some(percent) = text.strip_suffix('%') {
+            return match percent.parse::<u64>() {
+                Ok(p) if (1..=100).contains(&p) => Some(Limit::Percent(p as u32)),
+                _ => None,
+            };
+        }
+        match text.parse::<u64>() {
+            Ok(n) if (1..=u64::from(MAX_HOSTS_RESTARTING_MAX)).contains(&n) => {
+                Some(Limit::Hosts(n as u32))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::Hosts(n) => write!(f, "{n}"),
+            Limit::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
 /// The restart limit from the data of `restarting`: absent or empty is 1; anything but a whole
-/// number from 1 to [`MAX_HOSTS_RESTARTING_MAX`] is an error naming the value (clipped). No
-/// slot is granted while the limit is invalid: sluice does not guess what was meant.
-fn parse_limit(path: &str, data: Option<&[u8]>) -> Result<u32, String> {
-    let Some(data) = data else { return Ok(1) };
+/// number from 1 to [`MAX_HOSTS_RESTARTING_MAX`] or a percentage from 1% to 100% is an error
+/// naming the value (clipped). No slot is granted while the limit is invalid: sluice does not
+/// guess what was meant.
+fn parse_limit(path: &str, data: Option<&[u8]>) -> Result<Limit, String> {
+    let Some(data) = data else {
+        return Ok(Limit::Hosts(1));
+    };
     let text = String::from_utf8_lossy(data);
     let text = text.trim();
     if text.is_empty() {
-        return Ok(1);
+        return Ok(Limit::Hosts(1));
     }
-    match text.parse::<u64>() {
-        Ok(n) if (1..=u64::from(MAX_HOSTS_RESTARTING_MAX)).contains(&n) => Ok(n as u32),
-        _ => Err(format!(
+    Limit::parse(text).ok_or_else(|| {
+        format!(
             "node {path} holds {:?}: max_hosts_restarting must be a whole number from 1 to \
-             {MAX_HOSTS_RESTARTING_MAX}; no host begins a restart until it is fixed \
-             (`sluice limit <svc> N`)",
+             {MAX_HOSTS_RESTARTING_MAX} or a percentage of the hosts from 1% to 100%; no host \
+             begins a restart until it is fixed (`sluice limit <svc> N|P%`)",
             crate::clip::clip(text)
-        )),
-    }
+        )
+    })
 }
 
 fn parse_role(data: Option<&[u8]>) -> Role {
@@ -627,7 +678,7 @@ mod unit {
             canary: Some("b2".into()),
             role: Role::Prod,
             config: None,
-            max_hosts_restarting: Ok(1),
+            max_hosts_restarting: Ok(Limit::Hosts(1)),
         };
         assert_eq!(view.desired_build(), Some("b1"));
         view.role = Role::Canary;
@@ -639,11 +690,13 @@ mod unit {
     #[test]
     fn limits_roles_and_names() {
         let limit = |data| parse_limit("/services/web/restarting", data);
-        assert_eq!(limit(None), Ok(1));
-        assert_eq!(limit(Some(b"")), Ok(1));
-        assert_eq!(limit(Some(b" 3\n")), Ok(3));
-        assert_eq!(limit(Some(b"10000")), Ok(10_000));
-        let bad: [&[u8]; 7] = [
+        assert_eq!(limit(None), Ok(Limit::Hosts(1)));
+        assert_eq!(limit(Some(b"")), Ok(Limit::Hosts(1)));
+        assert_eq!(limit(Some(b" 3\n")), Ok(Limit::Hosts(3)));
+        assert_eq!(limit(Some(b"10000")), Ok(Limit::Hosts(10_000)));
+        assert_eq!(limit(Some(b"10%")), Ok(Limit::Percent(10)));
+        assert_eq!(limit(Some(b" 100% ")), Ok(Limit::Percent(100)));
+        let bad: [&[u8]; 12] = [
             b"0",
             b"x",
             b"-1",
@@ -651,10 +704,18 @@ mod unit {
             b"10001",
             b"99999999999999999999999",
             b"\xff",
+            b"0%",
+            b"101%",
+            b"%",
+            b"10 %",
+            b"2.5%",
         ];
         for data in bad {
             let e = limit(Some(data)).unwrap_err();
-            assert!(e.contains("must be a whole number from 1 to 10000"), "{e}");
+            assert!(
+                e.contains("must be a whole number from 1 to 10000 or a percentage"),
+                "{e}"
+            );
         }
         assert!(
             limit(Some(b"0"))
@@ -663,6 +724,18 @@ mod unit {
         );
         let long = vec![b'7'; 5000];
         assert!(limit(Some(&long)).unwrap_err().len() < 600, "clipped");
+        // A percentage rounds down, and never to no slot at all.
+        for (p, hosts, slots) in [
+            (10, 100, 10),
+            (10, 99, 9),
+            (10, 5, 1),
+            (10, 0, 1),
+            (100, 7, 7),
+        ] {
+            assert_eq!(Limit::Percent(p).slots(hosts), slots, "{p}% of {hosts}");
+        }
+        assert_eq!(Limit::Hosts(3).slots(100), 3);
+        assert_eq!(Limit::Percent(25).to_string(), "25%");
         assert_eq!(parse_role(Some(b"canary")), Role::Canary);
         assert_eq!(parse_role(Some(b"prod")), Role::Prod);
         assert_eq!(parse_role(None), Role::Prod);

@@ -662,7 +662,7 @@ mod unit {
             canary: None,
             role: Role::Prod,
             config: None,
-            max_hosts_restarting: Ok(limit),
+            max_hosts_restarting: Ok(super::super::Limit::Hosts(limit)),
         }
     }
 

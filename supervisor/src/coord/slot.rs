@@ -10,7 +10,10 @@
 //! A lease is deleted only by [`Slot::release_after`], which first waits until ZooKeeper
 //! acknowledged the host's status that says its restart ended: a host that takes the slot next
 //! never sees this host still `restarting` in its status node. A limit that is not a valid
-//! number grants no slot (the daemon reports it in status; see `parse_limit`).
+//! number grants no slot (the daemon reports it in status; see `parse_limit`). A limit of `P%`
+//! is that share of the hosts with a status node of the service when a lease is ranked, at least
+//! one: hosts that rank their leases while the fleet grows or shrinks may count different
+//! fleets, so the bound holds for the largest fleet any of them counted.
 
 use std::time::Duration;
 
@@ -18,7 +21,7 @@ use tokio::sync::watch;
 use zookeeper_client::{Client, CreateMode, StateWatcher};
 
 use super::{
-    CoordError, RETRY_MAX_MS, Session, Zk, backoff, check_name, is_transient, parse_limit,
+    CoordError, Limit, RETRY_MAX_MS, Session, Zk, backoff, check_name, is_transient, parse_limit,
     restarting_path,
 };
 
@@ -278,7 +281,21 @@ async fn look(
     };
     // An invalid limit grants no slot: waiting is safe, guessing is not. The daemon shows the
     // error (from its view of the same node) in `status` and in its status node.
-    let limit = parse_limit(dir, Some(&limit)).unwrap_or(0);
+    let limit = match parse_limit(dir, Some(&limit)) {
+        Ok(Limit::Hosts(n)) => n,
+        // A share of the hosts that publish a status node now (this one among them). Read each
+        // time a lease is ranked: hosts that come or go change it from the next ranking on.
+        Ok(limit @ Limit::Percent(_)) => {
+            let status = format!("{}/status", dir.trim_end_matches("/restarting"));
+            let hosts = match client.list_children(&status).await {
+                Ok(hosts) => hosts.len(),
+                Err(E::NoNode) => 0,
+                Err(e) => return Err(("list", status, e)),
+            };
+            limit.slots(hosts)
+        }
+        Err(_) => 0,
+    };
 
     let known = pending
         .name_in(session.epoch)

@@ -86,7 +86,7 @@ fn empty_view() -> ServiceView {
         canary: None,
         role: Role::Prod,
         config: None,
-        max_hosts_restarting: Ok(1),
+        max_hosts_restarting: Ok(Limit::Hosts(1)),
     }
 }
 
@@ -198,8 +198,11 @@ async fn views_follow_every_node() {
     assert_eq!(next_view(&mut rx).await, expected);
     expect_quiet(&mut rx).await;
 
-    fleet.set_max_hosts_restarting("web", 3).await.unwrap();
-    expected.max_hosts_restarting = Ok(3);
+    fleet
+        .set_max_hosts_restarting("web", Limit::Hosts(3))
+        .await
+        .unwrap();
+    expected.max_hosts_restarting = Ok(Limit::Hosts(3));
     assert_eq!(next_view(&mut rx).await, expected);
     expect_quiet(&mut rx).await;
 
@@ -218,7 +221,10 @@ async fn views_follow_every_node() {
             "{error}"
         );
     }
-    fleet.set_max_hosts_restarting("web", 3).await.unwrap();
+    fleet
+        .set_max_hosts_restarting("web", Limit::Hosts(3))
+        .await
+        .unwrap();
     assert_eq!(next_view(&mut rx).await, expected);
     raw.set_data("/services/web/config", b"not json", None)
         .await
@@ -362,7 +368,10 @@ async fn restart_slots_are_shared_by_the_fleet() {
         return;
     };
     let fleet = Fleet::connect(&server.chrooted(), None).await.unwrap();
-    fleet.set_max_hosts_restarting("web", 1).await.unwrap();
+    fleet
+        .set_max_hosts_restarting("web", Limit::Hosts(1))
+        .await
+        .unwrap();
     let mut hosts = Vec::new();
     for host in ["h1", "h2", "h3"] {
         let (zk, mut rx) = Zk::start(config(&server, host, 10_000), vec![]);
@@ -414,7 +423,10 @@ async fn restart_slots_are_shared_by_the_fleet() {
     let zk1 = zk(0);
     waiting.spawn(async move { (0, zk1.acquire_slot("web").await.unwrap()) });
     tokio::time::sleep(short).await;
-    fleet.set_max_hosts_restarting("web", 3).await.unwrap();
+    fleet
+        .set_max_hosts_restarting("web", Limit::Hosts(3))
+        .await
+        .unwrap();
     let mut held = vec![(first, slot_first)];
     for _ in 0..2 {
         let entry = tokio::time::timeout(within, waiting.join_next())
@@ -429,7 +441,10 @@ async fn restart_slots_are_shared_by_the_fleet() {
     }
 
     // A host whose session closes frees its slot.
-    fleet.set_max_hosts_restarting("web", 1).await.unwrap();
+    fleet
+        .set_max_hosts_restarting("web", Limit::Hosts(1))
+        .await
+        .unwrap();
     let slot3 = tokio::time::timeout(within, zk(2).acquire_slot("web"))
         .await
         .unwrap()
@@ -779,7 +794,10 @@ async fn an_invalid_limit_grants_no_slot_until_it_is_fixed() {
     let raw = server.raw().await;
     let (zk, mut rx) = Zk::start(config(&server, "h1", 10_000), vec![]);
     assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
-    fleet.set_max_hosts_restarting("web", 1).await.unwrap();
+    fleet
+        .set_max_hosts_restarting("web", Limit::Hosts(1))
+        .await
+        .unwrap();
     for bad in [&b"0"[..], b"garbage"] {
         raw.set_data("/services/web/restarting", bad, None)
             .await
@@ -793,7 +811,10 @@ async fn an_invalid_limit_grants_no_slot_until_it_is_fixed() {
         tokio::spawn(async move { zk.acquire_slot("web").await })
     };
     tokio::time::sleep(Duration::from_millis(QUIET_MS)).await;
-    fleet.set_max_hosts_restarting("web", 2).await.unwrap();
+    fleet
+        .set_max_hosts_restarting("web", Limit::Hosts(2))
+        .await
+        .unwrap();
     let slot = tokio::time::timeout(Duration::from_millis(WAIT_MS), waiter)
         .await
         .expect("a fixed limit lets the waiter in")
@@ -888,4 +909,70 @@ async fn raw_after_restart(server: &ZkServer) {
     raw.set_data("/services/web/enabled", b"b3", None)
         .await
         .unwrap();
+}
+
+/// `P%` of the hosts with a status node, rounded down and at least one, restart at once; the
+/// share follows the fleet as hosts come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_percentage_limit_is_a_share_of_the_hosts_with_a_status_node() {
+    let Some(server) = ZkServer::start().await else {
+        return;
+    };
+    let fleet = Fleet::connect(&server.chrooted(), None).await.unwrap();
+    let raw = server.raw().await;
+    let persistent = CreateMode::Persistent.with_acls(Acls::anyone_all());
+    raw.mkdir("/services/web/status", &persistent)
+        .await
+        .unwrap();
+    for i in 1..=4 {
+        let path = format!("/services/web/status/h{i}");
+        raw.create(&path, b"{}", &persistent).await.unwrap();
+    }
+    fleet
+        .set_max_hosts_restarting("web", Limit::Percent(50))
+        .await
+        .unwrap();
+    assert_eq!(
+        read(&raw, "/services/web/restarting").await.as_deref(),
+        Some("50%")
+    );
+    let mut hosts = Vec::new();
+    for host in ["h1", "h2", "h3"] {
+        let (zk, mut rx) = Zk::start(config(&server, host, 10_000), vec![]);
+        assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
+        hosts.push(zk);
+    }
+    let within = Duration::from_millis(WAIT_MS);
+    let short = Duration::from_millis(QUIET_MS * 2);
+    let mut held = Vec::new();
+    for zk in &hosts[..2] {
+        let slot = tokio::time::timeout(within, zk.acquire_slot("web"))
+            .await
+            .expect("50% of 4 hosts is 2 slots")
+            .unwrap();
+        held.push(slot);
+    }
+    let third = hosts[2].clone();
+    let mut waiting = tokio::spawn(async move { third.acquire_slot("web").await.unwrap() });
+    assert!(
+        tokio::time::timeout(short, &mut waiting).await.is_err(),
+        "a third host restarted under 50% of 4"
+    );
+    // Two more hosts: 50% of 6 is 3, taken at the next ranking (a lease coming or going).
+    for i in 5..=6 {
+        let path = format!("/services/web/status/h{i}");
+        raw.create(&path, b"{}", &persistent).await.unwrap();
+    }
+    held.pop().unwrap().release().await;
+    let third = tokio::time::timeout(within, waiting)
+        .await
+        .expect("the waiter gets a slot")
+        .unwrap();
+    let (zk4, mut rx4) = Zk::start(config(&server, "h4", 10_000), vec![]);
+    assert_eq!(rx4.recv().await, Some(CoordEvent::Connected));
+    let fourth = tokio::time::timeout(within, zk4.acquire_slot("web"))
+        .await
+        .expect("50% of 6 hosts is 3 slots: two held, one free")
+        .unwrap();
+    assert!(third.is_valid() && fourth.is_valid());
 }
