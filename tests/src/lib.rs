@@ -36,6 +36,7 @@ pub mod nemesis;
 pub mod netns;
 pub mod watchdog;
 pub mod zk;
+pub mod zkcost;
 
 /// Upper bound for anything that should happen "soon" on a loaded 2-core machine running tests in
 /// parallel; generous because a timeout only costs time when the test fails anyway.

@@ -114,7 +114,7 @@ impl Zookeeper {
                 std::fs::write(data.join("myid"), format!("{}\n", i + 1)).expect("myid");
                 let port = client + i;
                 let mut cfg = format!(
-                    "tickTime=500\ninitLimit=10\nsyncLimit=5\ndataDir={}\nclientPort={port}\nclientPortAddress={addr}\nadmin.enableServer=false\n4lw.commands.whitelist=srvr,ruok\nmaxClientCnxns=0\nmaxSessionTimeout=30000\n",
+                    "tickTime=500\ninitLimit=10\nsyncLimit=5\ndataDir={}\nclientPort={port}\nclientPortAddress={addr}\nadmin.enableServer=false\n4lw.commands.whitelist=srvr,ruok,cons,crst,wchs,mntr\nmaxClientCnxns=0\nmaxSessionTimeout=30000\n",
                     data.display()
                 );
                 if n > 1 {

@@ -8,8 +8,17 @@
 //! ZooKeeper. Env: `BENCH_HOSTS` (24), `BENCH_RACKS` (4), `BENCH_BUILD_MB` (20, incompressible),
 //! `BENCH_LINK_BYTES_PER_S` (12500000: the store's uplink and each host's
 //! `peers.upload_bytes_per_s`), `BENCH_MAX_UPLOADS` (4: `peers.max_uploads`), `BENCH_MODES`
-//! (`store,peers`).
+//! (`store,peers`; `zk` for what ZooKeeper costs per host per deploy).
+//!
+//! Mode `zk` (`BENCH_MODES=zk`, `BENCH_DEPLOYS` deploys, default 20, of a tiny build): per host
+//! and per deploy, the bytes and packets both ways between the host and ZooKeeper (iptables
+//! counters in its own namespace; h1, where the bench runs its `sluice` commands, is left out),
+//! the requests its sessions sent (the server's `cons`, reset by
+//! `crst`), less the heartbeats of an idle window measured first; the watches the fleet holds
+//! (`wchs`); and the time from the `enabled` write to each host's first status change (a
+//! watch of the bench's own): the host acting on the deploy.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,6 +27,7 @@ use sluice_tests::fleet::{
     Fleet, FleetOptions, HTTP_PORT, HUB_ADDR, http_get_bytes, light_service, noise,
 };
 use sluice_tests::netns::run_in_named;
+use sluice_tests::zkcost::{ByteMeter, StatusClock, Traffic, parse_cons, parse_wchs};
 
 const SVC: &str = "web";
 const BUILD: &str = "b1";
@@ -144,6 +154,168 @@ fn run(mode: &str, s: &Settings) -> Value {
     result
 }
 
+/// The `p`th percentile (0–100) of `v`, nearest rank.
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// How long the idle window lasts, from which the heartbeats per host per second are taken.
+const ZK_IDLE_MS: u64 = 10_000;
+/// Quiet after each deploy before the counters are read (the last status writes land).
+const ZK_SETTLE_MS: u64 = 1_000;
+
+/// ZooKeeper's cost per host per deploy, and `enabled` → every host acting, over many deploys.
+fn run_zk(s: &Settings, deploys: usize) -> Value {
+    let fleet = Fleet::new_with(
+        FleetOptions {
+            hosts: s.hosts,
+            zookeepers: 1,
+        },
+        10_000,
+        &|_| String::new(),
+    )
+    .expect("a fleet (root, ZooKeeper)");
+    fleet.service(SVC, &light_service(SVC));
+    let builds: Vec<_> = (0..=deploys)
+        .map(|i| fleet.builds().good(SVC, &format!("b{i}")))
+        .collect();
+    fleet.start_daemons();
+    for b in &builds {
+        fleet.register_with_size(SVC, b);
+    }
+    fleet.sluice(&["deploy", SVC, &builds[0].id]).success();
+    fleet.wait_all_serving(SVC, &builds[0].id, DEPLOY_TIMEOUT);
+    std::thread::sleep(Duration::from_millis(ZK_SETTLE_MS));
+
+    let zk = fleet.zk();
+    let ports = (zk.port(0), zk.port(zk.len() - 1));
+    // h1 is where the bench runs its `sluice` commands (the deploys, and `hosts --json` while it
+    // waits): its sessions are the deployer's, not a host's, so only h2… are metered.
+    assert!(s.hosts >= 2, "the zk mode needs two hosts or more");
+    let metered = &fleet.hosts[1..];
+    let meters: Vec<ByteMeter> = metered
+        .iter()
+        .map(|h| ByteMeter::install(&h.netns, HUB_ADDR, ports))
+        .collect();
+    let clock = StatusClock::start(
+        &fleet.hub().name,
+        zk.servers_string(),
+        format!("/sluice/services/{SVC}/status"),
+    );
+    let cons = || -> BTreeMap<String, (u64, u64)> {
+        parse_cons(&zk.four_letter(0, "cons").expect("cons answers"))
+    };
+    let traffic = || -> Vec<Traffic> { meters.iter().map(ByteMeter::read).collect() };
+    let requests = |before: &BTreeMap<String, (u64, u64)>, after: &BTreeMap<String, (u64, u64)>| {
+        metered
+            .iter()
+            .map(|h| {
+                let a = after.get(&h.addr).map_or(0, |c| c.0);
+                let b = before.get(&h.addr).map_or(0, |c| c.0);
+                a.saturating_sub(b) as f64
+            })
+            .collect::<Vec<f64>>()
+    };
+
+    // Idle: heartbeats only.
+    zk.four_letter(0, "crst").expect("crst answers");
+    let (c0, t0, idle_start) = (cons(), traffic(), Instant::now());
+    std::thread::sleep(Duration::from_millis(ZK_IDLE_MS));
+    let (c1, t1) = (cons(), traffic());
+    let idle_s = idle_start.elapsed().as_secs_f64();
+    let idle_requests_per_s: Vec<f64> = requests(&c0, &c1).iter().map(|r| r / idle_s).collect();
+    let idle_bytes_per_s: Vec<f64> = t1
+        .iter()
+        .zip(&t0)
+        .map(|(a, b)| {
+            let d = a.minus(*b);
+            (d.bytes_out + d.bytes_in) as f64 / idle_s
+        })
+        .collect();
+    let watches = parse_wchs(&zk.four_letter(0, "wchs").expect("wchs answers"));
+
+    let mut per_deploy = Vec::new();
+    let mut acting_all = Vec::new();
+    let mut acting_last = Vec::new();
+    for b in &builds[1..] {
+        let (cb, tb, start) = (cons(), traffic(), Instant::now());
+        let written_ms = sluice_tests::nemesis::now_ms();
+        fleet.sluice(&["deploy", SVC, &b.id]).success();
+        fleet.wait_all_serving(SVC, &b.id, DEPLOY_TIMEOUT);
+        std::thread::sleep(Duration::from_millis(ZK_SETTLE_MS));
+        let (ca, ta) = (cons(), traffic());
+        let window_s = start.elapsed().as_secs_f64();
+        let reqs: Vec<f64> = requests(&cb, &ca)
+            .iter()
+            .zip(&idle_requests_per_s)
+            .map(|(r, idle)| (r - idle * window_s).max(0.0))
+            .collect();
+        let bytes: Vec<f64> = ta
+            .iter()
+            .zip(&tb)
+            .zip(&idle_bytes_per_s)
+            .map(|((a, b), idle)| {
+                let d = a.minus(*b);
+                ((d.bytes_out + d.bytes_in) as f64 - idle * window_s).max(0.0)
+            })
+            .collect();
+        let acting = clock.first_after(written_ms);
+        let acted: Vec<f64> = fleet
+            .hosts
+            .iter()
+            .map(|h| acting.get(&h.name).map_or(f64::NAN, |ms| *ms as f64))
+            .collect();
+        assert!(
+            acted.iter().all(|a| a.is_finite()),
+            "every host's status changed after the write of {}: {acting:?}",
+            b.id
+        );
+        acting_last.push(acted.iter().copied().fold(0.0, f64::max));
+        acting_all.extend(acted.iter().copied());
+        eprintln!(
+            "zk: deploy {}: requests/host median {:.1}, bytes/host median {:.0}, last host acting {:.0} ms",
+            b.id,
+            median(reqs.clone()),
+            median(bytes.clone()),
+            acting_last.last().copied().unwrap_or(f64::NAN)
+        );
+        per_deploy.push(json!({
+            "build": b.id,
+            "window_s": window_s,
+            "requests_per_host_median": median(reqs.clone()),
+            "requests_per_host_max": reqs.iter().copied().fold(0.0, f64::max),
+            "bytes_per_host_median": median(bytes.clone()),
+            "bytes_per_host_max": bytes.iter().copied().fold(0.0, f64::max),
+            "acting_ms_last_host": acting_last.last(),
+        }));
+    }
+    let column =
+        |key: &str| -> Vec<f64> { per_deploy.iter().filter_map(|d| d[key].as_f64()).collect() };
+    let result = json!({
+        "mode": "zk",
+        "deploys": deploys,
+        "idle_requests_per_host_per_s_median": median(idle_requests_per_s.clone()),
+        "idle_bytes_per_host_per_s_median": median(idle_bytes_per_s.clone()),
+        "watches": watches.map(|(c, p, t)| json!({"connections": c, "paths": p, "total": t})),
+        "requests_per_host_per_deploy_median": median(column("requests_per_host_median")),
+        "requests_per_host_per_deploy_max": column("requests_per_host_max").iter().copied().fold(0.0, f64::max),
+        "bytes_per_host_per_deploy_median": median(column("bytes_per_host_median")),
+        "bytes_per_host_per_deploy_max": column("bytes_per_host_max").iter().copied().fold(0.0, f64::max),
+        "acting_ms_every_host_median": median(acting_all.clone()),
+        "acting_ms_every_host_p99": percentile(acting_all.clone(), 99.0),
+        "acting_ms_last_host_median": median(acting_last.clone()),
+        "acting_ms_last_host_p99": percentile(acting_last.clone(), 99.0),
+        "per_deploy": per_deploy,
+    });
+    eprintln!("zk: {result}");
+    result
+}
+
 fn main() {
     let out_prefix = std::env::args()
         .nth(1)
@@ -160,7 +332,14 @@ fn main() {
         "zookeeper",
         "dpkg-query -W -f='${Version}' zookeeper 2>/dev/null",
     )]);
-    let runs: Vec<Value> = modes.split(',').map(|m| run(m.trim(), &settings)).collect();
+    let deploys = sluice_tests::benchkit::env_u64("BENCH_DEPLOYS", 20) as usize;
+    let runs: Vec<Value> = modes
+        .split(',')
+        .map(|m| match m.trim() {
+            "zk" => run_zk(&settings, deploys),
+            m => run(m, &settings),
+        })
+        .collect();
     let report = json!({
         "benchmark": "fleet",
         "machine": machine,
@@ -187,6 +366,9 @@ fn main() {
         settings.max_uploads
     );
     for r in &report["runs"].as_array().cloned().unwrap_or_default() {
+        if r["mode"] == "zk" {
+            continue;
+        }
         md += &format!(
             "| {} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} / {:.0} |\n",
             r["mode"].as_str().unwrap_or("?"),
@@ -199,6 +381,40 @@ fn main() {
             r["deploy_to_all_serving_ms"].as_f64().unwrap_or(f64::NAN),
             r["brain_rss_kib_median"].as_f64().unwrap_or(f64::NAN),
             r["brain_rss_kib_max"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    for r in &report["runs"].as_array().cloned().unwrap_or_default() {
+        if r["mode"] != "zk" {
+            continue;
+        }
+        md += &format!(
+            "\n## ZooKeeper per host per deploy ({} deploys)\n\n| requests median / max | bytes median / max | idle requests/s, bytes/s | watches (connections, paths, total) | enabled → host acting ms median / p99 | → last host acting median / p99 |\n| --- | --- | --- | --- | --- | --- |\n| {:.1} / {:.0} | {:.0} / {:.0} | {:.2}, {:.0} | {} | {:.0} / {:.0} | {:.0} / {:.0} |\n",
+            r["deploys"],
+            r["requests_per_host_per_deploy_median"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r["requests_per_host_per_deploy_max"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r["bytes_per_host_per_deploy_median"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r["bytes_per_host_per_deploy_max"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r["idle_requests_per_host_per_s_median"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r["idle_bytes_per_host_per_s_median"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r["watches"],
+            r["acting_ms_every_host_median"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r["acting_ms_every_host_p99"].as_f64().unwrap_or(f64::NAN),
+            r["acting_ms_last_host_median"].as_f64().unwrap_or(f64::NAN),
+            r["acting_ms_last_host_p99"].as_f64().unwrap_or(f64::NAN),
         );
     }
     md += &format!("\nmachine: {}\n", report["machine"]);
