@@ -286,11 +286,11 @@ async fn look(
         // A share of the hosts that publish a status node now (this one among them). Read each
         // time a lease is ranked: hosts that come or go change it from the next ranking on.
         Ok(limit @ Limit::Percent(_)) => {
+            // The count from the node's stat, not a listing: a few bytes whatever the fleet's size.
             let status = format!("{}/status", dir.trim_end_matches("/restarting"));
-            let hosts = match client.list_children(&status).await {
-                Ok(hosts) => hosts.len(),
-                Err(E::NoNode) => 0,
-                Err(e) => return Err(("list", status, e)),
+            let hosts = match client.check_stat(&status).await {
+                Ok(stat) => stat.map_or(0, |s| s.num_children.max(0) as usize),
+                Err(e) => return Err(("stat", status, e)),
             };
             limit.slots(hosts)
         }
