@@ -1,19 +1,25 @@
-//! The fleet's restart slots: a counting semaphore over ZooKeeper.
+//! The fleet's restart slots: a counting semaphore over ZooKeeper, without a herd.
 //!
-//! Each waiting or restarting host has one EPHEMERAL_SEQUENTIAL child `lease-<host>-<seq>` of
-//! `/services/<svc>/restarting`; the holders are the `limit` children with the lowest sequence
-//! numbers, `limit` being the data of `restarting`. Waiters watch both the children (a holder
-//! left) and the limit (a raised limit takes effect at once). Leases are ephemeral: a host whose
-//! session ends frees its slot, and a lease lost with a session is lost for good
-//! ([`Slot::is_valid`] turns false); it is never re-created behind the holder's back.
+//! A holder has one EPHEMERAL_SEQUENTIAL child `lease-<host>-<seq>` of
+//! `/services/<svc>/restarting`; `limit` is the data of `restarting`. A host that wants a slot
+//! queues first: an EPHEMERAL_SEQUENTIAL `restarting/queue/q-<host>-<seq>`. Only the head of
+//! the queue looks at the leases (and the limit): while fewer leases than the limit exist it
+//! makes its lease, then leaves the queue, and the next host becomes head. Every other host
+//! watches only the queue node just before its own, so a lease coming or going wakes one host,
+//! not the whole fleet: what a host reads per deploy does not grow with the number of hosts
+//! waiting (the ZooKeeper lock recipe in front of the leases, as Curator's semaphore does).
+//! Leases are made only by the one head, after counting: at most `limit` exist at once.
+//!
+//! Leases and queue nodes are ephemeral: a host whose session ends frees its slot and its place,
+//! and a lease lost with a session is lost for good ([`Slot::is_valid`] turns false); it is never
+//! re-created behind the holder's back.
 //!
 //! A lease is deleted only by [`Slot::release_after`], which first waits until ZooKeeper
 //! acknowledged the host's status that says its restart ended: a host that takes the slot next
 //! never sees this host still `restarting` in its status node. A limit that is not a valid
 //! number grants no slot (the daemon reports it in status; see `parse_limit`). A limit of `P%`
-//! is that share of the hosts with a status node of the service when a lease is ranked, at least
-//! one: hosts that rank their leases while the fleet grows or shrinks may count different
-//! fleets, so the bound holds for the largest fleet any of them counted.
+//! is that share of the hosts with a status node of the service when the head counts, at least
+//! one.
 
 use std::time::Duration;
 
@@ -34,6 +40,8 @@ const RELEASE_TIMEOUT_MS: u64 = 5_000;
 const END_STATUS_WAIT_SESSION_TIMEOUTS: u32 = 3;
 /// How often a release waiting for its status looks whether the lease's session ended.
 const END_STATUS_POLL_MS: u64 = 100;
+/// The child of `restarting` that holds the queue of hosts waiting for a slot.
+pub(super) const QUEUE: &str = "queue";
 /// First delay before retrying after a connection loss while acquiring.
 const RETRY_MIN_MS: u64 = 100;
 
@@ -165,14 +173,16 @@ async fn delete_lease(client: Client, path: String) {
     }
 }
 
-/// The lease made by an `acquire` in progress: deleted if the call is cancelled.
+/// The queue node and the lease made by an `acquire` in progress: deleted if the call is
+/// cancelled (the lease once it is handed over as a [`Slot`] is the slot's).
 struct Pending {
+    queue: Option<(Session, String)>,
     lease: Option<(Session, String)>,
 }
 
 impl Pending {
-    fn name_in(&self, epoch: u64) -> Option<&str> {
-        match &self.lease {
+    fn queue_name_in(&self, epoch: u64) -> Option<&str> {
+        match &self.queue {
             Some((session, path)) if session.epoch == epoch => path.rsplit('/').next(),
             _ => None,
         }
@@ -181,9 +191,10 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if let (Some((session, path)), Ok(runtime)) =
-            (self.lease.take(), tokio::runtime::Handle::try_current())
-        {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for (session, path) in [self.queue.take(), self.lease.take()].into_iter().flatten() {
             runtime.spawn(delete_lease(session.client, path));
         }
     }
@@ -192,11 +203,13 @@ impl Drop for Pending {
 /// What one look at the semaphore found.
 enum Step {
     Held(String),
+    /// Wait for the first watch to fire: the queue node before ours, or (at the head) the
+    /// leases and the limit.
     Wait(
         zookeeper_client::OneshotWatcher,
-        zookeeper_client::OneshotWatcher,
+        Option<zookeeper_client::OneshotWatcher>,
     ),
-    /// Our lease vanished (e.g. deleted by a cancelled call's cleanup): look again.
+    /// Something changed under us (our queue node made or gone, a lease made): look again.
     Again,
 }
 
@@ -210,7 +223,10 @@ pub(super) async fn acquire(zk: &Zk, service: &str) -> Result<Slot, CoordError> 
     let dir = restarting_path(service);
     let prefix = format!("lease-{host}-");
     let mut sessions = zk.session.clone();
-    let mut pending = Pending { lease: None };
+    let mut pending = Pending {
+        queue: None,
+        lease: None,
+    };
     let mut attempt: u32 = 0;
     loop {
         let session = loop {
@@ -233,11 +249,17 @@ pub(super) async fn acquire(zk: &Zk, service: &str) -> Result<Slot, CoordError> 
                 });
             }
             Ok(Step::Again) => {}
-            Ok(Step::Wait(children, limit)) => {
+            Ok(Step::Wait(first, second)) => {
                 attempt = 0;
+                let second = async {
+                    match second {
+                        Some(watch) => drop(watch.changed().await),
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    _ = children.changed() => {}
-                    _ = limit.changed() => {}
+                    _ = first.changed() => {}
+                    () = second => {}
                     _ = sessions.changed() => {}
                 }
             }
@@ -255,7 +277,8 @@ pub(super) async fn acquire(zk: &Zk, service: &str) -> Result<Slot, CoordError> 
     }
 }
 
-/// Makes or finds this host's lease, then ranks it.
+/// One step towards a slot: finds this session's lease (a create whose answer was lost), else
+/// makes or finds its queue node and, at the head of the queue, makes a lease if one is free.
 async fn look(
     zk: &Zk,
     session: &Session,
@@ -266,10 +289,81 @@ async fn look(
     use zookeeper_client::Error as E;
     let client = &session.client;
     let acl = &zk.shared.acl;
+    let queue_dir = format!("{dir}/{QUEUE}");
     client
-        .mkdir(dir, &acl.options(CreateMode::Persistent))
+        .mkdir(&queue_dir, &acl.options(CreateMode::Persistent))
         .await
-        .map_err(|e| ("create", dir.to_owned(), e))?;
+        .map_err(|e| ("create", queue_dir.clone(), e))?;
+
+    // A lease of this session already: it holds the slot (once out of the queue).
+    let children = client
+        .list_children(dir)
+        .await
+        .map_err(|e| ("list", dir.to_owned(), e))?;
+    if let Some(lease) = adopt(client, dir, prefix, &children).await? {
+        let path = format!("{dir}/{lease}");
+        pending.lease = Some((session.clone(), path.clone()));
+        leave_queue(
+            client,
+            &queue_dir,
+            &format!("q-{}", &prefix["lease-".len()..]),
+            pending,
+        )
+        .await?;
+        pending.lease = None;
+        return Ok(Step::Held(path));
+    }
+
+    let queue = client
+        .list_children(&queue_dir)
+        .await
+        .map_err(|e| ("list", queue_dir.clone(), e))?;
+    let queue_prefix = format!("q-{}", &prefix["lease-".len()..]);
+    let known = pending
+        .queue_name_in(session.epoch)
+        .filter(|name| queue.iter().any(|c| c == name))
+        .map(str::to_owned);
+    let ours = match known {
+        Some(name) => name,
+        None => match adopt(client, &queue_dir, &queue_prefix, &queue).await? {
+            Some(name) => name,
+            None => {
+                let path = format!("{queue_dir}/{queue_prefix}");
+                let options = acl.options(CreateMode::EphemeralSequential);
+                let (_, sequence) = client
+                    .create(&path, &[], &options)
+                    .await
+                    .map_err(|e| ("create", path.clone(), e))?;
+                pending.queue = Some((session.clone(), format!("{path}{sequence}")));
+                return Ok(Step::Again);
+            }
+        },
+    };
+    pending.queue = Some((session.clone(), format!("{queue_dir}/{ours}")));
+
+    let mut ranked: Vec<(i64, &str)> = queue
+        .iter()
+        .filter_map(|c| sequence_of(c).map(|s| (s, c.as_str())))
+        .collect();
+    ranked.sort_unstable();
+    match ranked.iter().position(|(_, c)| *c == ours) {
+        None => return Ok(Step::Again),
+        Some(0) => {}
+        Some(rank) => {
+            // Not the head: wake up only when the host just before us leaves the queue.
+            let before = format!("{queue_dir}/{}", ranked[rank - 1].1);
+            let (stat, watch) = client
+                .check_and_watch_stat(&before)
+                .await
+                .map_err(|e| ("stat", before.clone(), e))?;
+            return Ok(match stat {
+                Some(_) => Step::Wait(watch, None),
+                None => Step::Again,
+            });
+        }
+    }
+
+    // The head: count the leases against the limit, watching both.
     let (children, _, children_watch) = client
         .get_and_watch_children(dir)
         .await
@@ -283,10 +377,9 @@ async fn look(
     // error (from its view of the same node) in `status` and in its status node.
     let limit = match parse_limit(dir, Some(&limit)) {
         Ok(Limit::Hosts(n)) => n,
-        // A share of the hosts that publish a status node now (this one among them). Read each
-        // time a lease is ranked: hosts that come or go change it from the next ranking on.
+        // A share of the hosts that publish a status node now (this one among them).
+        // The count from the node's stat, not a listing: a few bytes whatever the fleet's size.
         Ok(limit @ Limit::Percent(_)) => {
-            // The count from the node's stat, not a listing: a few bytes whatever the fleet's size.
             let status = format!("{}/status", dir.trim_end_matches("/restarting"));
             let hosts = match client.check_stat(&status).await {
                 Ok(stat) => stat.map_or(0, |s| s.num_children.max(0) as usize),
@@ -296,42 +389,42 @@ async fn look(
         }
         Err(_) => 0,
     };
-
-    let known = pending
-        .name_in(session.epoch)
-        .filter(|name| children.iter().any(|c| c == name))
-        .map(str::to_owned);
-    let ours = match known {
-        Some(name) => name,
-        None => match adopt(client, dir, prefix, &children).await? {
-            Some(name) => name,
-            None => {
-                let path = format!("{dir}/{prefix}");
-                let options = acl.options(CreateMode::EphemeralSequential);
-                let (_, sequence) = client
-                    .create(&path, &[], &options)
-                    .await
-                    .map_err(|e| ("create", path.clone(), e))?;
-                let path = format!("{path}{sequence}");
-                pending.lease = Some((session.clone(), path));
-                // Rank it with a fresh list, which has it.
-                return Ok(Step::Again);
-            }
-        },
-    };
-    let path = format!("{dir}/{ours}");
-    pending.lease = Some((session.clone(), path.clone()));
-
-    let mut ranked: Vec<(i64, &str)> = children
-        .iter()
-        .filter_map(|c| sequence_of(c).map(|s| (s, c.as_str())))
-        .collect();
-    ranked.sort_unstable();
-    match ranked.iter().position(|(_, c)| *c == ours) {
-        None => Ok(Step::Again),
-        Some(rank) if rank < limit as usize => Ok(Step::Held(path)),
-        Some(_) => Ok(Step::Wait(children_watch, limit_watch)),
+    let leases = children.iter().filter(|c| c.starts_with("lease-")).count();
+    if leases >= limit as usize {
+        return Ok(Step::Wait(children_watch, Some(limit_watch)));
     }
+    let path = format!("{dir}/{prefix}");
+    let options = acl.options(CreateMode::EphemeralSequential);
+    let (_, sequence) = client
+        .create(&path, &[], &options)
+        .await
+        .map_err(|e| ("create", path.clone(), e))?;
+    pending.lease = Some((session.clone(), format!("{path}{sequence}")));
+    // Held once out of the queue: the next look finds the lease and leaves.
+    Ok(Step::Again)
+}
+
+/// Deletes this session's queue node (the one `pending` knows, and any other of this host made
+/// by this session), letting the next host become head.
+async fn leave_queue(
+    client: &Client,
+    queue_dir: &str,
+    queue_prefix: &str,
+    pending: &mut Pending,
+) -> Result<(), Failure> {
+    let queue = client
+        .list_children(queue_dir)
+        .await
+        .map_err(|e| ("list", queue_dir.to_owned(), e))?;
+    if let Some(name) = adopt(client, queue_dir, queue_prefix, &queue).await? {
+        let path = format!("{queue_dir}/{name}");
+        match client.delete(&path, None).await {
+            Ok(()) | Err(zookeeper_client::Error::NoNode) => {}
+            Err(e) => return Err(("delete", path, e)),
+        }
+    }
+    pending.queue = None;
+    Ok(())
 }
 
 /// Finds a lease of this host made by this session (a create whose answer was lost, or a

@@ -739,7 +739,8 @@ async fn the_end_of_a_restart_is_acknowledged_before_the_slot_is_released() {
         .await
         .expect("a free slot")
         .unwrap();
-    let leases = raw.list_children("/services/web/restarting").await.unwrap();
+    let mut leases = raw.list_children("/services/web/restarting").await.unwrap();
+    leases.retain(|c| c.starts_with("lease-"));
     assert_eq!(leases.len(), 1, "{leases:?}");
     let lease = format!("/services/web/restarting/{}", leases[0]);
 
@@ -895,6 +896,13 @@ async fn the_fleet_view_follows_builds_roles_statuses_and_leases_and_survives_a_
     raw_after_restart(&server).await;
     view_until(&mut watch, "the changes made across the restart", |v| {
         v.leases == 0 && !v.hosts.contains_key("h1") && v.enabled.as_deref() == Some("b3")
+    })
+    .await;
+    // And the watch still works after the reconnect (the server forgot it with the connection).
+    tokio::time::sleep(Duration::from_millis(QUIET_MS)).await;
+    fleet.deploy("web", "b4", false).await.unwrap();
+    view_until(&mut watch, "a change after the reconnect", |v| {
+        v.enabled.as_deref() == Some("b4")
     })
     .await;
 }

@@ -3,9 +3,12 @@
 //! to date by one persistent recursive watch on `/services/<svc>` (ZooKeeper 3.6+), so a change
 //! costs one read of the node that changed, not a re-read of the fleet.
 //!
-//! A persistent watch may lose the events of a reconnection (ZOOKEEPER-4698), so after the
-//! session comes back every node is read again. A session that ends (expired, closed, refused)
-//! ends the watch with [`CoordError::SessionEnded`]; the view is never silently stale.
+//! A persistent watch may lose the events of a reconnection (ZOOKEEPER-4698), and
+//! `zookeeper-client` 0.11.2 does not register persistent watches again with the server after a
+//! reconnect (its `resend_watches` sends only the one-shot kinds), so after the session comes
+//! back the watch is added anew and every node is read again. A session that ends (expired,
+//! closed, refused) ends the watch with [`CoordError::SessionEnded`]; the view is never silently
+//! stale.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -138,6 +141,14 @@ impl ViewWatch<'_> {
             }
         }
         if reread_all {
+            // The server forgot the persistent watch with the connection: add it again (the new
+            // watcher before the old one goes, so the path never has none), then read all.
+            self.watcher = self
+                .fleet
+                .client
+                .watch(&base, AddWatchMode::PersistentRecursive)
+                .await
+                .map_err(|e| CoordError::zk("watch", &base, e))?;
             return read_all(self.fleet, &self.service, &mut self.view).await;
         }
         for rest in paths {
@@ -176,11 +187,14 @@ async fn read_one(
     match rest.split('/').skip(1).collect::<Vec<_>>()[..] {
         ["enabled"] => view.enabled = build_id(data().await?),
         ["enabled", "canary"] => view.canary = build_id(data().await?),
+        // A lease made or gone (the queue below `restarting/queue` is not part of the view).
         ["restarting"] | ["restarting", _] => {
             view.leases = fleet
                 .children(&format!("{}/restarting", service_path(service)))
                 .await?
-                .len();
+                .iter()
+                .filter(|c| c.starts_with("lease-"))
+                .count();
         }
         ["roles", host] => match data().await? {
             Some(data) => {
