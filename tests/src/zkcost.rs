@@ -244,6 +244,18 @@ impl StatusClock {
         }
     }
 
+    /// How many times each host's status node changed from `t0_ms` to `t1_ms`: its status
+    /// writes (each a ZooKeeper write, through the leader and a quorum).
+    pub fn changes_between(&self, t0_ms: u64, t1_ms: u64) -> BTreeMap<String, u64> {
+        let mut count = BTreeMap::new();
+        for (host, t) in self.seen.lock().unwrap().iter() {
+            if (t0_ms..t1_ms).contains(t) {
+                *count.entry(host.clone()).or_insert(0) += 1;
+            }
+        }
+        count
+    }
+
     /// Each host's first status change at or after `t0_ms`, in ms after it.
     pub fn first_after(&self, t0_ms: u64) -> BTreeMap<String, u64> {
         let mut first = BTreeMap::new();

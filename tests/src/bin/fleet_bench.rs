@@ -15,7 +15,8 @@
 //! counters in its own namespace; h1, where the bench runs its `sluice` commands, is left out),
 //! the requests its sessions sent (the server's `cons`, reset by
 //! `crst`), less the heartbeats of an idle window measured first; the watches the fleet holds
-//! (`wchs`); and the time from the `enabled` write to each host's first status change (a
+//! (`wchs`); each host's status writes (its status node's changes, seen by a watch of the
+//! bench's own); and the time from the `enabled` write to each host's first status change (a
 //! watch of the bench's own): the host acting on the deploy.
 
 use std::collections::BTreeMap;
@@ -264,6 +265,11 @@ fn run_zk(s: &Settings, deploys: usize) -> Value {
                 ((d.bytes_out + d.bytes_in) as f64 - idle * window_s).max(0.0)
             })
             .collect();
+        let writes = clock.changes_between(written_ms, sluice_tests::nemesis::now_ms());
+        let status_writes: Vec<f64> = metered
+            .iter()
+            .map(|h| writes.get(&h.name).copied().unwrap_or(0) as f64)
+            .collect();
         let acting = clock.first_after(written_ms);
         let acted: Vec<f64> = fleet
             .hosts
@@ -292,6 +298,7 @@ fn run_zk(s: &Settings, deploys: usize) -> Value {
             "bytes_per_host_median": median(bytes.clone()),
             "bytes_per_host_max": bytes.iter().copied().fold(0.0, f64::max),
             "acting_ms_last_host": acting_last.last(),
+            "status_writes_per_host_median": median(status_writes.clone()),
         }));
     }
     let column =
@@ -306,6 +313,7 @@ fn run_zk(s: &Settings, deploys: usize) -> Value {
         "requests_per_host_per_deploy_max": column("requests_per_host_max").iter().copied().fold(0.0, f64::max),
         "bytes_per_host_per_deploy_median": median(column("bytes_per_host_median")),
         "bytes_per_host_per_deploy_max": column("bytes_per_host_max").iter().copied().fold(0.0, f64::max),
+        "status_writes_per_host_per_deploy_median": median(column("status_writes_per_host_median")),
         "acting_ms_every_host_median": median(acting_all.clone()),
         "acting_ms_every_host_p99": percentile(acting_all.clone(), 99.0),
         "acting_ms_last_host_median": median(acting_last.clone()),
@@ -388,12 +396,15 @@ fn main() {
             continue;
         }
         md += &format!(
-            "\n## ZooKeeper per host per deploy ({} deploys)\n\n| requests median / max | bytes median / max | idle requests/s, bytes/s | watches (connections, paths, total) | enabled → host acting ms median / p99 | → last host acting median / p99 |\n| --- | --- | --- | --- | --- | --- |\n| {:.1} / {:.0} | {:.0} / {:.0} | {:.2}, {:.0} | {} | {:.0} / {:.0} | {:.0} / {:.0} |\n",
+            "\n## ZooKeeper per host per deploy ({} deploys)\n\n| requests median / max | of them status writes | bytes median / max | idle requests/s, bytes/s | watches (connections, paths, total) | enabled → host acting ms median / p99 | → last host acting median / p99 |\n| --- | --- | --- | --- | --- | --- | --- |\n| {:.1} / {:.0} | {:.1} | {:.0} / {:.0} | {:.2}, {:.0} | {} | {:.0} / {:.0} | {:.0} / {:.0} |\n",
             r["deploys"],
             r["requests_per_host_per_deploy_median"]
                 .as_f64()
                 .unwrap_or(f64::NAN),
             r["requests_per_host_per_deploy_max"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            r["status_writes_per_host_per_deploy_median"]
                 .as_f64()
                 .unwrap_or(f64::NAN),
             r["bytes_per_host_per_deploy_median"]
