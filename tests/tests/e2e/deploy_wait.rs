@@ -255,33 +255,96 @@ fn deploy_wait_follows_the_fleet_until_every_targeted_host_serves_or_one_fails()
     assert_eq!(view["h2"]["build"], "b2", "{view:?}");
 
     // The stale-status race: h2 still shows the failed state of b3 when the next deploy is
-    // written; it is pending until it takes b4 up, not failed, and the wait succeeds.
+    // written and read (its daemon is stopped, so it cannot take b4 up before the wait's first
+    // read); it is pending, not failed, and the wait succeeds once h2 resumes and deploys b4.
     fleet.wait_hosts(
         SVC,
         |v| serving(v, "h1", "b3") && serving(v, "h3", "b3") && v["h2"]["state"] == "failed",
         WAIT_PATIENCE,
     );
-    let out = sluice_wait(
-        &fleet,
-        0,
-        &[
-            "deploy",
-            SVC,
-            &b4.id,
-            "--wait",
-            "--timeout",
-            CLI_WAIT_TIMEOUT,
-        ],
-    )
-    .success();
+    let h2_daemon = fleet.host(1).daemon_pid().expect("h2's daemon runs");
+    let paused = Paused::new(h2_daemon);
+    let out = wait_resuming(&fleet, &["deploy", SVC, &b4.id], " h2 ", paused).success();
     let by_host = lines_by_host(&out, "lw: enabled is now b4");
     assert_transitions(&by_host, &["h1", "h2", "h3"], &out);
-    // (Whether h2 still showed it when the wait began is a race with h2 taking b4 up; the unit
-    // tables of `cli::wait` pin the rule itself. Here: it never counted as a failure.)
-    assert!(
-        by_host["h2"].iter().all(|p| !p.starts_with("failed")),
+    assert_eq!(
+        by_host["h2"].first().map(String::as_str),
+        Some("pending"),
         "h2's old failure is not this deploy's\n{out}"
     );
+}
+
+/// A daemon stopped with SIGSTOP, continued when dropped (also when the test panics).
+struct Paused(Option<i32>);
+
+impl Paused {
+    fn new(pid: i32) -> Paused {
+        // SAFETY: kill(2) on the daemon this test started.
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGSTOP) },
+            0,
+            "SIGSTOP {pid}"
+        );
+        Paused(Some(pid))
+    }
+
+    fn resume(&mut self) {
+        if let Some(pid) = self.0.take() {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        self.resume();
+    }
+}
+
+/// Runs `sluice ARGS --wait` on h1, resumes `paused` once a stdout line contains `resume_at`
+/// (or at the end), and returns its output. Bounded by the CLI's own `--timeout`.
+#[track_caller]
+fn wait_resuming(fleet: &Fleet, args: &[&str], resume_at: &str, mut paused: Paused) -> Out {
+    use std::io::{BufRead as _, Read as _};
+    use std::process::Stdio;
+    let mut args = args.to_vec();
+    args.extend(["--wait", "--timeout", CLI_WAIT_TIMEOUT]);
+    let mut cmd = fleet.host(0).sluice_command(&args);
+    let what = format!("{cmd:?}");
+    let started = std::time::Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning sluice");
+    let mut stderr_pipe = child.stderr.take().expect("piped");
+    // Read on its own thread, so a chatty stderr never blocks the CLI while stdout is read.
+    let stderr_thread = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr_pipe.read_to_string(&mut text);
+        text
+    });
+    let mut stdout = String::new();
+    for line in std::io::BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line.expect("reading the CLI's stdout");
+        if line.contains(resume_at) {
+            paused.resume();
+        }
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
+    paused.resume();
+    let status = child.wait().expect("waiting for sluice");
+    let out = Out {
+        code: status.code(),
+        stdout,
+        stderr: stderr_thread.join().unwrap_or_default(),
+        elapsed: started.elapsed(),
+        what,
+    };
+    println!("{out}");
+    out
 }
 
 /// The local backend: `deploy --wait` follows this host's daemon through its control socket.
