@@ -505,7 +505,7 @@ impl Display {
         let overall = multi.add(ProgressBar::new(hosts as u64));
         overall.set_style(
             ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:24} {pos}/{len} host(s) done {msg}",
+                "{spinner} {elapsed_precise} {bar:16} {pos}/{len} host(s) done · {msg}",
             )
             .expect("the template is valid"),
         );
@@ -571,21 +571,20 @@ impl Bars {
                 }
             }
         }
-        let mut counts = [0usize; 5];
+        // Kept under 80 columns with the bar: the per-host lines say the rest.
+        let (mut done, mut restarting, mut waiting, mut failed) = (0u64, 0, 0, 0);
         for (_, p) in tracker.progress() {
             match p {
-                Progress::Serving => counts[0] += 1,
-                Progress::Restarting { .. } | Progress::Finishing => counts[1] += 1,
-                Progress::WaitingSlot => counts[2] += 1,
-                Progress::Failed(_) | Progress::Gone => counts[3] += 1,
-                Progress::Installing => counts[4] += 1,
+                Progress::Serving => done += 1,
+                Progress::Restarting { .. } | Progress::Finishing => restarting += 1,
+                Progress::WaitingSlot => waiting += 1,
+                Progress::Failed(_) | Progress::Gone => failed += 1,
                 _ => {}
             }
         }
-        self.overall.set_position(counts[0] as u64);
+        self.overall.set_position(done);
         self.overall.set_message(format!(
-            "· {} installing · {} restarting · {} waiting for a slot · {} failed or gone",
-            counts[4], counts[1], counts[2], counts[3]
+            "{restarting} restarting · {waiting} waiting-slot · {failed} failed"
         ));
         let active = tracker.progress().filter(|(_, p)| p.is_active()).count();
         let hidden = active.saturating_sub(self.hosts.len());

@@ -388,6 +388,36 @@ fn local_deploy_wait_follows_this_hosts_daemon() {
         let status = h.status();
         assert_eq!(status.service(SVC)["build"], build, "{:?}", status.0);
     }
+    // On a terminal (a pty from script(1)): the progress display instead of the lines, then the
+    // summary line.
+    fleet.builds().good(SVC, "b3");
+    let cmdline = format!(
+        "{} --config {} deploy {SVC} b3 --wait --timeout {CLI_WAIT_TIMEOUT}",
+        h.sluice_bin().display(),
+        h.host_file().display()
+    );
+    let mut script = std::process::Command::new("script");
+    script
+        .args(["-qfec", &cmdline, "/dev/null"])
+        .env("TERM", "xterm-256color")
+        .env_remove("SLUICE_CONFIG");
+    let out = run_bounded(script, WAIT_PATIENCE).unwrap_or_else(|e| panic!("{e}"));
+    println!("{out}");
+    let out = out.success();
+    assert!(
+        out.stdout.contains("done: 1 host(s) serve lw build b3"),
+        "{out}"
+    );
+    assert!(
+        out.stdout.contains("host(s) done"),
+        "the display was drawn\n{out}"
+    );
+    assert!(
+        !out.stdout.contains("s local pending"),
+        "no plain lines on a terminal\n{out}"
+    );
+    assert_eq!(h.status().service(SVC)["build"], "b3");
+
     // Back to the build before: the same lines.
     let out = sluice_wait(
         &fleet,
@@ -395,7 +425,7 @@ fn local_deploy_wait_follows_this_hosts_daemon() {
         &["rollback", SVC, "--wait", "--timeout", CLI_WAIT_TIMEOUT],
     )
     .success();
-    let by_host = lines_by_host(&out, "lw: rolled back to b1");
+    let by_host = lines_by_host(&out, "lw: rolled back to b2");
     assert_transitions(&by_host, &["local"], &out);
-    assert_eq!(h.status().service(SVC)["build"], "b1");
+    assert_eq!(h.status().service(SVC)["build"], "b2");
 }
