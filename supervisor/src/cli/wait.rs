@@ -760,11 +760,14 @@ pub async fn local(
             }
             Err(_) => {}
         }
-        if Instant::now() + Duration::from_millis(super::host::PROGRESS_POLL_MS) > deadline {
+        // The status is looked at once more at the deadline itself, then the wait gives up.
+        let now = Instant::now();
+        if now >= deadline {
             display.finish();
             return Err(timeout_error(service, timeout, &tracker));
         }
-        tokio::time::sleep(Duration::from_millis(super::host::PROGRESS_POLL_MS)).await;
+        let next = now + Duration::from_millis(super::host::PROGRESS_POLL_MS);
+        tokio::time::sleep_until(next.min(deadline)).await;
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use sluice_tests::fleet::{Fleet, FleetOptions, light_service, serving};
-use sluice_tests::{Out, PATIENCE, run_bounded};
+use sluice_tests::{Out, PATIENCE, fixtures, run_bounded};
 
 const SVC: &str = "lw";
 /// What one `--wait` may take on a loaded 2-core machine (fetch, extraction, two batches of
@@ -390,33 +390,39 @@ fn local_deploy_wait_follows_this_hosts_daemon() {
     }
     // On a terminal (a pty from script(1)): the progress display instead of the lines, then the
     // summary line.
-    fleet.builds().good(SVC, "b3");
-    let cmdline = format!(
-        "{} --config {} deploy {SVC} b3 --wait --timeout {CLI_WAIT_TIMEOUT}",
-        h.sluice_bin().display(),
-        h.host_file().display()
+    let pty = fixtures::require(
+        "script(1) from util-linux (for a pty)",
+        std::path::Path::new("/usr/bin/script").is_file(),
     );
-    let mut script = std::process::Command::new("script");
-    script
-        .args(["-qfec", &cmdline, "/dev/null"])
-        .env("TERM", "xterm-256color")
-        .env_remove("SLUICE_CONFIG");
-    let out = run_bounded(script, WAIT_PATIENCE).unwrap_or_else(|e| panic!("{e}"));
-    println!("{out}");
-    let out = out.success();
-    assert!(
-        out.stdout.contains("done: 1 host(s) serve lw build b3"),
-        "{out}"
-    );
-    assert!(
-        out.stdout.contains("host(s) done"),
-        "the display was drawn\n{out}"
-    );
-    assert!(
-        !out.stdout.contains("s local pending"),
-        "no plain lines on a terminal\n{out}"
-    );
-    assert_eq!(h.status().service(SVC)["build"], "b3");
+    if pty {
+        fleet.builds().good(SVC, "b3");
+        let cmdline = format!(
+            "{} --config {} deploy {SVC} b3 --wait --timeout {CLI_WAIT_TIMEOUT}",
+            h.sluice_bin().display(),
+            h.host_file().display()
+        );
+        let mut script = std::process::Command::new("script");
+        script
+            .args(["-qfec", &cmdline, "/dev/null"])
+            .env("TERM", "xterm-256color")
+            .env_remove("SLUICE_CONFIG");
+        let out = run_bounded(script, WAIT_PATIENCE).unwrap_or_else(|e| panic!("{e}"));
+        println!("{out}");
+        let out = out.success();
+        assert!(
+            out.stdout.contains("done: 1 host(s) serve lw build b3"),
+            "{out}"
+        );
+        assert!(
+            out.stdout.contains("host(s) done"),
+            "the display was drawn\n{out}"
+        );
+        assert!(
+            !out.stdout.contains("s local pending"),
+            "no plain lines on a terminal\n{out}"
+        );
+        assert_eq!(h.status().service(SVC)["build"], "b3");
+    }
 
     // Back to the build before: the same lines.
     let out = sluice_wait(
@@ -425,7 +431,28 @@ fn local_deploy_wait_follows_this_hosts_daemon() {
         &["rollback", SVC, "--wait", "--timeout", CLI_WAIT_TIMEOUT],
     )
     .success();
-    let by_host = lines_by_host(&out, "lw: rolled back to b2");
+    let before = if pty { "b2" } else { "b1" };
+    let by_host = lines_by_host(&out, &format!("lw: rolled back to {before}"));
     assert_transitions(&by_host, &["local"], &out);
-    assert_eq!(h.status().service(SVC)["build"], "b2");
+    assert_eq!(h.status().service(SVC)["build"], before);
+
+    // A deploy that does not finish within `--timeout`: exit 1 naming the host and where it is.
+    let script = b"#!/bin/sh\nsleep 5\n";
+    fleet.builds().good_with(
+        SVC,
+        "slow",
+        &[("sluice/hooks/post_install", script.as_slice(), 0o755)],
+    );
+    let out = sluice_wait(
+        &fleet,
+        0,
+        &["deploy", SVC, "slow", "--wait", "--timeout", "1s"],
+    )
+    .code(1);
+    assert!(
+        out.stderr
+            .contains("lw: timed out after 1.0s waiting for build slow (the deploy goes on)"),
+        "{out}"
+    );
+    assert!(out.stderr.contains("\n  local: installing"), "{out}");
 }
