@@ -332,10 +332,13 @@ impl Tracker {
 /// at work on this deploy before; it is set when it is now.
 ///
 /// A status written before the deploy must count neither as done nor as failed: a host that
-/// failed an earlier build still shows `failed` until it takes this one up. A failure is this
-/// deploy's when the host was seen at work on it, when the build is its target (a failed restart
-/// leaves it there), when it already runs the build (`post_restart` failed), or when its error
-/// names the build (a failed install resets the target, and may come and go between two reads).
+/// failed an earlier build still shows `failed` until it takes this one up (or, when it serves
+/// this build already, for good: that host is done). A `failed` host's error that names a build
+/// (`service::deploy`'s messages do) decides: this build, failed; another, pending or serving.
+/// An error that names none (a failed restart, or a config error shown first) is this deploy's
+/// when the host was seen at work on it or the build is its target (a failed restart leaves it
+/// there). A failed install resets the target, and may come and go between two reads: its error
+/// names the build.
 pub fn classify(status: &HostStatus, build: &str, seen: &mut bool) -> Progress {
     let targets_it = status.target_build.as_deref() == Some(build);
     if let Some(deploy) = &status.deploy {
@@ -358,14 +361,18 @@ pub fn classify(status: &HostStatus, build: &str, seen: &mut bool) -> Progress {
     match status.state {
         HostState::Serving if status.build.as_deref() == Some(build) => Progress::Serving,
         HostState::Failed => {
-            let names_it = status
-                .last_error
-                .as_deref()
-                .is_some_and(|e| names_build(e, build));
-            if *seen || targets_it || status.build.as_deref() == Some(build) || names_it {
-                Progress::Failed(failure_of(status))
-            } else {
-                Progress::Pending
+            // A host keeps saying `failed` (and the error) until a deploy succeeds, also once it
+            // serves the build again: a rollback after a failed deploy changes nothing on it.
+            let serves_it = status.build.as_deref() == Some(build)
+                && status.target_build.as_deref().is_none_or(|t| t == build);
+            match status.last_error.as_deref().and_then(named_build) {
+                Some(named) if named == build => Progress::Failed(failure_of(status)),
+                // Another build's failure: this one serves, or is not taken up yet.
+                Some(_) if serves_it => Progress::Serving,
+                Some(_) => Progress::Pending,
+                None if serves_it => Progress::Serving,
+                None if *seen || targets_it => Progress::Failed(failure_of(status)),
+                None => Progress::Pending,
             }
         }
         // A restart without a deploy in flight: a deploy resumed by a restarted daemon is this
@@ -376,11 +383,15 @@ pub fn classify(status: &HostStatus, build: &str, seen: &mut bool) -> Progress {
     }
 }
 
-/// Whether a deploy error names `build` (`deploy of <svc> build <build> failed: …`, or
-/// `deployed <build>, but …`).
-fn names_build(error: &str, build: &str) -> bool {
-    error.contains(&format!(" build {build} failed"))
-        || error.starts_with(&format!("deployed {build}, but"))
+/// The build a deploy error names, when it is one of `service::deploy`'s: `deploy of <svc> build
+/// <build> failed: …`, `deploy of <svc> build <build>: …`, or `deployed <build>, but …`.
+fn named_build(error: &str) -> Option<&str> {
+    if let Some(rest) = error.strip_prefix("deployed ") {
+        return rest.split_once(", but").map(|(build, _)| build);
+    }
+    let (_, after) = error.strip_prefix("deploy of ")?.split_once(" build ")?;
+    let (build, _) = after.split_once([' ', ':'])?;
+    Some(build)
 }
 
 fn restarting(restart: Option<&RestartStatus>) -> Progress {
@@ -1010,6 +1021,34 @@ mod tests {
                 Progress::Failed("deployed b2, but post_restart exited 1".into()),
                 true,
             ),
+            // Rolled back after a failed deploy of b9: it serves b2 and still says failed.
+            (
+                node("b2", "b2", S::Failed, None, None, Some(old_failure)),
+                false,
+                Progress::Serving,
+                true,
+            ),
+            // An error naming no build, on a host that serves the build: done.
+            (
+                node(
+                    "b2",
+                    "b2",
+                    S::Failed,
+                    None,
+                    None,
+                    Some("config node: bad json"),
+                ),
+                false,
+                Progress::Serving,
+                true,
+            ),
+            // An error naming another build is not this deploy's, whatever was seen before.
+            (
+                node("b1", "b1", S::Failed, None, None, Some(old_failure)),
+                true,
+                Progress::Pending,
+                true,
+            ),
             // A restarted daemon resuming this deploy's restart.
             (
                 node(
@@ -1050,6 +1089,27 @@ mod tests {
             let got = classify(&status, "b2", &mut seen);
             assert_eq!(got, want, "case {i}: {status:?}");
             assert_eq!(seen, seen_after, "case {i}: seen");
+        }
+    }
+
+    #[test]
+    fn deploy_errors_name_their_build() {
+        let cases = [
+            (
+                "deploy of py build b3 failed: post_install exited 1",
+                Some("b3"),
+            ),
+            (
+                "deploy of py build b3: the instances run it, but …",
+                Some("b3"),
+            ),
+            ("deployed b3, but post_restart exited 1", Some("b3")),
+            ("batch [0] failed: unhealthy", None),
+            ("deploy of py", None),
+            ("", None),
+        ];
+        for (error, want) in cases {
+            assert_eq!(named_build(error), want, "{error}");
         }
     }
 

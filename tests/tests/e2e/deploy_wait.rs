@@ -254,13 +254,37 @@ fn deploy_wait_follows_the_fleet_until_every_targeted_host_serves_or_one_fails()
     let view = fleet.wait_hosts(SVC, |v| v["h2"]["state"] == "failed", PATIENCE);
     assert_eq!(view["h2"]["build"], "b2", "{view:?}");
 
+    // Roll back: h1 and h3 go back to b2; h2, which never left it, still says `failed` (of b3)
+    // and counts as serving b2 from its first line.
+    fleet.wait_hosts(
+        SVC,
+        |v| serving(v, "h1", "b3") && serving(v, "h3", "b3"),
+        WAIT_PATIENCE,
+    );
+    let out = sluice_wait(
+        &fleet,
+        0,
+        &["rollback", SVC, "--wait", "--timeout", CLI_WAIT_TIMEOUT],
+    )
+    .success();
+    let by_host = lines_by_host(&out, "lw: rolled back to b2");
+    assert_transitions(&by_host, &["h1", "h2", "h3"], &out);
+    assert_eq!(by_host["h2"], ["serving"], "{out}");
+
     // The stale-status race: h2 still shows the failed state of b3 when the next deploy is
     // written and read (its daemon is stopped, so it cannot take b4 up before the wait's first
     // read); it is pending, not failed, and the wait succeeds once h2 resumes and deploys b4.
-    fleet.wait_hosts(
+    let view = fleet.wait_hosts(
         SVC,
-        |v| serving(v, "h1", "b3") && serving(v, "h3", "b3") && v["h2"]["state"] == "failed",
+        |v| serving(v, "h1", "b2") && serving(v, "h3", "b2"),
         WAIT_PATIENCE,
+    );
+    assert_eq!(view["h2"]["state"], "failed", "{view:?}");
+    assert!(
+        view["h2"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("build b3")),
+        "{view:?}"
     );
     let h2_daemon = fleet.host(1).daemon_pid().expect("h2's daemon runs");
     let paused = Paused::new(h2_daemon);
