@@ -136,11 +136,12 @@ fn deploy_wait_follows_the_fleet_until_every_targeted_host_serves_or_one_fails()
         &[("sluice/hooks/post_install", script.as_bytes(), 0o755)],
     );
     let b4 = b.good(SVC, "b4");
+    let b5 = b.good(SVC, "b5");
     for (i, h) in fleet.hosts.iter().enumerate() {
         h.service(SVC, &service(i == 1));
     }
     fleet.start_daemons();
-    for build in [&b1, &b2, &b3, &b4] {
+    for build in [&b1, &b2, &b3, &b4, &b5] {
         fleet.register(SVC, build);
     }
     // Every host publishes its status before the first wait: the wait follows live hosts only.
@@ -287,8 +288,9 @@ fn deploy_wait_follows_the_fleet_until_every_targeted_host_serves_or_one_fails()
         "{view:?}"
     );
     let h2_daemon = fleet.host(1).daemon_pid().expect("h2's daemon runs");
-    let paused = Paused::new(h2_daemon);
-    let out = wait_resuming(&fleet, &["deploy", SVC, &b4.id], " h2 ", paused).success();
+    let mut paused = Paused::new(h2_daemon);
+    let out = wait_acting(&fleet, &["deploy", SVC, &b4.id], " h2 ", || paused.resume()).success();
+    drop(paused);
     let by_host = lines_by_host(&out, "lw: enabled is now b4");
     assert_transitions(&by_host, &["h1", "h2", "h3"], &out);
     assert_eq!(
@@ -296,6 +298,32 @@ fn deploy_wait_follows_the_fleet_until_every_targeted_host_serves_or_one_fails()
         Some("pending"),
         "h2's old failure is not this deploy's\n{out}"
     );
+
+    // A host that vanishes mid-deploy: h3's daemon is paused (so it shows b4 when the wait
+    // begins), then killed; its status node goes when its session expires. The others serve
+    // b5, and the wait fails naming h3 as gone.
+    let h3_daemon = fleet.host(2).daemon_pid().expect("h3's daemon runs");
+    let paused = Paused::new(h3_daemon);
+    let out = wait_acting(&fleet, &["deploy", SVC, &b5.id], " h3 ", || {
+        fleet.host(2).kill9_daemon()
+    })
+    .code(1);
+    drop(paused);
+    assert!(
+        out.stderr.contains("lw: build b5 failed on 1 host(s):"),
+        "{out}"
+    );
+    assert!(out.stderr.contains("\n  h3: gone"), "{out}");
+    let h3_lines: Vec<&str> = out.stdout.lines().filter(|l| l.contains(" h3 ")).collect();
+    assert_eq!(
+        h3_lines.last().map(|l| l.ends_with(" h3 gone")),
+        Some(true),
+        "{out}"
+    );
+    let view = fleet.try_hosts_view(SVC).expect("hosts view");
+    for h in ["h1", "h2"] {
+        assert!(serving(&view, h, "b5"), "{h}: {view:?}");
+    }
 }
 
 /// A daemon stopped with SIGSTOP, continued when dropped (also when the test panics).
@@ -326,10 +354,10 @@ impl Drop for Paused {
     }
 }
 
-/// Runs `sluice ARGS --wait` on h1, resumes `paused` once a stdout line contains `resume_at`
-/// (or at the end), and returns its output. Bounded by the CLI's own `--timeout`.
+/// Runs `sluice ARGS --wait` on h1, calls `act` once, when a stdout line first contains `at`,
+/// and returns its output. Bounded by the CLI's own `--timeout`.
 #[track_caller]
-fn wait_resuming(fleet: &Fleet, args: &[&str], resume_at: &str, mut paused: Paused) -> Out {
+fn wait_acting(fleet: &Fleet, args: &[&str], at: &str, act: impl FnOnce()) -> Out {
     use std::io::{BufRead as _, Read as _};
     use std::process::Stdio;
     let mut args = args.to_vec();
@@ -349,16 +377,18 @@ fn wait_resuming(fleet: &Fleet, args: &[&str], resume_at: &str, mut paused: Paus
         let _ = stderr_pipe.read_to_string(&mut text);
         text
     });
+    let mut act = Some(act);
     let mut stdout = String::new();
     for line in std::io::BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line.expect("reading the CLI's stdout");
-        if line.contains(resume_at) {
-            paused.resume();
+        if line.contains(at)
+            && let Some(act) = act.take()
+        {
+            act();
         }
         stdout.push_str(&line);
         stdout.push('\n');
     }
-    paused.resume();
     let status = child.wait().expect("waiting for sluice");
     let out = Out {
         code: status.code(),
