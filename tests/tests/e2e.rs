@@ -11,6 +11,7 @@ mod e2e {
     mod clock;
     mod control;
     mod deploy;
+    mod deploy_wait;
     mod disk_full;
     mod drain;
     mod identity;

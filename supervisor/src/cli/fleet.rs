@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Subcommand, ValueEnum};
 
+use super::wait::{self, WaitArgs};
 use crate::config::{Backend, HostConfig, ServiceConfig};
 use crate::control::client::Client;
 use crate::control::protocol::{DeployRequest, DeployVerb, HostStatus, InstanceState};
@@ -30,11 +31,21 @@ pub enum FleetVerb {
         /// Only hosts with the canary role take it.
         #[arg(long)]
         canary: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Make the canary build the build of every host.
-    Promote { service: String },
+    Promote {
+        service: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Go back to the build before the current one.
-    Rollback { service: String },
+    Rollback {
+        service: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Register where a build is and its sha256 (ZooKeeper `/builds/<svc>/<build>`).
     Register {
         service: String,
@@ -118,6 +129,7 @@ pub async fn main(
             service,
             build,
             canary,
+            wait,
         } => {
             crate::build::check_build_id(&build).map_err(anyhow::Error::msg)?;
             if !fleet.is_registered(&service, &build).await? {
@@ -128,14 +140,23 @@ pub async fn main(
             fleet.deploy(&service, &build, canary).await?;
             let which = if canary { "enabled/canary" } else { "enabled" };
             println!("{service}: {which} is now {build}");
+            if wait.wait {
+                wait::fleet(&fleet, &service, &build, canary, wait.timeout()).await?;
+            }
         }
-        FleetVerb::Promote { service } => {
+        FleetVerb::Promote { service, wait } => {
             let build = fleet.promote(&service).await?;
             println!("{service}: promoted {build} to every host");
+            if wait.wait {
+                wait::fleet(&fleet, &service, &build, false, wait.timeout()).await?;
+            }
         }
-        FleetVerb::Rollback { service } => {
+        FleetVerb::Rollback { service, wait } => {
             let build = fleet.rollback(&service).await?;
             println!("{service}: rolled back to {build}");
+            if wait.wait {
+                wait::fleet(&fleet, &service, &build, false, wait.timeout()).await?;
+            }
         }
         FleetVerb::Register {
             service,
@@ -245,29 +266,39 @@ pub async fn main(
 
 /// The local backend: deploys go to this host's daemon; the ZooKeeper-only verbs say so.
 async fn local(host: &HostConfig, timeout_ms: Option<u64>, verb: FleetVerb) -> anyhow::Result<()> {
-    let request = match verb {
+    let (request, wait) = match verb {
         FleetVerb::Deploy {
             service,
             build,
             canary,
-        } => DeployRequest {
-            service,
-            verb: DeployVerb::Deploy,
-            build: Some(build),
-            canary,
-        },
-        FleetVerb::Promote { service } => DeployRequest {
-            service,
-            verb: DeployVerb::Promote,
-            build: None,
-            canary: false,
-        },
-        FleetVerb::Rollback { service } => DeployRequest {
-            service,
-            verb: DeployVerb::Rollback,
-            build: None,
-            canary: false,
-        },
+            wait,
+        } => (
+            DeployRequest {
+                service,
+                verb: DeployVerb::Deploy,
+                build: Some(build),
+                canary,
+            },
+            wait,
+        ),
+        FleetVerb::Promote { service, wait } => (
+            DeployRequest {
+                service,
+                verb: DeployVerb::Promote,
+                build: None,
+                canary: false,
+            },
+            wait,
+        ),
+        FleetVerb::Rollback { service, wait } => (
+            DeployRequest {
+                service,
+                verb: DeployVerb::Rollback,
+                build: None,
+                canary: false,
+            },
+            wait,
+        ),
         FleetVerb::Builds { service, json } => {
             let releases = crate::build::Releases::new(&host.data_dir, &service);
             let current = releases.current();
@@ -292,8 +323,28 @@ async fn local(host: &HostConfig, timeout_ms: Option<u64>, verb: FleetVerb) -> a
         ),
     };
     let client = Client::new(host.control_socket(), timeout_ms);
-    println!("{}", client.deploy(&request).await?.message);
-    Ok(())
+    let message = client.deploy(&request).await?.message;
+    println!("{message}");
+    if !wait.wait {
+        return Ok(());
+    }
+    // This host takes canary builds only when its host file says so: a canary deploy elsewhere
+    // changes nothing here.
+    if request.canary && !host.coordination.canary {
+        println!(
+            "{}: this host is not a canary (`coordination.canary`): nothing to wait for",
+            request.service
+        );
+        return Ok(());
+    }
+    let build = match &request.build {
+        Some(build) => build.clone(),
+        None => wait::build_in_answer(&message)
+            .with_context(|| format!("the daemon's answer names no build: `{message}`"))?
+            .to_owned(),
+    };
+    let name = host.coordination.host.as_deref().unwrap_or("local");
+    wait::local(&client, name, &request.service, &build, wait.timeout()).await
 }
 
 /// The hosts of a service as a table: host, state, build, instances in steering, last error. A

@@ -17,7 +17,7 @@ use crate::control::protocol::{
 };
 
 /// How often `restart` looks at the status to print its progress.
-const PROGRESS_POLL_MS: u64 = 250;
+pub(super) const PROGRESS_POLL_MS: u64 = 250;
 
 /// The verbs answered by this host's daemon.
 #[derive(Debug, Subcommand)]
@@ -188,7 +188,7 @@ async fn last_drains(client: &Client, service: &str) -> LastDrains {
         .unwrap_or_default()
 }
 
-fn step_name(step: Step) -> &'static str {
+pub(super) fn step_name(step: Step) -> &'static str {
     match step {
         Step::Draining => "draining",
         Step::Stopping => "stopping",
