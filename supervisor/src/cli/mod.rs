@@ -6,6 +6,7 @@
 pub mod fleet;
 pub mod host;
 pub mod run;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 
