@@ -878,10 +878,10 @@ pub fn draw(frame: &mut Frame, model: &Model) {
     let error_lines = usize::from(model.error.is_some());
     let body_top = 3;
     let body_rows = h.saturating_sub(body_top + 1 + error_lines);
-    if let Some(error) = &model.error {
-        if h >= 2 {
-            put(h - 2, &format!("error: {error}"), bold);
-        }
+    if let Some(error) = &model.error
+        && h >= 2
+    {
+        put(h - 2, &format!("error: {error}"), bold);
     }
     put(h - 1, HELP, Style::default());
     if h < body_top + 1 {
@@ -1190,7 +1190,7 @@ pub async fn fleet(fleet: &Fleet, service: &str) -> anyhow::Result<()> {
             let ticking = model.ticking();
             let page_rows = screen.page_rows();
             tokio::select! {
-                result = &mut changed => break result.map(|view| titled(view)),
+                result = &mut changed => break result.map(&titled),
                 wake = wake(&mut events, &mut signals, ticking) => {
                     if let Next::Quit = on_wake(wake, &mut model, page_rows)? {
                         return Ok(());
