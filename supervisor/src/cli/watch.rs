@@ -1004,6 +1004,16 @@ fn restore_terminal() {
     );
 }
 
+/// Refuses to draw a full screen anywhere but on a terminal.
+fn need_terminal() -> anyhow::Result<()> {
+    if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+        bail!(
+            "`sluice watch` draws a full-screen view and needs a terminal; off a terminal use `sluice watch --once`"
+        );
+    }
+    Ok(())
+}
+
 /// The terminal in full-screen mode for as long as it lives; dropping it (a return, an error, an
 /// unwinding panic) restores it, and the panic hook restores it before the message is printed.
 struct Screen {
@@ -1013,11 +1023,7 @@ struct Screen {
 impl Screen {
     fn enter() -> anyhow::Result<Screen> {
         use ratatui::crossterm::{execute, terminal};
-        if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
-            bail!(
-                "`sluice watch` draws a full-screen view and needs a terminal; off a terminal use `sluice watch --once`"
-            );
-        }
+        need_terminal()?;
         let hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             restore_terminal();
@@ -1163,6 +1169,7 @@ fn on_wake(wake: Wake, model: &mut Model, page_rows: usize) -> anyhow::Result<Ne
 /// Ctrl-C, a signal, or the end of the ZooKeeper session (an error, after the terminal is
 /// restored).
 pub async fn fleet(fleet: &Fleet, service: &str) -> anyhow::Result<()> {
+    need_terminal()?;
     let mut signals = Signals::new()?;
     let mut watch = fleet
         .watch_view(service)
@@ -1226,7 +1233,7 @@ async fn local_document(
 }
 
 /// `sluice watch [SVC]` on the local backend: this host's services (or one), read every
-/// [`LOCAL_POLL_MS`] from the control socket and redrawn when they changed. A daemon that does not
+/// [`LOCAL_POLL_MS`] from the control socket and redrawn when what is shown changed. A daemon that does not
 /// answer is an error line, and the view keeps trying.
 pub async fn local(client: &Client, service: Option<&str>, once: bool) -> anyhow::Result<()> {
     let title = Title::Local {
@@ -1238,10 +1245,11 @@ pub async fn local(client: &Client, service: Option<&str>, once: bool) -> anyhow
         print!("{}", plain(&model));
         return Ok(());
     }
+    need_terminal()?;
     let mut signals = Signals::new()?;
     // The first read before the screen: a daemon that is not there is a plain error.
-    let mut last = local_document(client, service).await?;
-    let mut model = Model::new(title.clone(), rows_of_document(&last), now_ms());
+    let first = local_document(client, service).await?;
+    let mut model = Model::new(title.clone(), rows_of_document(&first), now_ms());
     let mut screen = Screen::enter()?;
     let mut events = terminal_events();
     let mut next_poll = tokio::time::Instant::now() + Duration::from_millis(LOCAL_POLL_MS);
@@ -1258,11 +1266,12 @@ pub async fn local(client: &Client, service: Option<&str>, once: bool) -> anyhow
                 next_poll = tokio::time::Instant::now() + Duration::from_millis(LOCAL_POLL_MS);
                 match local_document(client, service).await {
                     Ok(document) => {
-                        dirty = document != last || model.error.is_some();
+                        // Compared as shown, not as answered: uptimes change at every read.
+                        let rows = rows_of_document(&document);
+                        dirty = rows != model.rows || model.error.is_some();
                         model.error = None;
                         if dirty {
-                            model.set_rows(title.clone(), rows_of_document(&document));
-                            last = document;
+                            model.set_rows(title.clone(), rows);
                         }
                     }
                     Err(e) => {

@@ -191,6 +191,23 @@ fn local_watch_shows_this_hosts_services_and_quits_restored() {
     tmux.wait_screen("its instance", PATIENCE, |s| {
         s.contains("#0") && s.contains("running")
     });
+    // A resize redraws at the new size: the help line moves to the new last line.
+    tmux.run(&["resize-window", "-t", "0", "-x", "100", "-y", "30"])
+        .success();
+    tmux.wait_screen("the help on line 30 after a resize", PATIENCE, |s| {
+        s.lines().nth(29).is_some_and(|l| l.contains("q quit"))
+            && s.lines().nth(23).is_some_and(|l| !l.contains("q quit"))
+    });
+    // A daemon that stops answering is an error line, and the view keeps trying until it answers
+    // again (the instances live on in their shims).
+    h.kill9_daemon();
+    tmux.wait_screen("an error line", PATIENCE, |s| {
+        s.lines().any(|l| l.starts_with("error: "))
+    });
+    h.start_daemon();
+    tmux.wait_screen("the error line gone", PATIENCE, |s| {
+        !s.contains("error: ") && cell(s, "STATE", "files") == Some("serving")
+    });
     // Ctrl-C quits like `q` (raw mode: a key, not a signal).
     tmux.send_keys(&["C-c"]);
     the_view_is_gone_and_the_terminal_restored(&tmux, "filter:");
