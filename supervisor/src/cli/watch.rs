@@ -1585,6 +1585,30 @@ mod tests {
     }
 
     #[test]
+    fn a_status_node_that_is_not_json_or_a_missing_one_is_a_line_not_a_crash() {
+        let mut v = view(3);
+        v.hosts.insert(
+            "h9".into(),
+            serde_json::Value::String("\u{1b}]0;pwned\u{7}garbage".into()),
+        );
+        v.roles.insert("h8".into(), Role::Canary);
+        let (title, rows) = rows_of_view(&v);
+        let m = Model::new(title, rows, 0);
+        let lines = screen(&m, 100, 30);
+        let text = lines.join("\n");
+        let h9 = line_of_host(&lines, "h9");
+        assert!(h9.contains("unreadable"), "{text}");
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text}"
+        );
+        assert!(
+            line_of_host(&lines, "h8").contains("no status node yet"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn an_error_line_sits_above_the_help() {
         let mut m = model(3);
         m.error = Some("zookeeper session ended: Expired".into());
