@@ -483,6 +483,45 @@ impl Fleet {
     }
 }
 
+/// A fleet with ZooKeeper whose hosts run `service` ([`py_service`]) from the first of `builds`
+/// (all made and registered): deployed, every host serving it in ZooKeeper and idle in its own
+/// status (no deploy or restart under way, every instance running). `None` when the test must
+/// skip.
+pub fn py_fleet_serving(
+    opts: FleetOptions,
+    service: &str,
+    builds: &[&str],
+    timeout: Duration,
+) -> Option<(Fleet, Vec<BuildInfo>)> {
+    assert!(opts.zookeepers > 0 && !builds.is_empty());
+    let fleet = Fleet::new(opts)?;
+    let wheels = wheel_dir()?;
+    let builds: Vec<BuildInfo> = builds
+        .iter()
+        .map(|id| fleet.builds().good(service, id))
+        .collect();
+    fleet.service(service, &py_service(&wheels, ""));
+    fleet.start_daemons();
+    for b in &builds {
+        fleet.register(service, b);
+    }
+    fleet.sluice(&["deploy", service, &builds[0].id]).success();
+    fleet.wait_all_serving(service, &builds[0].id, timeout);
+    for h in &fleet.hosts {
+        h.wait_until(
+            |s| {
+                s.service(service)["build"] == builds[0].id.as_str()
+                    && s.service(service)["deploy"].is_null()
+                    && !s.restart_in_progress(service)
+                    && s.running(service) > 0
+                    && s.all_running(service, s.instances(service).len())
+            },
+            timeout,
+        );
+    }
+    Some((fleet, builds))
+}
+
 /// Whether host `name` of a hosts view serves `build` (state `serving`, every instance running
 /// and in steering).
 pub fn serving(view: &BTreeMap<String, Value>, name: &str, build: &str) -> bool {

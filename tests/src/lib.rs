@@ -34,6 +34,7 @@ pub mod load;
 pub mod matrix;
 pub mod nemesis;
 pub mod netns;
+pub mod tmux;
 pub mod watchdog;
 pub mod zk;
 pub mod zkcost;

@@ -32,5 +32,6 @@ mod e2e {
     mod systemd_unit;
     mod tree;
     mod warmup;
+    mod watch;
     mod zk_authority;
 }

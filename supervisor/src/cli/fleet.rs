@@ -3,9 +3,7 @@
 //! DESIGN.md directly; on the local backend `deploy`, `promote` and `rollback` go to this host's
 //! daemon and `builds` lists the releases on disk.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Subcommand, ValueEnum};
@@ -16,9 +14,6 @@ use crate::control::client::Client;
 use crate::control::protocol::{DeployRequest, DeployVerb, HostStatus, InstanceState};
 use crate::coord::{BuildMeta, Fleet, Limit, Role};
 use serde::Deserialize as _;
-
-/// How often `watch` redraws.
-const WATCH_INTERVAL_MS: u64 = 500;
 
 /// The deployer's verbs.
 #[derive(Debug, Subcommand)]
@@ -86,10 +81,11 @@ pub enum FleetVerb {
     /// Publish a service's config node (ZooKeeper): a JSON object of the service-file keys each
     /// host lets it set (`coordination.config_node_keys`), overriding the hosts' local files.
     PushConfig { service: String, file: PathBuf },
-    /// A live view of a service across hosts (ZooKeeper); Ctrl-C ends it.
+    /// A live full-screen view of a service across hosts (ZooKeeper), or of this host's services
+    /// (local backend, where SVC is optional and picks one); `q` or Ctrl-C ends it.
     Watch {
-        service: String,
-        /// Print one view and exit.
+        service: Option<String>,
+        /// Print one plain-text view and exit (needs no terminal).
         #[arg(long)]
         once: bool,
     },
@@ -246,20 +242,16 @@ pub async fn main(
             fleet.set_config(&service, &text).await?;
             println!("{service}: configuration published");
         }
-        FleetVerb::Watch { service, once } => loop {
-            let hosts = fleet.hosts(&service).await?;
-            let mut out = std::io::stdout().lock();
-            if !once {
-                // Clear the screen and go home: a live view, like `watch(1)`.
-                write!(out, "\x1b[2J\x1b[H")?;
-            }
-            write!(out, "{}", render(&service, &hosts))?;
-            out.flush()?;
+        FleetVerb::Watch { service, once } => {
+            let service = service.context(
+                "with the zookeeper backend `watch` needs a service: `sluice watch SVC`",
+            )?;
             if once {
-                break;
+                print!("{}", render(&service, &fleet.hosts(&service).await?));
+            } else {
+                super::watch::fleet(&fleet, &service).await?;
             }
-            tokio::time::sleep(Duration::from_millis(WATCH_INTERVAL_MS)).await;
-        },
+        }
     }
     Ok(())
 }
@@ -317,6 +309,10 @@ async fn local(host: &HostConfig, timeout_ms: Option<u64>, verb: FleetVerb) -> a
                 println!("{build}{mark}");
             }
             return Ok(());
+        }
+        FleetVerb::Watch { service, once } => {
+            let client = Client::new(host.control_socket(), timeout_ms);
+            return super::watch::local(&client, service.as_deref(), once).await;
         }
         _ => bail!(
             "this verb needs the zookeeper backend (`[coordination] backend = \"zookeeper\"`)"

@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod host;
 pub mod run;
 pub mod wait;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 
