@@ -307,7 +307,9 @@ impl Sample {
             since_ms: self.since_ms,
             instances: self.instances,
             crashes: self.crashes.saturating_sub(start.crashes),
-            liveness_failures: self.liveness_failures.saturating_sub(start.liveness_failures),
+            liveness_failures: self
+                .liveness_failures
+                .saturating_sub(start.liveness_failures),
             requests: self.requests.saturating_sub(start.requests),
             errors: self.errors.saturating_sub(start.errors),
             latency_buckets: buckets,
@@ -414,7 +416,10 @@ mod tests {
         assert_eq!(m.latency_buckets[3].1, 210);
         let o = m.observed();
         assert_eq!((o.requests, o.errors, o.crashes), (210, 4, 1));
-        assert!(o.p99_ms.unwrap() > 10.0 && o.p99_ms.unwrap() <= 100.0, "{o:?}");
+        assert!(
+            o.p99_ms.unwrap() > 10.0 && o.p99_ms.unwrap() <= 100.0,
+            "{o:?}"
+        );
         assert_eq!(merge([]).observed().p99_ms, None);
     }
 

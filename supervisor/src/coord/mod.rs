@@ -12,12 +12,14 @@
 //! | `/services/<svc>/status/<host>` | ephemeral: the host's status (JSON) |
 //! | `/services/<svc>/restarting` | data: `max_hosts_restarting` (absent/empty: 1); children: leases |
 //! | `/services/<svc>/history` | JSON list of the builds `enabled` held, oldest first (last 20) |
+//! | `/services/<svc>/canary/<build>/<host>` | persistent: a canary host's analysis of the build (JSON, as `canary` in its status) |
 //! | `/builds/<svc>/<build>` | build metadata (JSON `{"url", "sha256", "size", "created"}`) |
 //!
 //! One task owns the ZooKeeper client ([`owner`]); [`Zk`] is a cheap handle that sends it
 //! messages or borrows the current session from it. The restart-slot recipe is in [`slot`], the
 //! CLI's short-lived client in [`fleet`].
 
+mod canary;
 mod fleet;
 mod owner;
 mod peers;

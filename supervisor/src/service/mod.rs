@@ -9,6 +9,8 @@
 //! `service/steer.rs`, CPU isolation in `service/cpu.rs`, deploys in `service/deploy.rs`; every instance's
 //! tracking cgroup (its whole process tree) is `service/tree.rs`.
 
+mod canary;
+mod canary_sample;
 pub mod cgroup;
 mod core;
 mod cpu;
@@ -90,6 +92,8 @@ enum Request {
     Desired {
         build: Option<String>,
     },
+    /// ZooKeeper's view of the rollout, for the canary analysis.
+    CanaryView(canary::CanaryView),
     /// ZooKeeper became reachable or not.
     Connection(bool),
     /// The configuration node is bad (`Some`) or good again (`None`).
@@ -150,6 +154,21 @@ impl ServiceHandle {
 
     pub async fn desired(&self, build: Option<String>) {
         let _ = self.tx.send(Request::Desired { build }).await;
+    }
+
+    /// ZooKeeper's `enabled`, `enabled/canary` and this host's role, for the canary analysis.
+    pub async fn canary_view(
+        &self,
+        enabled: Option<String>,
+        canary: Option<String>,
+        canary_role: bool,
+    ) {
+        let view = canary::CanaryView {
+            enabled,
+            canary,
+            canary_role,
+        };
+        let _ = self.tx.send(Request::CanaryView(view)).await;
     }
 
     pub async fn connection(&self, connected: bool) {
