@@ -11,6 +11,8 @@
 
 mod canary;
 mod canary_sample;
+#[cfg(test)]
+mod canary_tests;
 pub mod cgroup;
 mod core;
 mod cpu;
