@@ -86,6 +86,12 @@ pub struct SampleTarget {
     pub pid: Option<u32>,
 }
 
+/// The other hosts' status nodes, raw, by host name, or why they could not be read.
+pub type PeerNodes = Result<Vec<(String, Vec<u8>)>, String>;
+
+/// A sample line's labels, in order.
+type Labels<'a> = Vec<(&'a str, String)>;
+
 /// What the executor reports back about canaries.
 #[derive(Debug)]
 pub enum CanaryEvent {
@@ -93,7 +99,7 @@ pub enum CanaryEvent {
     Sampled {
         epoch: u64,
         instances: Vec<InstanceFigures>,
-        peers: Option<Result<Vec<(String, Vec<u8>)>, String>>,
+        peers: Option<PeerNodes>,
     },
     /// The verdict's action on `build` was carried out, or why not.
     Acted {
@@ -286,7 +292,7 @@ impl Core {
         &mut self,
         epoch: u64,
         instances: Vec<InstanceFigures>,
-        peers: Option<Result<Vec<(String, Vec<u8>)>, String>>,
+        peers: Option<PeerNodes>,
     ) {
         let Some(config) = self.config.canary.clone() else {
             return;
@@ -369,7 +375,7 @@ impl Core {
 
     /// A canary host's look at its figures and the prod hosts': the start of the bake, or a
     /// verdict (baking, or judged and acted on).
-    fn judge(&mut self, config: &CanaryConfig, peers: Result<Vec<(String, Vec<u8>)>, String>) {
+    fn judge(&mut self, config: &CanaryConfig, peers: PeerNodes) {
         let Some(own) = self.canary_sample() else {
             return;
         };
@@ -630,7 +636,7 @@ fn parse_float(text: &str) -> Option<f64> {
 }
 
 /// One sample line: `name{label="value",...} value [timestamp]`.
-fn parse_line(line: &str) -> Result<(&str, Vec<(&str, String)>, f64), String> {
+fn parse_line(line: &str) -> Result<(&str, Labels<'_>, f64), String> {
     let name_end = line
         .find(|c: char| c == '{' || c.is_whitespace())
         .ok_or("a name without a value")?;
@@ -651,7 +657,7 @@ fn parse_line(line: &str) -> Result<(&str, Vec<(&str, String)>, f64), String> {
 }
 
 /// The labels after a `{`, and where the text after the closing `}` begins.
-fn parse_labels(inner: &str) -> Result<(Vec<(&str, String)>, usize), String> {
+fn parse_labels(inner: &str) -> Result<(Labels<'_>, usize), String> {
     let mut labels = Vec::new();
     let mut at = 0;
     loop {

@@ -62,7 +62,9 @@ fn fleet_with_canary(source: &str, builds: &[(&str, u32)], metrics: bool) -> Opt
     }
     fleet.sluice(&["deploy", SVC, builds[0].0]).success();
     fleet.wait_all_serving(SVC, builds[0].0, DEPLOY_PATIENCE);
-    fleet.sluice(&["role", SVC, CANARY_HOST, "canary"]).success();
+    fleet
+        .sluice(&["role", SVC, CANARY_HOST, "canary"])
+        .success();
     Some(fleet)
 }
 
@@ -164,7 +166,10 @@ fn metrics_fail_and_roll_back_hold_when_idle_and_promote_a_good_build() {
     );
     let hosts = verdict["baseline_hosts"].to_string();
     assert!(hosts.contains("h2") && hosts.contains("h3"), "{verdict}");
-    assert!(verdict["canary"]["errors"].as_u64().unwrap() > 0, "{verdict}");
+    assert!(
+        verdict["canary"]["errors"].as_u64().unwrap() > 0,
+        "{verdict}"
+    );
     assert_eq!(verdict["baseline"]["errors"], 0, "{verdict}");
     prod_never_ran(&fleet, "b2", &seen);
     assert_eq!(fleet.http().count("/py/b2.tar.gz"), 1, "only h1 fetched b2");
