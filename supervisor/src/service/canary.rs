@@ -302,6 +302,8 @@ impl Core {
             return;
         };
         let cumulative = config.metrics.is_some();
+        // Probes take the interval themselves, unless there was nothing to probe.
+        let probed = !cumulative && !instances.is_empty();
         for figures in instances {
             let f = match figures.result {
                 Ok(f) => f,
@@ -337,12 +339,7 @@ impl Core {
             }
         }
         series.primed = true;
-        let after_ms = if cumulative {
-            config.sample_interval_ms
-        } else {
-            // The probes themselves took the interval.
-            1
-        };
+        let after_ms = if probed { 1 } else { config.sample_interval_ms };
         self.emit(Effect::SetTimer {
             after_ms,
             timer: Timer::CanarySample { epoch },
