@@ -523,10 +523,12 @@ fn restarting_path(service: &str) -> String {
 
 /// Runs every parser of ZooKeeper node data on `data`, as the fuzz targets (`fuzz/`) do: the
 /// build metadata of `/builds/<svc>/<build>`, the build id of `enabled` and `enabled/canary`,
-/// the limit of `restarting` and the role of `roles/<host>`. Each must return, never panic,
-/// whatever a ZooKeeper writer stored.
+/// the limit of `restarting`, the role of `roles/<host>`, and a peer's status node read for its
+/// `canary_sample` (with the Prometheus text reader of a canary's scrapes). Each must return,
+/// never panic, whatever a ZooKeeper writer stored.
 #[doc(hidden)]
 pub fn parse_node_data_for_fuzzing(data: &[u8]) {
+    crate::service::parse_canary_data_for_fuzzing(data);
     let _ = parse_build_meta("/builds/fuzz/b1", data);
     let _ = build_id(Some(data.to_vec()));
     let _ = parse_limit("/services/fuzz/restarting", Some(data));

@@ -753,6 +753,25 @@ http_request_duration_seconds_count 100
         assert!(peer_sample(&huge).is_err());
     }
 
+    /// Whatever a peer or an instance wrote, the readers return.
+    #[test]
+    fn junk_never_panics() {
+        let junk: [&[u8]; 9] = [
+            b"",
+            b"{",
+            b"a{",
+            b"a{b=\"",
+            b"a{b=\"\\",
+            b"a{b=\"c\"} ",
+            b"http_requests_total{code=\"5\xff\"} 1e400",
+            b"{\"canary_sample\": {\"latency_buckets\": [[\"+Inf\", -1]]}}",
+            b"\xff\xfe",
+        ];
+        for data in junk {
+            crate::coord::parse_node_data_for_fuzzing(data);
+        }
+    }
+
     #[test]
     fn cumulative_figures_grow_and_restart() {
         let a = Figures {

@@ -37,6 +37,16 @@ pub mod tree;
 pub mod warmup;
 
 pub use crate::protocol::{DeployStatus, InstanceStatus, RestartStatus, ServiceStatus};
+
+/// A peer's status node as a canary host reads it for its `canary_sample`, and the same bytes
+/// as a `/metrics` body (see `coord::parse_node_data_for_fuzzing`).
+#[doc(hidden)]
+pub fn parse_canary_data_for_fuzzing(data: &[u8]) {
+    let _ = canary::peer_sample(data);
+    let config: crate::config::CanaryConfig =
+        toml::from_str("metrics = \"/metrics\"").expect("a literal config parses");
+    let _ = canary::parse_metrics(&String::from_utf8_lossy(data), &config);
+}
 pub use deploy::LocalVerb;
 
 use std::collections::BTreeSet;
