@@ -3,8 +3,8 @@
 //! A build answering 500 on 20 % of requests is failed and rolled back on h1 while h2 and h3
 //! never fetch it; with no traffic the verdict is inconclusive and the canary held; a good build
 //! passes and is promoted (`on_pass = "promote"`) to every host. Request figures from the
-//! instances' `/metrics` (the app's hand-written Prometheus text), and, for the 5xx build, from
-//! sluice's own probe requests.
+//! instances' `/metrics` (the app's hand-written Prometheus text), and from sluice's own probe
+//! requests (the 5xx build and a good one; probes always make traffic, so no idle case there).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -222,8 +222,8 @@ fn metrics_fail_and_roll_back_hold_when_idle_and_promote_a_good_build() {
 }
 
 #[test]
-fn probes_fail_and_roll_back_a_build_with_5xx() {
-    let builds = [("b1", 0), ("b2", 20)];
+fn probes_fail_and_roll_back_a_build_with_5xx_and_promote_a_good_one() {
+    let builds = [("b1", 0), ("b2", 20), ("b3", 0)];
     let Some(fleet) = fleet_with_canary(PROBES, &builds, false) else {
         return;
     };
@@ -244,4 +244,12 @@ fn probes_fail_and_roll_back_a_build_with_5xx() {
     let requests = verdict["canary"]["requests"].as_u64().unwrap();
     assert!(requests >= 60, "{verdict}");
     prod_never_ran(&fleet, "b2", &seen);
+
+    // A good build judged on probes alone (no load): passes, promoted to every host.
+    fleet.sluice(&["deploy", SVC, "b3", "--canary"]).success();
+    let verdict = wait_verdict(&fleet, "b3");
+    assert_eq!(verdict["outcome"], "pass", "{verdict}");
+    assert_eq!(verdict["action"], "promoted", "{verdict}");
+    assert_eq!(verdict["canary"]["errors"], 0, "{verdict}");
+    fleet.wait_all_serving(SVC, "b3", DEPLOY_PATIENCE);
 }
