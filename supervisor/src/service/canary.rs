@@ -190,6 +190,16 @@ impl Core {
                 tracing::info!(service = %self.name, "no canary in flight: sampling stops");
             }
             self.canary.bake = None;
+            // A bake cut short (promoted by another canary host, cleared by the deployer) has
+            // no verdict of this host to show; a verdict stays.
+            if self
+                .canary
+                .status
+                .as_ref()
+                .is_some_and(|s| s.outcome == CanaryOutcome::Baking)
+            {
+                self.canary.status = None;
+            }
             return;
         };
         let build = self.state.build.clone().unwrap_or_default();
@@ -245,6 +255,7 @@ impl Core {
         } else if self.canary.bake.as_ref().is_some_and(|b| !b.judged) {
             // Left the build before it was judged (a new canary, a failed restart).
             self.canary.bake = None;
+            self.canary.status = None;
         }
     }
 

@@ -340,6 +340,34 @@ fn actions_are_recorded_and_late_samples_dropped() {
     );
 }
 
+/// Another canary host promoted the build mid-bake: this host's unfinished bake shows nothing.
+#[test]
+fn a_bake_cut_short_shows_no_verdict() {
+    let mut world = World::new(canary_config("promote"), true, 7);
+    world.handle(Event::Request(Request::Connection(true)));
+    world.handle(Event::Request(Request::Desired {
+        build: Some("b2".into()),
+    }));
+    world.settle(SETTLE);
+    world.handle(Event::Request(Request::CanaryView(CanaryView {
+        enabled: Some("b1".into()),
+        canary: Some("b2".into()),
+        canary_role: true,
+    })));
+    world.settle(SETTLE);
+    assert_eq!(
+        world.core.canary.status.as_ref().map(|s| s.outcome),
+        Some(CanaryOutcome::Baking)
+    );
+    world.handle(Event::Request(Request::CanaryView(CanaryView {
+        enabled: Some("b2".into()),
+        canary: Some("b2".into()),
+        canary_role: true,
+    })));
+    assert!(world.core.canary.status.is_none());
+    assert!(world.core.canary_sample().is_none(), "nothing in flight");
+}
+
 #[test]
 fn prod_hosts_sample_and_publish_while_a_canary_is_in_flight() {
     let mut world = World::new(canary_config("wait"), true, 7);
