@@ -197,9 +197,247 @@ pub fn growth(before: f64, after: f64) -> f64 {
     }
 }
 
+/// Most latency buckets a sample carries: a histogram with more is refused (a status node is
+/// small, and a peer's sample is less trusted data).
+pub const SAMPLE_BUCKETS_MAX: usize = 32;
+
+/// A bucket's upper bound in seconds: `+Inf` crosses JSON as the string `"+Inf"` (JSON has no
+/// infinity).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Le(pub f64);
+
+impl Serialize for Le {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.is_finite() {
+            s.serialize_f64(self.0)
+        } else {
+            s.serialize_str("+Inf")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Le {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(Le(n)),
+            Raw::Text(t) if t == "+Inf" => Ok(Le(f64::INFINITY)),
+            Raw::Text(t) => Err(serde::de::Error::custom(format!(
+                "bucket bound {t:?} is neither a number nor \"+Inf\""
+            ))),
+        }
+    }
+}
+
+/// What one host's instances did since the host began sampling them for a canary in flight:
+/// cumulative figures, published in the host's status node as `canary_sample`. The canary host
+/// subtracts the sample it took at the start of its bake from the one at the end
+/// ([`Sample::delta`]) and adds up the prod hosts' deltas ([`merge`]) as its baseline.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// The build the host's instances ran while it sampled.
+    pub build: String,
+    /// When the host began sampling (unix ms): a sample with another start is another series.
+    pub since_ms: u64,
+    pub instances: u32,
+    pub crashes: u64,
+    pub liveness_failures: u64,
+    pub requests: u64,
+    pub errors: u64,
+    /// Cumulative latency buckets `(le seconds, count)`, ascending, at most
+    /// [`SAMPLE_BUCKETS_MAX`].
+    #[serde(default)]
+    pub latency_buckets: Vec<(Le, u64)>,
+}
+
+impl Sample {
+    /// Checks what serde cannot: the bounds of a sample read from another host's node.
+    pub fn check(&self) -> Result<(), String> {
+        if self.latency_buckets.len() > SAMPLE_BUCKETS_MAX {
+            return Err(format!(
+                "{} latency buckets, more than {SAMPLE_BUCKETS_MAX}",
+                self.latency_buckets.len()
+            ));
+        }
+        if self.errors > self.requests {
+            return Err(format!(
+                "{} errors out of {} requests",
+                self.errors, self.requests
+            ));
+        }
+        let mut last = f64::NEG_INFINITY;
+        for (le, _) in &self.latency_buckets {
+            if le.0.is_nan() || le.0 < 0.0 || le.0 <= last {
+                return Err("latency bucket bounds are not ascending non-negative numbers".into());
+            }
+            last = le.0;
+        }
+        Ok(())
+    }
+
+    /// What happened between `start` (taken at the start of the bake) and `self`: both must be
+    /// of the same series (build and `since_ms`), else the host began sampling again in between
+    /// and its figures cannot be compared.
+    pub fn delta(&self, start: &Sample) -> Result<Sample, String> {
+        if self.build != start.build || self.since_ms != start.since_ms {
+            return Err(format!(
+                "its sample restarted during the bake (build {} since {} ms, then build {} since {} ms)",
+                start.build, start.since_ms, self.build, self.since_ms
+            ));
+        }
+        let buckets = self
+            .latency_buckets
+            .iter()
+            .map(|&(le, count)| {
+                let before = start
+                    .latency_buckets
+                    .iter()
+                    .find(|(l, _)| l.0 == le.0)
+                    .map_or(0, |b| b.1);
+                (le, count.saturating_sub(before))
+            })
+            .collect();
+        Ok(Sample {
+            build: self.build.clone(),
+            since_ms: self.since_ms,
+            instances: self.instances,
+            crashes: self.crashes.saturating_sub(start.crashes),
+            liveness_failures: self
+                .liveness_failures
+                .saturating_sub(start.liveness_failures),
+            requests: self.requests.saturating_sub(start.requests),
+            errors: self.errors.saturating_sub(start.errors),
+            latency_buckets: buckets,
+        })
+    }
+
+    /// The figures `decide` compares; p99 from the cumulative buckets.
+    pub fn observed(&self) -> Observed {
+        let buckets: Vec<(f64, f64)> = self
+            .latency_buckets
+            .iter()
+            .map(|&(le, count)| (le.0, count as f64))
+            .collect();
+        Observed {
+            instances: self.instances,
+            crashes: u32::try_from(self.crashes).unwrap_or(u32::MAX),
+            liveness_failures: u32::try_from(self.liveness_failures).unwrap_or(u32::MAX),
+            requests: self.requests,
+            errors: self.errors.min(self.requests),
+            p99_ms: histogram_quantile(0.99, &buckets).map(|s| s * 1000.0),
+        }
+    }
+}
+
+/// Adds up samples (the prod hosts' deltas, as one baseline). Buckets are summed by bound; a
+/// bound missing from one sample counts the next higher bound of that sample (cumulative
+/// buckets), so hosts whose histograms differ still merge into a valid histogram.
+pub fn merge<'a>(samples: impl IntoIterator<Item = &'a Sample>) -> Sample {
+    let samples: Vec<&Sample> = samples.into_iter().collect();
+    let mut bounds: Vec<f64> = samples
+        .iter()
+        .flat_map(|s| s.latency_buckets.iter().map(|b| b.0.0))
+        .collect();
+    bounds.sort_by(f64::total_cmp);
+    bounds.dedup();
+    bounds.truncate(SAMPLE_BUCKETS_MAX);
+    let mut merged = Sample::default();
+    for s in &samples {
+        merged.instances = merged.instances.saturating_add(s.instances);
+        merged.crashes = merged.crashes.saturating_add(s.crashes);
+        merged.liveness_failures = merged.liveness_failures.saturating_add(s.liveness_failures);
+        merged.requests = merged.requests.saturating_add(s.requests);
+        merged.errors = merged.errors.saturating_add(s.errors);
+    }
+    merged.latency_buckets = bounds
+        .iter()
+        .map(|&le| {
+            let count = samples
+                .iter()
+                .map(|s| {
+                    s.latency_buckets
+                        .iter()
+                        .find(|b| b.0.0 >= le)
+                        .or(s.latency_buckets.last())
+                        .map_or(0, |b| b.1)
+                })
+                .fold(0u64, u64::saturating_add);
+            (Le(le), count)
+        })
+        .collect();
+    merged
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample(build: &str, requests: u64, errors: u64, buckets: &[(f64, u64)]) -> Sample {
+        Sample {
+            build: build.into(),
+            since_ms: 7,
+            instances: 2,
+            requests,
+            errors,
+            latency_buckets: buckets.iter().map(|&(le, c)| (Le(le), c)).collect(),
+            ..Sample::default()
+        }
+    }
+
+    #[test]
+    fn samples_subtract_merge_and_judge() {
+        let inf = f64::INFINITY;
+        let start = sample("b1", 100, 1, &[(0.01, 50), (0.1, 90), (inf, 100)]);
+        let end = Sample {
+            crashes: 1,
+            ..sample("b1", 300, 5, &[(0.01, 150), (0.1, 280), (inf, 300)])
+        };
+        let d = end.delta(&start).unwrap();
+        assert_eq!((d.requests, d.errors, d.crashes), (200, 4, 1));
+        assert_eq!(d.latency_buckets[1], (Le(0.1), 190));
+        // Another series (the host began sampling again) is not subtracted.
+        let again = Sample {
+            since_ms: 9,
+            ..end.clone()
+        };
+        assert!(again.delta(&start).unwrap_err().contains("restarted"));
+        // Two hosts with different bounds merge into one cumulative histogram.
+        let other = sample("b1", 10, 0, &[(0.05, 10), (inf, 10)]);
+        let m = merge([&d, &other]);
+        assert_eq!((m.instances, m.requests, m.errors), (4, 210, 4));
+        let bounds: Vec<f64> = m.latency_buckets.iter().map(|b| b.0.0).collect();
+        assert_eq!(bounds, [0.01, 0.05, 0.1, inf]);
+        assert_eq!(m.latency_buckets[1].1, 190 + 10);
+        assert_eq!(m.latency_buckets[3].1, 210);
+        let o = m.observed();
+        assert_eq!((o.requests, o.errors, o.crashes), (210, 4, 1));
+        assert!(
+            o.p99_ms.unwrap() > 10.0 && o.p99_ms.unwrap() <= 100.0,
+            "{o:?}"
+        );
+        assert_eq!(merge([]).observed().p99_ms, None);
+    }
+
+    #[test]
+    fn samples_cross_json_and_are_checked() {
+        let s = sample("b1", 3, 1, &[(0.5, 2), (f64::INFINITY, 3)]);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains(r#"[0.5,2],["+Inf",3]"#), "{json}");
+        let back: Sample = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        assert!(back.check().is_ok());
+        let many = sample("b1", 1, 0, &[(0.1, 1); 40]);
+        assert!(many.check().unwrap_err().contains("more than 32"));
+        let unordered = sample("b1", 1, 0, &[(0.5, 1), (0.1, 1)]);
+        assert!(unordered.check().is_err());
+        assert!(sample("b1", 1, 2, &[]).check().is_err());
+        assert!(serde_json::from_str::<Sample>(r#"{"build":"b","since_ms":1,"instances":1,"crashes":0,"liveness_failures":0,"requests":1,"errors":0,"latency_buckets":[["inf",1]]}"#).is_err());
+    }
 
     fn t() -> Thresholds {
         Thresholds {

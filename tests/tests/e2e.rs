@@ -7,6 +7,7 @@
 mod e2e {
     mod archive_bombs;
     mod blocking;
+    mod canary;
     mod cgroup;
     mod clock;
     mod control;

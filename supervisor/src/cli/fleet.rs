@@ -347,13 +347,14 @@ async fn local(host: &HostConfig, timeout_ms: Option<u64>, verb: FleetVerb) -> a
 /// status node this version cannot read is a line saying so, not a failed command.
 fn render(service: &str, hosts: &[(String, serde_json::Value)]) -> String {
     let mut out = format!(
-        "{service}: {} host(s)\n{:<16} {:<11} {:<16} {:<16} {:<10} {}\n",
+        "{service}: {} host(s)\n{:<16} {:<11} {:<16} {:<16} {:<10} {:<20} {}\n",
         hosts.len(),
         "HOST",
         "STATE",
         "BUILD",
         "TARGET",
         "UP",
+        "CANARY",
         "LAST ERROR"
     );
     for (host, value) in hosts {
@@ -378,12 +379,16 @@ fn render(service: &str, hosts: &[(String, serde_json::Value)]) -> String {
         let steered = instances.iter().any(|i| i.enabled.is_some());
         let shown = if steered { enabled } else { running };
         out.push_str(&format!(
-            "{:<16} {:<11} {:<16} {:<16} {:<10} {}\n",
+            "{:<16} {:<11} {:<16} {:<16} {:<10} {:<20} {}\n",
             host,
             status.state.as_str(),
             status.build.as_deref().unwrap_or("-"),
             status.target_build.as_deref().unwrap_or("-"),
             format!("{shown}/{}", instances.len()),
+            status
+                .canary
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |c| c.short()),
             status.last_error.as_deref().unwrap_or(""),
         ));
     }
@@ -404,7 +409,8 @@ mod tests {
                 {"index": 1, "state": "draining", "pid": 11, "enabled": false, "healthy": true,
                  "warmup": null, "last_error": null}
             ],
-            "last_error": null, "restart_started_ms": null, "restart_finished_ms": null
+            "last_error": null, "restart_started_ms": null, "restart_finished_ms": null,
+            "canary": {"build": "b2", "outcome": "fail", "reasons": [], "action": "rolled-back"}
         });
         let bad = serde_json::json!({"host": "h2", "state": "dancing"});
         let text = render("web", &[("h1".into(), good), ("h2".into(), bad)]);
@@ -412,7 +418,7 @@ mod tests {
         assert_eq!(lines[0], "web: 2 host(s)");
         assert_eq!(
             lines[2].split_whitespace().collect::<Vec<_>>(),
-            ["h1", "serving", "b2", "-", "1/2"]
+            ["h1", "serving", "b2", "-", "1/2", "fail/rolled-back"]
         );
         assert!(lines[3].starts_with("h2"), "{}", lines[3]);
         assert!(lines[3].contains("unreadable status node"), "{}", lines[3]);

@@ -288,6 +288,13 @@ fn service_line(service: &ServiceStatus) -> Option<String> {
             restart.step.map_or("", step_name)
         ));
     }
+    if let Some(canary) = &service.canary {
+        let mut fact = format!("canary {}: {}", canary.build, canary.short());
+        if let Some(reason) = canary.reasons.first() {
+            fact.push_str(&format!(" ({reason})"));
+        }
+        facts.push(fact);
+    }
     for error in [
         &service.state_error,
         &service.deploy_error,

@@ -477,6 +477,8 @@ pub fn host_status_of(host: &str, service: &ServiceStatus) -> HostStatus {
         restart_finished_ms: None,
         restart: service.restart.clone(),
         deploy: service.deploy.clone(),
+        canary: service.canary.clone(),
+        canary_sample: None,
         updated_ms: None,
     }
 }
@@ -822,6 +824,8 @@ mod tests {
                 phase,
                 started_ms: 1,
             }),
+            canary: None,
+            canary_sample: None,
             updated_ms: None,
         }
     }

@@ -6,7 +6,8 @@
 //!
 //! - `host`: the host file.
 //! - `service`: one service file's top-level keys; `sections`: its `[build]`, `[hooks]`,
-//!   `[restart]` and `[health]`; `warmup`: its `[warmup]` and the request lines.
+//!   `[restart]` and `[health]`; `warmup`: its `[warmup]` and the request lines; `canary`: its
+//!   `[canary]`.
 //! - `signal`: signals by name or number.
 //! - `validate`: what serde cannot check, one function per part of a service file.
 //! - `placeholders`: `{port}` and the others, checked and substituted.
@@ -16,6 +17,7 @@
 //!
 //! Everything public is re-exported here: callers name `crate::config::X`, never a submodule.
 
+mod canary;
 mod errors;
 mod host;
 mod node;
@@ -28,6 +30,10 @@ mod signal;
 mod validate;
 mod warmup;
 
+pub use canary::{
+    CANARY_PROBE_RATE_MAX, CANARY_SAMPLE_INTERVAL_MAX_MS, CANARY_SAMPLE_INTERVAL_MIN_MS,
+    CanaryConfig, OnFail, OnPass,
+};
 pub use errors::ConfigError;
 pub use host::{
     Backend, CgroupsMode, CoordinationConfig, DEFAULT_CONFIG_NODE_KEYS, DEFAULT_HOST_CONFIG,
@@ -61,6 +67,7 @@ mod tests {
         service.health = Some(toml::from_str("").unwrap());
         service.warmup = Some(toml::from_str("").unwrap());
         service.build = Some(toml::from_str("source = \"x\"").unwrap());
+        service.canary = Some(toml::from_str("metrics = \"/metrics\"").unwrap());
         collect_keys("", &serde_json::to_value(&service).unwrap(), &mut keys);
         collect_keys(
             "",

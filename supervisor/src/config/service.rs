@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::errors::{ConfigError, line_of_key, parse_toml};
 use super::{
-    BuildConfig, HealthConfig, HooksConfig, RestartConfig, Signal, SteeringKind, StrategyName,
-    WarmupConfig,
+    BuildConfig, CanaryConfig, HealthConfig, HooksConfig, RestartConfig, Signal, SteeringKind,
+    StrategyName, WarmupConfig,
 };
 
 /// Longest service name: iptables chain names are at most 28 bytes and ours are `SLUICE-<service>`.
@@ -138,6 +138,9 @@ pub struct ServiceConfig {
     pub build: Option<BuildConfig>,
     #[serde(default)]
     pub hooks: HooksConfig,
+    /// Canary analysis of new builds on canary hosts (absent: a canary waits for the deployer).
+    #[serde(default)]
+    pub canary: Option<CanaryConfig>,
 }
 
 fn default_instances() -> u32 {
@@ -203,6 +206,7 @@ impl ServiceConfig {
             warmup: None,
             build: None,
             hooks: HooksConfig::default(),
+            canary: None,
         }
     }
 

@@ -3,8 +3,10 @@
 
 use super::placeholders::check_placeholders;
 use super::{
-    BuildConfig, HealthConfig, HooksConfig, INSTANCES_MAX, SIBLING_SAMPLE_MAX, ServiceConfig,
-    SteeringKind, StrategyName, WarmupConfig, parse_request, parse_umask,
+    BuildConfig, CANARY_PROBE_RATE_MAX, CANARY_SAMPLE_INTERVAL_MAX_MS,
+    CANARY_SAMPLE_INTERVAL_MIN_MS, CanaryConfig, HealthConfig, HooksConfig, INSTANCES_MAX,
+    SIBLING_SAMPLE_MAX, ServiceConfig, SteeringKind, StrategyName, WarmupConfig, parse_request,
+    parse_umask,
 };
 
 /// The key at fault and what is wrong with it.
@@ -32,6 +34,9 @@ impl ServiceConfig {
         validate_hooks(&self.hooks)?;
         if let Some(warmup) = &self.warmup {
             self.validate_warmup(warmup)?;
+        }
+        if let Some(canary) = &self.canary {
+            self.validate_canary(canary)?;
         }
         Ok(())
     }
@@ -241,6 +246,88 @@ impl ServiceConfig {
 }
 
 /// `[build]`: a source template that names the build, and at least one release kept.
+impl ServiceConfig {
+    /// `[canary]`: thresholds that mean something, and one source of request figures that can
+    /// be reached (the instance port) and named (Prometheus names, request lines that parse).
+    fn validate_canary(&self, canary: &CanaryConfig) -> Result<(), Fault> {
+        if self.port_base.is_none() {
+            return bad(
+                "canary",
+                "needs `port_base`: instances are sampled on their own port".into(),
+            );
+        }
+        if canary.bake_ms == 0 {
+            return bad("canary.bake_ms", "must be at least 1".into());
+        }
+        if !(canary.max_error_ratio >= 0.0 && canary.max_error_ratio <= 1.0) {
+            return bad(
+                "canary.max_error_ratio",
+                "must be a ratio from 0 to 1".into(),
+            );
+        }
+        if !(canary.max_p99_ratio >= 1.0 && canary.max_p99_ratio.is_finite()) {
+            return bad(
+                "canary.max_p99_ratio",
+                "must be a finite number of 1 or more".into(),
+            );
+        }
+        let interval = CANARY_SAMPLE_INTERVAL_MIN_MS..=CANARY_SAMPLE_INTERVAL_MAX_MS;
+        if !interval.contains(&canary.sample_interval_ms) {
+            return bad(
+                "canary.sample_interval_ms",
+                format!(
+                    "must be from {CANARY_SAMPLE_INTERVAL_MIN_MS} to {CANARY_SAMPLE_INTERVAL_MAX_MS} ms"
+                ),
+            );
+        }
+        if canary.timeout_ms == 0 {
+            return bad("canary.timeout_ms", "must be at least 1".into());
+        }
+        match &canary.metrics {
+            Some(path) => {
+                if let Err(message) = parse_request(&format!("GET {path}")) {
+                    return bad("canary.metrics", message);
+                }
+                for (key, name, label) in [
+                    ("canary.requests_metric", &canary.requests_metric, false),
+                    ("canary.latency_metric", &canary.latency_metric, false),
+                    ("canary.status_label", &canary.status_label, true),
+                ] {
+                    if !super::canary::prometheus_name(name, label) {
+                        return bad(key, format!("`{name}` is not a prometheus name"));
+                    }
+                }
+                if !canary.requests.is_empty() {
+                    return bad(
+                        "canary.requests",
+                        "set either `metrics` or `requests`, not both".into(),
+                    );
+                }
+            }
+            None => {
+                if canary.requests.is_empty() {
+                    return bad(
+                        "canary",
+                        "set `metrics` (the instances' Prometheus path) or probe `requests`".into(),
+                    );
+                }
+                for line in &canary.requests {
+                    if let Err(message) = parse_request(line) {
+                        return bad("canary.requests", message);
+                    }
+                }
+                if !(1..=CANARY_PROBE_RATE_MAX).contains(&canary.probe_rate_per_s) {
+                    return bad(
+                        "canary.probe_rate_per_s",
+                        format!("must be from 1 to {CANARY_PROBE_RATE_MAX}"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn validate_build(build: &BuildConfig) -> Result<(), Fault> {
     if !build.source.contains("{build}") {
         return bad(

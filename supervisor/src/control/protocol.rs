@@ -430,6 +430,14 @@ pub struct ServiceStatus {
     /// `docs/cli.md`, "When the state cannot be written"). Absent from older daemons' answers.
     #[serde(default)]
     pub state_write_error: Option<String>,
+    /// This host's canary analysis of the build in flight (canary hosts of a service with
+    /// `[canary]`), as in its status node.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient"
+    )]
+    pub canary: Option<CanaryStatus>,
 }
 
 /// A host's state in a fleet deploy, as its status node says.
@@ -489,9 +497,121 @@ pub struct HostStatus {
     /// The deploy in flight: its build, phase and start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy: Option<DeployStatus>,
+    /// The canary analysis of this host (a canary host judging itself): absent otherwise, and
+    /// read as absent when it is not what this version understands.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient"
+    )]
+    pub canary: Option<CanaryStatus>,
+    /// What this host's instances did since it began sampling them for the canary in flight
+    /// (every host of a service with `[canary]`, prod and canary).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient"
+    )]
+    pub canary_sample: Option<sluice_strategies::canary::Sample>,
     /// When the host wrote it (wall clock, for display); `None` when comparing two statuses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_ms: Option<u64>,
+}
+
+/// A field another version may write differently: what does not parse reads as absent, so one
+/// odd field never hides the rest of a host's status.
+fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(value).ok())
+}
+
+/// Where a canary's analysis is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CanaryOutcome {
+    Baking,
+    Pass,
+    Fail,
+    Inconclusive,
+}
+
+impl CanaryOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CanaryOutcome::Baking => "baking",
+            CanaryOutcome::Pass => "pass",
+            CanaryOutcome::Fail => "fail",
+            CanaryOutcome::Inconclusive => "inconclusive",
+        }
+    }
+}
+
+/// What the canary host did with its verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CanaryAction {
+    /// `enabled := enabled/canary` (or `enabled` already named the build).
+    Promoted,
+    /// `enabled/canary` cleared (or it no longer named the build).
+    RolledBack,
+    /// Left as it is: `on_fail = "hold"`, or an inconclusive verdict.
+    Held,
+    /// A pass left to the deployer (`on_pass = "wait"`).
+    Waiting,
+}
+
+impl CanaryStatus {
+    /// `fail/rolled-back`, `baking`, `pass/waiting`: the verdict and what was done, short.
+    pub fn short(&self) -> String {
+        match (self.action, &self.action_error) {
+            (_, Some(_)) => format!("{}/action-failed", self.outcome.as_str()),
+            (Some(action), None) => {
+                let action = serde_json::to_value(action).expect("actions serialize");
+                format!(
+                    "{}/{}",
+                    self.outcome.as_str(),
+                    action.as_str().unwrap_or("?")
+                )
+            }
+            (None, None) => self.outcome.as_str().to_owned(),
+        }
+    }
+}
+
+/// A canary host's analysis of a build, in its status node, the service status and
+/// `/services/<svc>/canary/<build>/<host>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryStatus {
+    pub build: String,
+    pub outcome: CanaryOutcome,
+    /// Why (each failed check, or what was missing; for `baking`, what is being waited for).
+    #[serde(default)]
+    pub reasons: Vec<String>,
+    /// The canary's figures over the bake so far.
+    #[serde(default)]
+    pub canary: Option<sluice_strategies::canary::Observed>,
+    /// The prod hosts' figures over the same time, added up.
+    #[serde(default)]
+    pub baseline: Option<sluice_strategies::canary::Observed>,
+    /// Prod hosts in the baseline.
+    #[serde(default)]
+    pub baseline_hosts: Vec<String>,
+    /// When the bake began (unix ms).
+    #[serde(default)]
+    pub started_ms: Option<u64>,
+    /// When it was judged (unix ms); `None` while baking.
+    #[serde(default)]
+    pub judged_ms: Option<u64>,
+    /// What was done with the verdict; `None` while baking or while the action is under way.
+    #[serde(default)]
+    pub action: Option<CanaryAction>,
+    /// Why the action failed (ZooKeeper refused or was away).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_error: Option<String>,
 }
 
 #[cfg(test)]
@@ -519,6 +639,8 @@ mod tests {
             restart_finished_ms: None,
             restart: None,
             deploy: None,
+            canary: None,
+            canary_sample: None,
             updated_ms: None,
         };
         let value = serde_json::to_value(&host).unwrap();
@@ -544,6 +666,17 @@ mod tests {
         assert_eq!(host.state, HostState::Serving);
         assert!(host.instances.is_empty());
         assert_eq!(host.updated_ms, Some(5));
+        // An unknown shape of a known field reads as absent, the rest of the status stays.
+        assert_eq!(host.canary, None);
+        let text = r#"{"host": "h", "build": null, "target_build": null, "state": "serving",
+            "last_error": null, "restart_started_ms": null, "restart_finished_ms": null,
+            "canary": {"build": "b2", "outcome": "fail", "reasons": ["x"], "action": "rolled-back", "more": 1},
+            "canary_sample": {"build": "b2", "since_ms": 1}}"#;
+        let host: HostStatus = serde_json::from_str(text).unwrap();
+        let canary = host.canary.unwrap();
+        assert_eq!(canary.outcome, CanaryOutcome::Fail);
+        assert_eq!(canary.action, Some(CanaryAction::RolledBack));
+        assert_eq!(host.canary_sample, None);
     }
 
     #[test]

@@ -12,12 +12,14 @@
 //! | `/services/<svc>/status/<host>` | ephemeral: the host's status (JSON) |
 //! | `/services/<svc>/restarting` | data: `max_hosts_restarting`, `N` or `P%` of the hosts (absent/empty: 1); children: leases |
 //! | `/services/<svc>/history` | JSON list of the builds `enabled` held, oldest first (last 20) |
+//! | `/services/<svc>/canary/<build>/<host>` | persistent: a canary host's analysis of the build (JSON, as `canary` in its status) |
 //! | `/builds/<svc>/<build>` | build metadata (JSON `{"url", "sha256", "size", "created"}`) |
 //!
 //! One task owns the ZooKeeper client ([`owner`]); [`Zk`] is a cheap handle that sends it
 //! messages or borrows the current session from it. The restart-slot recipe is in [`slot`], the
 //! CLI's short-lived client in [`fleet`].
 
+mod canary;
 mod fleet;
 mod owner;
 mod peers;
@@ -521,10 +523,12 @@ fn restarting_path(service: &str) -> String {
 
 /// Runs every parser of ZooKeeper node data on `data`, as the fuzz targets (`fuzz/`) do: the
 /// build metadata of `/builds/<svc>/<build>`, the build id of `enabled` and `enabled/canary`,
-/// the limit of `restarting` and the role of `roles/<host>`. Each must return, never panic,
-/// whatever a ZooKeeper writer stored.
+/// the limit of `restarting`, the role of `roles/<host>`, and a peer's status node read for its
+/// `canary_sample` (with the Prometheus text reader of a canary's scrapes). Each must return,
+/// never panic, whatever a ZooKeeper writer stored.
 #[doc(hidden)]
 pub fn parse_node_data_for_fuzzing(data: &[u8]) {
+    crate::service::parse_canary_data_for_fuzzing(data);
     let _ = parse_build_meta("/builds/fuzz/b1", data);
     let _ = build_id(Some(data.to_vec()));
     let _ = parse_limit("/services/fuzz/restarting", Some(data));

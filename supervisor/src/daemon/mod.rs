@@ -723,6 +723,14 @@ impl Daemon {
                     .await;
                 entry
                     .handle
+                    .canary_view(
+                        view.enabled.clone(),
+                        view.canary.clone(),
+                        view.role == crate::coord::Role::Canary,
+                    )
+                    .await;
+                entry
+                    .handle
                     .desired(view.desired_build().map(str::to_owned))
                     .await;
             }

@@ -20,6 +20,7 @@ use sluice_strategies::restart::{Input, Strategy, Version};
 use sluice_strategies::steering::Chain;
 use sluice_strategies::warmup::Summary;
 
+use super::canary::{CanaryCore, CanaryEvent, CanaryView, CanaryWrite, SampleTarget};
 use super::deploy::{Coordination, HookContext, InstallJob, LocalVerb};
 use super::env::Env;
 use super::restart::RestartWaits;
@@ -235,6 +236,8 @@ pub enum Request {
     SlotError(Option<String>),
     /// `sluice deploy`, `promote`, `rollback` on the local backend.
     Local { verb: LocalVerb, reply: ReplyId },
+    /// ZooKeeper's view of the rollout, for the canary analysis.
+    CanaryView(CanaryView),
 }
 
 /// What happened to one instance's process, probe or cgroup (tagged with its generation).
@@ -313,6 +316,10 @@ pub enum Timer {
     },
     /// Time to try a failed state write again ([`STATE_WRITE_RETRY_MS`]).
     StateWriteRetry,
+    /// Time for the next sample of the canary series `epoch` (see `service/canary.rs`).
+    CanarySample {
+        epoch: u64,
+    },
 }
 
 /// Pause between attempts to write a state file whose last write failed (a full disk, a
@@ -344,6 +351,8 @@ pub enum Event {
     },
     Deploy(DeployEvent),
     Timer(Timer),
+    /// A canary sample or a verdict's action came back.
+    Canary(CanaryEvent),
 }
 
 /// What the core wants done. Data only: the executor runs each one in order.
@@ -459,6 +468,25 @@ pub enum Effect {
     /// its restart), published with it: the next host never sees this one still restarting.
     ReleaseSlot(Box<HostStatus>),
     PublishHostStatus(Box<HostStatus>),
+    /// Sample the instances (scrape `metrics`, or send probes for `sample_interval_ms`), and
+    /// read the other hosts' status nodes when `peers`; answers `Canary(Sampled)`.
+    CanarySample {
+        epoch: u64,
+        targets: Vec<SampleTarget>,
+        config: Box<crate::config::CanaryConfig>,
+        peers: bool,
+    },
+    /// Promote the canary build or clear `enabled/canary` (both only while it names `build`);
+    /// answers `Canary(Acted)`.
+    CanaryWrite {
+        build: String,
+        write: CanaryWrite,
+    },
+    /// Write the analysis to `/services/<svc>/canary/<build>/<host>` (persistent).
+    CanaryRecord {
+        build: String,
+        status: Box<crate::protocol::CanaryStatus>,
+    },
     Reply {
         to: ReplyId,
         result: Result<String, String>,
@@ -538,6 +566,8 @@ pub struct Core {
     /// Desired build, deploy in progress, fleet slot, status publishing (not ZooKeeper itself,
     /// which the executor holds).
     pub(super) deploy: Coordination,
+    /// Canary sampling and this host's bake (`service/canary.rs`).
+    pub(super) canary: CanaryCore,
     /// The time of the event being handled, wall clock (display, status node).
     pub(super) now: Millis,
     /// The time of the event being handled, `CLOCK_BOOTTIME` (ages: see [`Now`]).
@@ -595,6 +625,7 @@ impl Core {
             restart_waits: RestartWaits::default(),
             restart_replies: Vec::new(),
             deploy: Coordination::default(),
+            canary: CanaryCore::default(),
             now: 0,
             boot_now: 0,
             effects: Vec::new(),
@@ -678,6 +709,8 @@ impl Core {
                 self.on_machine_steer_over(index, epoch)
             }
             Event::Timer(Timer::StateWriteRetry) => self.retry_write(),
+            Event::Timer(Timer::CanarySample { epoch }) => self.on_canary_timer(epoch),
+            Event::Canary(event) => self.on_canary(event),
             // Nothing to do here: `after_change` compares the instance's age with the bound.
             Event::Timer(Timer::LowPhaseOver { index, generation }) => {
                 if let Some(instance) = self.instances.get_mut(&index)
@@ -1053,6 +1086,7 @@ impl Core {
             }
             Request::Settled(reply) => self.settled.push(reply),
             Request::Desired { build } => self.set_desired(build),
+            Request::CanaryView(view) => self.set_canary_view(view),
             Request::Connection(connected) => self.set_connected(connected),
             Request::ConfigError(error) => self.deploy.config_error = error,
             Request::WorldWritable(nodes) => self.deploy.world_writable = nodes,
@@ -1565,6 +1599,7 @@ impl Core {
                 instance.healthy = false;
             }
             InstanceEvent::LivenessFailed(reason) => {
+                self.canary.note_liveness_failure();
                 let phase = instance.phase;
                 if phase.is_up() && !self.in_batch(index) {
                     let instance = self.instances.get_mut(&index).expect("known index");
@@ -1742,6 +1777,7 @@ impl Core {
             .get_mut(&index)
             .expect("known index")
             .restarts += 1;
+        self.canary.note_crash();
         self.after_unrequested_exit(index, outcome, ran_ms);
     }
 
@@ -1784,6 +1820,7 @@ impl Core {
         self.sync_steering();
         self.sync_cgroups();
         self.maybe_deploy();
+        self.canary_reconsider();
         self.publish_status();
         let instances = &self.instances;
         let name = &self.name;
@@ -1927,6 +1964,7 @@ impl Core {
             // The executor's to fill in: tracking cgroups are made where shims are spawned.
             tree_error: None,
             state_write_error: self.state_write_error.clone(),
+            canary: self.canary.status.clone(),
         }
     }
 

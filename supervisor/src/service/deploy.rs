@@ -544,6 +544,8 @@ impl Core {
             restart_finished_ms: self.deploy.restart_finished_ms,
             restart: self.restart_status(),
             deploy: self.deploy.deploy.clone(),
+            canary: self.canary.status.clone(),
+            canary_sample: self.canary_sample(),
             updated_ms: None,
         }
     }

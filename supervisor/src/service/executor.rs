@@ -15,6 +15,7 @@ use sluice_strategies::restart::Input;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::canary::{CanaryEvent, CanaryWrite};
 use super::core::{
     self as core, Core, DeployEvent, Effect, Event, InstanceEvent, Millis, Now, ReplyId,
     RestartEvent, Setup, ShimInfo,
@@ -130,6 +131,7 @@ fn waiting_status(name: &str, config: &ServiceConfig) -> crate::service::Service
         tree_error: None,
         state_write_error: None,
         slot_error: None,
+        canary: None,
         state_error: Some(format!(
             "not supervised yet: the previous task of {name} (removed by a reload) is still stopping its instances"
         )),
@@ -390,6 +392,7 @@ impl Executor {
             },
             Request::ShuttingDown => core::Request::ShuttingDown,
             Request::Desired { build } => core::Request::Desired { build },
+            Request::CanaryView(view) => core::Request::CanaryView(view),
             Request::Connection(connected) => core::Request::Connection(connected),
             Request::ConfigError(error) => core::Request::ConfigError(error),
             Request::WorldWritable(nodes) => core::Request::WorldWritable(nodes),
@@ -731,6 +734,58 @@ impl Executor {
                 let value = serde_json::to_value(&*host).expect("status serializes");
                 // Synchronously, so that statuses reach the writer in the order they were made.
                 zk.publish_status(&self.name, value);
+            }
+            Effect::CanarySample {
+                epoch,
+                targets,
+                config,
+                peers,
+            } => {
+                let zk = self.ctx.coord.clone();
+                let service = self.name.clone();
+                let config = std::sync::Arc::new(*config);
+                self.report(async move {
+                    let instances = super::canary_sample::sample(targets, config).await;
+                    let peers = match (peers, zk) {
+                        (false, _) => None,
+                        (true, None) => Some(Err("no zookeeper backend".into())),
+                        (true, Some(zk)) => {
+                            Some(zk.host_statuses(&service).await.map_err(|e| e.to_string()))
+                        }
+                    };
+                    Event::Canary(CanaryEvent::Sampled {
+                        epoch,
+                        instances,
+                        peers,
+                    })
+                });
+            }
+            Effect::CanaryWrite { build, write } => {
+                let zk = self.ctx.coord.clone();
+                let service = self.name.clone();
+                self.report(async move {
+                    let result = match zk {
+                        None => Err("no zookeeper backend".into()),
+                        Some(zk) => match write {
+                            CanaryWrite::Promote => zk.promote_canary(&service, &build).await,
+                            CanaryWrite::Clear => zk.clear_canary(&service, &build).await,
+                        }
+                        .map_err(|e| e.to_string()),
+                    };
+                    Event::Canary(CanaryEvent::Acted { build, result })
+                });
+            }
+            Effect::CanaryRecord { build, status } => {
+                let Some(zk) = self.ctx.coord.clone() else {
+                    return;
+                };
+                let service = self.name.clone();
+                let data = serde_json::to_vec(&*status).expect("a canary status serializes");
+                tokio::spawn(async move {
+                    if let Err(e) = zk.record_canary(&service, &build, &data).await {
+                        tracing::warn!(service, build, "canary record not written: {e}");
+                    }
+                });
             }
             Effect::Reply { to, result } => self.answer(to, result),
         }

@@ -9,6 +9,10 @@
 //! `service/steer.rs`, CPU isolation in `service/cpu.rs`, deploys in `service/deploy.rs`; every instance's
 //! tracking cgroup (its whole process tree) is `service/tree.rs`.
 
+mod canary;
+mod canary_sample;
+#[cfg(test)]
+mod canary_tests;
 pub mod cgroup;
 mod core;
 mod cpu;
@@ -33,6 +37,16 @@ pub mod tree;
 pub mod warmup;
 
 pub use crate::protocol::{DeployStatus, InstanceStatus, RestartStatus, ServiceStatus};
+
+/// A peer's status node as a canary host reads it for its `canary_sample`, and the same bytes
+/// as a `/metrics` body (see `coord::parse_node_data_for_fuzzing`).
+#[doc(hidden)]
+pub fn parse_canary_data_for_fuzzing(data: &[u8]) {
+    let _ = canary::peer_sample(data);
+    let config: crate::config::CanaryConfig =
+        toml::from_str("metrics = \"/metrics\"").expect("a literal config parses");
+    let _ = canary::parse_metrics(&String::from_utf8_lossy(data), &config);
+}
 pub use deploy::LocalVerb;
 
 use std::collections::BTreeSet;
@@ -90,6 +104,8 @@ enum Request {
     Desired {
         build: Option<String>,
     },
+    /// ZooKeeper's view of the rollout, for the canary analysis.
+    CanaryView(canary::CanaryView),
     /// ZooKeeper became reachable or not.
     Connection(bool),
     /// The configuration node is bad (`Some`) or good again (`None`).
@@ -150,6 +166,21 @@ impl ServiceHandle {
 
     pub async fn desired(&self, build: Option<String>) {
         let _ = self.tx.send(Request::Desired { build }).await;
+    }
+
+    /// ZooKeeper's `enabled`, `enabled/canary` and this host's role, for the canary analysis.
+    pub async fn canary_view(
+        &self,
+        enabled: Option<String>,
+        canary: Option<String>,
+        canary_role: bool,
+    ) {
+        let view = canary::CanaryView {
+            enabled,
+            canary,
+            canary_role,
+        };
+        let _ = self.tx.send(Request::CanaryView(view)).await;
     }
 
     pub async fn connection(&self, connected: bool) {

@@ -421,6 +421,66 @@ async fn send(sender: &mut Sender, port: u16, request: &WarmRequest) -> Result<A
     Ok(answer)
 }
 
+/// One request on a new connection, for a canary's probes: its status and latency, within
+/// `timeout_ms` (a timeout is an error like a transport failure).
+pub async fn probe_once(
+    port: u16,
+    request: &WarmRequest,
+    timeout_ms: u64,
+) -> Result<(u16, Duration), String> {
+    let started = Instant::now();
+    let exchange = async {
+        let mut sender = connect(port).await?;
+        send(&mut sender, port, request).await
+    };
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), exchange).await {
+        Err(_) => Err(format!("no answer within {timeout_ms} ms")),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(answer)) => Ok((answer.status, started.elapsed())),
+    }
+}
+
+/// `GET path` on a new connection, the body read up to `max_bytes` (more is an error), within
+/// `timeout_ms`: a canary's scrape of an instance's `/metrics`.
+pub async fn get_bounded(
+    port: u16,
+    path: &str,
+    max_bytes: usize,
+    timeout_ms: u64,
+) -> Result<(u16, Bytes), String> {
+    let exchange = async {
+        let mut sender = connect(port).await?;
+        sender.ready().await.map_err(|e| e.to_string())?;
+        let request = hyper::Request::builder()
+            .method(hyper::Method::GET)
+            .uri(path)
+            .header("host", format!("127.0.0.1:{port}"))
+            .header("user-agent", "sluice-canary")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let body = http_body_util::Limited::new(response.into_body(), max_bytes)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    format!("body over {max_bytes} bytes")
+                } else {
+                    e.to_string()
+                }
+            })?;
+        Ok((status, body.to_bytes()))
+    };
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), exchange).await {
+        Err(_) => Err(format!("no answer within {timeout_ms} ms")),
+        Ok(result) => result,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
