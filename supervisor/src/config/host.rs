@@ -54,6 +54,33 @@ pub struct HostConfig {
     /// Serving builds to other hosts and fetching them from them (`crate::build::peer`).
     #[serde(default)]
     pub peers: super::PeerConfig,
+    /// sluice's own Prometheus metrics on a TCP port (`crate::metrics`).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: where sluice serves its own metrics besides the control socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `ip:port` of a listener that serves `GET /metrics` and nothing else; none when absent.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+impl MetricsConfig {
+    /// The listener's address, none without `listen`, or what is wrong, naming the key.
+    pub fn listen_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        let Some(listen) = &self.listen else {
+            return Ok(None);
+        };
+        listen.parse().map(Some).map_err(|e| {
+            format!(
+                "metrics.listen `{}`: {e} (an ip:port, never a name)",
+                crate::clip::clip(listen)
+            )
+        })
+    }
 }
 
 fn default_cgroup_parent() -> String {
@@ -223,6 +250,7 @@ impl Default for HostConfig {
             coordination: CoordinationConfig::default(),
             rack: None,
             peers: super::PeerConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -304,6 +332,14 @@ impl HostConfig {
                 path: path.to_owned(),
                 line: line_of_key(&text, "peers"),
                 key: "peers".into(),
+                message,
+            });
+        }
+        if let Err(message) = config.metrics.listen_addr() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: line_of_key(&text, "metrics.listen"),
+                key: "metrics.listen".into(),
                 message,
             });
         }

@@ -339,8 +339,93 @@ impl Executor {
     }
 
     fn handle(&mut self, event: Event) {
-        let effects = self.core.handle_at(event, now());
+        let effects = self.handle_recorded(event);
         self.run_effects(effects);
+    }
+
+    /// Feeds the core one event and records in the metrics what its effects and its state say
+    /// happened: restarts by reason, a deploy's end. The core decides; this only counts.
+    fn handle_recorded(&mut self, event: Event) -> Vec<Effect> {
+        use crate::metrics::RestartReason;
+        // An exit nobody asked for shows as the core's `restarts` count going up; a failed
+        // probe as the stop of that instance in answer to it.
+        let probe_failed = match &event {
+            Event::Instance {
+                index,
+                event: InstanceEvent::LivenessFailed(_),
+                ..
+            } => Some((*index, RestartReason::Liveness)),
+            Event::Instance {
+                index,
+                event: InstanceEvent::Ready(Err(_)),
+                ..
+            } => Some((*index, RestartReason::Readiness)),
+            _ => None,
+        };
+        let exits_before: u64 = self
+            .core
+            .instances
+            .values()
+            .map(|i| u64::from(i.restarts))
+            .sum();
+        let deploy_before = self
+            .core
+            .deploy
+            .deploy
+            .as_ref()
+            .map(|d| (d.build.clone(), d.started_ms));
+        let effects = self.core.handle_at(event, now());
+        let metrics = &self.ctx.metrics;
+        let exits_after: u64 = self
+            .core
+            .instances
+            .values()
+            .map(|i| u64::from(i.restarts))
+            .sum();
+        for _ in exits_before..exits_after {
+            metrics.restart(&self.name, RestartReason::Exit);
+        }
+        let batch = self.core.restart_status().map(|r| r.batch);
+        for effect in &effects {
+            match effect {
+                Effect::Stop { index, .. } => {
+                    if let Some((failed, reason)) = probe_failed
+                        && failed == *index
+                    {
+                        metrics.restart(&self.name, reason);
+                    }
+                }
+                Effect::Spawn { index, .. } | Effect::RestartSignal { index, .. }
+                    if batch.as_ref().is_some_and(|b| b.contains(index)) =>
+                {
+                    let reason = if self.core.deploy.deploy.is_some() {
+                        RestartReason::Deploy
+                    } else {
+                        RestartReason::Restart
+                    };
+                    metrics.restart(&self.name, reason);
+                }
+                _ => {}
+            }
+        }
+        let deploy_after = self.core.deploy.deploy.as_ref().map(|d| &d.build);
+        if let Some((build, started_ms)) = deploy_before
+            && deploy_after != Some(&build)
+        {
+            let outcome = if deploy_after.is_some() {
+                "superseded"
+            } else if self.core.deploy.last_error.is_some() {
+                "failed"
+            } else {
+                "succeeded"
+            };
+            metrics.deployed(
+                &self.name,
+                outcome,
+                self.core.now.saturating_sub(started_ms),
+            );
+        }
+        effects
     }
 
     fn register(&mut self, pending: Pending) -> ReplyId {
@@ -411,7 +496,7 @@ impl Executor {
             self.run_effect(effect);
         }
         while let Some(event) = self.immediate.pop_front() {
-            let effects = self.core.handle_at(event, now());
+            let effects = self.handle_recorded(event);
             for effect in effects {
                 self.run_effect(effect);
             }
@@ -566,14 +651,21 @@ impl Executor {
                 sibling,
             } => {
                 let requests = crate::service::warmup::load_requests(&config, release.as_deref());
+                let (metrics, service) = (self.ctx.metrics.clone(), self.name.clone());
                 self.report(async move {
                     let event = match requests {
-                        Ok(requests) => RestartEvent::Warmed {
-                            index,
-                            result: Box::new(
-                                crate::service::warmup::run(port, requests, &config, sibling).await,
-                            ),
-                        },
+                        Ok(requests) => {
+                            let result =
+                                crate::service::warmup::run(port, requests, &config, sibling).await;
+                            let summary = match &result {
+                                Ok(summary) | Err((_, summary)) => summary,
+                            };
+                            metrics.warmed(&service, summary.duration_ms);
+                            RestartEvent::Warmed {
+                                index,
+                                result: Box::new(result),
+                            }
+                        }
                         Err(why) => {
                             RestartEvent::Input(Input::WarmFailed(index, format!("warm-up: {why}")))
                         }
@@ -588,8 +680,10 @@ impl Executor {
                     )));
                     return;
                 };
+                let (metrics, service) = (self.ctx.metrics.clone(), self.name.clone());
                 self.report(async move {
                     let applied = tokio::task::spawn_blocking(move || iptables.apply(&chain)).await;
+                    metrics.steered(&service, matches!(applied, Ok(Ok(()))));
                     Event::Steered(match applied {
                         Ok(Ok(())) => Ok(desired),
                         Ok(Err(e)) => Err(e.to_string()),
@@ -605,6 +699,7 @@ impl Executor {
                 timeout_ms,
             } => {
                 let service = self.name.clone();
+                let metrics = self.ctx.metrics.clone();
                 self.report(async move {
                     let outcome = match port {
                         Some(port) => Some(
@@ -613,6 +708,9 @@ impl Executor {
                         ),
                         None => None,
                     };
+                    if let Some(outcome) = &outcome {
+                        metrics.drained(&service, outcome.waited_ms);
+                    }
                     Event::Drained {
                         index,
                         waiter,
@@ -935,6 +1033,7 @@ impl Executor {
         let coord = self.ctx.coord.clone();
         let peers = self.ctx.peers.clone();
         let service = self.name.clone();
+        let metrics = self.ctx.metrics.clone();
         self.report(async move {
             let result = async {
                 let source = match &coord {
@@ -982,16 +1081,26 @@ impl Executor {
                     max_entries: build_config.max_entries,
                     ..build::Limits::default()
                 };
-                let dir = build::peer::install(
-                    peers.as_ref(),
-                    &releases,
-                    &service,
-                    &build,
-                    &source,
-                    &limits,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+                let fresh = !releases.has(&build);
+                let tally = Arc::new(crate::metrics::FetchTally::default());
+                let fetch_started = std::time::Instant::now();
+                let installed = build::FETCH_TALLY
+                    .scope(
+                        tally.clone(),
+                        build::peer::install(
+                            peers.as_ref(),
+                            &releases,
+                            &service,
+                            &build,
+                            &source,
+                            &limits,
+                        ),
+                    )
+                    .await;
+                if fresh {
+                    metrics.fetched(&service, &tally, fetch_started.elapsed().as_millis() as u64);
+                }
+                let dir = installed.map_err(|e| e.to_string())?;
                 hooks
                     .run(Stage::PostDownload, &build, previous.as_deref(), Some(&dir))
                     .await?;
