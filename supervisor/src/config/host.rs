@@ -372,3 +372,46 @@ impl HostConfig {
         self.data_dir.join("state")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<HostConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(&path, text).unwrap();
+        HostConfig::load(&path)
+    }
+
+    #[test]
+    fn metrics_listen_is_off_by_default_and_an_ip_port_when_set() {
+        assert_eq!(load("").unwrap().metrics.listen_addr(), Ok(None));
+        let config = load("[metrics]\nlisten = \"127.0.0.1:9310\"\n").unwrap();
+        assert_eq!(
+            config.metrics.listen_addr(),
+            Ok(Some("127.0.0.1:9310".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn a_bad_metrics_listen_is_refused_naming_the_key_and_line() {
+        for bad in ["localhost:9310", "127.0.0.1", "127.0.0.1:99999", ""] {
+            let text = format!("rack = \"r1\"\n[metrics]\nlisten = \"{bad}\"\n");
+            match load(&text) {
+                Err(ConfigError::Invalid {
+                    key, line, message, ..
+                }) => {
+                    assert_eq!(key, "metrics.listen", "{bad}");
+                    assert_eq!(line, 3, "{bad}");
+                    assert!(message.contains("metrics.listen"), "{message}");
+                }
+                other => panic!("`{bad}` accepted: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            load("[metrics]\nport = 1\n"),
+            Err(ConfigError::Parse { .. }) | Err(ConfigError::Invalid { .. })
+        ));
+    }
+}
