@@ -269,6 +269,13 @@ max_duration_ms = 5000
     h.wait_until(both_enabled, PATIENCE);
     let after = scrape(&h, &python);
     let report = load.finish();
+    let rss = h
+        .daemon_pid()
+        .and_then(|pid| sluice_tests::procs::status_field(pid, "VmRSS"));
+    println!(
+        "daemon VmRSS after the restart and {} scrapes: {rss:?}",
+        during.len() + 2
+    );
     println!(
         "{} scrapes during the restart ({:?}); load: {} ok, {} failed",
         during.len(),
