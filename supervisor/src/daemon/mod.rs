@@ -158,7 +158,7 @@ pub async fn run(
         _ => None,
     };
     let metrics = Arc::new(crate::metrics::Metrics::new(coord.is_some()));
-    // Bound before anything starts, so that a port in use is a start-up error naming the key.
+    // Bound before any service starts, so that a port in use is a start-up error naming the key.
     let metrics_listener = match host.metrics.listen_addr() {
         Ok(Some(listen)) => Some(crate::metrics::bind(listen).await?),
         Ok(None) => None,

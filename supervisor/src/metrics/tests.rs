@@ -289,3 +289,11 @@ async fn connections_beyond_the_bound_are_closed_and_a_silent_one_is_cut() {
     assert!(served.ends_with(EXPOSITION), "{served}");
     server.abort();
 }
+
+#[tokio::test]
+async fn a_port_in_use_is_an_error_naming_the_key_and_the_address() {
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = taken.local_addr().unwrap();
+    let e = bind(addr).await.unwrap_err().to_string();
+    assert!(e.starts_with(&format!("metrics.listen {addr}: ")), "{e}");
+}
