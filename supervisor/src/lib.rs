@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod coord;
 pub mod daemon;
+pub mod metrics;
 pub mod service;
 pub mod supervisord;
 

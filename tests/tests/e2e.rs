@@ -20,6 +20,7 @@ mod e2e {
     mod kill9;
     mod logs;
     mod matrix;
+    mod metrics;
     mod nemesis;
     mod notify;
     mod peers;

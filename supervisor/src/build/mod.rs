@@ -31,6 +31,27 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+tokio::task_local! {
+    /// The archive bytes of the install running on this task, by source, for
+    /// `sluice_fetch_bytes_total`: the executor scopes each install in one, and the store's and
+    /// peers' streams add what they deliver. Outside a scope nothing is counted.
+    pub static FETCH_TALLY: std::sync::Arc<crate::metrics::FetchTally>;
+}
+
+/// `stream`, with every chunk it delivers added to the task's [`FETCH_TALLY`] under `source`
+/// (the stream is polled on the install's task, the extractor only gets the chunks).
+fn tallied(stream: store::ByteStream, source: crate::metrics::FetchSource) -> store::ByteStream {
+    use futures_util::StreamExt as _;
+    stream
+        .map(move |chunk| {
+            if let Ok(bytes) = &chunk {
+                let _ = FETCH_TALLY.try_with(|tally| tally.add(source, bytes.len() as u64));
+            }
+            chunk
+        })
+        .boxed()
+}
+
 /// Default for [`Limits::max_archive_bytes`]: 4 GiB of compressed bytes read.
 pub const DEFAULT_MAX_ARCHIVE_BYTES: u64 = 4 << 30;
 /// Default for [`Limits::max_unpacked_bytes`]: 16 GiB, the sum of the archive's entry sizes.

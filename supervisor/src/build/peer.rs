@@ -570,7 +570,10 @@ impl Peers {
                 message: clip(&e.to_string()).into_owned(),
             })
         });
-        Ok(body.boxed())
+        Ok(super::tallied(
+            body.boxed(),
+            crate::metrics::FetchSource::Peer,
+        ))
     }
 
     async fn fetch_store(

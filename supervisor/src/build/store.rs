@@ -224,9 +224,10 @@ pub(super) async fn store_stream(
 ) -> Result<ByteStream, BuildError> {
     let stream = open_stream(url, env, limits).await?;
     let url = url.to_owned();
-    Ok(stream
+    let stream = stream
         .map(move |chunk| chunk.map_err(|e| fetch_error(&url, e)))
-        .boxed())
+        .boxed();
+    Ok(super::tallied(stream, crate::metrics::FetchSource::Store))
 }
 
 /// Extracts the bytes of `stream` (labelled `url` in errors) into `dest`, copying them into

@@ -59,6 +59,8 @@ pub enum HostVerb {
     Reload,
     /// Stop every instance gracefully, then the daemon.
     Shutdown,
+    /// Print sluice's own metrics (Prometheus text format, as `GET /v1/metrics` answers).
+    Metrics,
 }
 
 /// `web` → (`web`, None); `web/2` → (`web`, Some(2)).
@@ -133,6 +135,10 @@ pub async fn main(client: &Client, verb: HostVerb) -> anyhow::Result<()> {
         }
         HostVerb::Shutdown => {
             println!("{}", client.shutdown().await?.message);
+            return Ok(());
+        }
+        HostVerb::Metrics => {
+            print!("{}", client.metrics().await?);
             return Ok(());
         }
         HostVerb::Start { target } => control(ControlAction::Start, &target, None)?,

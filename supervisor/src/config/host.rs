@@ -54,6 +54,33 @@ pub struct HostConfig {
     /// Serving builds to other hosts and fetching them from them (`crate::build::peer`).
     #[serde(default)]
     pub peers: super::PeerConfig,
+    /// sluice's own Prometheus metrics on a TCP port (`crate::metrics`).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: where sluice serves its own metrics besides the control socket.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `ip:port` of a listener that serves `GET /metrics` and nothing else; none when absent.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+impl MetricsConfig {
+    /// The listener's address, none without `listen`, or what is wrong, naming the key.
+    pub fn listen_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        let Some(listen) = &self.listen else {
+            return Ok(None);
+        };
+        listen.parse().map(Some).map_err(|e| {
+            format!(
+                "metrics.listen `{}`: {e} (an ip:port, never a name)",
+                crate::clip::clip(listen)
+            )
+        })
+    }
 }
 
 fn default_cgroup_parent() -> String {
@@ -223,6 +250,7 @@ impl Default for HostConfig {
             coordination: CoordinationConfig::default(),
             rack: None,
             peers: super::PeerConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -307,6 +335,14 @@ impl HostConfig {
                 message,
             });
         }
+        if let Err(message) = config.metrics.listen_addr() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: line_of_key(&text, "metrics.listen"),
+                key: "metrics.listen".into(),
+                message,
+            });
+        }
         if config.coordination.backend == Backend::Zookeeper
             && config.coordination.connect.is_none()
         {
@@ -334,5 +370,48 @@ impl HostConfig {
     /// Where each service's desired state is persisted.
     pub fn state_dir(&self) -> PathBuf {
         self.data_dir.join("state")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<HostConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(&path, text).unwrap();
+        HostConfig::load(&path)
+    }
+
+    #[test]
+    fn metrics_listen_is_off_by_default_and_an_ip_port_when_set() {
+        assert_eq!(load("").unwrap().metrics.listen_addr(), Ok(None));
+        let config = load("[metrics]\nlisten = \"127.0.0.1:9310\"\n").unwrap();
+        assert_eq!(
+            config.metrics.listen_addr(),
+            Ok(Some("127.0.0.1:9310".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn a_bad_metrics_listen_is_refused_naming_the_key_and_line() {
+        for bad in ["localhost:9310", "127.0.0.1", "127.0.0.1:99999", ""] {
+            let text = format!("rack = \"r1\"\n[metrics]\nlisten = \"{bad}\"\n");
+            match load(&text) {
+                Err(ConfigError::Invalid {
+                    key, line, message, ..
+                }) => {
+                    assert_eq!(key, "metrics.listen", "{bad}");
+                    assert_eq!(line, 3, "{bad}");
+                    assert!(message.contains("metrics.listen"), "{message}");
+                }
+                other => panic!("`{bad}` accepted: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            load("[metrics]\nport = 1\n"),
+            Err(ConfigError::Parse { .. }) | Err(ConfigError::Invalid { .. })
+        ));
     }
 }

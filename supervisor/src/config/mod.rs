@@ -37,7 +37,7 @@ pub use canary::{
 pub use errors::ConfigError;
 pub use host::{
     Backend, CgroupsMode, CoordinationConfig, DEFAULT_CONFIG_NODE_KEYS, DEFAULT_HOST_CONFIG,
-    HostConfig, IptablesVariant,
+    HostConfig, IptablesVariant, MetricsConfig,
 };
 pub use order::{Services, load_services, start_order};
 pub use peers::{DEFAULT_PEER_PORT, DEFAULT_RACK, PeerConfig};

@@ -112,6 +112,24 @@ impl Client {
         .await
     }
 
+    /// `GET /v1/metrics`: sluice's own metrics in the classic Prometheus text format.
+    pub async fn metrics(&self) -> Result<String, Error> {
+        let bound_ms = self.bound_ms(QUICK_TIMEOUT_MS);
+        let deadline = Instant::now() + Duration::from_millis(bound_ms);
+        self.bounded("metrics", bound_ms, deadline, async {
+            let response = self.exchange(Method::GET, route::METRICS, None).await?;
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.bad_answer(e.to_string()))?
+                .to_bytes();
+            String::from_utf8(bytes.to_vec())
+                .map_err(|_| self.bad_answer("the metrics are not UTF-8".to_owned()))
+        })
+        .await
+    }
+
     /// `GET /v1/logs`: hands each piece of the log to `out` as it arrives. Without `follow` the
     /// whole answer is bounded; with it only the answer's head is (the body ends when the daemon
     /// or the caller goes).

@@ -27,6 +27,8 @@ pub mod route {
     pub const SHUTDOWN: &str = "/v1/shutdown";
     /// `GET` with a [`super::LogsQuery`] → the log as text, streamed while `follow` is set.
     pub const LOGS: &str = "/v1/logs";
+    /// `GET` → sluice's own metrics as Prometheus text (OpenMetrics when `Accept` asks for it).
+    pub const METRICS: &str = "/v1/metrics";
 }
 
 /// What `POST /v1/control` does to a service's instances (wire names as `sluice` spells the verbs).

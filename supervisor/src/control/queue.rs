@@ -42,6 +42,12 @@ pub enum Request {
         stderr: bool,
         reply: Reply<PathBuf>,
     },
+    /// The Prometheus exposition of the daemon's metrics (`GET /v1/metrics`, the metrics
+    /// listener), in OpenMetrics' format when `openmetrics`, else the classic text format.
+    Metrics {
+        openmetrics: bool,
+        reply: Reply<String>,
+    },
 }
 
 /// The sending side of the daemon loop's queue, given to the control server.

@@ -8,6 +8,7 @@
 //! - `POST /v1/deploy` with a [`DeployRequest`] → [`Message`] (the local backend's deploys)
 //! - `POST /v1/reload`, `POST /v1/shutdown` → [`Message`]
 //! - `GET  /v1/logs` with a [`LogsQuery`] → text, streamed while `follow` is set
+//! - `GET  /v1/metrics` → sluice's own metrics as Prometheus text ([`crate::metrics`])
 //!
 //! [`bind`] makes the socket (mode 0660, group `control_group`); [`serve`] answers on it.
 
@@ -303,6 +304,14 @@ async fn route(request: Request<Incoming>, daemon: Requests) -> Response<Body> {
             Ok((path, query)) => logs(path, query.lines.min(LOG_LINES_MAX), query.follow).await,
             Err(e) => error(&e),
         },
+        (Method::GET, route::METRICS) => {
+            let openmetrics = crate::metrics::wants_openmetrics(&request);
+            match crate::metrics::scrape(&daemon, openmetrics).await {
+                Ok(text) => crate::metrics::response(text, openmetrics)
+                    .map(|body| body.map_err(|e| match e {}).boxed()),
+                Err(e) => error(&e),
+            }
+        }
         (method, path) => error(&Error::NoSuchRoute {
             method: method.to_string(),
             path: crate::clip::clip(path).into_owned(),
@@ -667,6 +676,9 @@ mod tests {
                             index,
                             count: 2,
                         }));
+                    }
+                    Request::Metrics { reply, .. } => {
+                        let _ = reply.send(Ok("sluice_up 1\n".into()));
                     }
                 }
             }

@@ -157,7 +157,15 @@ pub async fn run(
         }
         _ => None,
     };
+    let metrics = Arc::new(crate::metrics::Metrics::new(coord.is_some()));
+    // Bound before any service starts, so that a port in use is a start-up error naming the key.
+    let metrics_listener = match host.metrics.listen_addr() {
+        Ok(Some(listen)) => Some(crate::metrics::bind(listen).await?),
+        Ok(None) => None,
+        Err(message) => anyhow::bail!("{message}"),
+    };
     let ctx = Arc::new(Context {
+        metrics,
         host,
         shim_binary,
         iptables,
@@ -254,6 +262,17 @@ pub async fn run(
 
     let (requests_tx, mut requests) = mpsc::channel(REQUEST_QUEUE);
     let (stop_api, api_stopped) = oneshot::channel::<()>();
+    let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
+    let metrics_server = metrics_listener.map(|listener| {
+        tracing::info!(listen = ?listener.local_addr().ok(), "metrics listener up");
+        tokio::spawn(crate::metrics::serve_tcp(
+            listener,
+            requests_tx.clone(),
+            async {
+                let _ = metrics_stopped.await;
+            },
+        ))
+    });
     let server = tokio::spawn(server::serve(listener, requests_tx, async {
         let _ = api_stopped.await;
     }));
@@ -307,7 +326,11 @@ pub async fn run(
     }
     notify::stopping();
     let _ = stop_api.send(());
+    let _ = stop_metrics.send(());
     let _ = server.await;
+    if let Some(metrics_server) = metrics_server {
+        let _ = metrics_server.await;
+    }
     match exit {
         Exit::Detached => tracing::info!("exiting; instances keep running"),
         Exit::ShutDown => tracing::info!("every instance stopped; exiting"),
@@ -422,6 +445,27 @@ impl Daemon {
                 reply,
             } => {
                 let _ = reply.send(self.log_path(&service, index, stderr));
+            }
+            Request::Metrics { openmetrics, reply } => {
+                // The gauges come from the status every service answers, gathered as for
+                // `GET /v1/status`.
+                let (tx, rx) = oneshot::channel();
+                Box::pin(self.on_request(Request::Status {
+                    service: None,
+                    reply: tx,
+                }))
+                .await;
+                let metrics = self.ctx.metrics.clone();
+                tokio::spawn(async move {
+                    let answer = match rx.await {
+                        Ok(Ok(status)) => Ok(metrics.encode(&status, openmetrics)),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(control::Error::Failed(
+                            "the status of the services did not come".to_owned(),
+                        )),
+                    };
+                    let _ = reply.send(answer);
+                });
             }
             Request::Shutdown { reply } => match &mut self.shutdown {
                 // One shutdown at a time; a second caller waits for the same end.
@@ -735,6 +779,9 @@ impl Daemon {
                     .await;
             }
             CoordEvent::Connected => {
+                self.ctx
+                    .metrics
+                    .session(crate::metrics::SessionState::Connected);
                 tracing::info!("zookeeper session is up");
                 for entry in self.services.values() {
                     entry.handle.connection(true).await;
@@ -742,6 +789,12 @@ impl Daemon {
                 self.check_acls();
             }
             CoordEvent::Disconnected | CoordEvent::Expired => {
+                self.ctx
+                    .metrics
+                    .session(crate::metrics::SessionState::Disconnected);
+                if event == CoordEvent::Expired {
+                    self.ctx.metrics.session_expired();
+                }
                 tracing::warn!("zookeeper is away; serving instances are left alone");
                 for entry in self.services.values() {
                     entry.handle.connection(false).await;

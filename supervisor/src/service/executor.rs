@@ -26,6 +26,7 @@ use super::{Context, Reply, Request, ServiceHandle, make_log_dir};
 use crate::build::{self, Releases};
 use crate::config::ServiceConfig;
 use crate::coord::Slot;
+use crate::metrics::RestartReason;
 use crate::service::shim::{self, ShimError, ShimPaths};
 
 /// Pause before asking again for a slot after ZooKeeper refused one.
@@ -341,8 +342,23 @@ impl Executor {
     }
 
     fn handle(&mut self, event: Event) {
-        let effects = self.core.handle_at(event, now());
+        let effects = self.handle_recorded(event);
         self.run_effects(effects);
+    }
+
+    /// Feeds the core one event and records in the metrics what its effects and its state say
+    /// happened: restarts by reason, a deploy's end. The core decides; this only counts.
+    fn handle_recorded(&mut self, event: Event) -> Vec<Effect> {
+        let before = Before::of(&self.core, &event);
+        let effects = self.core.handle_at(event, now());
+        let recorded = before.after(&self.core, &effects);
+        for reason in recorded.restarts {
+            self.ctx.metrics.restart(&self.name, reason);
+        }
+        if let Some((outcome, duration_ms)) = recorded.deploy {
+            self.ctx.metrics.deployed(&self.name, outcome, duration_ms);
+        }
+        effects
     }
 
     fn register(&mut self, pending: Pending) -> ReplyId {
@@ -414,7 +430,7 @@ impl Executor {
             self.run_effect(effect);
         }
         while let Some(event) = self.immediate.pop_front() {
-            let effects = self.core.handle_at(event, now());
+            let effects = self.handle_recorded(event);
             for effect in effects {
                 self.run_effect(effect);
             }
@@ -569,14 +585,21 @@ impl Executor {
                 sibling,
             } => {
                 let requests = crate::service::warmup::load_requests(&config, release.as_deref());
+                let (metrics, service) = (self.ctx.metrics.clone(), self.name.clone());
                 self.report(async move {
                     let event = match requests {
-                        Ok(requests) => RestartEvent::Warmed {
-                            index,
-                            result: Box::new(
-                                crate::service::warmup::run(port, requests, &config, sibling).await,
-                            ),
-                        },
+                        Ok(requests) => {
+                            let result =
+                                crate::service::warmup::run(port, requests, &config, sibling).await;
+                            let summary = match &result {
+                                Ok(summary) | Err((_, summary)) => summary,
+                            };
+                            metrics.warmed(&service, summary.duration_ms);
+                            RestartEvent::Warmed {
+                                index,
+                                result: Box::new(result),
+                            }
+                        }
                         Err(why) => {
                             RestartEvent::Input(Input::WarmFailed(index, format!("warm-up: {why}")))
                         }
@@ -591,8 +614,10 @@ impl Executor {
                     )));
                     return;
                 };
+                let (metrics, service) = (self.ctx.metrics.clone(), self.name.clone());
                 self.report(async move {
                     let applied = tokio::task::spawn_blocking(move || iptables.apply(&chain)).await;
+                    metrics.steered(&service, matches!(applied, Ok(Ok(()))));
                     Event::Steered(match applied {
                         Ok(Ok(())) => Ok(desired),
                         Ok(Err(e)) => Err(e.to_string()),
@@ -608,6 +633,7 @@ impl Executor {
                 timeout_ms,
             } => {
                 let service = self.name.clone();
+                let metrics = self.ctx.metrics.clone();
                 self.report(async move {
                     let outcome = match port {
                         Some(port) => Some(
@@ -616,6 +642,9 @@ impl Executor {
                         ),
                         None => None,
                     };
+                    if let Some(outcome) = &outcome {
+                        metrics.drained(&service, outcome.waited_ms);
+                    }
                     Event::Drained {
                         index,
                         waiter,
@@ -990,6 +1019,7 @@ impl Executor {
         let coord = self.ctx.coord.clone();
         let peers = self.ctx.peers.clone();
         let service = self.name.clone();
+        let metrics = self.ctx.metrics.clone();
         self.report(async move {
             let result = async {
                 let source = match &coord {
@@ -1037,16 +1067,26 @@ impl Executor {
                     max_entries: build_config.max_entries,
                     ..build::Limits::default()
                 };
-                let dir = build::peer::install(
-                    peers.as_ref(),
-                    &releases,
-                    &service,
-                    &build,
-                    &source,
-                    &limits,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+                let fresh = !releases.has(&build);
+                let tally = Arc::new(crate::metrics::FetchTally::default());
+                let fetch_started = std::time::Instant::now();
+                let installed = build::FETCH_TALLY
+                    .scope(
+                        tally.clone(),
+                        build::peer::install(
+                            peers.as_ref(),
+                            &releases,
+                            &service,
+                            &build,
+                            &source,
+                            &limits,
+                        ),
+                    )
+                    .await;
+                if fresh {
+                    metrics.fetched(&service, &tally, fetch_started.elapsed().as_millis() as u64);
+                }
+                let dir = installed.map_err(|e| e.to_string())?;
                 hooks
                     .run(Stage::PostDownload, &build, previous.as_deref(), Some(&dir))
                     .await?;
@@ -1070,6 +1110,109 @@ impl Executor {
             Event::Deploy(DeployEvent::Installed { build, result })
         });
     }
+}
+
+/// What the metrics need of the core before it handles one event.
+struct Before {
+    /// The instance whose probe failed in this event, and which probe.
+    probe_failed: Option<(u32, RestartReason)>,
+    /// That instance was up (running or starting) before.
+    probed_was_up: bool,
+    /// The sum of the instances' `restarts` (exits nobody asked for).
+    exits: u64,
+    /// The deploy in flight: its build and start.
+    deploy: Option<(String, Millis)>,
+}
+
+/// What one event did, for the metrics.
+#[derive(Debug, Default, PartialEq)]
+struct Recorded {
+    restarts: Vec<RestartReason>,
+    /// A deploy ended: its outcome and duration.
+    deploy: Option<(&'static str, u64)>,
+}
+
+impl Before {
+    fn of(core: &Core, event: &Event) -> Before {
+        let probe_failed = match event {
+            Event::Instance {
+                index,
+                event: InstanceEvent::LivenessFailed(_),
+                ..
+            } => Some((*index, RestartReason::Liveness)),
+            Event::Instance {
+                index,
+                event: InstanceEvent::Ready(Err(_)),
+                ..
+            } => Some((*index, RestartReason::Readiness)),
+            _ => None,
+        };
+        Before {
+            probe_failed,
+            probed_was_up: probe_failed
+                .is_some_and(|(index, _)| phase_of(core, index).is_some_and(|p| p.is_up())),
+            exits: exits(core),
+            deploy: core
+                .deploy
+                .deploy
+                .as_ref()
+                .map(|d| (d.build.clone(), d.started_ms)),
+        }
+    }
+
+    /// An exit nobody asked for shows as the core's `restarts` count going up; a failed probe as
+    /// that instance going from up to draining or stopping in answer to it (a drained stop emits
+    /// its `Stop` only once the drain is over); a restart batch as the spawn (or reload signal)
+    /// of a member of the batch in flight.
+    fn after(self, core: &Core, effects: &[Effect]) -> Recorded {
+        let mut recorded = Recorded::default();
+        for _ in self.exits..exits(core) {
+            recorded.restarts.push(RestartReason::Exit);
+        }
+        if let Some((index, reason)) = self.probe_failed
+            && self.probed_was_up
+            && matches!(
+                phase_of(core, index),
+                Some(core::Phase::Draining | core::Phase::Stopping)
+            )
+        {
+            recorded.restarts.push(reason);
+        }
+        let batch = core.restart_status().map(|r| r.batch);
+        for effect in effects {
+            if let Effect::Spawn { index, .. } | Effect::RestartSignal { index, .. } = effect
+                && batch.as_ref().is_some_and(|b| b.contains(index))
+            {
+                recorded.restarts.push(if core.deploy.deploy.is_some() {
+                    RestartReason::Deploy
+                } else {
+                    RestartReason::Restart
+                });
+            }
+        }
+        let deploy_after = core.deploy.deploy.as_ref().map(|d| &d.build);
+        if let Some((build, started_ms)) = self.deploy
+            && deploy_after != Some(&build)
+        {
+            let outcome = if deploy_after.is_some() {
+                "superseded"
+            } else if core.deploy.last_error.is_some() {
+                "failed"
+            } else {
+                "succeeded"
+            };
+            recorded.deploy = Some((outcome, core.now.saturating_sub(started_ms)));
+        }
+        recorded
+    }
+}
+
+fn phase_of(core: &Core, index: u32) -> Option<core::Phase> {
+    core.instances.get(&index).map(|i| i.phase)
+}
+
+fn exits(core: &Core) -> u64 {
+    core.instances.values().map(|i| u64::from(i.restarts)).sum()
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1169,5 +1312,85 @@ impl HookContext {
                 }
                 _ => e.to_string(),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HealthConfig, StrategyName};
+    use crate::service::testkit::{World, config};
+
+    /// A world of two steered, serving instances with a liveness probe.
+    fn serving() -> World {
+        let mut service = config(2, true, StrategyName::Drain);
+        service.health = Some(
+            serde_json::from_value::<HealthConfig>(serde_json::json!({
+                "tcp": true,
+                "liveness_interval_ms": 1000
+            }))
+            .unwrap(),
+        );
+        let mut world = World::new(service, false, 7);
+        world.settle(5_000);
+        assert_eq!(world.core.instances[&1].phase, core::Phase::Running);
+        world
+    }
+
+    /// Hands `event` to the core as the executor does, recording; runs its effects.
+    fn recorded(world: &mut World, event: Event) -> Recorded {
+        let before = Before::of(&world.core, &event);
+        let effects = world.core.handle(event, world.now);
+        let recorded = before.after(&world.core, &effects);
+        world.apply(effects);
+        recorded
+    }
+
+    #[test]
+    fn a_failed_liveness_probe_counts_once_though_its_stop_waits_for_the_drain() {
+        let mut world = serving();
+        let generation = world.core.instances[&1].generation;
+        let failed = || Event::Instance {
+            index: 1,
+            generation,
+            event: InstanceEvent::LivenessFailed("3 liveness probes failed in a row".into()),
+        };
+        assert_eq!(
+            recorded(&mut world, failed()).restarts,
+            vec![RestartReason::Liveness]
+        );
+        // A second report while it drains changes nothing and is not counted again.
+        assert_eq!(recorded(&mut world, failed()).restarts, vec![]);
+    }
+
+    #[test]
+    fn a_crash_counts_once_as_exit() {
+        let mut world = serving();
+        let generation = world.core.instances[&0].generation;
+        let exited = Event::Instance {
+            index: 0,
+            generation,
+            event: InstanceEvent::Exited(Ok(Status::Exited {
+                shim_pid: 1,
+                pid: 2,
+                started_ms: world.now.saturating_sub(5_000),
+                started_boot_ms: Some(world.now.saturating_sub(5_000)),
+                exited_ms: world.now,
+                exited_boot_ms: Some(world.now),
+                outcome: sluice_shim::proto::Outcome::Code(1),
+                tag: String::new(),
+            })),
+        };
+        assert_eq!(
+            recorded(&mut world, exited).restarts,
+            vec![RestartReason::Exit]
+        );
+    }
+
+    #[test]
+    fn an_event_that_restarts_nothing_records_nothing() {
+        let mut world = serving();
+        let recorded = recorded(&mut world, Event::Request(core::Request::Connection(true)));
+        assert_eq!(recorded, Recorded::default());
     }
 }

@@ -241,6 +241,8 @@ impl ServiceHandle {
 
 /// What is shared by every service task and never changes while the daemon runs.
 pub struct Context {
+    /// sluice's own metrics, recorded as outcomes arrive.
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub host: HostConfig,
     pub shim_binary: PathBuf,
     /// The iptables backend; `None` where steering is impossible (not root), which services
