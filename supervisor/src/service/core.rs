@@ -577,6 +577,11 @@ pub struct Core {
     /// Bumped whenever the restart machine changes; `persisted_revision` is its value at the last
     /// write of the state, and a restart action may only be emitted when the two agree.
     pub(super) machine_revision: u64,
+    /// The highest epoch any restart machine of this core reached. A new restart's epochs begin
+    /// above it, so a timer or an outcome of an earlier restart (tagged with its epoch) never
+    /// matches a step of the next one: two restarts' steps of the same rank would otherwise share
+    /// an epoch (each machine counts from 0).
+    pub(super) epoch_floor: u64,
     pub(super) persisted_revision: u64,
     /// Actions of a restart step whose write failed: they run once the state is written.
     pub(super) unwritten: Vec<sluice_strategies::restart::Action>,
@@ -630,6 +635,7 @@ impl Core {
             boot_now: 0,
             effects: Vec::new(),
             machine_revision: 0,
+            epoch_floor: 0,
             persisted_revision: 0,
             unwritten: Vec::new(),
             state_write_error: None,

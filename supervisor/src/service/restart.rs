@@ -81,6 +81,9 @@ impl Core {
     /// The restart machine changed: it must be written before its actions run.
     pub(super) fn machine_changed(&mut self) {
         self.machine_revision += 1;
+        if let Some(m) = &self.state.restart {
+            self.epoch_floor = self.epoch_floor.max(m.epoch);
+        }
     }
 
     /// The machine in memory is the one last written.
@@ -149,6 +152,9 @@ impl Core {
         }
         self.restart_begins();
         let mut machine = Restart::new(strategy, warm, batches);
+        // Its epochs continue after every earlier restart's: a late timer of one (e.g. a steering
+        // bound set 30 s before) cannot fail a step of this one.
+        machine.epoch = self.epoch_floor;
         // The first batch's first step is entered before the write, so that what is written is
         // the machine its actions come from.
         let actions = machine.resume();
@@ -224,7 +230,8 @@ impl Core {
 
     /// Drops the restart in progress (the service is being stopped).
     pub(super) fn abandon_restart(&mut self, why: &str) {
-        if self.state.restart.take().is_some() {
+        if let Some(machine) = self.state.restart.take() {
+            self.epoch_floor = self.epoch_floor.max(machine.epoch);
             // The service is being stopped whatever the write says (a failed write leaves the
             // machine on disk, and a restarted daemon resumes it with whatever then runs).
             self.machine_changed();
@@ -637,6 +644,7 @@ impl Core {
         let Some(machine) = self.state.restart.take() else {
             return;
         };
+        self.epoch_floor = self.epoch_floor.max(machine.epoch);
         let (applied, failed) = (self.state.applied.clone(), self.state.failed.clone());
         self.machine_changed();
         match &result {
