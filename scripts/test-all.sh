@@ -15,6 +15,10 @@ command -v javac >/dev/null || need_apt+=(openjdk-17-jdk-headless)
 [ -x /usr/share/zookeeper/bin/zkServer.sh ] || need_apt+=(zookeeper)
 # nginx proxies one client of the restart matrix (tests/tests/e2e/matrix.rs) with upstream keep-alive.
 [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
+# `watch` is tested in a real terminal under tmux (tests/tests/e2e/watch.rs); `deploy --wait`'s
+# terminal display on a pty from script(1) (bsdutils, essential in Debian).
+command -v tmux >/dev/null || need_apt+=(tmux)
+command -v script >/dev/null || need_apt+=(bsdutils)
 # libfaketime steps the wall clock that the daemon and its shims see (e2e::clock), never the machine's.
 [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need_apt+=(faketime)
 if [ ${#need_apt[@]} -gt 0 ]; then
