@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use zookeeper_client::{Client, CreateMode, Error as E};
 
-use super::{CoordError, HISTORY_MAX, Zk, build_id, check_name, service_path};
+use super::{CoordError, Zk, build_id, check_name, next_history, parse_history, service_path};
 use crate::protocol::CanaryAction;
 
 /// Attempts of a compare-and-set write when another writer got in between.
@@ -104,14 +104,7 @@ impl Zk {
                 });
             }
             let (history_data, history_stat) = read(history.clone()).await?;
-            // A history that is not a JSON list (hand-edited) starts over, as `Fleet` does.
-            let mut list: Vec<String> = serde_json::from_slice(&history_data).unwrap_or_default();
-            if list.last().map(String::as_str) != Some(build) {
-                list.push(build.to_owned());
-            }
-            let excess = list.len().saturating_sub(HISTORY_MAX);
-            list.drain(..excess);
-            let list = serde_json::to_vec(&list).expect("a list of strings serialises");
+            let list = next_history(parse_history(&history_data), build);
             let mut writer = client.new_multi_writer();
             let staged = writer
                 .add_check_version(&canary, canary_stat.version)

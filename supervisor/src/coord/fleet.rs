@@ -6,8 +6,8 @@ use std::time::Duration;
 use zookeeper_client::{Client, CreateMode, Error as E, Stat};
 
 use super::{
-    AclSet, BuildMeta, CoordError, HISTORY_MAX, Limit, Role, build_id, build_path, check_name,
-    open, parse_build_meta, restarting_path, service_path,
+    AclSet, BuildMeta, CoordError, Limit, Role, build_id, build_path, check_name, next_history,
+    open, parse_build_meta, parse_history, restarting_path, service_path,
 };
 
 /// Session timeout of the CLI's client: long enough to ride out a leader election.
@@ -216,16 +216,9 @@ impl Fleet {
                 continue;
             };
             let current = build_id(Some(current));
-            // A history that is not a JSON list (hand-edited) starts over.
-            let mut history: Vec<String> =
-                serde_json::from_slice(&history_data).unwrap_or_default();
+            let mut history = parse_history(&history_data);
             let build = choose(&mut history, &current)?;
-            if history.last() != Some(&build) {
-                history.push(build.clone());
-            }
-            let excess = history.len().saturating_sub(HISTORY_MAX);
-            history.drain(..excess);
-            let history_data = serde_json::to_vec(&history).expect("a list of strings serialises");
+            let history_data = next_history(history, &build);
             let result = self.commit(
                 (&enabled, build.as_bytes(), &enabled_stat),
                 (&history_path, &history_data, &history_stat),

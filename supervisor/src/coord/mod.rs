@@ -544,6 +544,24 @@ fn parse_build_meta(path: &str, data: &[u8]) -> Result<BuildMeta, CoordError> {
 
 /// Text of a node holding a build id: bytes that are not UTF-8 are passed through lossily, so
 /// the daemon sees (and reports) an id that matches no build; empty means unset.
+/// The history after `build` became `enabled`, from the history node's data: `build` appended
+/// unless it is already last, the oldest dropped past [`HISTORY_MAX`]. A history that is not a
+/// JSON list (hand-edited) starts over. Shared by `Fleet` (deploy, promote, rollback) and the
+/// canary host's promotion.
+fn next_history(mut history: Vec<String>, build: &str) -> Vec<u8> {
+    if history.last().map(String::as_str) != Some(build) {
+        history.push(build.to_owned());
+    }
+    let excess = history.len().saturating_sub(HISTORY_MAX);
+    history.drain(..excess);
+    serde_json::to_vec(&history).expect("a list of strings serialises")
+}
+
+/// The builds a history node holds; not a JSON list of strings (hand-edited): none.
+fn parse_history(data: &[u8]) -> Vec<String> {
+    serde_json::from_slice(data).unwrap_or_default()
+}
+
 fn build_id(data: Option<Vec<u8>>) -> Option<String> {
     data.filter(|d| !d.is_empty())
         .map(|d| String::from_utf8_lossy(&d).into_owned())
