@@ -719,6 +719,75 @@ mod tests {
         toml::from_str("metrics = \"/metrics\"").unwrap()
     }
 
+    /// What real exporters write, not only the text this project wrote: the exposition of
+    /// `prometheus-client` (the Rust client, classic text and OpenMetrics) and of Prometheus's
+    /// own Python client (`prometheus_client.generate_latest`, copied verbatim: float counts,
+    /// `_created` series, `le` first, `+Inf`).
+    #[test]
+    fn metrics_from_real_clients_are_read() {
+        use prometheus_client::encoding::text::{encode, encode_registry};
+        use prometheus_client::metrics::counter::Counter;
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::histogram::Histogram;
+        use prometheus_client::registry::Registry;
+        let mut registry = Registry::default();
+        let requests = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register("http_requests", "Requests", requests.clone());
+        let latency = Family::<Vec<(String, String)>, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.005, 0.05, 0.5])
+        });
+        registry.register("http_request_duration_seconds", "Latency", latency.clone());
+        for (code, path, n) in [("200", "/a", 60), ("200", "/b", 30), ("503", "/a", 10)] {
+            let labels = vec![
+                ("code".to_owned(), code.to_owned()),
+                ("path".to_owned(), path.to_owned()),
+            ];
+            requests.get_or_create(&labels).inc_by(n);
+        }
+        for (path, seconds) in [("/a", 0.001), ("/a", 0.02), ("/b", 0.2), ("/b", 3.0)] {
+            latency
+                .get_or_create(&vec![("path".to_owned(), path.to_owned())])
+                .observe(seconds);
+        }
+        let expected = [(0.005, 1), (0.05, 2), (0.5, 3), (f64::INFINITY, 4)];
+        let mut openmetrics = String::new();
+        encode(&mut openmetrics, &registry).unwrap();
+        let mut classic = String::new();
+        encode_registry(&mut classic, &registry).unwrap();
+        for text in [&openmetrics, &classic] {
+            let f = parse_metrics(text, &config()).unwrap_or_else(|e| panic!("{e}:\n{text}"));
+            assert_eq!((f.requests, f.errors), (100, 10), "{text}");
+            assert_eq!(f.buckets, expected, "{text}");
+        }
+
+        let python = r#"# HELP http_requests_total reqs
+# TYPE http_requests_total counter
+http_requests_total{code="200",method="GET"} 90.0
+http_requests_total{code="503",method="GET"} 10.0
+# HELP http_requests_created reqs
+# TYPE http_requests_created gauge
+http_requests_created{code="200",method="GET"} 1.7961987585680528e+09
+http_requests_created{code="503",method="GET"} 1.79619875856807e+09
+# HELP http_request_duration_seconds lat
+# TYPE http_request_duration_seconds histogram
+http_request_duration_seconds_bucket{le="0.005",method="GET"} 1.0
+http_request_duration_seconds_bucket{le="0.025",method="GET"} 2.0
+http_request_duration_seconds_bucket{le="0.25",method="GET"} 3.0
+http_request_duration_seconds_bucket{le="+Inf",method="GET"} 3.0
+http_request_duration_seconds_count{method="GET"} 3.0
+http_request_duration_seconds_sum{method="GET"} 0.223
+# HELP http_request_duration_seconds_created lat
+# TYPE http_request_duration_seconds_created gauge
+http_request_duration_seconds_created{method="GET"} 1.7961987585680873e+09
+"#;
+        let f = parse_metrics(python, &config()).unwrap();
+        assert_eq!((f.requests, f.errors), (100, 10));
+        assert_eq!(
+            f.buckets,
+            [(0.005, 1), (0.025, 2), (0.25, 3), (f64::INFINITY, 3)]
+        );
+    }
+
     #[test]
     fn metrics_are_read_by_name_and_status() {
         let text = r#"# HELP http_requests_total Requests.
