@@ -1071,6 +1071,12 @@ pub fn stops_after_drain(log: &str, service: &str) -> usize {
 /// A ustar header block for a regular file `name` (under 100 bytes) of `size` bytes, for tests
 /// that write large archives without holding them in memory.
 pub fn tar_header(name: &str, size: u64) -> [u8; 512] {
+    tar_header_of(name, b'0', size, false)
+}
+
+/// A tar header block of type `kind` (`b'0'` file, `b'x'` pax, `b'L'` GNU long name, …), ustar
+/// or GNU when `gnu`, checksummed; `name` under 100 bytes.
+pub fn tar_header_of(name: &str, kind: u8, size: u64, gnu: bool) -> [u8; 512] {
     let mut h = [0u8; 512];
     h[..name.len()].copy_from_slice(name.as_bytes());
     h[100..108].copy_from_slice(b"0000644\0");
@@ -1078,8 +1084,12 @@ pub fn tar_header(name: &str, size: u64) -> [u8; 512] {
     h[116..124].copy_from_slice(b"0000000\0");
     h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
     h[136..148].copy_from_slice(b"00000000001\0");
-    h[156] = b'0';
-    h[257..265].copy_from_slice(b"ustar\x0000");
+    h[156] = kind;
+    if gnu {
+        h[257..265].copy_from_slice(b"ustar  \0");
+    } else {
+        h[257..265].copy_from_slice(b"ustar\x0000");
+    }
     h[148..156].copy_from_slice(b"        ");
     let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
     h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());

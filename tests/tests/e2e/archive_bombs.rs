@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sluice_tests::fleet::{http_get, sha256_file};
-use sluice_tests::{Host, PATIENCE, free_port_base, procs};
+use sluice_tests::{Host, PATIENCE, free_port_base, procs, tar_header_of};
 
 /// Peak resident memory (`VmHWM`) the daemon may reach while it refuses every bomb.
 const PEAK_RSS_MAX_KIB: u64 = 64 << 10;
@@ -23,27 +23,6 @@ const SVC: &str = "bombs";
 /// The service's `build.max_entries`: small, so the debug daemon reaches it in seconds (the
 /// default, 1 000 000, is the same code path at 512 MB of headers).
 const MAX_ENTRIES: u64 = 20_000;
-
-/// One tar header block (ustar, or GNU when `gnu`), checksummed.
-fn header(name: &str, kind: u8, size: u64, gnu: bool) -> [u8; 512] {
-    let mut h = [0u8; 512];
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    h[100..108].copy_from_slice(b"0000644\0");
-    h[108..116].copy_from_slice(b"0000000\0");
-    h[116..124].copy_from_slice(b"0000000\0");
-    h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-    h[136..148].copy_from_slice(b"00000000001\0");
-    h[156] = kind;
-    if gnu {
-        h[257..265].copy_from_slice(b"ustar  \0");
-    } else {
-        h[257..265].copy_from_slice(b"ustar\x0000");
-    }
-    h[148..156].copy_from_slice(b"        ");
-    let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    h
-}
 
 /// `bytes` as one gzip member (the `gzip` tool: the tests crate has no compression crate).
 fn gzip_member(bytes: &[u8]) -> Vec<u8> {
@@ -96,7 +75,7 @@ fn value_bomb(meta: [u8; 512], prefix: &[u8], fill: u8, suffix: &[u8], data_len:
     head.extend_from_slice(prefix);
     let mut tail = suffix.to_vec();
     tail.extend(zeros((512 - data_len % 512) % 512));
-    tail.extend_from_slice(&header("bomb", b'0', 0, false));
+    tail.extend_from_slice(&tar_header_of("bomb", b'0', 0, false));
     tail.extend(zeros(1024));
     gzip_stream(&head, &vec![fill; MIB as usize], BOMB_BYTES / MIB, &tail)
 }
@@ -105,29 +84,29 @@ fn value_bomb(meta: [u8; 512], prefix: &[u8], fill: u8, suffix: &[u8], data_len:
 fn bombs() -> Vec<(&'static str, Vec<u8>, Vec<&'static str>)> {
     let pax_len = pax_record_len("path", BOMB_BYTES);
     let pax = value_bomb(
-        header("PaxHeaders/bomb", b'x', pax_len, false),
+        tar_header_of("PaxHeaders/bomb", b'x', pax_len, false),
         format!("{pax_len} path=").as_bytes(),
         b'0',
         b"\n",
         pax_len,
     );
     let long_name = value_bomb(
-        header("././@LongLink", b'L', BOMB_BYTES, true),
+        tar_header_of("././@LongLink", b'L', BOMB_BYTES, true),
         b"",
         b'a',
         b"",
         BOMB_BYTES,
     );
     // 1.1 M pax global headers (over 500 MiB): far over MAX_ENTRIES without a file written.
-    let global = header("PaxHeaders/global", b'g', 0, false);
+    let global = tar_header_of("PaxHeaders/global", b'g', 0, false);
     let block: Vec<u8> = global.iter().copied().cycle().take(512 * 2048).collect();
     let count = gzip_stream(&[], &block, 550, &zeros(1024));
     let deep_path = format!("{}f", "d/".repeat(300));
     let deep_len = pax_record_len("path", deep_path.len() as u64);
-    let mut deep = header("PaxHeaders/deep", b'x', deep_len, false).to_vec();
+    let mut deep = tar_header_of("PaxHeaders/deep", b'x', deep_len, false).to_vec();
     deep.extend_from_slice(format!("{deep_len} path={deep_path}\n").as_bytes());
     deep.extend(zeros((512 - deep_len % 512) % 512));
-    deep.extend_from_slice(&header("deep", b'0', 0, false));
+    deep.extend_from_slice(&tar_header_of("deep", b'0', 0, false));
     deep.extend(zeros(1024));
     vec![
         (
@@ -155,7 +134,7 @@ fn bombs() -> Vec<(&'static str, Vec<u8>, Vec<&'static str>)> {
 
 /// A good build: `BUILD` says its id (served by `python3 -m http.server` from the release).
 fn good_build(store: &Path, id: &str) {
-    let mut tar = header("BUILD", b'0', id.len() as u64, false).to_vec();
+    let mut tar = tar_header_of("BUILD", b'0', id.len() as u64, false).to_vec();
     tar.extend_from_slice(id.as_bytes());
     tar.extend(zeros(512 - id.len() as u64));
     tar.extend(zeros(1024));
