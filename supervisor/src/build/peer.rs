@@ -7,8 +7,12 @@
 //! a little latency per hop, not one transfer per hop. Peers are found in ZooKeeper
 //! (`/builds/<svc>/<build>/peers/<rack>/<host>`, see `coord::peers`); in each rack one host,
 //! elected by the ephemeral `fetching/<rack>` node, fetches what no peer offers, and the others
-//! of its rack stream from it as its file grows. The store therefore serves at most one copy
-//! per rack, and none to a rack that can take the build from another rack's peers.
+//! of its rack stream from it as its file grows. Among the racks' fetchers one, elected by the
+//! ephemeral `store-fetcher` node, fetches from the store; the others stream from it or from
+//! one another (a full peer answers 503 and the asker goes to the next), so the transfers form
+//! a tree whose root alone reads the store. The store therefore serves one copy per deploy,
+//! and at most one per rack when the fleet's election is out of reach or its fetcher offers
+//! nothing within `peers.rack_wait_ms`.
 //!
 //! Trust: peers are less trusted than root and than the store's registration. Every byte,
 //! whoever served it, goes through the same hashing, extraction and checks as a store download,
@@ -47,7 +51,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use super::{BuildError, Limits, Releases, Source, check_build_id, store};
 use crate::clip::clip;
 pub use crate::config::{DEFAULT_RACK, PeerConfig};
-use crate::coord::{PeerNode, PeerSeen, Zk};
+use crate::coord::{PeerNode, PeerSeen, StoreFetcher, Zk};
 
 /// Directory of kept archives under `<data_dir>/<svc>`.
 const ARCHIVES_DIR: &str = "archives";
@@ -366,6 +370,7 @@ impl Peers {
         let mut skipped: HashSet<String> = HashSet::new();
         let mut leader = false;
         let mut relisted = false;
+        let mut store_fetcher: Option<StoreFetcher> = None;
         let mut reports: Vec<String> = Vec::new();
         let result = loop {
             if failures < config.max_attempts {
@@ -441,9 +446,30 @@ impl Peers {
                 relisted = true;
                 continue;
             }
+            // The rack's fetcher found no source: before the store, the one store fetcher of
+            // the whole fleet is elected, and every other rack's fetcher streams from it (or
+            // from another that streams from it) instead of sharing the store's uplink.
+            if leader && store_fetcher != Some(StoreFetcher::Me) {
+                let before = store_fetcher.take();
+                store_fetcher = Some(match zk.try_store_fetcher(service, build, &rack).await {
+                    Ok(held) => held,
+                    Err(e) => {
+                        // Without the election this rack fetches on its own, as when every
+                        // rack had its own store copy: a slower deploy, never a stuck one.
+                        tracing::warn!(service, build, "electing the fleet's store fetcher: {e}");
+                        StoreFetcher::Me
+                    }
+                });
+                if store_fetcher == Some(StoreFetcher::Me) && before.is_some() {
+                    // The fleet's fetcher let go (done or failed) since the last look: look
+                    // again before the store, it may have left a complete copy.
+                    continue;
+                }
+            }
             let waited = started.elapsed() >= Duration::from_millis(config.rack_wait_ms);
-            if leader || failures >= config.max_attempts || waited {
-                if !leader {
+            let fleet_fetcher = leader && store_fetcher == Some(StoreFetcher::Me);
+            if fleet_fetcher || failures >= config.max_attempts || waited {
+                if !fleet_fetcher {
                     tracing::warn!(
                         service,
                         build,
@@ -456,14 +482,27 @@ impl Peers {
                     .fetch_store(releases, service, build, &expected, &limits, source)
                     .await;
             }
-            // Another host of the rack fetches: wait until it serves (or lets go). Busy peers
-            // may be free by then.
+            // Another host fetches (this rack's, or the fleet's store fetcher): wait until it
+            // serves or lets go. Busy peers may be free by then.
             skipped.clear();
-            zk.wait_rack_change(service, build, &rack, Duration::from_millis(WAIT_MAX_MS))
-                .await;
-            // At most one look per WAIT_MIN_MS, however often the rack changes.
+            let holder = match &store_fetcher {
+                Some(StoreFetcher::Other { rack, host }) => Some((rack.as_str(), host.as_str())),
+                _ => None,
+            };
+            zk.wait_source_change(
+                service,
+                build,
+                &rack,
+                holder,
+                Duration::from_millis(WAIT_MAX_MS),
+            )
+            .await;
+            // At most one look per WAIT_MIN_MS, however often the sources change.
             tokio::time::sleep(Duration::from_millis(WAIT_MIN_MS)).await;
         };
+        if store_fetcher == Some(StoreFetcher::Me) {
+            zk.release_store_fetcher(service, build).await;
+        }
         if leader {
             zk.release_fetch_lock(service, build, &rack).await;
         }

@@ -142,6 +142,8 @@ enum Route {
     Body(Vec<u8>),
     /// Announces the whole body, sends half of it, then goes silent.
     Stall(Vec<u8>),
+    /// Sends the body 16 KiB every 10 ms: a store with a slow uplink.
+    Paced(Vec<u8>),
 }
 
 /// A one-request-per-connection HTTP/1.1 server on a std thread, counting requests per path.
@@ -210,6 +212,14 @@ fn serve_one(
             std::thread::sleep(Duration::from_secs(10));
             sent
         }
+        Some(Route::Paced(body)) => (|| {
+            stream.write_all(head("200 OK", body.len()).as_bytes())?;
+            for chunk in body.chunks(16 * 1024) {
+                stream.write_all(chunk)?;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(())
+        })(),
         None => stream.write_all(head("404 Not Found", 0).as_bytes()),
     };
 }
@@ -1249,4 +1259,87 @@ async fn set_id_bits_and_ownership_from_the_archive_are_never_applied() {
             "{path}: ownership came from the archive"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through peers, against a real ZooKeeper
+
+/// The racks' fetchers of one build, all starting at once, elect one store fetcher: the store
+/// serves one copy, and the other racks stream it from that host as it arrives (issue 12).
+/// Without the fleet-wide election each rack's fetcher found no peer yet and went to the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racks_fetching_at_once_take_one_copy_from_the_store() {
+    use crate::coord::{BuildMeta, CoordEvent, Fleet, Zk, ZkConfig};
+    let Some(server) = tokio::task::block_in_place(sluice_tests::zk::Zookeeper::loopback) else {
+        return;
+    };
+    let noise: Vec<u8> = (0..512 * 1024).map(|_| rand::random::<u8>()).collect();
+    let tar = Tar::new()
+        .file("etc/conf.txt", b"fleet", 0o644)
+        .file("noise", &noise, 0o644)
+        .finish();
+    let archive = gzip(&tar);
+    let digest = sha256(&archive);
+    let store = HttpServer::start(BTreeMap::from([(
+        "/web/b1.tar.gz".to_owned(),
+        Route::Paced(archive.clone()),
+    )]));
+    let url = store.url("/web/b1.tar.gz");
+    let connect = server.connect_string();
+    let fleet = Fleet::connect(&connect, None).await.unwrap();
+    let meta = BuildMeta {
+        url: url.clone(),
+        sha256: digest.clone(),
+        size: Some(archive.len() as u64),
+        created: None,
+    };
+    fleet.register_build("web", "b1", &meta).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut hosts = Vec::new();
+    for i in 1..=3 {
+        let config = ZkConfig {
+            connect: connect.clone(),
+            host: format!("h{i}"),
+            digest: None,
+            session_timeout_ms: 10_000,
+        };
+        let (zk, mut events) = Zk::start(config, vec![]);
+        assert_eq!(events.recv().await, Some(CoordEvent::Connected));
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = peer::PeerConfig {
+            enabled: true,
+            listen: format!("127.0.0.1:{port}"),
+            ..peer::PeerConfig::default()
+        };
+        let dir = tmp.path().join(format!("h{i}"));
+        let rack = format!("r{i}");
+        let peers = peer::Peers::start(&config, Some(&rack), &dir, zk, vec!["web".into()])
+            .await
+            .unwrap();
+        hosts.push((peers, Releases::new(&dir, "web"), events));
+    }
+    let source = Source {
+        url,
+        sha256: Some(digest),
+    };
+    let limits = Limits::default();
+    let installs = hosts.iter().map(|(peers, releases, _)| {
+        peer::install(Some(peers), releases, "web", "b1", &source, &limits)
+    });
+    for dir in futures_util::future::join_all(installs).await {
+        let dir = dir.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("etc/conf.txt")).unwrap(),
+            "fleet"
+        );
+    }
+    assert_eq!(
+        store.hits("/web/b1.tar.gz"),
+        1,
+        "three racks' fetchers took more than one copy from the store"
+    );
 }

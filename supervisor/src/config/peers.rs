@@ -54,8 +54,8 @@ pub struct PeerConfig {
     /// Failed peer transfers one install tries before it fetches from the store itself.
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
-    /// How long a host waits for its rack's fetcher to offer the build before it fetches from
-    /// the store itself, in ms.
+    /// How long a host waits for its rack's fetcher (and a rack's fetcher for the fleet's
+    /// store fetcher) to offer the build before it fetches from the store itself, in ms.
     #[serde(default = "default_rack_wait_ms")]
     pub rack_wait_ms: u64,
 }

@@ -1,10 +1,12 @@
 //! Peers of a build in ZooKeeper: which hosts hold (or are fetching) a build and where they
-//! serve it, and the per-rack election of the one host that fetches it from the store.
+//! serve it, and the elections of the hosts that fetch it from the store: one per rack, and among
+//! those one for the whole fleet, so that the store serves one copy while the others stream it.
 //!
 //! | node | meaning |
 //! | --- | --- |
 //! | `/builds/<svc>/<build>/peers/<rack>/<host>` | ephemeral: [`PeerNode`] (address, complete or still fetching) |
-//! | `/builds/<svc>/<build>/fetching/<rack>` | ephemeral, data the host name: the host of the rack that fetches from the store |
+//! | `/builds/<svc>/<build>/fetching/<rack>` | ephemeral, data the host name: the host of the rack that fetches what no peer offers |
+//! | `/builds/<svc>/<build>/store-fetcher` | ephemeral, data `<rack>/<host>`: the one rack fetcher of the fleet that fetches from the store |
 //!
 //! Registrations are desired state kept by a writer task per connection (like the status
 //! writer): the daemon says what it serves, the writer makes ZooKeeper agree, again after every
@@ -61,6 +63,30 @@ fn peer_path(service: &str, build: &str, rack: &str, host: &str) -> String {
 
 fn fetching_path(service: &str, build: &str, rack: &str) -> String {
     format!("{}/fetching/{rack}", build_path(service, build))
+}
+
+fn store_fetcher_path(service: &str, build: &str) -> String {
+    format!("{}/store-fetcher", build_path(service, build))
+}
+
+/// Who holds the fleet's store-fetcher election.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreFetcher {
+    /// This session: fetch from the store.
+    Me,
+    /// Another host, which registers as a peer of its rack as soon as its fetch begins.
+    Other { rack: String, host: String },
+    /// Another session holds it, but its node does not name a valid rack and host.
+    Unnamed,
+}
+
+/// Parses the store fetcher's node, `<rack>/<host>`, both valid names.
+fn parse_store_fetcher(data: &[u8]) -> Option<(String, String)> {
+    let text = std::str::from_utf8(data).ok()?;
+    let (rack, host) = text.split_once('/')?;
+    check_name("rack", rack).ok()?;
+    check_name("host", host).ok()?;
+    Some((rack.to_owned(), host.to_owned()))
 }
 
 impl Zk {
@@ -175,7 +201,7 @@ impl Zk {
         Ok(found)
     }
 
-    /// Tries to become the host of `rack` that fetches `build` from the store: creates the
+    /// Tries to become the host of `rack` that fetches what no peer offers: creates the
     /// ephemeral `fetching/<rack>` node. `Ok(true)` when this session holds it (made now or
     /// earlier), `Ok(false)` when another host does.
     pub async fn try_fetch_lock(
@@ -184,20 +210,50 @@ impl Zk {
         build: &str,
         rack: &str,
     ) -> Result<bool, CoordError> {
-        use zookeeper_client::Error as E;
         check_name("service", service)?;
         check_name("build", build)?;
         check_name("rack", rack)?;
-        let client = self.client()?;
         let path = fetching_path(service, build, rack);
-        let me = self.shared.config.host.as_bytes();
+        let me = self.shared.config.host.clone();
+        Ok(self.try_lock(&path, me.as_bytes()).await?.is_none())
+    }
+
+    /// Tries to become the one host of the fleet that fetches `build` from the store (what a
+    /// rack's fetcher does before it goes to the store): creates the ephemeral `store-fetcher`
+    /// node naming this host and its `rack`.
+    pub async fn try_store_fetcher(
+        &self,
+        service: &str,
+        build: &str,
+        rack: &str,
+    ) -> Result<StoreFetcher, CoordError> {
+        check_name("service", service)?;
+        check_name("build", build)?;
+        check_name("rack", rack)?;
+        let path = store_fetcher_path(service, build);
+        let me = format!("{rack}/{}", self.shared.config.host);
+        Ok(match self.try_lock(&path, me.as_bytes()).await? {
+            None => StoreFetcher::Me,
+            Some(data) => match parse_store_fetcher(&data) {
+                Some((rack, host)) => StoreFetcher::Other { rack, host },
+                None => StoreFetcher::Unnamed,
+            },
+        })
+    }
+
+    /// Creates the ephemeral lock node `path` holding `data` (and its parent when missing).
+    /// `Ok(None)` when this session holds it, `Ok(Some(data))` when another session does (its
+    /// data, at most [`PEER_NODE_MAX_BYTES`]; empty when it let go while we looked).
+    async fn try_lock(&self, path: &str, data: &[u8]) -> Result<Option<Vec<u8>>, CoordError> {
+        use zookeeper_client::Error as E;
+        let client = self.client()?;
         let options = self.shared.acl.options(CreateMode::Ephemeral);
         for _ in 0..3 {
             match self
-                .bounded(&path, client.create(&path, me, &options))
+                .bounded(path, client.create(path, data, &options))
                 .await?
             {
-                Ok(_) => return Ok(true),
+                Ok(_) => return Ok(None),
                 Err(E::NodeExists) => {}
                 Err(E::NoNode) => {
                     let parent = &path[..path.rfind('/').expect("absolute path")];
@@ -210,26 +266,32 @@ impl Zk {
                         Err(e) => return Err(CoordError::zk("create", parent, e)),
                     }
                 }
-                Err(e) => return Err(CoordError::zk("create", &path, e)),
+                Err(e) => return Err(CoordError::zk("create", path, e)),
             }
-            match self.bounded(&path, client.get_data(&path)).await? {
-                Ok((_, stat)) => return Ok(stat.ephemeral_owner == client.session_id().0),
+            match self.bounded(path, client.get_data(path)).await? {
+                Ok((_, stat)) if stat.ephemeral_owner == client.session_id().0 => return Ok(None),
+                Ok((mut held, _)) => {
+                    held.truncate(PEER_NODE_MAX_BYTES);
+                    return Ok(Some(held));
+                }
                 // Its holder just let go: try again.
                 Err(E::NoNode) => continue,
-                Err(e) => return Err(CoordError::zk("read", &path, e)),
+                Err(e) => return Err(CoordError::zk("read", path, e)),
             }
         }
-        Ok(false)
+        Ok(Some(Vec::new()))
     }
 
-    /// Waits, at most `timeout`, until the peers of `rack` or its fetcher change (a peer
-    /// registers, the fetcher lets go): what a host does while its rack's fetcher has nothing
-    /// to offer yet, so that waiting costs two watches, not a read loop.
-    pub async fn wait_rack_change(
+    /// Waits, at most `timeout`, until a source of `build` may have appeared or gone: the peers
+    /// of `rack` change, its fetcher lets go, the fleet's store fetcher lets go, or (when
+    /// `store_fetcher` names it) that host registers as a peer. What a host does while no
+    /// source has anything to offer yet, so that waiting costs a few watches, not a read loop.
+    pub async fn wait_source_change(
         &self,
         service: &str,
         build: &str,
         rack: &str,
+        store_fetcher: Option<(&str, &str)>,
         timeout: Duration,
     ) {
         let Ok(client) = self.client() else {
@@ -237,7 +299,6 @@ impl Zk {
             return;
         };
         let peers = format!("{}/{rack}", peers_path(service, build));
-        let fetcher = fetching_path(service, build, rack);
         let peers_changed = async {
             match client.get_and_watch_children(&peers).await {
                 Ok((_, _, watcher)) => {
@@ -252,18 +313,31 @@ impl Zk {
                 Err(_) => std::future::pending::<()>().await,
             }
         };
-        let fetcher_changed = async {
-            match client.check_and_watch_stat(&fetcher).await {
-                Ok((_, watcher)) => {
-                    watcher.changed().await;
+        let stat_changed = |path: String| {
+            let client = client.clone();
+            async move {
+                match client.check_and_watch_stat(&path).await {
+                    Ok((_, watcher)) => {
+                        watcher.changed().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
                 }
-                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        let fetcher_changed = stat_changed(fetching_path(service, build, rack));
+        let store_fetcher_changed = stat_changed(store_fetcher_path(service, build));
+        let holder_registered = async {
+            match store_fetcher {
+                Some((r, h)) => stat_changed(peer_path(service, build, r, h)).await,
+                None => std::future::pending::<()>().await,
             }
         };
         let _ = tokio::time::timeout(timeout, async {
             tokio::select! {
                 () = peers_changed => {}
                 () = fetcher_changed => {}
+                () = store_fetcher_changed => {}
+                () = holder_registered => {}
             }
         })
         .await;
@@ -272,16 +346,24 @@ impl Zk {
     /// Lets go of `fetching/<rack>` if this session holds it. Best effort: the node is
     /// ephemeral and goes with the session anyway.
     pub async fn release_fetch_lock(&self, service: &str, build: &str, rack: &str) {
-        let Ok(client) = self.client() else { return };
-        if check_name("rack", rack).is_err() {
-            return;
+        if check_name("rack", rack).is_ok() {
+            self.release_lock(&fetching_path(service, build, rack))
+                .await;
         }
-        let path = fetching_path(service, build, rack);
-        if let Ok(Ok((_, stat))) = self.bounded(&path, client.get_data(&path)).await
+    }
+
+    /// Lets go of the fleet's `store-fetcher` node if this session holds it (best effort).
+    pub async fn release_store_fetcher(&self, service: &str, build: &str) {
+        self.release_lock(&store_fetcher_path(service, build)).await;
+    }
+
+    async fn release_lock(&self, path: &str) {
+        let Ok(client) = self.client() else { return };
+        if let Ok(Ok((_, stat))) = self.bounded(path, client.get_data(path)).await
             && stat.ephemeral_owner == client.session_id().0
         {
             let _ = self
-                .bounded(&path, client.delete(&path, Some(stat.version)))
+                .bounded(path, client.delete(path, Some(stat.version)))
                 .await;
         }
     }
@@ -402,5 +484,27 @@ impl PeerWriter {
             }
         }
         Err(CoordError::zk("write", &path, E::NodeExists))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_store_fetcher;
+
+    #[test]
+    fn the_store_fetchers_node_names_a_rack_and_a_host_or_nothing() {
+        let ok = |r: &str, h: &str| Some((r.to_owned(), h.to_owned()));
+        assert_eq!(parse_store_fetcher(b"r1/h1"), ok("r1", "h1"));
+        for bad in [
+            &b""[..],
+            b"r1",
+            b"/h1",
+            b"r1/",
+            b"r1/h1/x",
+            b"../h1",
+            b"r1/\xff",
+        ] {
+            assert_eq!(parse_store_fetcher(bad), None, "{bad:?}");
+        }
     }
 }

@@ -698,6 +698,62 @@ async fn peers_register_under_registered_builds_and_one_host_per_rack_fetches() 
     zk(0).release_fetch_lock("web", "b1", "r1").await;
     assert!(zk(2).try_fetch_lock("web", "b1", "r1").await.unwrap());
 
+    // One store fetcher for the whole fleet: h2 (r2) wins and keeps it; h1 (r1) is told who
+    // holds it, by rack and host; once h2 lets go, h1 wins.
+    assert_eq!(
+        zk(1).try_store_fetcher("web", "b1", "r2").await.unwrap(),
+        StoreFetcher::Me
+    );
+    assert_eq!(
+        zk(1).try_store_fetcher("web", "b1", "r2").await.unwrap(),
+        StoreFetcher::Me
+    );
+    assert_eq!(
+        zk(0).try_store_fetcher("web", "b1", "r1").await.unwrap(),
+        StoreFetcher::Other {
+            rack: "r2".into(),
+            host: "h2".into()
+        }
+    );
+    assert_eq!(
+        read(&raw, "/builds/web/b1/store-fetcher").await.as_deref(),
+        Some("r2/h2")
+    );
+    // A waiter wakes when the holder lets go, not at its timeout.
+    let waited = Instant::now();
+    let (h1, h2) = (zk(0), zk(1));
+    let (wait, ()) = tokio::join!(
+        h1.wait_source_change(
+            "web",
+            "b1",
+            "r1",
+            Some(("r2", "h9")),
+            Duration::from_secs(20)
+        ),
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            h2.release_store_fetcher("web", "b1").await;
+        }
+    );
+    let () = wait;
+    drop((h1, h2));
+    assert!(
+        waited.elapsed() < Duration::from_secs(10),
+        "the wait ended only at its timeout ({:?})",
+        waited.elapsed()
+    );
+    // Letting go of what another session holds is a no-op.
+    zk(1).release_store_fetcher("web", "b1").await;
+    assert_eq!(
+        zk(0).try_store_fetcher("web", "b1", "r1").await.unwrap(),
+        StoreFetcher::Me
+    );
+    zk(2).release_store_fetcher("web", "b1").await;
+    assert_eq!(
+        read(&raw, "/builds/web/b1/store-fetcher").await.as_deref(),
+        Some("r1/h1")
+    );
+
     // Withdrawn, and gone with the session.
     zk(0).set_peer("web", "b1", "r1", None);
     eventually("h1 withdrawn", || async {
