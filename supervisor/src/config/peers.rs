@@ -9,8 +9,11 @@ use crate::clip::clip;
 
 /// Default port of the peer server.
 pub const DEFAULT_PEER_PORT: u16 = 7480;
-/// Default for [`PeerConfig::max_uploads`].
-pub const DEFAULT_MAX_UPLOADS: usize = 4;
+/// Default for [`PeerConfig::max_uploads`]. Transfers are cut-through, so every host below the
+/// store fetcher receives at about `upload_bytes_per_s / max_uploads`, and the fleet holds a build
+/// after about `max_uploads` times one transfer at that rate: 2 (a tree that still doubles at each
+/// level) measured 2.33× one host's store fetch at 24 hosts, 4 measured 3.64× (BENCHMARKS.md).
+pub const DEFAULT_MAX_UPLOADS: usize = 2;
 /// Default for [`PeerConfig::upload_bytes_per_s`]: 62.5 MB/s, half of a 1 Gbit/s link.
 pub const DEFAULT_UPLOAD_BYTES_PER_S: u64 = 62_500_000;
 /// Default for [`PeerConfig::stall_ms`].
