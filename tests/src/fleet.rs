@@ -49,6 +49,18 @@ pub struct FleetOptions {
     pub zookeepers: usize,
 }
 
+/// Link rates and latency set with `tc` on the fleet's own veths ([`Fleet::shape_links`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LinkShape {
+    /// Each host's rate in bits per second, both directions (upload and download).
+    pub host_rate_bits: u64,
+    /// Each host's one-way added delay in microseconds, both directions.
+    pub host_delay_us: u64,
+    /// The store's (hub's) uplink in bits per second: everything the hub itself sends on `br0`
+    /// (build store and ZooKeeper), not what the bridge forwards between hosts.
+    pub store_rate_bits: u64,
+}
+
 /// The offline wheel directory for `stock:python-venv` (`SLUICE_WHEEL_DIR`): `SLUICE_TEST_WHEELS`,
 /// else `target/test-wheels` (`scripts/test-all.sh` fills it with `pip download`). `None` (after
 /// saying so, or failing in CI) when it is missing.
@@ -295,6 +307,65 @@ impl Fleet {
             hub,
             builds,
             dir,
+        })
+    }
+
+    /// Shapes the fleet's links with `tc` (`tbf` for the rate, `netem` under it for the delay,
+    /// which needs the kernel's `sch_netem`: leave `host_delay_us` 0 without it), only on the veths and bridge
+    /// this fleet made in its own namespaces: the host end `eth0` inside each host namespace
+    /// (egress = the host's upload), the bridge end `v{i}` in the hub (egress = the host's
+    /// download) and the hub's `br0` (egress = the store's uplink). The harness's own pacing of
+    /// the store ([`FileServer::set_uplink`]) is switched off: tc carries the store's rate.
+    pub fn shape_links(&self, shape: LinkShape) {
+        // The rate: a token bucket whose burst holds a GSO packet of the veths (64 KiB) and
+        // 10 ms at the rate; packets queue at most 50 ms.
+        let tbf = |ns: &Netns, dev: &str, rate_bits: u64| {
+            let burst = (rate_bits / 8 / 100).max(128 << 10).to_string();
+            let rate = format!("{rate_bits}bit");
+            ns.run(
+                "tc",
+                &[
+                    "qdisc", "replace", "dev", dev, "root", "handle", "1:", "tbf", "rate", &rate,
+                    "burst", &burst, "latency", "50ms",
+                ],
+            );
+        };
+        // The delay: netem under the token bucket (needs the kernel's sch_netem).
+        let delay = |ns: &Netns, dev: &str, delay_us: u64| {
+            if delay_us > 0 {
+                let delay = format!("{delay_us}us");
+                ns.run(
+                    "tc",
+                    &[
+                        "qdisc", "replace", "dev", dev, "parent", "1:1", "handle", "10:", "netem",
+                        "delay", &delay, "limit", "10000",
+                    ],
+                );
+            }
+        };
+        for (i, ns) in self.host_ns.iter().enumerate() {
+            let hub_end = format!("v{}", i + 1);
+            tbf(ns, "eth0", shape.host_rate_bits);
+            delay(ns, "eth0", shape.host_delay_us);
+            tbf(&self.hub, &hub_end, shape.host_rate_bits);
+            delay(&self.hub, &hub_end, shape.host_delay_us);
+        }
+        tbf(&self.hub, "br0", shape.store_rate_bits);
+        self.http.set_uplink(0);
+    }
+
+    /// Bytes per second of one fetch of `path` from the build store by host `i` (0-based), from
+    /// inside its namespace: a check that [`Fleet::shape_links`] shapes for real.
+    pub fn measure_fetch(&self, i: usize, path: &str) -> Result<f64, String> {
+        let addr: SocketAddr = ([10, 199, 0, 1], HTTP_PORT).into();
+        let path = path.to_owned();
+        run_in_named(&self.host_ns[i].name, move || {
+            let start = Instant::now();
+            let (code, body) = http_get_bytes(addr, &path, PATIENCE)?;
+            if code != 200 {
+                return Err(format!("GET {path}: {code}"));
+            }
+            Ok(body.len() as f64 / start.elapsed().as_secs_f64())
         })
     }
 

@@ -18,6 +18,7 @@ mod e2e {
     mod identity;
     mod import;
     mod kill9;
+    mod links;
     mod logs;
     mod matrix;
     mod metrics;
