@@ -1,7 +1,8 @@
 //! sluice: a host daemon that supervises several instances of each service through per-instance
 //! shims, so the daemon itself can crash and restart without any instance noticing.
 //!
-//! The `sluice` binary only calls [`cli::main`], which parses arguments and runs the verb.
+//! The `sluice` binary only calls [`cli::main`], which parses arguments and runs the verb; `sluice
+//! run` executes the `sluiced` binary, which only calls [`cli::daemon_main`] (the daemon alone).
 //!
 //! Layers, each using only those below it: [`cli`] (the command line) → [`daemon`] (the loop) →
 //! [`service`] (one task per service) → [`control`]'s protocol and the adapters; the control

@@ -51,7 +51,7 @@ const TEARDOWN_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of the daemon's log a failing test prints.
 const DAEMON_LOG_TAIL_LINES: usize = 200;
 
-/// The directory holding `sluice` and `sluice-shim`: `SLUICE_BIN_DIR`, else `target/<profile>`,
+/// The directory holding `sluice`, `sluiced` (which `sluice run` executes) and `sluice-shim`: `SLUICE_BIN_DIR`, else `target/<profile>`,
 /// two levels up from this test binary (`target/<profile>/deps/e2e-…`).
 pub fn bin_dir() -> PathBuf {
     let dir = match std::env::var_os("SLUICE_BIN_DIR") {
@@ -64,7 +64,7 @@ pub fn bin_dir() -> PathBuf {
                 .to_owned()
         }
     };
-    for name in ["sluice", "sluice-shim"] {
+    for name in ["sluice", "sluiced", "sluice-shim"] {
         assert!(
             dir.join(name).is_file(),
             "{} does not exist: run `cargo build --workspace` first (or set SLUICE_BIN_DIR)",

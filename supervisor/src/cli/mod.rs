@@ -85,36 +85,101 @@ const DAEMON_WORKER_THREADS: usize = 2;
 /// Threads of the blocking pool: extraction, release pruning, syncfs, iptables, file reads.
 const MAX_BLOCKING_THREADS: usize = 8;
 
-/// Parses the command line, runs it, and returns the process exit code.
+/// The daemon's own binary, installed next to `sluice`: `sluice run` executes it in its place.
+pub const DAEMON_BINARY: &str = "sluiced";
+
+/// The command line of [`DAEMON_BINARY`]: only what the daemon reads.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluiced",
+    version,
+    about = "The sluice daemon; started by `sluice run`, which replaces itself with it"
+)]
+struct DaemonCli {
+    /// The host file.
+    #[arg(long, env = "SLUICE_CONFIG", default_value = config::DEFAULT_HOST_CONFIG)]
+    config: PathBuf,
+}
+
+/// Parses the command line, runs it, and returns the process exit code. `sluice run` does not
+/// return: it executes [`DAEMON_BINARY`] (see [`exec_daemon`]).
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,zookeeper_client=warn"));
-    // Colours only on a terminal: the journal and log files get plain text.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    // The daemon's loop runs on this thread (`block_on`), its service tasks and the control API on
-    // `DAEMON_WORKER_THREADS` workers, and blocking work (file trees, fsync, extraction, iptables,
-    // hooks) on the blocking pool: a service task that waits for its state file's fsync
-    // (`block_in_place`) never holds up the loop, the watchdog or `status`. The other verbs are
-    // one request each and need only one thread.
-    let daemon = matches!(cli.command, Command::Daemon(DaemonVerb::Run));
-    let mut builder = if daemon {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(DAEMON_WORKER_THREADS);
-        b
-    } else {
-        tokio::runtime::Builder::new_current_thread()
-    };
-    let runtime = builder
+    init_tracing();
+    // Every verb here is one request (or one terminal view) and needs only one thread; the
+    // daemon's runtime is `daemon_main`'s.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .enable_all()
         .build()
         .expect("a tokio runtime can be built");
     runtime.block_on(dispatch(cli))
+}
+
+/// The `main` of [`DAEMON_BINARY`]: the daemon, as `sluice run` was before it executed this.
+///
+/// A binary of its own so that the daemon's resident text holds only the daemon's code: the
+/// deployer's terminal UI and progress bars, the man page and completion generators, the
+/// supervisord importer and the clap definition of every other verb are linked into `sluice`
+/// alone (issue 7, footprint: the brain's RSS is mostly its binary's text pages, and the kernel's
+/// fault-around maps 64 KiB around each page the daemon touches, CLI code in between included).
+pub fn daemon_main() -> i32 {
+    let cli = DaemonCli::parse();
+    init_tracing();
+    let host = match HostConfig::load(&cli.config) {
+        Ok(host) => host,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return exit::CONFIG;
+        }
+    };
+    // The daemon's loop runs on this thread (`block_on`), its service tasks and the control API on
+    // `DAEMON_WORKER_THREADS` workers, and blocking work (file trees, fsync, extraction, iptables,
+    // hooks) on the blocking pool: a service task that waits for its state file's fsync
+    // (`block_in_place`) never holds up the loop, the watchdog or `status`.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(DAEMON_WORKER_THREADS)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime can be built");
+    runtime.block_on(run::run(host))
+}
+
+/// Logs on stderr, filtered by `SLUICE_LOG`; colours only on a terminal (the journal and log
+/// files get plain text).
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,zookeeper_client=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// `sluice run`: replaces this process with [`DAEMON_BINARY`] from `sluice`'s own directory,
+/// given the same host file. The process stays the same (its pid, so systemd's `Type=notify`
+/// main process, its environment and descriptors); only its image changes. Returns only when the
+/// exec failed.
+fn exec_daemon(config: &Path) -> i32 {
+    use std::os::unix::process::CommandExt as _;
+    let daemon = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name(DAEMON_BINARY),
+        Err(e) => {
+            eprintln!("sluice: finding the sluice binary: {e}");
+            return exit::FAILED;
+        }
+    };
+    let e = std::process::Command::new(&daemon)
+        .arg("--config")
+        .arg(config)
+        .exec();
+    eprintln!(
+        "sluice: executing the daemon {} (install it next to sluice): {e}",
+        daemon.display()
+    );
+    exit::FAILED
 }
 
 /// The exit code of a verb that failed with `e`: a control error's own code, else 1.
@@ -145,16 +210,16 @@ async fn dispatch(cli: Cli) -> i32 {
         Command::ImportSupervisord(args) => {
             crate::supervisord::exit_code(crate::supervisord::run(&args))
         }
-        Command::Daemon(verb) => {
-            let Ok(host) = host() else {
-                return exit::CONFIG;
-            };
-            match verb {
-                DaemonVerb::Run => run::run(host).await,
-                DaemonVerb::Cleanup => run::cleanup(&host).await,
-                DaemonVerb::CheckConfig { json } => check_config(&cli.config, &host, json),
-            }
-        }
+        // The host file is read by the daemon itself.
+        Command::Daemon(DaemonVerb::Run) => exec_daemon(&cli.config),
+        Command::Daemon(DaemonVerb::Cleanup) => match host() {
+            Ok(host) => run::cleanup(&host).await,
+            Err(()) => exit::CONFIG,
+        },
+        Command::Daemon(DaemonVerb::CheckConfig { json }) => match host() {
+            Ok(host) => check_config(&cli.config, &host, json),
+            Err(()) => exit::CONFIG,
+        },
         Command::Host(verb) => {
             let Ok(host) = host() else {
                 return exit::CONFIG;

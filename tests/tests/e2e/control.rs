@@ -146,3 +146,39 @@ fn completions_and_the_man_page_need_no_host_file_and_name_every_verb() {
         assert!(page.is_file(), "no {}", page.display());
     }
 }
+
+/// `sluice run` becomes the daemon's own binary, `sluiced` (issue 7, footprint: the brain's text
+/// pages hold no CLI code): the same process (the pid systemd's `Type=notify` knows, the one the
+/// harness spawned), its image replaced, and a daemon that serves and supervises.
+#[test]
+fn sluice_run_replaces_itself_with_the_daemon_binary() {
+    let h = Host::new();
+    h.service(
+        "quiet",
+        r#"
+command = ["/bin/sleep", "1000"]
+env = { PATH = "/usr/bin:/bin" }
+"#,
+    );
+    h.start_daemon();
+    h.wait_until(|s| s.all_running("quiet", 1), PATIENCE);
+    let pid = h.daemon_pid().expect("a running daemon");
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(
+        exe.file_name().and_then(|n| n.to_str()),
+        Some("sluiced"),
+        "the process `sluice run` started runs {}",
+        exe.display()
+    );
+    assert_eq!(
+        exe.parent(),
+        h.sluice_bin().canonicalize().unwrap().parent(),
+        "sluiced comes from sluice's own directory"
+    );
+    // Its text: the daemon's binary alone, no mapping of the CLI's.
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(
+        !maps.lines().any(|l| l.ends_with("/sluice")),
+        "the daemon still maps the CLI binary:\n{maps}"
+    );
+}
