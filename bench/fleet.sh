@@ -15,6 +15,7 @@
 #   BENCH_TC=1                shape every host's link (both ways) and the store's uplink with tc
 #                             (tbf) at BENCH_LINK_BYTES_PER_S instead of the store's own pacing
 #   BENCH_LIMIT_PERCENT       max_hosts_restarting of the `limit` mode, default 10
+#   BENCH_ZK_LIMIT            max_hosts_restarting of the zk mode's deploys (e.g. 100%; default 1)
 #   BENCH_MODES               default store,peers; also zk (ZooKeeper's cost per host per deploy,
 #                             and enabled -> every host acting over BENCH_DEPLOYS deploys) and
 #                             limit (enabled -> all serving under the percentage limit, against

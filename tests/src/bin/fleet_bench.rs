@@ -10,7 +10,8 @@
 //! `peers.upload_bytes_per_s`), `BENCH_MAX_UPLOADS` (2: `peers.max_uploads`), `BENCH_TC` (1:
 //! links shaped with tc at `BENCH_LINK_BYTES_PER_S` instead of the store's own pacing),
 //! `BENCH_MODES` (`store,peers`; `zk` for what ZooKeeper costs per host per deploy; `limit` for
-//! a deploy under `max_hosts_restarting = BENCH_LIMIT_PERCENT%`, default 10).
+//! a deploy under `max_hosts_restarting = BENCH_LIMIT_PERCENT%`, default 10). `BENCH_ZK_LIMIT`
+//! sets `max_hosts_restarting` for the `zk` mode's deploys (default: the node absent, 1).
 //!
 //! Mode `zk` (`BENCH_MODES=zk`, `BENCH_DEPLOYS` deploys, default 20, of a tiny build): per host
 //! and per deploy, the bytes and packets both ways between the host and ZooKeeper (iptables
@@ -259,6 +260,12 @@ fn run_zk(s: &Settings, deploys: usize) -> Value {
     fleet.start_daemons();
     for b in &builds {
         fleet.register_with_size(SVC, b);
+    }
+    // `BENCH_ZK_LIMIT` (e.g. `100%`): `max_hosts_restarting` for the deploys, so that many deploys
+    // of a large fleet fit in a run (the `enabled` → acting latency does not depend on it; the
+    // requests of the slot queue do).
+    if let Ok(limit) = std::env::var("BENCH_ZK_LIMIT") {
+        fleet.sluice(&["limit", SVC, &limit]).success();
     }
     fleet.sluice(&["deploy", SVC, &builds[0].id]).success();
     fleet.wait_all_serving(SVC, &builds[0].id, DEPLOY_TIMEOUT);
