@@ -11,8 +11,15 @@
 #   BENCH_BUILD_MB            incompressible MiB in the build, default 20
 #   BENCH_LINK_BYTES_PER_S    the store's uplink and each host's peers.upload_bytes_per_s,
 #                             default 12500000 (100 Mbit/s)
-#   BENCH_MAX_UPLOADS         peers.max_uploads of every host, default 4
-#   BENCH_MODES               default store,peers
+#   BENCH_MAX_UPLOADS         peers.max_uploads of every host, default 2 (the daemon's default)
+#   BENCH_TC=1                shape every host's link (both ways) and the store's uplink with tc
+#                             (tbf) at BENCH_LINK_BYTES_PER_S instead of the store's own pacing
+#   BENCH_LIMIT_PERCENT       max_hosts_restarting of the `limit` mode, default 10
+#   BENCH_ZK_LIMIT            max_hosts_restarting of the zk mode's deploys (e.g. 100%; default 1)
+#   BENCH_MODES               default store,peers; also zk (ZooKeeper's cost per host per deploy,
+#                             and enabled -> every host acting over BENCH_DEPLOYS deploys) and
+#                             limit (enabled -> all serving under the percentage limit, against
+#                             ceil(hosts/limit) x one host's restart)
 #   BENCH_SKIP_BUILD=1        skip the cargo builds (uses target/release as it is)
 set -euo pipefail
 

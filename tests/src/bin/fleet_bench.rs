@@ -7,8 +7,11 @@
 //! Usage: `fleet_bench OUT_PREFIX` (writes `OUT_PREFIX.md` and `OUT_PREFIX.json`); root, Debian's
 //! ZooKeeper. Env: `BENCH_HOSTS` (24), `BENCH_RACKS` (4), `BENCH_BUILD_MB` (20, incompressible),
 //! `BENCH_LINK_BYTES_PER_S` (12500000: the store's uplink and each host's
-//! `peers.upload_bytes_per_s`), `BENCH_MAX_UPLOADS` (4: `peers.max_uploads`), `BENCH_MODES`
-//! (`store,peers`; `zk` for what ZooKeeper costs per host per deploy).
+//! `peers.upload_bytes_per_s`), `BENCH_MAX_UPLOADS` (2: `peers.max_uploads`), `BENCH_TC` (1:
+//! links shaped with tc at `BENCH_LINK_BYTES_PER_S` instead of the store's own pacing),
+//! `BENCH_MODES` (`store,peers`; `zk` for what ZooKeeper costs per host per deploy; `limit` for
+//! a deploy under `max_hosts_restarting = BENCH_LIMIT_PERCENT%`, default 10). `BENCH_ZK_LIMIT`
+//! sets `max_hosts_restarting` for the `zk` mode's deploys (default: the node absent, 1).
 //!
 //! Mode `zk` (`BENCH_MODES=zk`, `BENCH_DEPLOYS` deploys, default 20, of a tiny build): per host
 //! and per deploy, the bytes and packets both ways between the host and ZooKeeper (iptables
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use sluice_tests::fleet::{
-    Fleet, FleetOptions, HTTP_PORT, HUB_ADDR, http_get_bytes, light_service, noise,
+    Fleet, FleetOptions, HTTP_PORT, HUB_ADDR, LinkShape, http_get_bytes, light_service, noise,
 };
 use sluice_tests::netns::run_in_named;
 use sluice_tests::zkcost::{ByteMeter, StatusClock, Traffic, parse_cons, parse_wchs};
@@ -65,6 +68,9 @@ struct Settings {
     link: u64,
     /// `peers.max_uploads` of every host.
     max_uploads: u64,
+    /// Links shaped with tc (`tbf`, every host both ways and the store's uplink at `link`)
+    /// instead of the store's own pacing.
+    tc: bool,
 }
 
 fn run(mode: &str, s: &Settings) -> Value {
@@ -91,7 +97,15 @@ fn run(mode: &str, s: &Settings) -> Value {
         &extra,
     )
     .expect("a fleet (root, ZooKeeper)");
-    fleet.http().set_uplink(s.link);
+    if s.tc {
+        fleet.shape_links(LinkShape {
+            host_rate_bits: s.link * 8,
+            host_delay_us: 0,
+            store_rate_bits: s.link * 8,
+        });
+    } else {
+        fleet.http().set_uplink(s.link);
+    }
     let build = fleet.builds().good_with(
         SVC,
         BUILD,
@@ -155,6 +169,64 @@ fn run(mode: &str, s: &Settings) -> Value {
     result
 }
 
+/// `max_hosts_restarting = P%`: the time from the `enabled` write to the whole fleet serving a
+/// new (tiny) build, against ⌈hosts / limit⌉ × one host's own restart of its instances (`sluice
+/// restart` on one host of the same fleet, the median of three).
+fn run_limit(s: &Settings, percent: u64) -> Value {
+    let per_rack = s.hosts.div_ceil(s.racks);
+    let extra = move |i: usize| format!("rack = \"r{}\"\n", i / per_rack + 1);
+    let fleet = Fleet::new_with(
+        FleetOptions {
+            hosts: s.hosts,
+            zookeepers: 1,
+        },
+        10_000,
+        &extra,
+    )
+    .expect("a fleet (root, ZooKeeper)");
+    let builds = [
+        fleet.builds().good(SVC, "b1"),
+        fleet.builds().good(SVC, "b2"),
+    ];
+    fleet.service(SVC, &light_service(SVC));
+    fleet.start_daemons();
+    for b in &builds {
+        fleet.register(SVC, b);
+    }
+    fleet.sluice(&["limit", SVC, "100%"]).success();
+    fleet.sluice(&["deploy", SVC, "b1"]).success();
+    fleet.wait_all_serving(SVC, "b1", DEPLOY_TIMEOUT);
+    let restarts: Vec<f64> = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            fleet.host(1).sluice(&["restart", SVC]).success();
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    let one_restart_ms = median(restarts.clone());
+    fleet
+        .sluice(&["limit", SVC, &format!("{percent}%")])
+        .success();
+    let limit = (s.hosts * percent as usize / 100).max(1);
+    let batches = s.hosts.div_ceil(limit);
+    let t0 = Instant::now();
+    fleet.sluice(&["deploy", SVC, "b2"]).success();
+    fleet.wait_all_serving(SVC, "b2", DEPLOY_TIMEOUT);
+    let serving_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let result = json!({
+        "mode": "limit",
+        "percent": percent,
+        "limit_hosts": limit,
+        "batches": batches,
+        "one_host_restart_ms": one_restart_ms,
+        "one_host_restarts_ms": restarts,
+        "deploy_to_all_serving_ms": serving_ms,
+        "serving_over_batches_times_restart": serving_ms / (batches as f64 * one_restart_ms),
+    });
+    eprintln!("limit: {result}");
+    result
+}
+
 /// The `p`th percentile (0–100) of `v`, nearest rank.
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     if v.is_empty() {
@@ -188,6 +260,12 @@ fn run_zk(s: &Settings, deploys: usize) -> Value {
     fleet.start_daemons();
     for b in &builds {
         fleet.register_with_size(SVC, b);
+    }
+    // `BENCH_ZK_LIMIT` (e.g. `100%`): `max_hosts_restarting` for the deploys, so that many deploys
+    // of a large fleet fit in a run (the `enabled` → acting latency does not depend on it; the
+    // requests of the slot queue do).
+    if let Ok(limit) = std::env::var("BENCH_ZK_LIMIT") {
+        fleet.sluice(&["limit", SVC, &limit]).success();
     }
     fleet.sluice(&["deploy", SVC, &builds[0].id]).success();
     fleet.wait_all_serving(SVC, &builds[0].id, DEPLOY_TIMEOUT);
@@ -333,8 +411,10 @@ fn main() {
         racks: sluice_tests::benchkit::env_u64("BENCH_RACKS", 4) as usize,
         build_bytes: (sluice_tests::benchkit::env_u64("BENCH_BUILD_MB", 20) << 20) as usize,
         link: sluice_tests::benchkit::env_u64("BENCH_LINK_BYTES_PER_S", 12_500_000),
-        max_uploads: sluice_tests::benchkit::env_u64("BENCH_MAX_UPLOADS", 4),
+        max_uploads: sluice_tests::benchkit::env_u64("BENCH_MAX_UPLOADS", 2),
+        tc: sluice_tests::benchkit::env_u64("BENCH_TC", 0) == 1,
     };
+    let percent = sluice_tests::benchkit::env_u64("BENCH_LIMIT_PERCENT", 10);
     let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "store,peers".into());
     let machine = sluice_tests::benchkit::machine(&[(
         "zookeeper",
@@ -345,6 +425,7 @@ fn main() {
         .split(',')
         .map(|m| match m.trim() {
             "zk" => run_zk(&settings, deploys),
+            "limit" => run_limit(&settings, percent),
             m => run(m, &settings),
         })
         .collect();
@@ -356,7 +437,11 @@ fn main() {
         "build_mb_incompressible": settings.build_bytes >> 20,
         "link_bytes_per_s": settings.link,
         "peers_max_uploads": settings.max_uploads,
-        "links": "the store's uplink paced by the harness's store to link_bytes_per_s for all responses together; each host's uploads paced by peers.upload_bytes_per_s = link_bytes_per_s; veths otherwise unlimited (no tc)",
+        "links": if settings.tc {
+            "tc tbf at link_bytes_per_s on each host's veth both ways and on the hub's br0 (the store's and ZooKeeper's uplink); each host's uploads also bounded by peers.upload_bytes_per_s = link_bytes_per_s; no added latency (no sch_netem in this kernel)"
+        } else {
+            "the store's uplink paced by the harness's store to link_bytes_per_s for all responses together; each host's uploads paced by peers.upload_bytes_per_s = link_bytes_per_s; veths otherwise unlimited (no tc)"
+        },
         "runs": runs,
         "load_average_after": sluice_tests::benchkit::sh("cut -d' ' -f1-3 /proc/loadavg"),
     });
@@ -374,7 +459,7 @@ fn main() {
         settings.max_uploads
     );
     for r in &report["runs"].as_array().cloned().unwrap_or_default() {
-        if r["mode"] == "zk" {
+        if r["mode"] == "zk" || r["mode"] == "limit" {
             continue;
         }
         md += &format!(
@@ -428,6 +513,23 @@ fn main() {
             r["acting_ms_last_host_p99"].as_f64().unwrap_or(f64::NAN),
         );
     }
+    for r in &report["runs"].as_array().cloned().unwrap_or_default() {
+        if r["mode"] != "limit" {
+            continue;
+        }
+        md += &format!(
+            "\n## max_hosts_restarting = {}% ({} hosts at once, {} batches)\n\n| one host's restart ms (median of 3) | enabled → all serving ms | ÷ (batches × one restart) |\n| --- | --- | --- |\n| {:.0} | {:.0} | {:.2} |\n",
+            r["percent"],
+            r["limit_hosts"],
+            r["batches"],
+            r["one_host_restart_ms"].as_f64().unwrap_or(f64::NAN),
+            r["deploy_to_all_serving_ms"].as_f64().unwrap_or(f64::NAN),
+            r["serving_over_batches_times_restart"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        );
+    }
+    md += &format!("\nlinks: {}\n", report["links"]);
     md += &format!("\nmachine: {}\n", report["machine"]);
     std::fs::write(format!("{out_prefix}.md"), md).expect("writing the md");
 }
