@@ -124,6 +124,14 @@ pub fn main() -> i32 {
 /// alone (issue 7, footprint: the brain's RSS is mostly its binary's text pages, and the kernel's
 /// fault-around maps 64 KiB around each page the daemon touches, CLI code in between included).
 pub fn daemon_main() -> i32 {
+    // One malloc arena for the whole daemon. glibc gives threads that allocate at the same time
+    // arenas of their own, and the two workers' arenas held ~2.2 MiB of the brain's RSS at 100
+    // instances (BENCHMARKS.md); the daemon allocates little, and rarely at once.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let cli = DaemonCli::parse();
     init_tracing();
     let host = match HostConfig::load(&cli.config) {
