@@ -73,13 +73,32 @@ struct Settings {
     tc: bool,
 }
 
+/// The bench's fleet: `s.hosts` hosts, one ZooKeeper server, 10 s sessions, each host's file
+/// extended by `extra(i)`.
+fn bench_fleet(s: &Settings, extra: &dyn Fn(usize) -> String) -> Fleet {
+    Fleet::new_with(
+        FleetOptions {
+            hosts: s.hosts,
+            zookeepers: 1,
+        },
+        10_000,
+        extra,
+    )
+    .expect("a fleet (root, ZooKeeper)")
+}
+
+/// Host `i`'s rack line: racks of `per_rack` hosts, `r1` first.
+fn rack_line(i: usize, per_rack: usize) -> String {
+    format!("rack = \"r{}\"\n", i / per_rack + 1)
+}
+
 fn run(mode: &str, s: &Settings) -> Value {
     let per_rack = s.hosts.div_ceil(s.racks);
     let peers = mode == "peers";
     let link = s.link;
     let max_uploads = s.max_uploads;
     let extra = move |i: usize| {
-        let mut text = format!("rack = \"r{}\"\n", i / per_rack + 1);
+        let mut text = rack_line(i, per_rack);
         if peers {
             text += &format!(
                 "[peers]\nenabled = true\nadvertise = \"10.199.0.{}:7480\"\nupload_bytes_per_s = {link}\nmax_uploads = {max_uploads}\n",
@@ -88,15 +107,7 @@ fn run(mode: &str, s: &Settings) -> Value {
         }
         text
     };
-    let fleet = Fleet::new_with(
-        FleetOptions {
-            hosts: s.hosts,
-            zookeepers: 1,
-        },
-        10_000,
-        &extra,
-    )
-    .expect("a fleet (root, ZooKeeper)");
+    let fleet = bench_fleet(s, &extra);
     if s.tc {
         fleet.shape_links(LinkShape {
             host_rate_bits: s.link * 8,
@@ -174,16 +185,8 @@ fn run(mode: &str, s: &Settings) -> Value {
 /// restart` on one host of the same fleet, the median of three).
 fn run_limit(s: &Settings, percent: u64) -> Value {
     let per_rack = s.hosts.div_ceil(s.racks);
-    let extra = move |i: usize| format!("rack = \"r{}\"\n", i / per_rack + 1);
-    let fleet = Fleet::new_with(
-        FleetOptions {
-            hosts: s.hosts,
-            zookeepers: 1,
-        },
-        10_000,
-        &extra,
-    )
-    .expect("a fleet (root, ZooKeeper)");
+    let extra = move |i: usize| rack_line(i, per_rack);
+    let fleet = bench_fleet(s, &extra);
     let builds = [
         fleet.builds().good(SVC, "b1"),
         fleet.builds().good(SVC, "b2"),
@@ -244,15 +247,7 @@ const ZK_SETTLE_MS: u64 = 1_000;
 
 /// ZooKeeper's cost per host per deploy, and `enabled` → every host acting, over many deploys.
 fn run_zk(s: &Settings, deploys: usize) -> Value {
-    let fleet = Fleet::new_with(
-        FleetOptions {
-            hosts: s.hosts,
-            zookeepers: 1,
-        },
-        10_000,
-        &|_| String::new(),
-    )
-    .expect("a fleet (root, ZooKeeper)");
+    let fleet = bench_fleet(s, &|_| String::new());
     fleet.service(SVC, &light_service(SVC));
     let builds: Vec<_> = (0..=deploys)
         .map(|i| fleet.builds().good(SVC, &format!("b{i}")))
