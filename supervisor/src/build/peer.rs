@@ -12,7 +12,10 @@
 //! one another (a full peer answers 503 and the asker goes to the next), so the transfers form
 //! a tree whose root alone reads the store. The store therefore serves one copy per deploy,
 //! and at most one per rack when the fleet's election is out of reach or its fetcher offers
-//! nothing within `peers.rack_wait_ms`.
+//! nothing within `peers.rack_wait_ms`. A host that holds an election and cannot be reached
+//! (killed, cut off: its session outlives it by `session_timeout_ms`) has it opened by the hosts
+//! that wait on it (`Zk::take_over_fetch_lock`, `Zk::take_over_store_fetcher`), which elect
+//! another among themselves instead of each going to the store.
 //!
 //! Trust: peers are less trusted than root and than the store's registration. Every byte,
 //! whoever served it, goes through the same hashing, extraction and checks as a store download,
@@ -51,7 +54,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use super::{BuildError, Limits, Releases, Source, check_build_id, store};
 use crate::clip::clip;
 pub use crate::config::{DEFAULT_RACK, PeerConfig};
-use crate::coord::{PeerNode, PeerSeen, StoreFetcher, Zk};
+use crate::coord::{PeerNode, PeerSeen, RackFetcher, StoreFetcher, Zk};
 
 /// Directory of kept archives under `<data_dir>/<svc>`.
 const ARCHIVES_DIR: &str = "archives";
@@ -160,8 +163,11 @@ enum PeerFailure {
     Bad(BuildError),
     /// It answered that all its upload slots are taken: try another, no failure counted.
     Busy(String),
-    /// It could not serve (gone, stalled, cut, not holding it): try another.
+    /// It could not serve (stalled, cut, not holding it): try another.
     Unavailable(String),
+    /// No connection could be made (refused, or none within `peers.connect_timeout_ms`): the
+    /// host is gone or cut off, and is not asked again by this install.
+    Unreachable(String),
     /// This host failed (disk): no other source helps.
     Local(BuildError),
 }
@@ -368,7 +374,11 @@ impl Peers {
         let started = Instant::now();
         let mut failures: u32 = 0;
         let mut skipped: HashSet<String> = HashSet::new();
+        // Hosts no connection reached: left out for the rest of this install, and their
+        // elections opened (their sessions may outlive them by `session_timeout_ms`).
+        let mut unreachable: HashSet<String> = HashSet::new();
         let mut leader = false;
+        let mut rack_fetcher: Option<String> = None;
         let mut relisted = false;
         let mut store_fetcher: Option<StoreFetcher> = None;
         let mut reports: Vec<String> = Vec::new();
@@ -427,13 +437,28 @@ impl Peers {
                             failures += 1;
                             continue;
                         }
+                        Err(PeerFailure::Unreachable(why)) => {
+                            tracing::info!(service, build, peer = %clip(&peer.host), "retrying elsewhere, not asking again: {why}");
+                            skipped.insert(peer.host.clone());
+                            unreachable.insert(peer.host.clone());
+                            failures += 1;
+                            continue;
+                        }
                         Err(PeerFailure::Local(e)) => break Err(e),
                     }
                 }
             }
             if !leader {
+                if let Some(holder) = rack_fetcher.take_if(|h| unreachable.contains(h.as_str())) {
+                    self.take_over(zk.take_over_fetch_lock(service, build, &rack, &holder))
+                        .await;
+                }
                 leader = match zk.try_fetch_lock(service, build, &rack).await {
-                    Ok(held) => held,
+                    Ok(RackFetcher::Me) => true,
+                    Ok(RackFetcher::Other(holder)) => {
+                        rack_fetcher = holder;
+                        false
+                    }
                     Err(e) => {
                         tracing::warn!(service, build, "electing the rack's fetcher: {e}");
                         tokio::time::sleep(Duration::from_millis(ZK_RETRY_MS)).await;
@@ -451,6 +476,12 @@ impl Peers {
             // from another that streams from it) instead of sharing the store's uplink.
             if leader && store_fetcher != Some(StoreFetcher::Me) {
                 let before = store_fetcher.take();
+                if let Some(StoreFetcher::Other { rack: r, host: h }) = &before
+                    && unreachable.contains(h)
+                {
+                    self.take_over(zk.take_over_store_fetcher(service, build, r, h))
+                        .await;
+                }
                 store_fetcher = Some(match zk.try_store_fetcher(service, build, &rack).await {
                     Ok(held) => held,
                     Err(e) => {
@@ -484,7 +515,7 @@ impl Peers {
             }
             // Another host fetches (this rack's, or the fleet's store fetcher): wait until it
             // serves or lets go. Busy peers may be free by then.
-            skipped.clear();
+            skipped.clone_from(&unreachable);
             let holder = match &store_fetcher {
                 Some(StoreFetcher::Other { rack, host }) => Some((rack.as_str(), host.as_str())),
                 _ => None,
@@ -522,6 +553,17 @@ impl Peers {
                 url: clip(&source.url).into_owned(),
                 message: format!("{e}; {}", reports.join("; ")),
             }),
+        }
+    }
+
+    /// Opens an election held by a host this install could not reach, logging a ZooKeeper
+    /// error (then the install goes on waiting, bounded by `peers.rack_wait_ms`).
+    async fn take_over(
+        &self,
+        opened: impl Future<Output = Result<bool, crate::coord::CoordError>>,
+    ) {
+        if let Err(e) = opened.await {
+            tracing::warn!("opening an election held by an unreachable host: {e}");
         }
     }
 
@@ -563,12 +605,12 @@ impl Peers {
         let tcp = tokio::time::timeout(Duration::from_millis(config.connect_timeout_ms), connect)
             .await
             .map_err(|_| {
-                down(format!(
+                PeerFailure::Unreachable(format!(
                     "{label}: no connection within {} ms",
                     config.connect_timeout_ms
                 ))
             })?
-            .map_err(|e| down(format!("{label}: {e}")))?;
+            .map_err(|e| PeerFailure::Unreachable(format!("{label}: {e}")))?;
         let stall = Duration::from_millis(config.stall_ms);
         let (mut send, connection) = tokio::time::timeout(
             stall,

@@ -1264,82 +1264,194 @@ async fn set_id_bits_and_ownership_from_the_archive_are_never_applied() {
 // ---------------------------------------------------------------------------------------------
 // Through peers, against a real ZooKeeper
 
-/// The racks' fetchers of one build, all starting at once, elect one store fetcher: the store
-/// serves one copy, and the other racks stream it from that host as it arrives (issue 12).
-/// Without the fleet-wide election each rack's fetcher found no peer yet and went to the store.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn racks_fetching_at_once_take_one_copy_from_the_store() {
-    use crate::coord::{BuildMeta, CoordEvent, Fleet, Zk, ZkConfig};
-    let Some(server) = tokio::task::block_in_place(sluice_tests::zk::Zookeeper::loopback) else {
-        return;
-    };
-    let noise: Vec<u8> = (0..512 * 1024).map(|_| rand::random::<u8>()).collect();
-    let tar = Tar::new()
-        .file("etc/conf.txt", b"fleet", 0o644)
-        .file("noise", &noise, 0o644)
-        .finish();
-    let archive = gzip(&tar);
-    let digest = sha256(&archive);
-    let store = HttpServer::start(BTreeMap::from([(
-        "/web/b1.tar.gz".to_owned(),
-        Route::Paced(archive.clone()),
-    )]));
-    let url = store.url("/web/b1.tar.gz");
-    let connect = server.connect_string();
-    let fleet = Fleet::connect(&connect, None).await.unwrap();
-    let meta = BuildMeta {
-        url: url.clone(),
-        sha256: digest.clone(),
-        size: Some(archive.len() as u64),
-        created: None,
-    };
-    fleet.register_build("web", "b1", &meta).await.unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut hosts = Vec::new();
-    for i in 1..=3 {
+/// A build registered in a real ZooKeeper with its archive on a paced loopback store, and the
+/// hosts' sessions and peer sides (issue 12's tests below).
+struct PeerFleet {
+    /// Keeps the ZooKeeper server running.
+    _server: sluice_tests::zk::Zookeeper,
+    connect: String,
+    store: HttpServer,
+    source: Source,
+    tmp: tempfile::TempDir,
+}
+
+impl PeerFleet {
+    async fn start() -> Option<PeerFleet> {
+        use crate::coord::{BuildMeta, Fleet};
+        let server = tokio::task::block_in_place(sluice_tests::zk::Zookeeper::loopback)?;
+        let noise: Vec<u8> = (0..512 * 1024).map(|_| rand::random::<u8>()).collect();
+        let tar = Tar::new()
+            .file("etc/conf.txt", b"fleet", 0o644)
+            .file("noise", &noise, 0o644)
+            .finish();
+        let archive = gzip(&tar);
+        let digest = sha256(&archive);
+        let store = HttpServer::start(BTreeMap::from([(
+            "/web/b1.tar.gz".to_owned(),
+            Route::Paced(archive.clone()),
+        )]));
+        let url = store.url("/web/b1.tar.gz");
+        let connect = server.connect_string();
+        let fleet = Fleet::connect(&connect, None).await.unwrap();
+        let meta = BuildMeta {
+            url: url.clone(),
+            sha256: digest.clone(),
+            size: Some(archive.len() as u64),
+            created: None,
+        };
+        fleet.register_build("web", "b1", &meta).await.unwrap();
+        Some(PeerFleet {
+            _server: server,
+            connect,
+            store,
+            source: Source {
+                url,
+                sha256: Some(digest),
+            },
+            tmp: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    /// A connected session of `host`, with its event stream (which must stay alive).
+    async fn session(
+        &self,
+        host: &str,
+    ) -> (
+        crate::coord::Zk,
+        tokio::sync::mpsc::Receiver<crate::coord::CoordEvent>,
+    ) {
+        use crate::coord::{CoordEvent, Zk, ZkConfig};
         let config = ZkConfig {
-            connect: connect.clone(),
-            host: format!("h{i}"),
+            connect: self.connect.clone(),
+            host: host.to_owned(),
             digest: None,
             session_timeout_ms: 10_000,
         };
         let (zk, mut events) = Zk::start(config, vec![]);
         assert_eq!(events.recv().await, Some(CoordEvent::Connected));
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        (zk, events)
+    }
+
+    /// `host` of `rack` with its peer server on a free loopback port and its releases.
+    async fn host(
+        &self,
+        host: &str,
+        rack: &str,
+    ) -> (
+        peer::Peers,
+        Releases,
+        tokio::sync::mpsc::Receiver<crate::coord::CoordEvent>,
+    ) {
+        let (zk, events) = self.session(host).await;
         let config = peer::PeerConfig {
             enabled: true,
-            listen: format!("127.0.0.1:{port}"),
+            listen: format!("127.0.0.1:{}", free_port()),
             ..peer::PeerConfig::default()
         };
-        let dir = tmp.path().join(format!("h{i}"));
-        let rack = format!("r{i}");
-        let peers = peer::Peers::start(&config, Some(&rack), &dir, zk, vec!["web".into()])
+        let dir = self.tmp.path().join(host);
+        let peers = peer::Peers::start(&config, Some(rack), &dir, zk, vec!["web".into()])
             .await
             .unwrap();
-        hosts.push((peers, Releases::new(&dir, "web"), events));
+        (peers, Releases::new(&dir, "web"), events)
     }
-    let source = Source {
-        url,
-        sha256: Some(digest),
+
+    /// Installs b1 on every host at once; each must arrive verified.
+    async fn install_all(
+        &self,
+        hosts: &[(
+            peer::Peers,
+            Releases,
+            tokio::sync::mpsc::Receiver<crate::coord::CoordEvent>,
+        )],
+    ) {
+        let limits = Limits::default();
+        let installs = hosts.iter().map(|(peers, releases, _)| {
+            peer::install(Some(peers), releases, "web", "b1", &self.source, &limits)
+        });
+        for dir in futures_util::future::join_all(installs).await {
+            let dir = dir.unwrap();
+            assert_eq!(
+                std::fs::read_to_string(dir.join("etc/conf.txt")).unwrap(),
+                "fleet"
+            );
+        }
+    }
+}
+
+/// A loopback port nothing listens on (bound, then let go).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The racks' fetchers of one build, all starting at once, elect one store fetcher: the store
+/// serves one copy, and the other racks stream it from that host as it arrives (issue 12).
+/// Without the fleet-wide election each rack's fetcher found no peer yet and went to the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racks_fetching_at_once_take_one_copy_from_the_store() {
+    let Some(fleet) = PeerFleet::start().await else {
+        return;
     };
-    let limits = Limits::default();
-    let installs = hosts.iter().map(|(peers, releases, _)| {
-        peer::install(Some(peers), releases, "web", "b1", &source, &limits)
-    });
-    for dir in futures_util::future::join_all(installs).await {
-        let dir = dir.unwrap();
-        assert_eq!(
-            std::fs::read_to_string(dir.join("etc/conf.txt")).unwrap(),
-            "fleet"
-        );
+    let mut hosts = Vec::new();
+    for i in 1..=3 {
+        hosts.push(fleet.host(&format!("h{i}"), &format!("r{i}")).await);
     }
+    fleet.install_all(&hosts).await;
     assert_eq!(
-        store.hits("/web/b1.tar.gz"),
+        fleet.store.hits("/web/b1.tar.gz"),
         1,
         "three racks' fetchers took more than one copy from the store"
+    );
+}
+
+/// A host that died while it held both its rack's fetcher election and the fleet's store
+/// fetcher (its session still alive, as it stays for `session_timeout_ms` after a `kill -9`,
+/// its peer node naming a port nothing listens on): the hosts that need the build find it
+/// unreachable, open its elections, elect a new store fetcher among themselves and take one
+/// copy from the store. Without the take-over each spent its attempts on the dead host and
+/// went to the store on its own (one copy each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elections_held_by_an_unreachable_host_are_taken_over() {
+    use crate::coord::{PeerNode, RackFetcher, StoreFetcher};
+    let Some(fleet) = PeerFleet::start().await else {
+        return;
+    };
+    let (ghost, _ghost_events) = fleet.session("h9").await;
+    assert_eq!(
+        ghost.try_fetch_lock("web", "b1", "r1").await.unwrap(),
+        RackFetcher::Me
+    );
+    assert_eq!(
+        ghost.try_store_fetcher("web", "b1", "r1").await.unwrap(),
+        StoreFetcher::Me
+    );
+    let dead = PeerNode {
+        addr: format!("127.0.0.1:{}", free_port()),
+        complete: false,
+    };
+    ghost.set_peer("web", "b1", "r1", Some(dead));
+    let (onlooker, _onlooker_events) = fleet.session("h8").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while onlooker
+        .peers_of("web", "b1", "r2")
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead host's peer node never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hosts = vec![fleet.host("h1", "r1").await, fleet.host("h2", "r2").await];
+    fleet.install_all(&hosts).await;
+    assert_eq!(
+        fleet.store.hits("/web/b1.tar.gz"),
+        1,
+        "hosts whose store fetcher died took more than one copy from the store"
     );
 }

@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use zookeeper_client::{Acl, Acls, AuthId, Client, CreateMode, CreateOptions, Permission};
 
 pub use fleet::Fleet;
-pub use peers::{PEER_READS_MAX, PeerNode, PeerSeen, StoreFetcher};
+pub use peers::{PEER_READS_MAX, PeerNode, PeerSeen, RackFetcher, StoreFetcher};
 pub use slot::Slot;
 pub use view::{FleetView, ViewWatch};
 

@@ -80,6 +80,15 @@ pub enum StoreFetcher {
     Unnamed,
 }
 
+/// Who holds a rack's fetcher election.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RackFetcher {
+    /// This session.
+    Me,
+    /// Another session, holding the host its node names (`None`: not a valid host name).
+    Other(Option<String>),
+}
+
 /// Parses the store fetcher's node, `<rack>/<host>`, both valid names.
 fn parse_store_fetcher(data: &[u8]) -> Option<(String, String)> {
     let text = std::str::from_utf8(data).ok()?;
@@ -202,20 +211,95 @@ impl Zk {
     }
 
     /// Tries to become the host of `rack` that fetches what no peer offers: creates the
-    /// ephemeral `fetching/<rack>` node. `Ok(true)` when this session holds it (made now or
-    /// earlier), `Ok(false)` when another host does.
+    /// ephemeral `fetching/<rack>` node. [`RackFetcher::Me`] when this session holds it (made
+    /// now or earlier), else the host its node names.
     pub async fn try_fetch_lock(
         &self,
         service: &str,
         build: &str,
         rack: &str,
-    ) -> Result<bool, CoordError> {
+    ) -> Result<RackFetcher, CoordError> {
         check_name("service", service)?;
         check_name("build", build)?;
         check_name("rack", rack)?;
         let path = fetching_path(service, build, rack);
         let me = self.shared.config.host.clone();
-        Ok(self.try_lock(&path, me.as_bytes()).await?.is_none())
+        Ok(match self.try_lock(&path, me.as_bytes()).await? {
+            None => RackFetcher::Me,
+            Some(data) => RackFetcher::Other(
+                std::str::from_utf8(&data)
+                    .ok()
+                    .filter(|h| check_name("host", h).is_ok())
+                    .map(str::to_owned),
+            ),
+        })
+    }
+
+    /// Ends `host`'s hold on `rack`'s fetcher election when that host cannot be reached (its
+    /// session may outlive it by `session_timeout_ms`): deletes `fetching/<rack>` if it still
+    /// names `host` and another session owns it. `Ok(true)` when the election is open now.
+    pub async fn take_over_fetch_lock(
+        &self,
+        service: &str,
+        build: &str,
+        rack: &str,
+        host: &str,
+    ) -> Result<bool, CoordError> {
+        check_name("service", service)?;
+        check_name("build", build)?;
+        check_name("rack", rack)?;
+        check_name("host", host)?;
+        self.take_over(&fetching_path(service, build, rack), host.as_bytes())
+            .await
+    }
+
+    /// As [`Zk::take_over_fetch_lock`], for the fleet's `store-fetcher` held by `host` of `rack`.
+    pub async fn take_over_store_fetcher(
+        &self,
+        service: &str,
+        build: &str,
+        rack: &str,
+        host: &str,
+    ) -> Result<bool, CoordError> {
+        check_name("service", service)?;
+        check_name("build", build)?;
+        check_name("rack", rack)?;
+        check_name("host", host)?;
+        let holder = format!("{rack}/{host}");
+        self.take_over(&store_fetcher_path(service, build), holder.as_bytes())
+            .await
+    }
+
+    /// Deletes the lock node `path` if it holds exactly `holder` and is another session's, at
+    /// the version read (a node made again since is not touched; the window between the read
+    /// and the delete can at worst open an election twice, which costs one more store copy).
+    async fn take_over(&self, path: &str, holder: &[u8]) -> Result<bool, CoordError> {
+        use zookeeper_client::Error as E;
+        let client = self.client()?;
+        let stat = match self.bounded(path, client.get_data(path)).await? {
+            Ok((data, stat)) if data == holder && stat.ephemeral_owner != client.session_id().0 => {
+                stat
+            }
+            Ok(_) => return Ok(false),
+            Err(E::NoNode) => return Ok(true),
+            Err(e) => return Err(CoordError::zk("read", path, e)),
+        };
+        match self
+            .bounded(path, client.delete(path, Some(stat.version)))
+            .await?
+        {
+            Ok(()) => {
+                tracing::warn!(
+                    path,
+                    holder = %String::from_utf8_lossy(holder),
+                    "opened an election held by a host that cannot be reached"
+                );
+                Ok(true)
+            }
+            Err(E::NoNode) => Ok(true),
+            Err(E::BadVersion) => Ok(false),
+            Err(e) => Err(CoordError::zk("delete", path, e)),
+        }
     }
 
     /// Tries to become the one host of the fleet that fetches `build` from the store (what a

@@ -690,13 +690,46 @@ async fn peers_register_under_registered_builds_and_one_host_per_rack_fetches() 
         node(false)
     );
 
-    // One fetcher per rack: h1 wins r1 (and keeps it), h3 cannot take r1 but wins r2.
-    assert!(zk(0).try_fetch_lock("web", "b1", "r1").await.unwrap());
-    assert!(zk(0).try_fetch_lock("web", "b1", "r1").await.unwrap());
-    assert!(!zk(2).try_fetch_lock("web", "b1", "r1").await.unwrap());
-    assert!(zk(2).try_fetch_lock("web", "b1", "r2").await.unwrap());
+    // One fetcher per rack: h1 wins r1 (and keeps it), h3 is told h1 holds r1 but wins r2.
+    let me = RackFetcher::Me;
+    let h1_holds = RackFetcher::Other(Some("h1".into()));
+    assert_eq!(zk(0).try_fetch_lock("web", "b1", "r1").await.unwrap(), me);
+    assert_eq!(zk(0).try_fetch_lock("web", "b1", "r1").await.unwrap(), me);
+    assert_eq!(
+        zk(2).try_fetch_lock("web", "b1", "r1").await.unwrap(),
+        h1_holds
+    );
+    assert_eq!(zk(2).try_fetch_lock("web", "b1", "r2").await.unwrap(), me);
+    // Taking over from a host that cannot be reached opens only the election that names it,
+    // and never one this session holds.
+    assert!(
+        !zk(1)
+            .take_over_fetch_lock("web", "b1", "r1", "h9")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !zk(0)
+            .take_over_fetch_lock("web", "b1", "r1", "h1")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        zk(1).try_fetch_lock("web", "b1", "r1").await.unwrap(),
+        h1_holds
+    );
+    assert!(
+        zk(1)
+            .take_over_fetch_lock("web", "b1", "r1", "h1")
+            .await
+            .unwrap()
+    );
+    assert_eq!(read(&raw, "/builds/web/b1/fetching/r1").await, None);
+    assert_eq!(zk(1).try_fetch_lock("web", "b1", "r1").await.unwrap(), me);
+    zk(1).release_fetch_lock("web", "b1", "r1").await;
+    assert_eq!(zk(0).try_fetch_lock("web", "b1", "r1").await.unwrap(), me);
     zk(0).release_fetch_lock("web", "b1", "r1").await;
-    assert!(zk(2).try_fetch_lock("web", "b1", "r1").await.unwrap());
+    assert_eq!(zk(2).try_fetch_lock("web", "b1", "r1").await.unwrap(), me);
 
     // One store fetcher for the whole fleet: h2 (r2) wins and keeps it; h1 (r1) is told who
     // holds it, by rack and host; once h2 lets go, h1 wins.
@@ -714,6 +747,23 @@ async fn peers_register_under_registered_builds_and_one_host_per_rack_fetches() 
             rack: "r2".into(),
             host: "h2".into()
         }
+    );
+    assert_eq!(
+        read(&raw, "/builds/web/b1/store-fetcher").await.as_deref(),
+        Some("r2/h2")
+    );
+    // A take-over names the holder by rack and host: another name leaves it alone.
+    assert!(
+        !zk(0)
+            .take_over_store_fetcher("web", "b1", "r1", "h2")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !zk(1)
+            .take_over_store_fetcher("web", "b1", "r2", "h2")
+            .await
+            .unwrap()
     );
     assert_eq!(
         read(&raw, "/builds/web/b1/store-fetcher").await.as_deref(),
@@ -753,6 +803,19 @@ async fn peers_register_under_registered_builds_and_one_host_per_rack_fetches() 
         read(&raw, "/builds/web/b1/store-fetcher").await.as_deref(),
         Some("r1/h1")
     );
+    // h1 cannot be reached (as far as h3 can tell): h3 opens the election and wins it.
+    assert!(
+        zk(2)
+            .take_over_store_fetcher("web", "b1", "r1", "h1")
+            .await
+            .unwrap()
+    );
+    assert_eq!(read(&raw, "/builds/web/b1/store-fetcher").await, None);
+    assert_eq!(
+        zk(2).try_store_fetcher("web", "b1", "r2").await.unwrap(),
+        StoreFetcher::Me
+    );
+    zk(2).release_store_fetcher("web", "b1").await;
 
     // Withdrawn, and gone with the session.
     zk(0).set_peer("web", "b1", "r1", None);

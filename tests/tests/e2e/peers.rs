@@ -295,11 +295,22 @@ fn builds_travel_between_peers_and_the_store_serves_once_per_deploy() {
     victim.spawn_daemon(&[]);
     victim.wait_reachable(sluice_tests::PATIENCE);
     fleet.wait_all_serving(SVC, &b3.id, DEPLOY_PATIENCE);
-    // Known weakness (issue 12, measured 4.07–9.09 copies on 2026-12-02): when the victim was
-    // the store fetcher or a relay, its session holds its election and peer node until it
-    // expires, the hosts below it spend their attempts on relays it no longer feeds, and several
-    // go to the store. What this step asserts is that peers still carried most of the fleet: fewer
-    // store copies than hosts.
-    assert_store_served_at_most(&fleet, b3, HOSTS as u64 - 1);
+    // The victim may have been the fleet's store fetcher or a relay: its session holds its
+    // elections and peer node for `session_timeout_ms`, so the hosts below it find it
+    // unreachable and open its elections (`peer.rs`'s take-over) instead of each going to the
+    // store. Measured 3.08–9.09 copies before the take-over, 1.03–1.07 after (2026-12-02).
+    let opened: Vec<String> = fleet
+        .hosts
+        .iter()
+        .flat_map(|h| {
+            lines_with(h, marks[&h.name], &["opened an election", "b3"])
+                .into_iter()
+                .map(|l| format!("{}: {l}", h.name))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    eprintln!("elections opened after the kill:\n{}", opened.join("\n"));
+    // At most the victim's partial copy and one new store fetcher's.
+    assert_store_served_at_most(&fleet, b3, 2);
     every_host_serves(&fleet, b3);
 }
