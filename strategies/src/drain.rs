@@ -46,6 +46,8 @@ pub struct Activity {
     /// `tcpi_data_segs_out` (Linux 4.6 and later): `Some(0)` after a request is a connection whose
     /// first request is not answered yet, whatever the times say.
     pub data_segs_out: Option<u32>,
+    /// `tcpi_snd_mss`: the largest segment the connection sends, in bytes.
+    pub snd_mss: u32,
 }
 
 /// One connection of the instance (local port = the instance's port), as the kernel reports it.
@@ -77,7 +79,7 @@ impl Connection {
         if self.state == TcpState::SynRecv {
             return true;
         }
-        if self.recv_queue_bytes > 0 || self.send_queue_bytes > 0 {
+        if self.recv_queue_bytes > 0 {
             return true;
         }
         let Some(a) = self.activity else {
@@ -96,7 +98,16 @@ impl Connection {
         // sent within the tick of its request, and the rare new request that arrived in the tick
         // of the previous response is finished by the graceful stop, which completes requests in
         // flight.
-        a.last_data_recv_ms_ago < a.last_data_sent_ms_ago
+        if a.last_data_recv_ms_ago < a.last_data_sent_ms_ago {
+            return true;
+        }
+        // Answered: what the client has not acknowledged yet is on its way, and a socket that
+        // closes still sends it (with its FIN, at once). At most one segment's worth is the tail
+        // Nagle's algorithm holds back until the client's delayed ACK (up to 40 ms): a server
+        // without TCP_NODELAY, as the JDK's HttpServer by default, has it after most of its
+        // responses, so a busy keep-alive connection to it would almost never look answered.
+        // More than one segment is a response still being written.
+        self.send_queue_bytes > 0 && (a.snd_mss == 0 || self.send_queue_bytes > a.snd_mss)
     }
 }
 
@@ -174,6 +185,7 @@ mod tests {
         last_data_sent_ms_ago: 118,
         bytes_received: Some(4_000),
         data_segs_out: Some(9),
+        snd_mss: 1_448,
     };
 
     fn conn(state: TcpState, rq: u32, wq: u32, activity: Option<Activity>) -> Connection {
@@ -195,6 +207,7 @@ mod tests {
             last_data_sent_ms_ago: sent,
             bytes_received: bytes,
             data_segs_out: bytes.map(|b| u32::from(b > 0)),
+            snd_mss: 1_448,
         }
     }
 
@@ -219,8 +232,28 @@ mod tests {
                 true,
             ),
             (
-                "response not yet acknowledged by the client",
-                conn(Established, 0, 1_460, Some(IDLE)),
+                "a response of several segments still being written",
+                conn(Established, 0, 1_449, Some(IDLE)),
+                true,
+            ),
+            (
+                "answered, its tail held by Nagle until the client's ACK",
+                conn(Established, 0, 103, Some(activity(16, 12, Some(16_874)))),
+                false,
+            ),
+            (
+                "answered in the tick of its request, tail held by Nagle",
+                conn(Established, 0, 103, Some(activity(32, 32, Some(20_296)))),
+                false,
+            ),
+            (
+                "a tail queued but a request read since: in flight",
+                conn(Established, 0, 103, Some(activity(4, 12, Some(20_296)))),
+                true,
+            ),
+            (
+                "data queued and no segment size known: cannot tell",
+                conn(Established, 0, 103, Some(Activity { snd_mss: 0, ..IDLE })),
                 true,
             ),
             ("handshake not complete", conn(SynRecv, 0, 0, None), true),

@@ -50,6 +50,7 @@ const TCP_ESTABLISHED: u8 = 1;
 const TCP_SYN_RECV: u8 = 3;
 const TCP_CLOSE_WAIT: u8 = 8;
 /// `struct tcp_info` offsets of the fields read.
+const TCPI_SND_MSS: usize = 16;
 const TCPI_LAST_DATA_SENT: usize = 44;
 const TCPI_LAST_DATA_RECV: usize = 52;
 const TCPI_BYTES_RECEIVED: usize = 128;
@@ -369,6 +370,7 @@ fn parse_connection(msg: &[u8]) -> Option<Option<Connection>> {
                 last_data_recv_ms_ago: u32_at(info, TCPI_LAST_DATA_RECV)?,
                 bytes_received: u64_at(info, TCPI_BYTES_RECEIVED),
                 data_segs_out: u32_at(info, TCPI_DATA_SEGS_OUT),
+                snd_mss: u32_at(info, TCPI_SND_MSS)?,
             });
         }
         attrs = &attrs[align4(len).min(attrs.len())..];
@@ -418,7 +420,15 @@ pub async fn wait(
         let ending = match result {
             Ok(conns) => {
                 tally = Tally::of(&conns);
-                decide(tally, until, waited_ms, timeout_ms)
+                let ending = decide(tally, until, waited_ms, timeout_ms);
+                if ending == Some(Ending::Timeout) {
+                    // What kept the drain waiting, as the kernel told it: an operator (and the
+                    // matrix tests) can tell a slow request from a connection misjudged busy.
+                    for c in conns.iter().filter(|c| c.in_flight()).take(8) {
+                        tracing::info!(service, index, port, connection = ?c, "drain timed out with a request in flight");
+                    }
+                }
+                ending
             }
             Err(e) => {
                 if !logged_error {
@@ -520,7 +530,9 @@ mod tests {
                 c.len() == 1 && !c[0].in_flight()
             });
             assert_eq!(conns[0].state, TcpState::Established);
-            assert!(conns[0].activity.is_some(), "tcp_info requested: {conns:?}");
+            let a = conns[0].activity.expect("tcp_info requested");
+            // Loopback's segment size is its MTU's (65,536) less the headers.
+            assert!(a.snd_mss >= 1_000, "tcpi_snd_mss read: {conns:?}");
 
             // Busy client: a request the server has not read.
             let mut busy = TcpStream::connect(listener.local_addr().unwrap()).unwrap();

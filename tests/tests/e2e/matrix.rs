@@ -215,8 +215,12 @@ fn restart_matrix(server: Server) {
     // all. Either way the drain ended on its own, never at `drain_timeout_ms`.
     assert!(
         endings.iter().all(|e| e == "idle" || e == "closed"),
-        "{}: every drain ends because no request was in flight, not at drain_timeout_ms: {endings:?}",
-        server.name()
+        "{}: every drain ends because no request was in flight, not at drain_timeout_ms: {endings:?}\nwhat the kernel told of the connections counted busy:\n{}",
+        server.name(),
+        log.lines()
+            .filter(|l| l.contains("drain timed out with a request in flight"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     if server.keeps_alive() {
         // The pools keep connections to the instances: the idle rule, not an empty instance, is
