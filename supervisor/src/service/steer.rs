@@ -49,9 +49,11 @@ impl Steering {
 impl Core {
     /// The instances new connections should go to.
     pub(super) fn desired_steering(&self) -> BTreeSet<u32> {
-        // A batch held at its start (no fleet slot yet) keeps serving until it may begin.
+        // A batch held at its start (no fleet slot yet) keeps serving until it may begin. Off the
+        // fleet, the enable of a batch also takes the next one out, in one transaction.
         let out = match &self.state.restart {
-            Some(machine) if !self.batch_held() => machine.disabled(),
+            Some(machine) if !self.batch_held() && self.fleet => machine.disabled(),
+            Some(machine) if !self.batch_held() => machine.disabled_with_next(),
             _ => BTreeSet::new(),
         };
         // In `state_error` the operator's drains are unknown: an instance may leave the chain
@@ -88,8 +90,13 @@ impl Core {
                 self.apply_steering(desired);
                 return;
             }
+            // What the chain let go on may move the restart on without changing the chain (the
+            // next batch, already out since its predecessor's enable, now waits for its drain):
+            // then look again, for what waits on the chain as it is.
+            let epoch = self.state.restart.as_ref().map(|m| m.epoch);
             self.after_steering();
-            if self.desired_steering() == desired {
+            let moved = self.state.restart.as_ref().map(|m| m.epoch) != epoch;
+            if !moved && self.desired_steering() == desired {
                 return;
             }
         }

@@ -1308,3 +1308,74 @@ fn a_restart_never_reuses_an_earlier_restarts_epochs() {
     );
     assert!(world.violations.is_empty(), "{:?}", world.violations);
 }
+
+/// Off the fleet, the enable of a drain batch takes the next batch out in the same transaction:
+/// a restart of 3 instances one by one writes the chain 4 times, not 6, and no chain written
+/// ever leaves out more than one instance. On the fleet backend the next batch waits for its
+/// slot, so each batch keeps its own two transactions.
+#[test]
+fn the_enable_of_a_batch_takes_the_next_one_out_in_one_transaction() {
+    for (fleet, want) in [(false, 4), (true, 6)] {
+        let mut world = serving(changed(config(3, true, StrategyName::Drain)), fleet);
+        let from = world.journal.len();
+        let spawned: Vec<usize> = (0..3).map(|i| world.spawns(i)).collect();
+        let reply = world.control(Action::Restart, None);
+        world.settle(SETTLE);
+        assert!(world.replies[&reply].is_ok(), "{:?}", world.replies[&reply]);
+        let chains: Vec<BTreeSet<u32>> = world.journal[from..]
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Effect::ApplyChain { desired, .. } => Some(desired.clone()),
+                _ => None,
+            })
+            .collect();
+        let sets = |v: &[&[u32]]| -> Vec<BTreeSet<u32>> {
+            v.iter().map(|s| s.iter().copied().collect()).collect()
+        };
+        let expected = if fleet {
+            sets(&[
+                &[1, 2],
+                &[0, 1, 2],
+                &[0, 2],
+                &[0, 1, 2],
+                &[0, 1],
+                &[0, 1, 2],
+            ])
+        } else {
+            sets(&[&[1, 2], &[0, 2], &[0, 1], &[0, 1, 2]])
+        };
+        assert_eq!(chains.len(), want, "fleet {fleet}: {chains:?}");
+        assert_eq!(chains, expected, "fleet {fleet}");
+        for (i, before) in spawned.iter().enumerate() {
+            assert_eq!(
+                world.spawns(i as u32),
+                before + 1,
+                "instance {i} restarted once"
+            );
+        }
+        // Each batch's drain wait begins as soon as the chain without it is in (and its step
+        // written), not at some later event: the world answers an effect within 200 ms.
+        for i in 0..3u32 {
+            let journal = &world.journal[from..];
+            let out_at = journal
+                .iter()
+                .find_map(|(t, e)| match e {
+                    Effect::ApplyChain { desired, .. } if !desired.contains(&i) => Some(*t),
+                    _ => None,
+                })
+                .expect("a chain without the instance");
+            let drain_at = journal
+                .iter()
+                .find_map(|(t, e)| match e {
+                    Effect::AwaitDrain { index, .. } if *index == i => Some(*t),
+                    _ => None,
+                })
+                .expect("a drain wait");
+            assert!(
+                drain_at - out_at < 1_000,
+                "fleet {fleet}: instance {i} out of the chain at {out_at} ms, its drain began at {drain_at} ms"
+            );
+        }
+        assert!(world.violations.is_empty(), "{:?}", world.violations);
+    }
+}
