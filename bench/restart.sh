@@ -56,7 +56,8 @@ for bin in sluice sluice-shim restart_bench; do
 done
 
 mkdir -p "$repo/bench/results"
-out="$repo/bench/results/restart-$(date -u +%F)"
+# BENCH_LABEL: appended to the result file names, so two runs of one day do not overwrite each other.
+out="$repo/bench/results/restart-$(date -u +%F)${BENCH_LABEL:+-$BENCH_LABEL}"
 # Short path: unix socket paths are limited to 108 bytes. Every temp dir of the run is in it.
 work=$(mktemp -d /tmp/sluice-bench.XXXXXX)
 export TMPDIR="$work" BENCH_TAG="$work" SLUICE_BIN_DIR="$repo/target/release" BENCH_SUPERVISOR_VENV="$venv"

@@ -163,7 +163,10 @@ concurrency = 2
 }
 
 /// What one client saw: every request is `ok`, `failed`, or `retried` (its kept-alive connection
-/// was closed under it before any answer, and the client resent it once on a new connection).
+/// was closed under it before any answer, and the client's one resend succeeded). aiohttp resends
+/// on the oldest idle connection of its pool, not on a new one: when a stopping instance closes
+/// several kept-alive connections at once, the resend can meet another of them and the request
+/// fails (`failed`, with both attempts quoted).
 #[derive(Debug, Clone, Default)]
 pub struct ClientReport {
     pub name: String,
