@@ -89,6 +89,13 @@ pub enum RackFetcher {
     Other(Option<String>),
 }
 
+/// Checks the names that make up the paths of a build's peers and elections.
+fn check_rack_names(service: &str, build: &str, rack: &str) -> Result<(), CoordError> {
+    check_name("service", service)?;
+    check_name("build", build)?;
+    check_name("rack", rack)
+}
+
 /// Parses the store fetcher's node, `<rack>/<host>`, both valid names.
 fn parse_store_fetcher(data: &[u8]) -> Option<(String, String)> {
     let text = std::str::from_utf8(data).ok()?;
@@ -128,10 +135,7 @@ impl Zk {
     /// Publishes (`Some`) or withdraws (`None`) this host as a peer of `build` of `service` in
     /// `rack`. Returns at once; the owner's writer keeps ZooKeeper in step.
     pub fn set_peer(&self, service: &str, build: &str, rack: &str, node: Option<PeerNode>) {
-        if let Err(e) = check_name("service", service)
-            .and_then(|()| check_name("build", build))
-            .and_then(|()| check_name("rack", rack))
-        {
+        if let Err(e) = check_rack_names(service, build, rack) {
             tracing::warn!("not publishing a peer: {e}");
             return;
         }
@@ -158,9 +162,7 @@ impl Zk {
         build: &str,
         rack: &str,
     ) -> Result<Vec<PeerSeen>, CoordError> {
-        check_name("service", service)?;
-        check_name("build", build)?;
-        check_name("rack", rack)?;
+        check_rack_names(service, build, rack)?;
         let client = self.client()?;
         let me = &self.shared.config.host;
         let base = peers_path(service, build);
@@ -219,9 +221,7 @@ impl Zk {
         build: &str,
         rack: &str,
     ) -> Result<RackFetcher, CoordError> {
-        check_name("service", service)?;
-        check_name("build", build)?;
-        check_name("rack", rack)?;
+        check_rack_names(service, build, rack)?;
         let path = fetching_path(service, build, rack);
         let me = self.shared.config.host.clone();
         Ok(match self.try_lock(&path, me.as_bytes()).await? {
@@ -245,9 +245,7 @@ impl Zk {
         rack: &str,
         host: &str,
     ) -> Result<bool, CoordError> {
-        check_name("service", service)?;
-        check_name("build", build)?;
-        check_name("rack", rack)?;
+        check_rack_names(service, build, rack)?;
         check_name("host", host)?;
         self.take_over(&fetching_path(service, build, rack), host.as_bytes())
             .await
@@ -261,9 +259,7 @@ impl Zk {
         rack: &str,
         host: &str,
     ) -> Result<bool, CoordError> {
-        check_name("service", service)?;
-        check_name("build", build)?;
-        check_name("rack", rack)?;
+        check_rack_names(service, build, rack)?;
         check_name("host", host)?;
         let holder = format!("{rack}/{host}");
         self.take_over(&store_fetcher_path(service, build), holder.as_bytes())
@@ -311,9 +307,7 @@ impl Zk {
         build: &str,
         rack: &str,
     ) -> Result<StoreFetcher, CoordError> {
-        check_name("service", service)?;
-        check_name("build", build)?;
-        check_name("rack", rack)?;
+        check_rack_names(service, build, rack)?;
         let path = store_fetcher_path(service, build);
         let me = format!("{rack}/{}", self.shared.config.host);
         Ok(match self.try_lock(&path, me.as_bytes()).await? {
