@@ -448,6 +448,14 @@ fn run_sluice(
     });
     r["drain_endings"] = json!(sluice_tests::matrix::drain_endings(&log, SERVICE));
     r["batches"] = json!(steps);
+    // Every step against the restart's start, to place the slowest requests.
+    let call_s = samples.rel(call);
+    r["step_timeline"] = json!(
+        self::steps(&log)
+            .iter()
+            .map(|(ts, name, batch)| format!("{:+.3} {name} [{batch}]", wall(*ts) - call_s))
+            .collect::<Vec<_>>()
+    );
     Ok(r)
 }
 
@@ -734,7 +742,32 @@ fn analyse(
         .take(5)
         .collect();
     let all = stats(&samples.list.iter().collect::<Vec<_>>());
+    // The tail of the restart window, one by one: which requests make its p99, and whose.
+    let mut slowest: Vec<&Sample> = window(call_s, ret_s)
+        .into_iter()
+        .filter(|s| s.error.is_none())
+        .collect();
+    slowest.sort_by(|a, b| b.latency_us.cmp(&a.latency_us));
+    let slowest: Vec<Value> = slowest
+        .iter()
+        .take(SLOWEST_LISTED)
+        .map(|s| {
+            json!({
+                "at_s": round3(s.issued_s - call_s),
+                "ms": s.latency_us as f64 / 1000.0,
+                "over": if s.pool { "pool" } else { "new connection" },
+                "stale_retry": s.stale,
+                "served_by": s.served_by,
+            })
+        })
+        .collect();
+    let no_stale: Vec<&Sample> = window(call_s, ret_s)
+        .into_iter()
+        .filter(|s| !s.stale)
+        .collect();
     json!({
+        "slowest_in_restart_window": slowest,
+        "restart_window_without_stale_retries": stats(&no_stale),
         "steady": steady_stats,
         "restart_window": restart_stats,
         "first_2s_of_each_restarted_instance": first_stats,
@@ -756,6 +789,9 @@ fn analyse(
         },
     })
 }
+
+/// How many of the restart window's slowest requests the report lists.
+const SLOWEST_LISTED: usize = 12;
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
@@ -882,6 +918,8 @@ struct Sample {
     issued_s: f64,
     latency_us: u64,
     stale: bool,
+    /// Sent over one of the pool's keep-alive connections (else over a new connection).
+    pool: bool,
     /// The instance that answered (the second word of the apps' bodies).
     served_by: Option<usize>,
     error: Option<String>,
@@ -962,6 +1000,7 @@ impl TimedLoad {
                             issued_s: begun.duration_since(epoch).as_secs_f64(),
                             latency_us,
                             stale,
+                            pool: keepalive,
                             served_by: served_by(&body),
                             error: None,
                         },
@@ -969,6 +1008,7 @@ impl TimedLoad {
                             issued_s: begun.duration_since(epoch).as_secs_f64(),
                             latency_us,
                             stale: false,
+                            pool: keepalive,
                             served_by: None,
                             error: Some(e),
                         },
@@ -1161,6 +1201,32 @@ fn markdown(r: &Value) -> String {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+        }
+        if let Some(list) = v["slowest_in_restart_window"]
+            .as_array()
+            .filter(|l| !l.is_empty())
+        {
+            s += &format!(
+                "\nSlowest requests of the restart window of {label} (p99 without stale retries {}): {}\n",
+                ms(&v["restart_window_without_stale_retries"]["p99_ms"]),
+                list.iter()
+                    .map(|x| format!(
+                        "{:+.3} s {} ms {}{}{}",
+                        x["at_s"].as_f64().unwrap_or(0.0),
+                        x["ms"],
+                        x["over"].as_str().unwrap_or(""),
+                        if x["stale_retry"] == json!(true) { " (stale retry)" } else { "" },
+                        x["served_by"].as_u64().map_or(String::new(), |i| format!(" → {i}")),
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            if let Some(t) = v["step_timeline"].as_array() {
+                s += &format!(
+                    "(its steps: {})\n",
+                    t.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")
+                );
+            }
         }
         if let Some(f) = v["first_failures"].as_array().filter(|f| !f.is_empty()) {
             s += &format!(
