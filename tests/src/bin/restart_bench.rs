@@ -1215,8 +1215,14 @@ fn markdown(r: &Value) -> String {
                         x["at_s"].as_f64().unwrap_or(0.0),
                         x["ms"],
                         x["over"].as_str().unwrap_or(""),
-                        if x["stale_retry"] == json!(true) { " (stale retry)" } else { "" },
-                        x["served_by"].as_u64().map_or(String::new(), |i| format!(" → {i}")),
+                        if x["stale_retry"] == json!(true) {
+                            " (stale retry)"
+                        } else {
+                            ""
+                        },
+                        x["served_by"]
+                            .as_u64()
+                            .map_or(String::new(), |i| format!(" → {i}")),
                     ))
                     .collect::<Vec<_>>()
                     .join("; ")
@@ -1224,7 +1230,10 @@ fn markdown(r: &Value) -> String {
             if let Some(t) = v["step_timeline"].as_array() {
                 s += &format!(
                     "(its steps: {})\n",
-                    t.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")
+                    t.iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
         }
