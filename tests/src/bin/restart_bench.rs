@@ -747,7 +747,7 @@ fn analyse(
         .into_iter()
         .filter(|s| s.error.is_none())
         .collect();
-    slowest.sort_by(|a, b| b.latency_us.cmp(&a.latency_us));
+    slowest.sort_by_key(|s| std::cmp::Reverse(s.latency_us));
     let slowest: Vec<Value> = slowest
         .iter()
         .take(SLOWEST_LISTED)
