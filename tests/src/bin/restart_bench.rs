@@ -704,7 +704,8 @@ fn analyse(
             .collect()
     };
     let steady_stats = stats(&window(call_s - settings.steady.as_secs_f64(), call_s));
-    let restart_stats = stats(&window(call_s, ret_s));
+    let restart = window(call_s, ret_s);
+    let restart_stats = stats(&restart);
     let after_stats = stats(&window(ret_s, f64::MAX));
     // For each restarted instance: from the first request it answered once back, 2 s of the
     // requests it answered.
@@ -743,8 +744,9 @@ fn analyse(
         .collect();
     let all = stats(&samples.list.iter().collect::<Vec<_>>());
     // The tail of the restart window, one by one: which requests make its p99, and whose.
-    let mut slowest: Vec<&Sample> = window(call_s, ret_s)
-        .into_iter()
+    let mut slowest: Vec<&Sample> = restart
+        .iter()
+        .copied()
         .filter(|s| s.error.is_none())
         .collect();
     slowest.sort_by_key(|s| std::cmp::Reverse(s.latency_us));
@@ -761,10 +763,7 @@ fn analyse(
             })
         })
         .collect();
-    let no_stale: Vec<&Sample> = window(call_s, ret_s)
-        .into_iter()
-        .filter(|s| !s.stale)
-        .collect();
+    let no_stale: Vec<&Sample> = restart.iter().copied().filter(|s| !s.stale).collect();
     json!({
         "slowest_in_restart_window": slowest,
         "restart_window_without_stale_retries": stats(&no_stale),
