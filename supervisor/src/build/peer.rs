@@ -24,7 +24,11 @@
 //! entry, too large) is dropped for the life of the process and reported (log, and the deploy's
 //! error when every source failed). A peer that is still fetching relays its own source's bytes
 //! and ends its stream only once its copy verified (an abort otherwise), so it is not blamed for
-//! bytes it relayed: its failures cost a retry. Peer addresses are parsed as `ip:port` (never
+//! bytes it relayed: its failures cost a retry. Its node names the origin of what it relays (the
+//! complete peer it streams from, directly or through other relays; none for the store), and a
+//! host that dropped that origin does not ask its relays: when a bad peer is found, every host
+//! that was streaming from it is still relaying it, and asking them one after another would use
+//! up `peers.max_attempts` and send each host to the store. Peer addresses are parsed as `ip:port` (never
 //! resolved, never used as a path); the peer server serves only `GET /v1/builds/<svc>/<build>`
 //! for a configured service and a valid build id (`check_build_id`) that is verified on disk or
 //! being fetched here. Uploads are bounded in count (`peers.max_uploads`) and in bytes per
@@ -261,10 +265,12 @@ impl Peers {
         self.0.data_dir.join(service).join(ARCHIVES_DIR)
     }
 
-    fn node(&self, complete: bool) -> PeerNode {
+    /// This host's node: complete (`origin` unused), or still fetching from `origin`.
+    fn node(&self, complete: bool, origin: Option<&str>) -> PeerNode {
         PeerNode {
             addr: self.0.advertise.to_string(),
             complete,
+            origin: origin.filter(|_| !complete).map(str::to_owned),
         }
     }
 
@@ -335,7 +341,7 @@ impl Peers {
         for (service, build) in &found {
             self.0
                 .zk
-                .set_peer(service, build, &self.0.rack, Some(self.node(true)));
+                .set_peer(service, build, &self.0.rack, Some(self.node(true, None)));
         }
         *published = found;
     }
@@ -586,7 +592,17 @@ impl Peers {
         };
         let stream = self.open_peer(addr, service, build, &label).await?;
         tracing::info!(service, build, from = %label, complete = peer.node.complete, "fetching from a peer");
-        self.fetch(releases, service, build, expected, limits, &label, stream)
+        let origin = if peer.node.complete {
+            Some(peer.host.as_str())
+        } else {
+            peer.node.origin.as_deref()
+        };
+        let from = FetchFrom {
+            label: &label,
+            origin,
+            stream,
+        };
+        self.fetch(releases, service, build, expected, limits, from)
             .await
             .map_err(classify)
     }
@@ -669,21 +685,17 @@ impl Peers {
         let env = store::StoreEnv::new(releases.store_env.as_ref());
         let stream = store::store_stream(&source.url, &env, limits).await?;
         tracing::info!(service, build, url = %clip(&source.url), "fetching from the store");
-        self.fetch(
-            releases,
-            service,
-            build,
-            expected,
-            limits,
-            &source.url,
+        let from = FetchFrom {
+            label: &source.url,
+            origin: None,
             stream,
-        )
-        .await
+        };
+        self.fetch(releases, service, build, expected, limits, from)
+            .await
     }
 
     /// Installs from `stream` while keeping its bytes in a partial archive that peers may read
     /// as it grows; the archive is kept (and published complete) once the release verified.
-    #[allow(clippy::too_many_arguments)]
     async fn fetch(
         &self,
         releases: &Releases,
@@ -691,8 +703,7 @@ impl Peers {
         build: &str,
         expected: &str,
         limits: &Limits,
-        label: &str,
-        stream: store::ByteStream,
+        from: FetchFrom<'_>,
     ) -> Result<PathBuf, BuildError> {
         let dir = self.archives_dir(service);
         std::fs::create_dir_all(&dir).map_err(|e| BuildError::io(&dir, e))?;
@@ -718,9 +729,12 @@ impl Peers {
                 progress: rx,
             },
         );
-        self.0
-            .zk
-            .set_peer(service, build, &self.0.rack, Some(self.node(false)));
+        self.0.zk.set_peer(
+            service,
+            build,
+            &self.0.rack,
+            Some(self.node(false, from.origin)),
+        );
         let mut tee = PartialTee {
             file,
             path: path.clone(),
@@ -728,7 +742,14 @@ impl Peers {
             progress: &tx,
         };
         let result = releases
-            .install_stream(build, expected, limits, label, stream, Some(&mut tee))
+            .install_stream(
+                build,
+                expected,
+                limits,
+                from.label,
+                from.stream,
+                Some(&mut tee),
+            )
             .await;
         let PartialTee { file, .. } = tee;
         let kept = match &result {
@@ -753,7 +774,7 @@ impl Peers {
                 self.0.published.lock().expect("published lock").insert(key);
                 self.0
                     .zk
-                    .set_peer(service, build, &self.0.rack, Some(self.node(true)));
+                    .set_peer(service, build, &self.0.rack, Some(self.node(true, None)));
             }
             Err(()) => {
                 tx.send_modify(|p| p.end = End::Failed);
@@ -1004,6 +1025,15 @@ fn set_user_timeout(stream: &tokio::net::TcpStream, ms: u64) {
     }
 }
 
+/// The bytes of a fetch and where they come from.
+struct FetchFrom<'a> {
+    /// The source as logs and errors name it (a peer's label, the store's URL).
+    label: &'a str,
+    /// The host whose complete archive they are, directly or relayed; `None` for the store.
+    origin: Option<&'a str>,
+    stream: store::ByteStream,
+}
+
 /// The copy of a fetch's bytes that peers read while it grows.
 struct PartialTee<'a> {
     file: std::fs::File,
@@ -1026,7 +1056,8 @@ impl store::Tee for PartialTee<'_> {
 
 /// The sources to try, best first: complete peers of this rack, peers of this rack still
 /// fetching, complete peers of other racks, then the others; shuffled within each group so
-/// the hosts of a rack spread over its sources. Dropped and skipped hosts are left out.
+/// the hosts of a rack spread over its sources. Dropped and skipped hosts are left out, and so
+/// are hosts still fetching from a dropped host: they relay the bytes that failed here.
 fn order(
     found: Vec<PeerSeen>,
     rack: &str,
@@ -1036,6 +1067,14 @@ fn order(
     let mut found: Vec<(u8, u64, PeerSeen)> = found
         .into_iter()
         .filter(|p| !dropped.contains(&p.host) && !skipped.contains(&p.host))
+        .filter(|p| {
+            p.node.complete
+                || !p
+                    .node
+                    .origin
+                    .as_ref()
+                    .is_some_and(|origin| dropped.contains(origin))
+        })
         .map(|p| {
             let group = match (p.rack == rack, p.node.complete) {
                 (true, true) => 0,
@@ -1061,8 +1100,15 @@ mod tests {
             node: PeerNode {
                 addr: "10.0.0.1:7480".into(),
                 complete,
+                origin: None,
             },
         }
+    }
+
+    fn relay(host: &str, rack: &str, origin: &str) -> PeerSeen {
+        let mut p = seen(host, rack, false);
+        p.node.origin = Some(origin.into());
+        p
     }
 
     #[test]
@@ -1074,6 +1120,8 @@ mod tests {
             seen("near-complete", "r1", true),
             seen("bad", "r1", true),
             seen("busy", "r1", true),
+            // Still fetching from the dropped host: it can only pass its bytes on.
+            relay("bad-relay", "r1", "bad"),
         ];
         let dropped: HashSet<String> = ["bad".to_owned()].into();
         let skipped: HashSet<String> = ["busy".to_owned()].into();
@@ -1090,6 +1138,16 @@ mod tests {
                 "far-partial"
             ]
         );
+        // Relays of hosts not dropped here are sources like any other.
+        let relays = vec![
+            relay("good-relay", "r1", "far-complete"),
+            relay("bad-relay", "r1", "bad"),
+        ];
+        let hosts: Vec<String> = order(relays, "r1", &dropped, &HashSet::new())
+            .into_iter()
+            .map(|p| p.host)
+            .collect();
+        assert_eq!(hosts, ["good-relay"]);
     }
 
     #[test]

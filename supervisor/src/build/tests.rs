@@ -1431,6 +1431,7 @@ async fn elections_held_by_an_unreachable_host_are_taken_over() {
     let dead = PeerNode {
         addr: format!("127.0.0.1:{}", free_port()),
         complete: false,
+        origin: None,
     };
     ghost.set_peer("web", "b1", "r1", Some(dead));
     let (onlooker, _onlooker_events) = fleet.session("h8").await;

@@ -4,7 +4,7 @@
 //!
 //! | node | meaning |
 //! | --- | --- |
-//! | `/builds/<svc>/<build>/peers/<rack>/<host>` | ephemeral: [`PeerNode`] (address, complete or still fetching) |
+//! | `/builds/<svc>/<build>/peers/<rack>/<host>` | ephemeral: [`PeerNode`] (address; complete, or still fetching and from which origin) |
 //! | `/builds/<svc>/<build>/fetching/<rack>` | ephemeral, data the host name: the host of the rack that fetches what no peer offers |
 //! | `/builds/<svc>/<build>/store-fetcher` | ephemeral, data `<rack>/<host>`: the one rack fetcher of the fleet that fetches from the store |
 //!
@@ -38,6 +38,11 @@ pub struct PeerNode {
     /// Whether it holds the whole verified archive; `false` while it is still fetching (it
     /// serves what it has and ends the stream only once its own copy is verified).
     pub complete: bool,
+    /// While still fetching: the host whose complete archive the bytes come from (directly or
+    /// through other hosts still fetching); absent when they come from the store. A host that
+    /// dropped that origin skips its relays, which would only pass the same bytes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// A peer as another host found it.
@@ -200,7 +205,15 @@ impl Zk {
                 if data.len() > PEER_NODE_MAX_BYTES {
                     continue;
                 }
-                if let Ok(node) = serde_json::from_slice::<PeerNode>(&data) {
+                let Ok(node) = serde_json::from_slice::<PeerNode>(&data) else {
+                    continue;
+                };
+                // An origin that cannot be a host's name is a node that lies.
+                if node
+                    .origin
+                    .as_deref()
+                    .is_none_or(|o| check_name("host", o).is_ok())
+                {
                     found.push(PeerSeen {
                         host,
                         rack: r.clone(),

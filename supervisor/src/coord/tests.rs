@@ -660,6 +660,7 @@ async fn peers_register_under_registered_builds_and_one_host_per_rack_fetches() 
     let node = |complete| PeerNode {
         addr: "10.0.0.1:7480".into(),
         complete,
+        origin: None,
     };
     // h1 in r1 still fetching, h2 in r2 complete; h3 (r2) sees its own rack first.
     zk(0).set_peer("web", "b1", "r1", Some(node(false)));
