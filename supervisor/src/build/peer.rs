@@ -6,9 +6,9 @@
 //! the archive while it is still receiving it, so a chain of hosts costs one transfer time plus
 //! a little latency per hop, not one transfer per hop. Peers are found in ZooKeeper
 //! (`/builds/<svc>/<build>/peers/<rack>/<host>`, see `coord::peers`); in each rack one host,
-//! elected by the ephemeral `fetching/<rack>` node, fetches what no peer offers, and the others
-//! of its rack stream from it as its file grows. Among the racks' fetchers one, elected by the
-//! ephemeral `store-fetcher` node, fetches from the store; the others stream from it or from
+//! elected in `rack-fetcher/<rack>`, fetches what no peer offers, and the others of its rack
+//! stream from it as its file grows. Among the racks' fetchers one, elected in
+//! `store-fetcher`, fetches from the store; the others stream from it or from
 //! one another (a full peer answers 503 and the asker goes to the next), so the transfers form
 //! a tree whose root alone reads the store. The store therefore serves one copy per deploy,
 //! and at most one per rack when the fleet's election is out of reach or its fetcher offers

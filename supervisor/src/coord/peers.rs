@@ -5,8 +5,14 @@
 //! | node | meaning |
 //! | --- | --- |
 //! | `/builds/<svc>/<build>/peers/<rack>/<host>` | ephemeral: [`PeerNode`] (address; complete, or still fetching and from which origin) |
-//! | `/builds/<svc>/<build>/fetching/<rack>` | ephemeral, data the host name: the host of the rack that fetches what no peer offers |
-//! | `/builds/<svc>/<build>/store-fetcher` | ephemeral, data `<rack>/<host>`: the one rack fetcher of the fleet that fetches from the store |
+//! | `/builds/<svc>/<build>/rack-fetcher/<rack>/n-<seq>` | ephemeral sequential, data the host name: the lowest is the host of the rack that fetches what no peer offers |
+//! | `/builds/<svc>/<build>/store-fetcher/n-<seq>` | ephemeral sequential, data `<rack>/<host>`: the lowest is the one rack fetcher of the fleet that fetches from the store |
+//!
+//! An election is a directory of sequential candidates, not one node, so that opening it for
+//! a holder that cannot be reached deletes that holder's node by its own name, which
+//! ZooKeeper never gives again. (A single lock node made again has the same path and version
+//! 0 again: two hosts opening the same election at once could each delete the other's new
+//! hold, and both fetch from the store.)
 //!
 //! Registrations are desired state kept by a writer task per connection (like the status
 //! writer): the daemon says what it serves, the writer makes ZooKeeper agree, again after every
@@ -66,12 +72,37 @@ fn peer_path(service: &str, build: &str, rack: &str, host: &str) -> String {
     format!("{}/{rack}/{host}", peers_path(service, build))
 }
 
+/// Prefix of an election's candidate nodes; ZooKeeper appends the sequence.
+const CANDIDATE_PREFIX: &str = "n-";
+/// Most candidates of one election read, whatever ZooKeeper holds.
+const CANDIDATES_MAX: usize = 64;
+
 fn fetching_path(service: &str, build: &str, rack: &str) -> String {
-    format!("{}/fetching/{rack}", build_path(service, build))
+    format!("{}/rack-fetcher/{rack}", build_path(service, build))
 }
 
-fn store_fetcher_path(service: &str, build: &str) -> String {
+pub(super) fn store_fetcher_path(service: &str, build: &str) -> String {
     format!("{}/store-fetcher", build_path(service, build))
+}
+
+/// The candidate nodes among an election's children, lowest sequence first, at most
+/// [`CANDIDATES_MAX`].
+fn candidates(children: &[String]) -> Vec<&str> {
+    let mut ranked: Vec<(i64, &str)> = children
+        .iter()
+        .filter(|c| c.starts_with(CANDIDATE_PREFIX))
+        .filter_map(|c| super::slot::sequence_of(c).map(|s| (s, c.as_str())))
+        .collect();
+    ranked.sort_unstable();
+    ranked.truncate(CANDIDATES_MAX);
+    ranked.into_iter().map(|(_, c)| c).collect()
+}
+
+/// An election's holder: its candidate node's path, data and owning session.
+pub(super) struct Holder {
+    path: String,
+    data: Vec<u8>,
+    owner: i64,
 }
 
 /// Who holds the fleet's store-fetcher election.
@@ -115,7 +146,7 @@ impl Zk {
         Duration::from_millis(self.shared.config.session_timeout_ms.max(1))
     }
 
-    fn client(&self) -> Result<Client, CoordError> {
+    pub(super) fn client(&self) -> Result<Client, CoordError> {
         self.session
             .borrow()
             .as_ref()
@@ -225,9 +256,9 @@ impl Zk {
         Ok(found)
     }
 
-    /// Tries to become the host of `rack` that fetches what no peer offers: creates the
-    /// ephemeral `fetching/<rack>` node. [`RackFetcher::Me`] when this session holds it (made
-    /// now or earlier), else the host its node names.
+    /// Tries to become the host of `rack` that fetches what no peer offers (the election
+    /// `rack-fetcher/<rack>`). [`RackFetcher::Me`] when this session holds it (won now or
+    /// earlier), else the host its holder's node names.
     pub async fn try_fetch_lock(
         &self,
         service: &str,
@@ -249,8 +280,9 @@ impl Zk {
     }
 
     /// Ends `host`'s hold on `rack`'s fetcher election when that host cannot be reached (its
-    /// session may outlive it by `session_timeout_ms`): deletes `fetching/<rack>` if it still
-    /// names `host` and another session owns it. `Ok(true)` when the election is open now.
+    /// session may outlive it by `session_timeout_ms`): deletes the holder's node of
+    /// `rack-fetcher/<rack>` if it names `host` and another session owns it. `Ok(true)` when
+    /// the election is open now.
     pub async fn take_over_fetch_lock(
         &self,
         service: &str,
@@ -279,36 +311,77 @@ impl Zk {
             .await
     }
 
-    /// Deletes the lock node `path` if it holds exactly `holder` and is another session's, at
-    /// the version read (a node made again since is not touched; the window between the read
-    /// and the delete can at worst open an election twice, which costs one more store copy).
-    async fn take_over(&self, path: &str, holder: &[u8]) -> Result<bool, CoordError> {
-        use zookeeper_client::Error as E;
+    /// Deletes the holder's node of the election `dir` if its data is exactly `holder` and it
+    /// is another session's. Its path is its own (sequential), so a hold won since by someone
+    /// else is never touched.
+    async fn take_over(&self, dir: &str, holder: &[u8]) -> Result<bool, CoordError> {
         let client = self.client()?;
-        let stat = match self.bounded(path, client.get_data(path)).await? {
-            Ok((data, stat)) if data == holder && stat.ephemeral_owner != client.session_id().0 => {
-                stat
+        match self.holder(&client, dir).await? {
+            Some(held) if held.data == holder && held.owner != client.session_id().0 => {
+                self.unseat(&client, &held).await
             }
-            Ok(_) => return Ok(false),
-            Err(E::NoNode) => return Ok(true),
-            Err(e) => return Err(CoordError::zk("read", path, e)),
-        };
+            Some(_) => Ok(false),
+            None => Ok(true),
+        }
+    }
+
+    /// Deletes the node `held` was read from: that hold ends, and no later one is touched.
+    pub(super) async fn unseat(&self, client: &Client, held: &Holder) -> Result<bool, CoordError> {
+        use zookeeper_client::Error as E;
         match self
-            .bounded(path, client.delete(path, Some(stat.version)))
+            .bounded(&held.path, client.delete(&held.path, None))
             .await?
         {
             Ok(()) => {
                 tracing::warn!(
-                    path,
-                    holder = %String::from_utf8_lossy(holder),
+                    path = held.path,
+                    holder = %String::from_utf8_lossy(&held.data),
                     "opened an election held by a host that cannot be reached"
                 );
                 Ok(true)
             }
             Err(E::NoNode) => Ok(true),
-            Err(E::BadVersion) => Ok(false),
-            Err(e) => Err(CoordError::zk("delete", path, e)),
+            Err(e) => Err(CoordError::zk("delete", &held.path, e)),
         }
+    }
+
+    /// The holder of the election `dir`: its lowest candidate (`None`: no candidate). A
+    /// candidate deleted while we look is passed over.
+    pub(super) async fn holder(
+        &self,
+        client: &Client,
+        dir: &str,
+    ) -> Result<Option<Holder>, CoordError> {
+        use zookeeper_client::Error as E;
+        for _ in 0..3 {
+            let children = match self.bounded(dir, client.get_children(dir)).await? {
+                Ok((children, _)) => children,
+                Err(E::NoNode) => return Ok(None),
+                Err(e) => return Err(CoordError::zk("list", dir, e)),
+            };
+            let Some(lowest) = candidates(&children).first().copied() else {
+                return Ok(None);
+            };
+            let path = format!("{dir}/{lowest}");
+            match self.bounded(&path, client.get_data(&path)).await? {
+                Ok((mut data, stat)) => {
+                    data.truncate(PEER_NODE_MAX_BYTES);
+                    return Ok(Some(Holder {
+                        path,
+                        data,
+                        owner: stat.ephemeral_owner,
+                    }));
+                }
+                Err(E::NoNode) => continue,
+                Err(e) => return Err(CoordError::zk("read", &path, e)),
+            }
+        }
+        // Holders coming and going faster than we look: as good as held by no one we know.
+        Ok(Some(Holder {
+            path: String::new(),
+            data: Vec::new(),
+            owner: 0,
+        }))
     }
 
     /// Tries to become the one host of the fleet that fetches `build` from the store (what a
@@ -332,42 +405,46 @@ impl Zk {
         })
     }
 
-    /// Creates the ephemeral lock node `path` holding `data` (and its parent when missing).
-    /// `Ok(None)` when this session holds it, `Ok(Some(data))` when another session does (its
-    /// data, at most [`PEER_NODE_MAX_BYTES`]; empty when it let go while we looked).
-    async fn try_lock(&self, path: &str, data: &[u8]) -> Result<Option<Vec<u8>>, CoordError> {
+    /// Stands in the election `dir` with `data` (making the directory when missing): wins
+    /// when no one holds it, and withdraws at once when an earlier candidate is found to hold
+    /// it. `Ok(None)` when this session holds it, `Ok(Some(data))` when another session does
+    /// (its data, at most [`PEER_NODE_MAX_BYTES`]; empty when holders came and went while we
+    /// looked).
+    async fn try_lock(&self, dir: &str, data: &[u8]) -> Result<Option<Vec<u8>>, CoordError> {
         use zookeeper_client::Error as E;
         let client = self.client()?;
-        let options = self.shared.acl.options(CreateMode::Ephemeral);
+        let me = client.session_id().0;
         for _ in 0..3 {
-            match self
-                .bounded(path, client.create(path, data, &options))
+            match self.holder(&client, dir).await? {
+                Some(held) if held.owner == me => return Ok(None),
+                Some(held) => return Ok(Some(held.data)),
+                None => {}
+            }
+            let prefix = format!("{dir}/{CANDIDATE_PREFIX}");
+            let options = self.shared.acl.options(CreateMode::EphemeralSequential);
+            let mine = match self
+                .bounded(dir, client.create(&prefix, data, &options))
                 .await?
             {
-                Ok(_) => return Ok(None),
-                Err(E::NodeExists) => {}
+                Ok((_, sequence)) => format!("{prefix}{sequence}"),
                 Err(E::NoNode) => {
-                    let parent = &path[..path.rfind('/').expect("absolute path")];
                     let persistent = self.shared.acl.options(CreateMode::Persistent);
-                    match self
-                        .bounded(parent, client.mkdir(parent, &persistent))
-                        .await?
-                    {
+                    match self.bounded(dir, client.mkdir(dir, &persistent)).await? {
                         Ok(()) | Err(E::NodeExists) => continue,
-                        Err(e) => return Err(CoordError::zk("create", parent, e)),
+                        Err(e) => return Err(CoordError::zk("create", dir, e)),
                     }
                 }
-                Err(e) => return Err(CoordError::zk("create", path, e)),
-            }
-            match self.bounded(path, client.get_data(path)).await? {
-                Ok((_, stat)) if stat.ephemeral_owner == client.session_id().0 => return Ok(None),
-                Ok((mut held, _)) => {
-                    held.truncate(PEER_NODE_MAX_BYTES);
-                    return Ok(Some(held));
+                Err(e) => return Err(CoordError::zk("create", &prefix, e)),
+            };
+            match self.holder(&client, dir).await? {
+                Some(held) if held.owner == me => return Ok(None),
+                other => {
+                    // Another candidate came first: withdraw.
+                    let _ = self.bounded(&mine, client.delete(&mine, None)).await;
+                    if let Some(held) = other {
+                        return Ok(Some(held.data));
+                    }
                 }
-                // Its holder just let go: try again.
-                Err(E::NoNode) => continue,
-                Err(e) => return Err(CoordError::zk("read", path, e)),
             }
         }
         Ok(Some(Vec::new()))
@@ -389,21 +466,25 @@ impl Zk {
             tokio::time::sleep(timeout).await;
             return;
         };
-        let peers = format!("{}/{rack}", peers_path(service, build));
-        let peers_changed = async {
-            match client.get_and_watch_children(&peers).await {
-                Ok((_, _, watcher)) => {
-                    watcher.changed().await;
-                }
-                Err(zookeeper_client::Error::NoNode) => {
-                    if let Ok((None, watcher)) = client.check_and_watch_stat(&peers).await {
+        // The children of `path` change, or `path` is made.
+        let children_changed = |path: String| {
+            let client = client.clone();
+            async move {
+                match client.get_and_watch_children(&path).await {
+                    Ok((_, _, watcher)) => {
                         watcher.changed().await;
                     }
+                    Err(zookeeper_client::Error::NoNode) => {
+                        if let Ok((None, watcher)) = client.check_and_watch_stat(&path).await {
+                            watcher.changed().await;
+                        }
+                    }
+                    // The session is gone or refuses: wait out the timeout, never spin.
+                    Err(_) => std::future::pending::<()>().await,
                 }
-                // The session is gone or refuses: wait out the timeout, never spin.
-                Err(_) => std::future::pending::<()>().await,
             }
         };
+        let peers_changed = children_changed(format!("{}/{rack}", peers_path(service, build)));
         let stat_changed = |path: String| {
             let client = client.clone();
             async move {
@@ -415,8 +496,8 @@ impl Zk {
                 }
             }
         };
-        let fetcher_changed = stat_changed(fetching_path(service, build, rack));
-        let store_fetcher_changed = stat_changed(store_fetcher_path(service, build));
+        let fetcher_changed = children_changed(fetching_path(service, build, rack));
+        let store_fetcher_changed = children_changed(store_fetcher_path(service, build));
         let holder_registered = async {
             match store_fetcher {
                 Some((r, h)) => stat_changed(peer_path(service, build, r, h)).await,
@@ -434,7 +515,7 @@ impl Zk {
         .await;
     }
 
-    /// Lets go of `fetching/<rack>` if this session holds it. Best effort: the node is
+    /// Lets go of `rack-fetcher/<rack>` if this session holds it. Best effort: the node is
     /// ephemeral and goes with the session anyway.
     pub async fn release_fetch_lock(&self, service: &str, build: &str, rack: &str) {
         if check_name("rack", rack).is_ok() {
@@ -448,14 +529,19 @@ impl Zk {
         self.release_lock(&store_fetcher_path(service, build)).await;
     }
 
-    async fn release_lock(&self, path: &str) {
+    /// Deletes this session's candidates of the election `dir`.
+    async fn release_lock(&self, dir: &str) {
         let Ok(client) = self.client() else { return };
-        if let Ok(Ok((_, stat))) = self.bounded(path, client.get_data(path)).await
-            && stat.ephemeral_owner == client.session_id().0
-        {
-            let _ = self
-                .bounded(path, client.delete(path, Some(stat.version)))
-                .await;
+        let Ok(Ok((children, _))) = self.bounded(dir, client.get_children(dir)).await else {
+            return;
+        };
+        for name in candidates(&children) {
+            let path = format!("{dir}/{name}");
+            if let Ok(Ok((_, stat))) = self.bounded(&path, client.get_data(&path)).await
+                && stat.ephemeral_owner == client.session_id().0
+            {
+                let _ = self.bounded(&path, client.delete(&path, None)).await;
+            }
         }
     }
 }

@@ -462,7 +462,7 @@ async fn adopt(
 }
 
 /// The sequence number ZooKeeper appended to a lease name.
-fn sequence_of(name: &str) -> Option<i64> {
+pub(super) fn sequence_of(name: &str) -> Option<i64> {
     name.rsplit('-').next()?.parse().ok()
 }
 
