@@ -11,7 +11,8 @@
 //! links shaped with tc at `BENCH_LINK_BYTES_PER_S` instead of the store's own pacing),
 //! `BENCH_MODES` (`store,peers`; `zk` for what ZooKeeper costs per host per deploy; `limit` for
 //! a deploy under `max_hosts_restarting = BENCH_LIMIT_PERCENT%`, default 10). `BENCH_ZK_LIMIT`
-//! sets `max_hosts_restarting` for the `zk` mode's deploys (default: the node absent, 1).
+//! sets `max_hosts_restarting` for the `zk` mode's deploys (default: the node absent, 1);
+//! `BENCH_ZK_PEERS=1` has its hosts fetch through their peers (racks of `BENCH_RACKS`).
 //!
 //! Mode `zk` (`BENCH_MODES=zk`, `BENCH_DEPLOYS` deploys, default 20, of a tiny build): per host
 //! and per deploy, the bytes and packets both ways between the host and ZooKeeper (iptables
@@ -92,22 +93,23 @@ fn rack_line(i: usize, per_rack: usize) -> String {
     format!("rack = \"r{}\"\n", i / per_rack + 1)
 }
 
+/// Host `i`'s host file lines: its rack, and a `[peers]` section when `peers`.
+fn host_lines(s: &Settings, i: usize, peers: bool) -> String {
+    let mut text = rack_line(i, s.hosts.div_ceil(s.racks));
+    if peers {
+        text += &format!(
+            "[peers]\nenabled = true\nadvertise = \"10.199.0.{}:7480\"\nupload_bytes_per_s = {}\nmax_uploads = {}\n",
+            11 + i,
+            s.link,
+            s.max_uploads
+        );
+    }
+    text
+}
+
 fn run(mode: &str, s: &Settings) -> Value {
-    let per_rack = s.hosts.div_ceil(s.racks);
     let peers = mode == "peers";
-    let link = s.link;
-    let max_uploads = s.max_uploads;
-    let extra = move |i: usize| {
-        let mut text = rack_line(i, per_rack);
-        if peers {
-            text += &format!(
-                "[peers]\nenabled = true\nadvertise = \"10.199.0.{}:7480\"\nupload_bytes_per_s = {link}\nmax_uploads = {max_uploads}\n",
-                11 + i
-            );
-        }
-        text
-    };
-    let fleet = bench_fleet(s, &extra);
+    let fleet = bench_fleet(s, &|i| host_lines(s, i, peers));
     if s.tc {
         fleet.shape_links(LinkShape {
             host_rate_bits: s.link * 8,
@@ -247,7 +249,15 @@ const ZK_SETTLE_MS: u64 = 1_000;
 
 /// ZooKeeper's cost per host per deploy, and `enabled` → every host acting, over many deploys.
 fn run_zk(s: &Settings, deploys: usize) -> Value {
-    let fleet = bench_fleet(s, &|_| String::new());
+    // `BENCH_ZK_PEERS=1`: the hosts fetch through their peers (racks, elections, peer nodes).
+    let peers = sluice_tests::benchkit::env_u64("BENCH_ZK_PEERS", 0) == 1;
+    let fleet = bench_fleet(s, &|i| {
+        if peers {
+            host_lines(s, i, true)
+        } else {
+            String::new()
+        }
+    });
     fleet.service(SVC, &light_service(SVC));
     let builds: Vec<_> = (0..=deploys)
         .map(|i| fleet.builds().good(SVC, &format!("b{i}")))
@@ -379,6 +389,7 @@ fn run_zk(s: &Settings, deploys: usize) -> Value {
     let result = json!({
         "mode": "zk",
         "deploys": deploys,
+        "peers": peers,
         "idle_requests_per_host_per_s_median": median(idle_requests_per_s.clone()),
         "idle_bytes_per_host_per_s_median": median(idle_bytes_per_s.clone()),
         "watches": watches.map(|(c, p, t)| json!({"connections": c, "paths": p, "total": t})),
