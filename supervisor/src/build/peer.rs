@@ -28,9 +28,9 @@
 //! complete peer it streams from, directly or through other relays; none for the store), and a
 //! host that dropped that origin does not ask its relays: when a bad peer is found, every host
 //! that was streaming from it is still relaying it, and asking them one after another would use
-//! up `peers.max_attempts` and send each host to the store. Peer addresses are parsed as `ip:port` (never
-//! resolved, never used as a path); the peer server serves only `GET /v1/builds/<svc>/<build>`
-//! for a configured service and a valid build id (`check_build_id`) that is verified on disk or
+//! up `peers.max_attempts` and send each host to the store. Peer addresses are parsed as
+//! `ip:port` (never resolved, never used as a path); the peer server serves only
+//! `GET /v1/builds/<svc>/<build>` for a configured service and a valid build id (`check_build_id`) that is verified on disk or
 //! being fetched here. Uploads are bounded in count (`peers.max_uploads`) and in bytes per
 //! second for all of them together (`peers.upload_bytes_per_s`), so serving never takes the
 //! host's whole link from its instances.
@@ -1067,14 +1067,7 @@ fn order(
     let mut found: Vec<(u8, u64, PeerSeen)> = found
         .into_iter()
         .filter(|p| !dropped.contains(&p.host) && !skipped.contains(&p.host))
-        .filter(|p| {
-            p.node.complete
-                || !p
-                    .node
-                    .origin
-                    .as_ref()
-                    .is_some_and(|origin| dropped.contains(origin))
-        })
+        .filter(|p| p.node.complete || p.node.origin.as_ref().is_none_or(|o| !dropped.contains(o)))
         .map(|p| {
             let group = match (p.rack == rack, p.node.complete) {
                 (true, true) => 0,

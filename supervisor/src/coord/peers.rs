@@ -345,8 +345,9 @@ impl Zk {
         }
     }
 
-    /// The holder of the election `dir`: its lowest candidate (`None`: no candidate). A
-    /// candidate deleted while we look is passed over.
+    /// The holder of the election `dir`: its lowest candidate (`None`: no candidate, or
+    /// holders came and went faster than three looks). A candidate deleted while we look is
+    /// passed over.
     pub(super) async fn holder(
         &self,
         client: &Client,
@@ -376,12 +377,7 @@ impl Zk {
                 Err(e) => return Err(CoordError::zk("read", &path, e)),
             }
         }
-        // Holders coming and going faster than we look: as good as held by no one we know.
-        Ok(Some(Holder {
-            path: String::new(),
-            data: Vec::new(),
-            owner: 0,
-        }))
+        Ok(None)
     }
 
     /// Tries to become the one host of the fleet that fetches `build` from the store (what a

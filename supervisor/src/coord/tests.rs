@@ -144,6 +144,17 @@ async fn read(client: &Client, path: &str) -> Option<String> {
     }
 }
 
+/// A connected session (10 s timeout, no services) for each of `hosts`, with its events.
+async fn connected(server: &ZkServer, hosts: &[&str]) -> Vec<(Zk, mpsc::Receiver<CoordEvent>)> {
+    let mut sessions = Vec::new();
+    for host in hosts {
+        let (zk, mut rx) = Zk::start(config(server, host, 10_000), vec![]);
+        assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
+        sessions.push((zk, rx));
+    }
+    sessions
+}
+
 /// The data of the holder of the election `dir` (its lowest candidate), if any.
 async fn held(client: &Client, dir: &str) -> Option<String> {
     let mut children = match client.get_children(dir).await {
@@ -383,12 +394,7 @@ async fn restart_slots_are_shared_by_the_fleet() {
         .set_max_hosts_restarting("web", Limit::Hosts(1))
         .await
         .unwrap();
-    let mut hosts = Vec::new();
-    for host in ["h1", "h2", "h3"] {
-        let (zk, mut rx) = Zk::start(config(&server, host, 10_000), vec![]);
-        assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
-        hosts.push((zk, rx));
-    }
+    let mut hosts = connected(&server, &["h1", "h2", "h3"]).await;
     let zk = |i: usize| hosts[i].0.clone();
     let within = Duration::from_millis(WAIT_MS);
     let short = Duration::from_millis(QUIET_MS * 2);
@@ -661,12 +667,7 @@ async fn peers_register_under_registered_builds_and_one_host_per_rack_fetches() 
     };
     let fleet = Fleet::connect(&server.chrooted(), None).await.unwrap();
     fleet.register_build("web", "b1", &meta(1)).await.unwrap();
-    let mut hosts = Vec::new();
-    for host in ["h1", "h2", "h3"] {
-        let (zk, mut rx) = Zk::start(config(&server, host, 10_000), vec![]);
-        assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
-        hosts.push((zk, rx));
-    }
+    let hosts = connected(&server, &["h1", "h2", "h3"]).await;
     let zk = |i: usize| hosts[i].0.clone();
     let node = |complete| PeerNode {
         addr: "10.0.0.1:7480".into(),
@@ -858,12 +859,7 @@ async fn hosts_opening_one_election_at_once_elect_one() {
     };
     let fleet = Fleet::connect(&server.chrooted(), None).await.unwrap();
     fleet.register_build("web", "b1", &meta(1)).await.unwrap();
-    let mut sessions = Vec::new();
-    for host in ["ghost", "h1", "h2", "h3", "h4"] {
-        let (zk, mut rx) = Zk::start(config(&server, host, 10_000), vec![]);
-        assert_eq!(rx.recv().await, Some(CoordEvent::Connected));
-        sessions.push((zk, rx));
-    }
+    let sessions = connected(&server, &["ghost", "h1", "h2", "h3", "h4"]).await;
     let ghost = sessions[0].0.clone();
     let openers: Vec<Zk> = sessions[1..].iter().map(|(zk, _)| zk.clone()).collect();
     let (a, b) = (&openers[0], &openers[1]);
