@@ -139,6 +139,11 @@ fn cpu_isolation_off() -> String {
     std::env::var("BENCH_CPU_ISOLATION_OFF").unwrap_or_else(|_| "cpu_isolation = false".into())
 }
 
+/// `[warmup]` lines added to every sluice variant with warm-up (`BENCH_WARMUP_EXTRA`, default none).
+fn warmup_extra() -> String {
+    std::env::var("BENCH_WARMUP_EXTRA").unwrap_or_default()
+}
+
 fn variants() -> Vec<Variant> {
     let all = vec![
         Variant::Sluice {
@@ -288,6 +293,7 @@ fn main() {
         "warm_in_s": settings.warm_in.as_secs(),
         "steady_window_s": settings.steady.as_secs(),
         "repeat": repeat,
+        "warmup_extra": warmup_extra(),
         "runs": results,
     });
     std::fs::write(
@@ -317,11 +323,15 @@ fn sluice_service(
     extra: &str,
 ) -> String {
     let strategy = strategy.map_or(String::new(), |s| format!("strategy = \"{s}\"\n"));
-    // Only the request list: when to stop warming is sluice's default.
+    // Only the request list: when to stop warming is sluice's default, unless
+    // BENCH_WARMUP_EXTRA adds `[warmup]` lines (to compare settings).
     let warmup = if warmup {
-        "[warmup]\nrequests = [\"GET /item\", \"GET /other/path\"]\n"
+        format!(
+            "[warmup]\nrequests = [\"GET /item\", \"GET /other/path\"]\n{}\n",
+            warmup_extra()
+        )
     } else {
-        ""
+        String::new()
     };
     format!(
         r#"command = [{command}]
@@ -1107,6 +1117,12 @@ fn markdown(r: &Value) -> String {
         r["warm_in_s"],
         r["steady_window_s"]
     );
+    if let Some(extra) = r["warmup_extra"].as_str().filter(|e| !e.trim().is_empty()) {
+        s += &format!(
+            "The sluice variants with warm-up add to `[warmup]` (`BENCH_WARMUP_EXTRA`): `{}`.\n\n",
+            extra.trim().replace('\n', "; ")
+        );
+    }
     s += "| app | variant | failed | stale retries | steady p50 / p99 | restart-window p99 | p99 restart ÷ steady | first 2 s per restarted instance p99 | ÷ steady | restart total | Σ(stop + start→healthy + warm-up) | total ÷ Σ | supervisor CPU |\n";
     s += "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
     let repeat = r["repeat"].as_u64().unwrap_or(1);
