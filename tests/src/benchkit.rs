@@ -41,6 +41,13 @@ pub fn machine(extra: &[(&str, &str)]) -> Value {
     m
 }
 
+/// The time of the first line of `log` that contains `needle`, in ms since the epoch.
+pub fn log_ms(log: &str, needle: &str) -> Option<f64> {
+    log.lines()
+        .find(|l| l.contains(needle))
+        .and_then(|l| parse_ts(l.split_whitespace().next()?))
+}
+
 /// `2026-11-26T09:04:45.055Z` (the daemon log's timestamps) → milliseconds since the Unix epoch.
 pub fn parse_ts(text: &str) -> Option<f64> {
     let (date, time) = text.trim_end_matches('Z').split_once('T')?;

@@ -670,6 +670,11 @@ impl Host {
     }
 
     /// The last lines of the daemon log, framed for a failure message.
+    /// The daemon's whole log so far.
+    pub fn daemon_log_text(&self) -> String {
+        fs::read_to_string(&self.daemon_log).unwrap_or_default()
+    }
+
     pub fn daemon_log_tail(&self) -> String {
         let text = fs::read_to_string(&self.daemon_log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();

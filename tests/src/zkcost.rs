@@ -1,7 +1,8 @@
 //! What ZooKeeper costs each host of a fleet, measured from outside the daemons: bytes and packets
 //! both ways counted by iptables rules in each host's own namespace (`ByteMeter`), requests per
 //! session from the server's `cons` and watches from `wchs` (`parse_cons`, `parse_wchs`), and the
-//! moment each host's status node changes, seen by a watch of the bench's own (`StatusClock`).
+//! moment each host's status node changes, seen by a watch of the bench's own, and a node's
+//! `mtime` read by the same client (`StatusClock`).
 //! Used by `fleet_bench`'s `zk` mode (`bench/fleet.sh`, issue 12).
 
 use std::collections::BTreeMap;
@@ -189,6 +190,8 @@ pub struct StatusClock {
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<(String, u64)>>>,
     thread: Option<JoinHandle<()>>,
+    /// Paths whose `mtime` the clock's thread reads with its client, and where it answers.
+    stats: tokio::sync::mpsc::UnboundedSender<(String, std::sync::mpsc::Sender<Option<u64>>)>,
 }
 
 impl StatusClock {
@@ -199,6 +202,9 @@ impl StatusClock {
         let (flag, log) = (stop.clone(), seen.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let hub = hub_netns.to_owned();
+        let (stats, mut stat_rx) =
+            tokio::sync::mpsc::unbounded_channel::<(String, std::sync::mpsc::Sender<Option<u64>>)>(
+            );
         let thread = std::thread::spawn(move || {
             crate::netns::enter_named(&hub);
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -222,8 +228,16 @@ impl StatusClock {
                 let prefix = format!("{status_dir}/");
                 while !flag.load(Ordering::Relaxed) {
                     let wait = Duration::from_millis(CLOCK_POLL_MS);
-                    let Ok(event) = tokio::time::timeout(wait, watcher.changed()).await else {
-                        continue;
+                    let event = tokio::select! {
+                        event = tokio::time::timeout(wait, watcher.changed()) => match event {
+                            Ok(event) => event,
+                            Err(_) => continue,
+                        },
+                        Some((path, reply)) = stat_rx.recv() => {
+                            let mtime = client.get_data(&path).await.ok().map(|(_, stat)| stat.mtime);
+                            let _ = reply.send(mtime.and_then(|m| u64::try_from(m).ok()));
+                            continue;
+                        }
                     };
                     if event.session_state.is_terminated() {
                         break;
@@ -241,7 +255,16 @@ impl StatusClock {
             stop,
             seen,
             thread: Some(thread),
+            stats,
         }
+    }
+
+    /// The `mtime` of `path` (with the chroot), in ms since the epoch: the server's own time of
+    /// the transaction that last wrote it, on the clock every namespace of this machine shares.
+    pub fn mtime_ms(&self, path: &str) -> Option<u64> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.stats.send((path.to_owned(), reply)).ok()?;
+        answer.recv_timeout(Duration::from_secs(30)).ok().flatten()
     }
 
     /// How many times each host's status node changed from `t0_ms` to `t1_ms`: its status

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
+use sluice_tests::benchkit::log_ms;
 use sluice_tests::zk::{Place, Zookeeper};
 use sluice_tests::{Host, PATIENCE, Rng, run_bounded};
 
@@ -274,12 +275,6 @@ fn count_files(dir: &Path) -> u64 {
         }
     }
     n
-}
-
-fn log_ms(log: &str, needle: &str) -> Option<f64> {
-    log.lines()
-        .find(|l| l.contains(needle))
-        .and_then(|l| sluice_tests::benchkit::parse_ts(l.split_whitespace().next()?))
 }
 
 /// One first deploy of `b1` on a fresh host: from the `sluice deploy` call until `sluice status

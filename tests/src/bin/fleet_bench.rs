@@ -20,8 +20,9 @@
 //! the requests its sessions sent (the server's `cons`, reset by
 //! `crst`), less the heartbeats of an idle window measured first; the watches the fleet holds
 //! (`wchs`); each host's status writes (its status node's changes, seen by a watch of the
-//! bench's own); and the time from the `enabled` write to each host's first status change (a
-//! watch of the bench's own): the host acting on the deploy.
+//! bench's own); and, from the `enabled` write (ZooKeeper's mtime of the node, the same clock as
+//! every namespace's), the time to each host acting on it: its `deploy begins` log line, and its
+//! first status change after it as the bench's watch sees it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -326,6 +327,8 @@ fn run_zk(s: &Settings, deploys: usize) -> Value {
     let mut per_deploy = Vec::new();
     let mut acting_all = Vec::new();
     let mut acting_last = Vec::new();
+    let mut began_all = Vec::new();
+    let mut began_last = Vec::new();
     for b in &builds[1..] {
         let (cb, tb, start) = (cons(), traffic(), Instant::now());
         let written_ms = sluice_tests::nemesis::now_ms();
@@ -353,7 +356,12 @@ fn run_zk(s: &Settings, deploys: usize) -> Value {
             .iter()
             .map(|h| writes.get(&h.name).copied().unwrap_or(0) as f64)
             .collect();
-        let acting = clock.first_after(written_ms);
+        // From ZooKeeper's own time of the `enabled` write (not from the `sluice deploy` call,
+        // whose process start and session are the bench's, not the fleet's).
+        let enabled_ms = clock
+            .mtime_ms(&format!("/sluice/services/{SVC}/enabled"))
+            .expect("the enabled node's mtime");
+        let acting = clock.first_after(enabled_ms);
         let acted: Vec<f64> = fleet
             .hosts
             .iter()
@@ -364,8 +372,23 @@ fn run_zk(s: &Settings, deploys: usize) -> Value {
             "every host's status changed after the write of {}: {acting:?}",
             b.id
         );
+        let needle = format!("deploy begins service={SVC} build=\"{}\"", b.id);
+        let began: Vec<f64> = fleet
+            .hosts
+            .iter()
+            .map(|h| {
+                sluice_tests::benchkit::log_ms(&h.daemon_log_text(), &needle)
+                    .map_or(f64::NAN, |t| t - enabled_ms as f64)
+            })
+            .collect();
+        assert!(
+            began.iter().all(|a| a.is_finite()),
+            "every host logged `{needle}`: {began:?}"
+        );
         acting_last.push(acted.iter().copied().fold(0.0, f64::max));
         acting_all.extend(acted.iter().copied());
+        began_last.push(began.iter().copied().fold(0.0, f64::max));
+        began_all.extend(began.iter().copied());
         eprintln!(
             "zk: deploy {}: requests/host median {:.1}, bytes/host median {:.0}, last host acting {:.0} ms",
             b.id,
@@ -381,6 +404,7 @@ fn run_zk(s: &Settings, deploys: usize) -> Value {
             "bytes_per_host_median": median(bytes.clone()),
             "bytes_per_host_max": bytes.iter().copied().fold(0.0, f64::max),
             "acting_ms_last_host": acting_last.last(),
+            "began_ms_last_host": began_last.last(),
             "status_writes_per_host_median": median(status_writes.clone()),
         }));
     }
@@ -402,6 +426,10 @@ fn run_zk(s: &Settings, deploys: usize) -> Value {
         "acting_ms_every_host_p99": percentile(acting_all.clone(), 99.0),
         "acting_ms_last_host_median": median(acting_last.clone()),
         "acting_ms_last_host_p99": percentile(acting_last.clone(), 99.0),
+        "began_ms_every_host_median": median(began_all.clone()),
+        "began_ms_every_host_p99": percentile(began_all.clone(), 99.0),
+        "began_ms_last_host_median": median(began_last.clone()),
+        "began_ms_last_host_p99": percentile(began_last.clone(), 99.0),
         "per_deploy": per_deploy,
     });
     eprintln!("zk: {result}");
@@ -487,7 +515,10 @@ fn main() {
             continue;
         }
         md += &format!(
-            "\n## ZooKeeper per host per deploy ({} deploys)\n\n| requests median / max | of them status writes | bytes median / max | idle requests/s, bytes/s | watches (connections, paths, total) | enabled → host acting ms median / p99 | → last host acting median / p99 |\n| --- | --- | --- | --- | --- | --- | --- |\n| {:.1} / {:.0} | {:.1} | {:.0} / {:.0} | {:.2}, {:.0} | {} | {:.0} / {:.0} | {:.0} / {:.0} |\n",
+            "\n## ZooKeeper per host per deploy ({} deploys)\n\n| requests median / max | of them status writes | bytes median / max | idle requests/s, bytes/s | watches (connections, paths, total) | enabled → host's status changed ms median / p99 | → last host's median / p99 |\n| --- | --- | --- | --- | --- | --- | --- |\n| {:.1} / {:.0} | {:.1} | {:.0} / {:.0} | {:.2}, {:.0} | {} | {:.0} / {:.0} | {:.0} / {:.0} |\n\n\
+             `enabled` written (ZooKeeper's mtime of the node) → `deploy begins` in each host's own log, ms: every host median {:.0} / p99 {:.0}; \
+             last host per deploy median {:.0} / p99 {:.0}. The status columns end when the bench's own watch saw the host's first \
+             status write after it.\n",
             r["deploys"],
             r["requests_per_host_per_deploy_median"]
                 .as_f64()
@@ -517,6 +548,10 @@ fn main() {
             r["acting_ms_every_host_p99"].as_f64().unwrap_or(f64::NAN),
             r["acting_ms_last_host_median"].as_f64().unwrap_or(f64::NAN),
             r["acting_ms_last_host_p99"].as_f64().unwrap_or(f64::NAN),
+            r["began_ms_every_host_median"].as_f64().unwrap_or(f64::NAN),
+            r["began_ms_every_host_p99"].as_f64().unwrap_or(f64::NAN),
+            r["began_ms_last_host_median"].as_f64().unwrap_or(f64::NAN),
+            r["began_ms_last_host_p99"].as_f64().unwrap_or(f64::NAN),
         );
     }
     for r in &report["runs"].as_array().cloned().unwrap_or_default() {

@@ -731,6 +731,39 @@ fn analyse(
         first.extend(mine.take_while(|s| s.issued_s < t0 + FIRST_REQUESTS_S));
     }
     let first_stats = stats(&first);
+    // The same ratio between the steady window and windows inside it, nothing restarting: how
+    // far a window as long as the restart's (and one of 2 s, about as many requests as the
+    // first-2 s figure holds) strays from the steady p99 by chance. A restart ratio inside
+    // this range is no evidence of the restart.
+    let steady_s = settings.steady.as_secs_f64();
+    let steady_p99 = steady_stats["p99_ms"].as_f64().filter(|p| *p > 0.0);
+    let noise = |len_s: f64| -> Value {
+        let Some(whole) = steady_p99 else {
+            return Value::Null;
+        };
+        if len_s <= 0.0 || len_s > steady_s {
+            return Value::Null;
+        }
+        let mut ratios = Vec::new();
+        let mut from = call_s - steady_s;
+        while from + len_s <= call_s + 1e-9 {
+            if let Some(p) = stats(&window(from, from + len_s))["p99_ms"].as_f64() {
+                ratios.push(p / whole);
+            }
+            from += NOISE_STEP_S;
+        }
+        ratios.sort_by(f64::total_cmp);
+        match (ratios.first(), ratios.last()) {
+            (Some(lo), Some(hi)) => json!({
+                "window_s": round3(len_s),
+                "windows": ratios.len(),
+                "min": round3(*lo),
+                "median": round3(ratios[ratios.len() / 2]),
+                "max": round3(*hi),
+            }),
+            _ => Value::Null,
+        }
+    };
     let ratio = |a: &Value, b: &Value, key: &str| -> Value {
         match (a[key].as_f64(), b[key].as_f64()) {
             (Some(x), Some(y)) if y > 0.0 => json!(round3(x / y)),
@@ -784,6 +817,10 @@ fn analyse(
         "whole_run": all,
         "p99_ratio_restart_to_steady": ratio(&restart_stats, &steady_stats, "p99_ms"),
         "p99_ratio_first_2s_to_steady": ratio(&first_stats, &steady_stats, "p99_ms"),
+        "steady_noise": {
+            "restart_length": noise(ret_s - call_s),
+            "first_2s": noise(FIRST_REQUESTS_S),
+        },
         "first_failures": failures,
         "total_ms": round3(total_ms),
         "unavoidable_ms": round3(unavoidable_ms),
@@ -798,6 +835,9 @@ fn analyse(
         },
     })
 }
+
+/// Step between the steady window's sub-windows of the noise figures.
+const NOISE_STEP_S: f64 = 0.5;
 
 /// How many of the restart window's slowest requests the report lists.
 const SLOWEST_LISTED: usize = 12;
@@ -1165,6 +1205,46 @@ fn markdown(r: &Value) -> String {
             ms(&v["unavoidable_ms"]),
             ratio(&v["total_to_unavoidable"]),
             v["supervisor_cpu_s"]["total"].as_f64().unwrap_or(0.0),
+        );
+    }
+    let unreached: Vec<String> = r["runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["skipped"].is_null())
+        .filter(|v| v["first_2s_of_each_restarted_instance"]["requests"].as_u64() == Some(0))
+        .map(|v| format!("{} / {}", v["app"].as_str().unwrap_or(""), run_label(v)))
+        .collect();
+    if !unreached.is_empty() {
+        s += &format!(
+            "\nNo first-2 s figure (–) for {}: no client request reached a restarted instance between its return and the end \
+             of the load (1 s after the restart). Behind nginx that is its passive check: an upstream that failed a \
+             request is left out for `fail_timeout` (10 s by default, `max_fails` 1).\n",
+            unreached.join(", ")
+        );
+    }
+    s += "\nThe same p99 ratio with nothing restarting: sub-windows of the steady window (every 0.5 s) against the whole \
+          steady window. A restart ratio inside this range is not evidence of the restart.\n\n";
+    s += "| app | variant | windows as long as the restart: p99 ÷ steady, median (min–max) | 2 s windows: median (min–max) |\n";
+    s += "| --- | --- | ---: | ---: |\n";
+    let spread = |n: &Value| -> String {
+        match (n["median"].as_f64(), n["min"].as_f64(), n["max"].as_f64()) {
+            (Some(m), Some(lo), Some(hi)) => {
+                format!("{m:.2}× ({lo:.2}–{hi:.2}, {} windows)", n["windows"])
+            }
+            _ => "–".into(),
+        }
+    };
+    for v in r["runs"].as_array().into_iter().flatten() {
+        if v["skipped"].is_string() {
+            continue;
+        }
+        s += &format!(
+            "| {} | {} | {} | {} |\n",
+            v["app"].as_str().unwrap_or(""),
+            run_label(v),
+            spread(&v["steady_noise"]["restart_length"]),
+            spread(&v["steady_noise"]["first_2s"]),
         );
     }
     s += "\nWhere sluice's restart time went (sums over batches, from the daemon's `restart step` log lines), and how each drain ended:\n\n";
