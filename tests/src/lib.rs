@@ -669,14 +669,14 @@ impl Host {
         }
     }
 
-    /// The last lines of the daemon log, framed for a failure message.
     /// The daemon's whole log so far.
     pub fn daemon_log_text(&self) -> String {
         fs::read_to_string(&self.daemon_log).unwrap_or_default()
     }
 
+    /// The last lines of the daemon log, framed for a failure message.
     pub fn daemon_log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.daemon_log).unwrap_or_default();
+        let text = self.daemon_log_text();
         let lines: Vec<&str> = text.lines().collect();
         let from = lines.len().saturating_sub(DAEMON_LOG_TAIL_LINES);
         format!(

@@ -31,9 +31,9 @@
 //! up `peers.max_attempts` and send each host to the store. Peer addresses are parsed as
 //! `ip:port` (never resolved, never used as a path); the peer server serves only
 //! `GET /v1/builds/<svc>/<build>` for a configured service and a valid build id
-//! (`check_build_id`) that is verified on disk or being fetched here. Uploads are bounded in count (`peers.max_uploads`) and in bytes per
-//! second for all of them together (`peers.upload_bytes_per_s`), so serving never takes the
-//! host's whole link from its instances.
+//! (`check_build_id`) that is verified on disk or being fetched here. Uploads are bounded in
+//! count (`peers.max_uploads`) and in bytes per second for all of them together
+//! (`peers.upload_bytes_per_s`), so serving never takes the host's whole link from its instances.
 //!
 //! On disk: `<data_dir>/<svc>/archives/<build>` holds the verified archive of each kept release
 //! (mode 0700 directory, files opened without following links); `archives/.partial-<build>-*`

@@ -1218,8 +1218,8 @@ fn markdown(r: &Value) -> String {
     if !unreached.is_empty() {
         s += &format!(
             "\nNo first-2 s figure (–) for {}: no client request reached a restarted instance between its return and the end \
-             of the load (1 s after the restart). Behind nginx that is its passive check: an upstream that failed a \
-             request is left out for `fail_timeout` (10 s by default, `max_fails` 1).\n",
+             of the load (1 s after the restart). For supervisord + nginx that is nginx's passive check: an upstream \
+             that failed a request is left out for `fail_timeout` (10 s by default, `max_fails` 1).\n",
             unreached.join(", ")
         );
     }
