@@ -390,6 +390,12 @@ impl Host {
         fs::rename(&tmp, &self.host_file).expect("renaming the host file");
     }
 
+    /// Appends keys to the host file (before the daemon starts, or before a `reload`).
+    pub fn add_host_keys(&self, toml: &str) {
+        let text = fs::read_to_string(&self.host_file).expect("reading the host file");
+        self.write_host_file(&format!("{text}{toml}"));
+    }
+
     /// The temp dir every file of this host lives in.
     pub fn root(&self) -> &Path {
         &self.root

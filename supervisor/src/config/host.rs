@@ -91,12 +91,13 @@ fn default_cgroup_parent() -> String {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CgroupsMode {
-    /// Starting instances that have a serving sibling run in a low-weight cgroup where the host
-    /// lets sluice make one; everything else runs as it would without.
-    Auto,
-    /// The default for now: on a saturated host a starting instance at the lowest weight gets no
-    /// CPU, its health deadline runs out and the batch is rolled back (see docs/config.md).
+    /// The default: starting instances that have a serving sibling, and stopping ones with
+    /// nothing left to serve, run in a low-weight cgroup where the host lets sluice make one;
+    /// everything else runs as it would without (docs/config.md). Each low phase is bounded, so a
+    /// saturated host cannot starve a start past its health deadline nor a stop into its kill.
     #[default]
+    Auto,
+    /// No cgroups of sluice's for CPU weights.
     Off,
 }
 

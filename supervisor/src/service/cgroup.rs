@@ -382,6 +382,33 @@ impl Cgroups {
         Ok(())
     }
 
+    /// Makes the instance's cgroup at the low weight (kept if it exists) and moves the running
+    /// processes `pids` into it: a stopping instance's, which left the cgroup it started in once
+    /// it was enabled. A process that exits meanwhile is fine; one forked after `pids` was read
+    /// stays where it is (a stopping server does not fork). v1 only: under v2 a process would
+    /// leave its tracking cgroup.
+    pub fn lower_running(&self, dir: &Path, pids: &[u32]) -> Result<(), String> {
+        if self.version != Version::V1 {
+            return Err("cgroups: a running process is moved only under cgroup v1".into());
+        }
+        make_dir(dir)?;
+        self.set_low(dir)?;
+        let target = dir.join("cgroup.procs");
+        for pid in pids {
+            match std::fs::write(&target, pid.to_string()) {
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => {
+                    return Err(format!(
+                        "cgroups: cannot move pid {pid} to {}: {e}",
+                        dir.display()
+                    ));
+                }
+                Ok(()) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Removes the instance's cgroup: whatever still runs in it (an instance just enabled, or the
     /// last processes of one that is exiting) moves back to `home` ([`Cgroups::home`], or the
     /// instance's tracking cgroup when that is in the same hierarchy, cgroup v2), then the
@@ -411,6 +438,36 @@ impl Cgroups {
             clip(&pids.split_whitespace().collect::<Vec<_>>().join(" "))
         ))
     }
+}
+
+/// Most processes [`descendants`] lists: a bound on what one instance's tree can make the
+/// daemon read.
+pub const DESCENDANTS_MAX: usize = 4096;
+
+/// `pid` and its descendants, from `/proc/<pid>/task/<tid>/children` (breadth first, at most
+/// [`DESCENDANTS_MAX`]): the tree of an instance without a tracking cgroup. A process that
+/// exits meanwhile is skipped; a kernel without the `children` file gives `pid` alone.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = vec![pid];
+    let mut next = 0;
+    while next < found.len() && found.len() < DESCENDANTS_MAX {
+        let parent = found[next];
+        next += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
+                continue;
+            };
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                if found.len() < DESCENDANTS_MAX && !found.contains(&child) {
+                    found.push(child);
+                }
+            }
+        }
+    }
+    found
 }
 
 /// Moves every process of the cgroup `dir` to `home`; one that exits meanwhile is fine. A

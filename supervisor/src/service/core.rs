@@ -177,6 +177,11 @@ pub(super) struct Instance {
     pub(super) low_timer: bool,
     /// Why its last start or weight change could not use a cgroup.
     pub(super) cgroup_error: Option<String>,
+    /// Its process's drain ended with no connection left (`Ending::Closed`): nothing more can
+    /// reach it, so its stop may run at the low weight. Cleared at each start.
+    pub(super) drained_closed: bool,
+    /// When its current stop was asked for (boot clock); `None` outside a stop.
+    pub(super) stop_began_ms: Option<Millis>,
 }
 
 impl Instance {
@@ -199,6 +204,8 @@ impl Instance {
             weight_low: false,
             low_timer: false,
             cgroup_error: None,
+            drained_closed: false,
+            stop_began_ms: None,
         }
     }
 }
@@ -447,6 +454,14 @@ pub enum Effect {
         index: u32,
         generation: u64,
         dir: PathBuf,
+    },
+    /// Make the instance's cgroup at the low weight and move its running processes (its
+    /// tracking cgroup's, else its process and descendants) into it; answers `WeightSet`.
+    LowerRunning {
+        index: u32,
+        generation: u64,
+        dir: PathBuf,
+        pid: u32,
     },
     /// Move what still runs in the cgroup back to the daemon's and remove it.
     RemoveCgroup {
@@ -1353,6 +1368,8 @@ impl Core {
         instance.generation += 1;
         instance.after_stop = AfterStop::Nothing;
         instance.healthy = false;
+        instance.drained_closed = false;
+        instance.stop_began_ms = None;
         let generation = instance.generation;
         let spec = match spec {
             Ok(spec) => spec,
@@ -1452,7 +1469,10 @@ impl Core {
         let steered_anyway = self.stopped_steered.contains(&(index, instance.generation));
         instance.phase = Phase::Stopping;
         instance.healthy = false;
+        instance.stop_began_ms = Some(self.boot_now);
         tracing::info!(service = %self.name, index, "stopping");
+        // Before the signal, so the whole stop runs at the weight it should.
+        self.lower_stopping(index);
         self.emit(Effect::Stop {
             index,
             signal,

@@ -1,9 +1,11 @@
 //! CPU isolation of one service's instances: which weight each instance's cgroup should have,
 //! derived from the instance's state (so a restarted daemon re-applies it), and the removal of a
-//! cgroup once its instance is gone for good.
+//! cgroup once its instance is gone for good. Two phases run low: a start beside a serving
+//! sibling, and a stop with nothing left to serve.
 
 use sluice_strategies::restart::Step;
 
+use super::cgroup::Version;
 use super::core::{AfterStop, Core, Effect, Instance, Phase, Timer};
 
 impl Core {
@@ -39,11 +41,17 @@ impl Core {
         })
     }
 
-    /// Whether the instance is starting or warming up and not yet enabled while a sibling serves:
-    /// it then takes only CPU that the serving instances leave idle. An instance that serves, or
-    /// that leaves steering to be drained (it still answers the requests in flight), runs at the
-    /// normal weight, outside any cgroup of sluice's.
+    /// Whether the instance should take only CPU that the serving instances leave idle: it is
+    /// starting or warming up and not yet enabled ([`Core::wants_low_starting`]), or it is
+    /// stopping with nothing left to serve ([`Core::wants_low_stopping`]). An instance that
+    /// serves, that is being drained (it still answers the requests in flight), or that stops
+    /// with connections still open runs at the normal weight, outside any cgroup of sluice's.
     fn wants_low(&self, instance: &Instance) -> bool {
+        self.wants_low_starting(instance) || self.wants_low_stopping(instance)
+    }
+
+    /// Starting or warming up, not yet enabled, while a sibling serves.
+    fn wants_low_starting(&self, instance: &Instance) -> bool {
         if !self.cgroups_wanted()
             || !instance.phase.is_up()
             || !self.sibling_serving(instance.index)
@@ -64,6 +72,86 @@ impl Core {
         // Bounded: on a host whose CPU is saturated the lowest weight gets nothing, and an
         // instance that never starts fails its batch; past the bound it runs like any process.
         (!instance.healthy || warming) && self.age_ms(instance) < self.config.restart.cpu_low_max_ms
+    }
+
+    /// Stopping after a drain that ended with no connection left, while a sibling serves: no
+    /// client can reach it any more (out of steering, nothing open), so its graceful stop (an
+    /// interpreter's teardown, a JVM's exit: ~100 ms of CPU for a 2-worker gunicorn) takes only
+    /// idle CPU instead of the serving instances'. A stop that follows a drain ending `idle` or
+    /// at its timeout keeps the normal weight: the server may still answer on the connections
+    /// left (the JDK's HttpServer does, until its quiet time). Bounded by
+    /// [`Core::stop_low_max_ms`] from the stop, so a saturated host cannot starve the stop into
+    /// its kill. Only where the `cpu` hierarchy is not the one of the tracking cgroups (cgroup
+    /// v1): under v2 the processes would have to leave their tracking cgroup.
+    fn wants_low_stopping(&self, instance: &Instance) -> bool {
+        let lowers_running = self
+            .cgroups
+            .cgroups()
+            .is_some_and(|c| c.version == Version::V1);
+        self.cgroups_wanted()
+            && lowers_running
+            && self.config.steers()
+            && instance.phase == Phase::Stopping
+            && instance.drained_closed
+            && !self.steering.may_steer_to(instance.index)
+            && self.sibling_serving(instance.index)
+            && instance
+                .stop_began_ms
+                .is_some_and(|began| self.boot_now.saturating_sub(began) < self.stop_low_max_ms())
+    }
+
+    /// The longest a stop runs at the low weight: `restart.cpu_low_max_ms`, and at most half of
+    /// `stop_grace_ms`, so that a stop starved at the low weight still has half its grace at the
+    /// normal weight before the kill.
+    pub(super) fn stop_low_max_ms(&self) -> u64 {
+        self.config
+            .restart
+            .cpu_low_max_ms
+            .min(self.config.stop_grace_ms / 2)
+    }
+
+    /// How long the instance may stay low from now on, for the timer that ends its low phase.
+    fn low_left_ms(&self, instance: &Instance) -> u64 {
+        match (instance.phase, instance.stop_began_ms) {
+            (Phase::Stopping, Some(began)) => self
+                .stop_low_max_ms()
+                .saturating_sub(self.boot_now.saturating_sub(began)),
+            _ => self
+                .config
+                .restart
+                .cpu_low_max_ms
+                .saturating_sub(self.age_ms(instance)),
+        }
+    }
+
+    /// Moves a stopping instance that wants the low weight and has no cgroup (it left the one it
+    /// started in once enabled) into a new one at the low weight. Called by the stop before its
+    /// signal; the bound's timer is [`Core::sync_cgroups`]'s.
+    pub(super) fn lower_stopping(&mut self, index: u32) {
+        let Some(instance) = self.instances.get(&index) else {
+            return;
+        };
+        if instance.cgroup.is_some() || !self.wants_low_stopping(instance) {
+            return;
+        }
+        let (Some(cgroups), Some(pid)) = (
+            self.cgroups.cgroups(),
+            instance.shim.as_ref().map(|s| s.pid),
+        ) else {
+            return;
+        };
+        let dir = cgroups.dir(&self.name, index);
+        let instance = self.instances.get_mut(&index).expect("found above");
+        instance.cgroup = Some(dir.clone());
+        // As `SetLowWeight`: asked for once, and a refusal is kept in status.
+        instance.weight_low = true;
+        let generation = instance.generation;
+        self.emit(Effect::LowerRunning {
+            index,
+            generation,
+            dir,
+            pid,
+        });
     }
 
     /// How long the instance's process has run (its shim's start time on the boot clock: the
@@ -98,12 +186,7 @@ impl Core {
             if instance.low_timer {
                 continue;
             }
-            let after_ms = self
-                .config
-                .restart
-                .cpu_low_max_ms
-                .saturating_sub(self.age_ms(instance))
-                .max(1);
+            let after_ms = self.low_left_ms(instance).max(1);
             let instance = self.instances.get_mut(&index).expect("listed above");
             instance.low_timer = true;
             let generation = instance.generation;

@@ -670,6 +670,33 @@ impl Executor {
                     event: InstanceEvent::WeightSet(result),
                 });
             }
+            Effect::LowerRunning {
+                index,
+                generation,
+                dir,
+                pid,
+            } => {
+                // Inline, before the stop's signal goes: a few writes to cgroupfs.
+                let pids = match self.ctx.tree.cgroups() {
+                    Some(tree) => tree.procs(&self.name, index).unwrap_or_else(|e| {
+                        tracing::warn!(service = %self.name, index, "{e}; moving its process and descendants");
+                        crate::service::cgroup::descendants(pid)
+                    }),
+                    None => crate::service::cgroup::descendants(pid),
+                };
+                let result = match self.ctx.cgroups.cgroups() {
+                    Some(cgroups) => cgroups.lower_running(&dir, &pids),
+                    None => Err("cgroups: none found at start-up".into()),
+                };
+                if result.is_ok() {
+                    tracing::info!(service = %self.name, index, cgroup = %dir.display(), processes = pids.len(), "drained with no connection left: stopping at the low cpu weight");
+                }
+                self.immediate.push_back(Event::Instance {
+                    index,
+                    generation,
+                    event: InstanceEvent::WeightSet(result),
+                });
+            }
             Effect::RemoveCgroup { index, dir } => self.remove_cgroup(index, dir),
             Effect::Install(job) => self.install(*job),
             Effect::PostRestart {

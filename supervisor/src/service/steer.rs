@@ -164,6 +164,7 @@ impl Core {
                 tracing::info!(service = %self.name, index, ending, left, in_flight, waited_ms, "drained");
             }
             if let Some(instance) = self.instances.get_mut(&index) {
+                instance.drained_closed = o.ending == Ending::Closed;
                 instance.last_drain = Some(o);
             }
         }

@@ -171,6 +171,10 @@ pub struct World {
     pub trace: bool,
     /// The shims the daemon finds when it boots.
     found: Vec<(u32, Status)>,
+    /// How every drain ends (`idle` unless a test says otherwise).
+    pub drain_ending: sluice_strategies::drain::Ending,
+    /// How long a process takes to exit once asked to stop (`None`: a random short delay).
+    pub stop_ms: Option<u64>,
 }
 
 impl World {
@@ -242,6 +246,8 @@ impl World {
             violations: Vec::new(),
             trace: false,
             found: Vec::new(),
+            drain_ending: sluice_strategies::drain::Ending::Idle,
+            stop_ms: None,
         };
         world.found = found;
         world
@@ -579,14 +585,15 @@ impl World {
                 }
                 if let Some(generation) = self.watches.remove(index) {
                     let status = self.exited(Outcome::Signal(libc::SIGTERM));
-                    let delay = self.delay();
+                    let delay = self.stop_ms.unwrap_or_else(|| self.delay());
                     self.later(delay, exited(*index, generation, status));
                 }
             }
             Effect::Release { .. }
             | Effect::RemoveCgroup { .. }
             | Effect::PublishHostStatus(_)
-            | Effect::SetLowWeight { .. } => {}
+            | Effect::SetLowWeight { .. }
+            | Effect::LowerRunning { .. } => {}
             // Canary tests answer these themselves (`canary_tests.rs`).
             Effect::CanarySample { .. }
             | Effect::CanaryWrite { .. }
@@ -696,7 +703,7 @@ impl World {
                     ));
                 }
                 let outcome = sluice_strategies::drain::Outcome {
-                    ending: sluice_strategies::drain::Ending::Idle,
+                    ending: self.drain_ending,
                     until: *until,
                     connections_left: 0,
                     in_flight_left: 0,

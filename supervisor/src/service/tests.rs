@@ -1379,3 +1379,159 @@ fn the_enable_of_a_batch_takes_the_next_one_out_in_one_transaction() {
         assert!(world.violations.is_empty(), "{:?}", world.violations);
     }
 }
+
+/// The host's cgroups as the core sees them (it never touches them: the executor does).
+fn cgroups(version: super::cgroup::Version) -> super::cgroup::Detected {
+    super::cgroup::Detected::Ready(super::cgroup::Cgroups {
+        version,
+        root: "/sys/fs/cgroup/cpu/sluice".into(),
+        home: "/sys/fs/cgroup/cpu".into(),
+    })
+}
+
+/// Positions in the journal of the first `LowerRunning` and `Stop` of `index` after `from`.
+fn lower_and_stop(world: &World, index: u32, from: usize) -> (Option<usize>, Option<usize>) {
+    let find = |want: fn(&Effect, u32) -> bool| {
+        world.journal[from..]
+            .iter()
+            .position(|(_, e)| want(e, index))
+            .map(|p| p + from)
+    };
+    (
+        find(|e, i| matches!(e, Effect::LowerRunning { index, .. } if *index == i)),
+        find(|e, i| matches!(e, Effect::Stop { index, .. } if *index == i)),
+    )
+}
+
+/// A drain restart's stop runs at the low weight only when nothing can reach the instance any
+/// more (its drain ended with no connection left) and a sibling serves; the move comes before the
+/// stop's signal, names the process, and only cgroup v1 moves running processes.
+#[test]
+fn a_stop_runs_low_only_after_a_drain_that_left_no_connection() {
+    use super::cgroup::Version;
+    use sluice_strategies::drain::Ending;
+    let rows: &[(&str, u32, Ending, Version, bool, bool)] = &[
+        (
+            "closed, a sibling serves",
+            3,
+            Ending::Closed,
+            Version::V1,
+            true,
+            true,
+        ),
+        (
+            "idle: kept-alive connections left",
+            3,
+            Ending::Idle,
+            Version::V1,
+            true,
+            false,
+        ),
+        (
+            "timeout: requests maybe in flight",
+            3,
+            Ending::Timeout,
+            Version::V1,
+            true,
+            false,
+        ),
+        (
+            "closed, but nothing else serves",
+            1,
+            Ending::Closed,
+            Version::V1,
+            true,
+            false,
+        ),
+        (
+            "closed, cgroup v2",
+            3,
+            Ending::Closed,
+            Version::V2,
+            true,
+            false,
+        ),
+        (
+            "closed, cpu isolation off",
+            3,
+            Ending::Closed,
+            Version::V1,
+            false,
+            false,
+        ),
+    ];
+    for &(name, instances, ending, version, isolation, low) in rows {
+        let mut config = config(instances, true, StrategyName::Drain);
+        config.restart.cpu_isolation = isolation;
+        let mut world = serving(config, false);
+        world.core.cgroups = cgroups(version);
+        world.drain_ending = ending;
+        let from = world.journal.len();
+        world.control(Action::Restart, None);
+        world.settle(SETTLE);
+        for i in 0..instances {
+            let (lower, stop) = lower_and_stop(&world, i, from);
+            let stop = stop.unwrap_or_else(|| panic!("{name}: instance {i} stopped"));
+            match lower {
+                Some(lower) => {
+                    assert!(low, "{name}: instance {i} moved to the low weight");
+                    assert!(
+                        lower < stop,
+                        "{name}: instance {i}: the move before the signal"
+                    );
+                    let Effect::LowerRunning { dir, pid, .. } = &world.journal[lower].1 else {
+                        unreachable!("found as LowerRunning");
+                    };
+                    assert_eq!(
+                        dir,
+                        &std::path::PathBuf::from(format!("/sys/fs/cgroup/cpu/sluice/web@{i}"))
+                    );
+                    assert_eq!(*pid, 200 + i, "{name}: the old process");
+                }
+                None => assert!(!low, "{name}: instance {i} not moved to the low weight"),
+            }
+        }
+        assert!(
+            world.violations.is_empty(),
+            "{name}: {:?}",
+            world.violations
+        );
+        assert!(
+            world
+                .core
+                .instances
+                .values()
+                .all(|i| i.phase == Phase::Running && i.healthy),
+            "{name}: the restart completes"
+        );
+    }
+}
+
+/// The low phase of a stop is bounded by half of `stop_grace_ms` (and `cpu_low_max_ms`): a stop
+/// that has not ended by then leaves its cgroup and finishes at the normal weight before its kill.
+#[test]
+fn a_stop_leaves_the_low_weight_at_half_its_grace() {
+    let mut config = config(2, true, StrategyName::Drain);
+    config.stop_grace_ms = 4_000;
+    let mut world = serving(config, false);
+    world.core.cgroups = cgroups(super::cgroup::Version::V1);
+    world.drain_ending = sluice_strategies::drain::Ending::Closed;
+    world.stop_ms = Some(3_000);
+    let from = world.journal.len();
+    world.control(Action::Restart, None);
+    world.settle(SETTLE);
+    let (lower, stop) = lower_and_stop(&world, 0, from);
+    let (lower, stop) = (lower.expect("moved low"), stop.expect("stopped"));
+    let stopped_at = world.journal[stop].0;
+    let removed = world.journal[lower..]
+        .iter()
+        .find(|(_, e)| matches!(e, Effect::RemoveCgroup { index: 0, .. }))
+        .map(|(at, _)| *at)
+        .expect("the cgroup is left while the stop goes on");
+    assert_eq!(
+        removed - stopped_at,
+        2_000,
+        "half of stop_grace_ms after the stop"
+    );
+    assert!(world.violations.is_empty(), "{:?}", world.violations);
+}

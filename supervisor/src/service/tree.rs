@@ -67,6 +67,17 @@ impl TreeCgroups {
         Ok(dir)
     }
 
+    /// The processes in the instance's tracking cgroup: its process and every descendant.
+    pub fn procs(&self, service: &str, index: u32) -> Result<Vec<u32>, String> {
+        let path = self.dir(service, index).join("cgroup.procs");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("tracking cgroups: cannot read {}: {e}", path.display()))?;
+        Ok(text
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect())
+    }
+
     /// Removes the tracking cgroups of a service that is gone (they are empty once its instances
     /// stopped: their shims killed what was left). One that still has processes stays, and is
     /// reported.

@@ -139,6 +139,14 @@ fn cpu_isolation_off() -> String {
     std::env::var("BENCH_CPU_ISOLATION_OFF").unwrap_or_else(|_| "cpu_isolation = false".into())
 }
 
+/// The host file's `cgroups` key for every sluice variant (`BENCH_CGROUPS`: `auto` or `off`;
+/// default none, so the host's default, `off`).
+fn host_cgroups() -> Option<String> {
+    std::env::var("BENCH_CGROUPS")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
 /// `[warmup]` lines added to every sluice variant with warm-up (`BENCH_WARMUP_EXTRA`, default none).
 fn warmup_extra() -> String {
     std::env::var("BENCH_WARMUP_EXTRA").unwrap_or_default()
@@ -294,6 +302,7 @@ fn main() {
         "steady_window_s": settings.steady.as_secs(),
         "repeat": repeat,
         "warmup_extra": warmup_extra(),
+        "host_cgroups": host_cgroups(),
         "runs": results,
     });
     std::fs::write(
@@ -379,6 +388,9 @@ fn run_sluice(
     settings: &Settings,
 ) -> Result<Value, String> {
     let h = Host::new().in_netns(ns);
+    if let Some(mode) = host_cgroups() {
+        h.add_host_keys(&format!("cgroups = \"{mode}\"\n"));
+    }
     h.service(SERVICE, &sluice_service(app, argv, strategy, warmup, extra));
     let check = h.sluice(&["check-config"]);
     if check.code != Some(0) {
@@ -1157,6 +1169,18 @@ fn markdown(r: &Value) -> String {
         r["warm_in_s"],
         r["steady_window_s"]
     );
+    match r["host_cgroups"].as_str() {
+        Some(mode) => {
+            s += &format!(
+                "The sluice variants' host file sets `cgroups = \"{mode}\"` (`BENCH_CGROUPS`).\n\n"
+            )
+        }
+        None => {
+            s += "The sluice variants' host file leaves `cgroups` at its default, `off`: no \
+                  instance gets a cgroup, so \"CPU isolation off\" is the defaults' configuration \
+                  (`BENCH_CGROUPS=auto` turns isolation on).\n\n"
+        }
+    }
     if let Some(extra) = r["warmup_extra"].as_str().filter(|e| !e.trim().is_empty()) {
         s += &format!(
             "The sluice variants with warm-up add to `[warmup]` (`BENCH_WARMUP_EXTRA`): `{}`.\n\n",

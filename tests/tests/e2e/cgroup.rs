@@ -1,7 +1,8 @@
-//! CPU isolation of starting instances (issue 7): during a drain restart the new process runs in
-//! its instance's cgroup, inside sluice's low-weight parent, while it starts and warms up; once it
-//! is enabled it moves back beside the daemon and its cgroup goes. A first start (no sibling to
-//! yield to) gets no cgroup.
+//! CPU isolation of starting and stopping instances (issue 7): during a drain restart the new
+//! process runs in its instance's cgroup, inside sluice's low-weight parent, while it starts and
+//! warms up; once it is enabled it moves back beside the daemon and its cgroup goes. A first start
+//! (no sibling to yield to) gets no cgroup. An old process whose drain left no connection moves
+//! into that cgroup, its whole tree, for the first half of its stop's grace.
 //! Needs root and the cgroup v1 `cpu` controller (CI has both); each test owns a cgroup parent.
 
 use std::path::{Path, PathBuf};
@@ -130,6 +131,17 @@ fn is_low(dir: &Path) -> bool {
 const LOW_MAX_MS: u64 = 120_000;
 
 fn service(port_base: u16, front: u16, start_delay_s: &str, low_max_ms: u64) -> String {
+    service_with_env(port_base, front, start_delay_s, low_max_ms, "")
+}
+
+/// [`service`] with more variables for the app (`, NAME = "value"` each).
+fn service_with_env(
+    port_base: u16,
+    front: u16,
+    start_delay_s: &str,
+    low_max_ms: u64,
+    more_env: &str,
+) -> String {
     format!(
         r#"command = ["python3", "{app}", "{{port}}"]
 instances = 2
@@ -137,7 +149,7 @@ port_base = {port_base}
 front_port = {front}
 startup_ms = 500
 stop_grace_ms = 3000
-env = {{ START_DELAY_S = "{start_delay_s}", REQUEST_DELAY_S = "{REQUEST_DELAY_S}" }}
+env = {{ START_DELAY_S = "{start_delay_s}", REQUEST_DELAY_S = "{REQUEST_DELAY_S}"{more_env} }}
 [restart]
 strategy = "drain"
 drain_timeout_ms = 1000
@@ -440,4 +452,113 @@ fn the_low_phase_ends_at_its_bound_even_before_the_instance_is_enabled() {
     );
     h.wait_until(both_enabled, PATIENCE * 2);
     h.sluice(&["stop", "slow"]).success();
+}
+
+/// A drained instance with no connection left stops at the lowest weight, its child with it, for
+/// the first half of `stop_grace_ms` (3 s here); past that its stop (2.5 s) ends at the normal
+/// weight, and the restart goes on as usual.
+#[test]
+fn a_stop_with_nothing_left_to_serve_runs_at_the_lowest_weight_for_half_its_grace() {
+    if !require_root() {
+        return;
+    }
+    let Some(parent) = CgroupParent::new("stop") else {
+        return;
+    };
+    let ns = Netns::new();
+    let h = host_with_cgroups(&ns, &parent);
+    h.service(
+        "slow",
+        &service_with_env(
+            9100,
+            9000,
+            "0",
+            LOW_MAX_MS,
+            r#", STOP_DELAY_S = "2.5", CHILD = "1""#,
+        ),
+    );
+    h.start_daemon();
+    let before = h.wait_until(both_enabled, PATIENCE * 3);
+    let old = before.pid("slow", 0).expect("a pid");
+    let tree = descendants(old);
+    assert_eq!(tree.len(), 2, "the app and its child: {tree:?}");
+    h.note_pids(&tree);
+    assert!(tree.iter().all(|p| !in_parent(*p, &parent)));
+    let dir = parent.instance("slow", 0);
+
+    let restart = spawn_restart(&h);
+    let mut restart = Guard(restart);
+    // Low while it stops: the app and its child in the instance's cgroup, and status says so.
+    wait_for(
+        "instance 0's old tree in its cgroup at the low weight while it stops",
+        RESTART_PATIENCE,
+        || {
+            let s = h.status();
+            s.pid("slow", 0) == Some(old)
+                && s.instance("slow", 0)["state"] == "stopping"
+                && s.instance("slow", 0)["cpu_weight"] == "low"
+                && tree.iter().all(|p| in_parent(*p, &parent))
+                && dir.exists()
+                && is_low(&dir)
+        },
+    );
+    let s = h.status();
+    assert_eq!(
+        s.instance("slow", 0)["last_drain"]["ending"],
+        "closed",
+        "{s}"
+    );
+    // Past half the grace, still stopping (the exit takes 2.5 s), out of the cgroup.
+    wait_for(
+        "instance 0's old tree back at the normal weight before its stop ends",
+        Duration::from_secs(3) + PATIENCE,
+        || {
+            // A process that has exited is in no cgroup either: out and still alive.
+            let alive = std::fs::metadata(format!("/proc/{old}")).is_ok();
+            alive && cpu_cgroup_of(old).is_some() && !in_parent(old, &parent)
+        },
+    );
+    let s = h.status();
+    if s.pid("slow", 0) == Some(old) {
+        assert!(s.instance("slow", 0)["cpu_weight"].is_null(), "{s}");
+    }
+    let code = restart.0.wait().expect("waiting for `sluice restart`");
+    assert!(
+        code.success(),
+        "sluice restart: {code}\n{}",
+        h.daemon_log_tail()
+    );
+    let after = h.wait_until(both_enabled, PATIENCE * 2);
+    for i in 0..2 {
+        let dir = parent.instance("slow", i);
+        wait_for("cgroup removed once enabled", PATIENCE, || !dir.exists());
+        let pid = after.pid("slow", i).expect("a pid");
+        assert!(!tree.contains(&pid), "a new process");
+        h.note_pids(&[pid]);
+        assert!(!in_parent(pid, &parent), "{:?}", cpu_cgroup_of(pid));
+    }
+    h.sluice(&["stop", "slow"]).success();
+}
+
+/// `pid` and its descendants, from `/proc/<pid>/task/*/children`.
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut found = vec![pid];
+    let mut next = 0;
+    while next < found.len() {
+        let parent = found[next];
+        next += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            found.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok()),
+            );
+        }
+    }
+    found
 }
