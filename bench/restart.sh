@@ -21,6 +21,8 @@
 #                                 off, 4 all-at-once, 5 supervisord + nginx (default all)
 #   BENCH_CPU_ISOLATION_OFF       the [restart] line that turns CPU isolation off
 #                                 (default cpu_isolation = false)
+#   BENCH_CGROUPS                 the host file's cgroups key for the sluice variants (auto or
+#                                 off; default: the build's default, auto)
 #   BENCH_WARMUP_EXTRA            [warmup] lines added to the sluice variants with warm-up, e.g.
 #                                 'sibling_percentile = 99' (default none: sluice's defaults)
 #   BENCH_REPEAT                  runs of each cell (default 1, at most 20); the report gives each

@@ -140,7 +140,7 @@ fn cpu_isolation_off() -> String {
 }
 
 /// The host file's `cgroups` key for every sluice variant (`BENCH_CGROUPS`: `auto` or `off`;
-/// default none, so the host's default, `off`).
+/// default none: the build's default).
 fn host_cgroups() -> Option<String> {
     std::env::var("BENCH_CGROUPS")
         .ok()
@@ -1176,9 +1176,9 @@ fn markdown(r: &Value) -> String {
             )
         }
         None => {
-            s += "The sluice variants' host file leaves `cgroups` at its default, `off`: no \
-                  instance gets a cgroup, so \"CPU isolation off\" is the defaults' configuration \
-                  (`BENCH_CGROUPS=auto` turns isolation on).\n\n"
+            s += "The sluice variants' host file leaves `cgroups` at the build's default (`auto` \
+                  since 618d01a; `off` before it, when \"CPU isolation off\" was the defaults' \
+                  configuration).\n\n"
         }
     }
     if let Some(extra) = r["warmup_extra"].as_str().filter(|e| !e.trim().is_empty()) {
