@@ -309,6 +309,7 @@ fn service_line(service: &ServiceStatus) -> Option<String> {
         &service.slot_error,
         &service.steering_error,
         &service.tree_error,
+        &service.cgroups_error,
         &service.state_write_error,
     ]
     .into_iter()
@@ -508,6 +509,21 @@ mod tests {
         let fatal: Vec<&str> = lines[3].split_whitespace().collect();
         assert_eq!(fatal[..6], ["web/1", "fatal", "-", "-", "8081", "-"]);
         assert!(lines[3].ends_with("last exit: exit code 1"), "{}", lines[3]);
+    }
+
+    /// Why instances run without CPU isolation is in the service's line, as the other errors are.
+    #[test]
+    fn the_service_line_says_why_instances_have_no_cgroup() {
+        let mut status = service(vec![instance(0, InstanceState::Running, Some(4242))]);
+        status.services[0].cgroups_error =
+            Some("cgroups: cannot make /sys/fs/cgroup/cpu/sluice: Permission denied".into());
+        let text = render_status(&status);
+        assert_eq!(
+            text.lines().nth(1),
+            Some(
+                "web: build b7; cgroups: cannot make /sys/fs/cgroup/cpu/sluice: Permission denied"
+            )
+        );
     }
 
     #[test]

@@ -171,10 +171,14 @@ impl Core {
         if self.cgroups.cgroups().is_none() {
             return;
         }
+        // An instance being spawned is left to its spawn: the spawn makes (or keeps) the cgroup
+        // and its child joins it, and `on_spawned` removes it if the child was not put there. A
+        // removal now (a batch member keeps its cgroup from its low stop to its start) would race
+        // the child's join.
         let (low, released): (Vec<u32>, Vec<u32>) = self
             .instances
             .values()
-            .filter(|i| i.cgroup.is_some() && i.phase.has_process())
+            .filter(|i| i.cgroup.is_some() && i.phase.has_process() && i.phase != Phase::Spawning)
             .map(|i| i.index)
             .partition(|index| self.wants_low(&self.instances[index]));
         for index in released {

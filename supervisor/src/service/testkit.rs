@@ -589,6 +589,19 @@ impl World {
                     self.later(delay, exited(*index, generation, status));
                 }
             }
+            // The spawn in progress makes the cgroup and its child joins it: a removal now would
+            // race the join (the child's `cgroup.procs` gone under it).
+            Effect::RemoveCgroup { index, .. }
+                if self
+                    .core
+                    .instances
+                    .get(index)
+                    .is_some_and(|i| i.phase == super::core::Phase::Spawning) =>
+            {
+                self.violation(format!(
+                    "removal of {index}'s cgroup while its spawn prepares it"
+                ));
+            }
             Effect::Release { .. }
             | Effect::RemoveCgroup { .. }
             | Effect::PublishHostStatus(_)

@@ -56,11 +56,34 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// VmRSS of a process in KiB.
 fn rss_kib(pid: i32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// One `/proc/<pid>/status` field in KiB (or a count, for `Threads:`).
+fn status_kib(pid: i32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Median over the fleet's brains of each `/proc/<pid>/status` field.
+fn brains_median(fleet: &sluice_tests::fleet::Fleet, fields: &[&str]) -> Value {
+    let pids: Vec<i32> = fleet.hosts.iter().filter_map(|h| h.daemon_pid()).collect();
+    let mut out = serde_json::Map::new();
+    for field in fields {
+        let values: Vec<f64> = pids
+            .iter()
+            .filter_map(|p| status_kib(*p, field))
+            .map(|v| v as f64)
+            .collect();
+        out.insert(
+            field.trim_end_matches(':').to_owned(),
+            json!(median(values)),
+        );
+    }
+    Value::Object(out)
 }
 
 struct Settings {
@@ -166,8 +189,19 @@ fn run(mode: &str, s: &Settings) -> Value {
         .filter_map(|h| h.daemon_pid().and_then(rss_kib))
         .map(|k| k as f64)
         .collect();
+    // The same brains once the deploy's threads have gone idle and exited (tokio ends an idle
+    // blocking thread after 10 s): what a brain holds after a deploy, not during its tail.
+    let fields = ["VmRSS:", "RssAnon:", "RssFile:", "Threads:"];
+    let right_after = brains_median(&fleet, &fields);
+    std::thread::sleep(Duration::from_secs(sluice_tests::benchkit::env_u64(
+        "BENCH_RSS_SETTLE_S",
+        15,
+    )));
+    let settled = brains_median(&fleet, &fields);
     let result = json!({
         "mode": mode,
+        "brain_status_median_right_after": right_after,
+        "brain_status_median_settled": settled,
         "archive_bytes": size,
         "one_host_fetch_ms": one_fetch_ms,
         "store_bytes": store_bytes,
@@ -508,6 +542,28 @@ fn main() {
             r["deploy_to_all_serving_ms"].as_f64().unwrap_or(f64::NAN),
             r["brain_rss_kib_median"].as_f64().unwrap_or(f64::NAN),
             r["brain_rss_kib_max"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    for r in &report["runs"].as_array().cloned().unwrap_or_default() {
+        let (after, settled) = (
+            &r["brain_status_median_right_after"],
+            &r["brain_status_median_settled"],
+        );
+        if after.is_null() {
+            continue;
+        }
+        let show = |v: &Value| {
+            format!(
+                "VmRSS {} KiB (anon {}, file {}), {} threads",
+                v["VmRSS"], v["RssAnon"], v["RssFile"], v["Threads"]
+            )
+        };
+        md += &format!(
+            "\n{}: the brains after the deploy, medians: right after, {}; {} s later, {}.\n",
+            r["mode"].as_str().unwrap_or("?"),
+            show(after),
+            sluice_tests::benchkit::env_u64("BENCH_RSS_SETTLE_S", 15),
+            show(settled)
         );
     }
     for r in &report["runs"].as_array().cloned().unwrap_or_default() {
