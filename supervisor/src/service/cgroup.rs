@@ -393,20 +393,7 @@ impl Cgroups {
         }
         make_dir(dir)?;
         self.set_low(dir)?;
-        let target = dir.join("cgroup.procs");
-        for pid in pids {
-            match std::fs::write(&target, pid.to_string()) {
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                Err(e) => {
-                    return Err(format!(
-                        "cgroups: cannot move pid {pid} to {}: {e}",
-                        dir.display()
-                    ));
-                }
-                Ok(()) => {}
-            }
-        }
-        Ok(())
+        move_into(dir, pids.iter().map(u32::to_string))
     }
 
     /// Removes the instance's cgroup: whatever still runs in it (an instance just enabled, or the
@@ -478,14 +465,19 @@ fn move_procs(dir: &Path, home: &Path) -> Result<(), String> {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(format!("cgroups: cannot read {}: {e}", dir.display())),
     };
-    let target = home.join("cgroup.procs");
-    for pid in procs.split_whitespace() {
-        match std::fs::write(&target, pid) {
+    move_into(home, procs.split_whitespace().map(str::to_owned))
+}
+
+/// Writes each pid to `dir`'s `cgroup.procs`; a process that has exited meanwhile is fine.
+fn move_into(dir: &Path, pids: impl IntoIterator<Item = String>) -> Result<(), String> {
+    let target = dir.join("cgroup.procs");
+    for pid in pids {
+        match std::fs::write(&target, &pid) {
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
             Err(e) => {
                 return Err(format!(
                     "cgroups: cannot move pid {pid} to {}: {e}",
-                    home.display()
+                    dir.display()
                 ));
             }
             Ok(()) => {}
