@@ -264,6 +264,8 @@ pub enum InstanceEvent {
     LivenessFailed(String),
     /// The low weight was written to its cgroup, or why not.
     WeightSet(Result<(), String>),
+    /// A stopping instance's processes were moved into its low-weight cgroup, or why not.
+    Lowered(Result<(), String>),
 }
 
 /// An outcome for the restart machine (tagged with the epoch of the action it answers).
@@ -304,7 +306,8 @@ pub enum Timer {
     },
     /// Time to try a failed iptables transaction again.
     SteerRetry,
-    /// The instance's low CPU phase has lasted `restart.cpu_low_max_ms`: it leaves its cgroup.
+    /// The instance's low CPU phase has reached its bound (`restart.cpu_low_max_ms` from its
+    /// start, or half its `stop_grace_ms` from its stop): it leaves its cgroup.
     LowPhaseOver {
         index: u32,
         generation: u64,
@@ -456,12 +459,14 @@ pub enum Effect {
         dir: PathBuf,
     },
     /// Make the instance's cgroup at the low weight and move its running processes (its
-    /// tracking cgroup's, else its process and descendants) into it; answers `WeightSet`.
+    /// tracking cgroup's, else its process and descendants) into it; answers `Lowered`.
     LowerRunning {
         index: u32,
         generation: u64,
         dir: PathBuf,
         pid: u32,
+        /// Its shim: the process's parent, checked before its descendants are walked.
+        shim_pid: u32,
     },
     /// Move what still runs in the cgroup back to the daemon's and remove it.
     RemoveCgroup {
@@ -1635,6 +1640,17 @@ impl Core {
                     instance.healthy = false;
                     self.stop(index, AfterStop::Start(Version::New), true);
                 }
+            }
+            InstanceEvent::Lowered(Ok(())) => {
+                tracing::info!(service = %self.name, index, "stopping at the low cpu weight");
+                instance.cgroup_error = None;
+            }
+            InstanceEvent::Lowered(Err(e)) => {
+                // It stops at the normal weight; whatever was moved goes back, and status says
+                // why.
+                tracing::warn!(service = %self.name, index, "{e}; stopping at the normal cpu weight");
+                instance.cgroup_error = Some(e);
+                self.remove_cgroup(index);
             }
             InstanceEvent::WeightSet(result) => match result {
                 Ok(()) => {

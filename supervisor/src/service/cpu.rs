@@ -75,7 +75,7 @@ impl Core {
     }
 
     /// Stopping after a drain that ended with no connection left, while a sibling serves: no
-    /// client can reach it any more (out of steering, nothing open), so its graceful stop (an
+    /// steered client can reach it any more (out of steering, nothing open), so its graceful stop (an
     /// interpreter's teardown, a JVM's exit: ~100 ms of CPU for a 2-worker gunicorn) takes only
     /// idle CPU instead of the serving instances'. A stop that follows a drain ending `idle` or
     /// at its timeout keeps the normal weight: the server may still answer on the connections
@@ -134,12 +134,10 @@ impl Core {
         if instance.cgroup.is_some() || !self.wants_low_stopping(instance) {
             return;
         }
-        let (Some(cgroups), Some(pid)) = (
-            self.cgroups.cgroups(),
-            instance.shim.as_ref().map(|s| s.pid),
-        ) else {
+        let (Some(cgroups), Some(shim)) = (self.cgroups.cgroups(), instance.shim.as_ref()) else {
             return;
         };
+        let (pid, shim_pid) = (shim.pid, shim.shim_pid);
         let dir = cgroups.dir(&self.name, index);
         let instance = self.instances.get_mut(&index).expect("found above");
         instance.cgroup = Some(dir.clone());
@@ -151,6 +149,7 @@ impl Core {
             generation,
             dir,
             pid,
+            shim_pid,
         });
     }
 

@@ -5,7 +5,7 @@
 //! instance's generation or the restart's epoch. It decides nothing.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -675,26 +675,17 @@ impl Executor {
                 generation,
                 dir,
                 pid,
+                shim_pid,
             } => {
                 // Inline, before the stop's signal goes: a few writes to cgroupfs.
-                let pids = match self.ctx.tree.cgroups() {
-                    Some(tree) => tree.procs(&self.name, index).unwrap_or_else(|e| {
-                        tracing::warn!(service = %self.name, index, "{e}; moving its process and descendants");
-                        crate::service::cgroup::descendants(pid)
-                    }),
-                    None => crate::service::cgroup::descendants(pid),
-                };
-                let result = match self.ctx.cgroups.cgroups() {
-                    Some(cgroups) => cgroups.lower_running(&dir, &pids),
-                    None => Err("cgroups: none found at start-up".into()),
-                };
-                if result.is_ok() {
-                    tracing::info!(service = %self.name, index, cgroup = %dir.display(), processes = pids.len(), "drained with no connection left: stopping at the low cpu weight");
+                let result = self.lower_running(index, &dir, pid, shim_pid);
+                if let Ok(moved) = &result {
+                    tracing::info!(service = %self.name, index, cgroup = %dir.display(), processes = moved, "drained with no connection left: moved to the low cpu weight");
                 }
                 self.immediate.push_back(Event::Instance {
                     index,
                     generation,
-                    event: InstanceEvent::WeightSet(result),
+                    event: InstanceEvent::Lowered(result.map(|_| ())),
                 });
             }
             Effect::RemoveCgroup { index, dir } => self.remove_cgroup(index, dir),
@@ -958,6 +949,50 @@ impl Executor {
                 }
             }
         });
+    }
+
+    /// Moves a stopping instance's processes into its cgroup at the low weight; how many moved.
+    /// Its tracking cgroup lists them; without one, its process (checked to be its shim's child,
+    /// so a reused pid is never taken for it) and its descendants.
+    fn lower_running(
+        &self,
+        index: u32,
+        dir: &Path,
+        pid: u32,
+        shim_pid: u32,
+    ) -> Result<usize, String> {
+        let Some(cgroups) = self.ctx.cgroups.cgroups() else {
+            return Err("cgroups: none found at start-up".into());
+        };
+        // A removal of the index's cgroup still in progress (its last processes moving out)
+        // would move these back and remove the directory under them.
+        if self
+            .cgroup_removals
+            .get(&index)
+            .is_some_and(|removal| !removal.is_finished())
+        {
+            return Err(format!("cgroups: {} is still being removed", dir.display()));
+        }
+        let tracked = self
+            .ctx
+            .tree
+            .cgroups()
+            .map(|tree| tree.procs(&self.name, index))
+            .and_then(|procs| procs.ok())
+            .filter(|procs| !procs.is_empty());
+        let pids = match tracked {
+            Some(pids) => pids,
+            None => {
+                if crate::service::cgroup::parent_of(pid) != Some(shim_pid) {
+                    return Err(format!(
+                        "cgroups: pid {pid} is no longer the child of its shim {shim_pid}"
+                    ));
+                }
+                crate::service::cgroup::descendants(pid)
+            }
+        };
+        cgroups.lower_running(dir, &pids)?;
+        Ok(pids.len())
     }
 
     /// Removes the instance's cgroup in the background (its last processes may still be exiting);

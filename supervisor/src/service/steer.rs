@@ -140,6 +140,10 @@ impl Core {
             "{}/{index}: a drain wait begun while the chain still steers to it",
             self.name
         );
+        // Whatever an earlier drain found says nothing of this one.
+        if let Some(instance) = self.instances.get_mut(&index) {
+            instance.drained_closed = false;
+        }
         self.emit(Effect::AwaitDrain {
             index,
             waiter,
@@ -163,8 +167,21 @@ impl Core {
             } else {
                 tracing::info!(service = %self.name, index, ending, left, in_flight, waited_ms, "drained");
             }
+            // Only the drain of the process that is there now, for the stop or restart still
+            // waiting on it, may let that process stop at the low weight.
+            let current = match waiter {
+                DrainFor::Stop { generation } => self
+                    .instances
+                    .get(&index)
+                    .is_some_and(|i| i.generation == generation),
+                DrainFor::Machine { epoch } => self
+                    .state
+                    .restart
+                    .as_ref()
+                    .is_some_and(|m| m.epoch == epoch),
+            };
             if let Some(instance) = self.instances.get_mut(&index) {
-                instance.drained_closed = o.ending == Ending::Closed;
+                instance.drained_closed = current && o.ending == Ending::Closed;
                 instance.last_drain = Some(o);
             }
         }

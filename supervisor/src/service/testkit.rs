@@ -175,6 +175,8 @@ pub struct World {
     pub drain_ending: sluice_strategies::drain::Ending,
     /// How long a process takes to exit once asked to stop (`None`: a random short delay).
     pub stop_ms: Option<u64>,
+    /// Spawns asked for whose outcome the core has not had yet.
+    spawning: BTreeSet<u32>,
 }
 
 impl World {
@@ -248,6 +250,7 @@ impl World {
             found: Vec::new(),
             drain_ending: sluice_strategies::drain::Ending::Idle,
             stop_ms: None,
+            spawning: BTreeSet::new(),
         };
         world.found = found;
         world
@@ -291,6 +294,14 @@ impl World {
 
     /// Hands one event to the core and runs what it wants done.
     pub fn handle(&mut self, event: Event) {
+        if let Event::Instance {
+            index,
+            event: InstanceEvent::Spawned { .. },
+            ..
+        } = &event
+        {
+            self.spawning.remove(index);
+        }
         if let Event::Instance {
             index,
             generation,
@@ -536,6 +547,7 @@ impl World {
                     ));
                 }
                 self.alive.insert(*index, *generation);
+                self.spawning.insert(*index);
                 self.served.remove(index);
                 self.left_down.remove(index);
                 self.tags.insert(*index, spec.tag());
@@ -591,13 +603,7 @@ impl World {
             }
             // The spawn in progress makes the cgroup and its child joins it: a removal now would
             // race the join (the child's `cgroup.procs` gone under it).
-            Effect::RemoveCgroup { index, .. }
-                if self
-                    .core
-                    .instances
-                    .get(index)
-                    .is_some_and(|i| i.phase == super::core::Phase::Spawning) =>
-            {
+            Effect::RemoveCgroup { index, .. } if self.spawning.contains(index) => {
                 self.violation(format!(
                     "removal of {index}'s cgroup while its spawn prepares it"
                 ));

@@ -1403,8 +1403,8 @@ fn lower_and_stop(world: &World, index: u32, from: usize) -> (Option<usize>, Opt
     )
 }
 
-/// A drain restart's stop runs at the low weight only when nothing can reach the instance any
-/// more (its drain ended with no connection left) and a sibling serves; the move comes before the
+/// A drain restart's stop runs at the low weight only when no steered client can reach the
+/// instance any more (its drain ended with no connection left) and a sibling serves; the move comes before the
 /// stop's signal, names the process, and only cgroup v1 moves running processes.
 #[test]
 fn a_stop_runs_low_only_after_a_drain_that_left_no_connection() {
