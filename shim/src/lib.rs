@@ -30,3 +30,7 @@ mod logfile;
 pub mod startup;
 mod sys;
 mod tree;
+
+/// The parent of a process, from the shim's own `/proc/<pid>/stat` reader (the brain checks
+/// that a pid is still its shim's child before it walks the pid's descendants).
+pub use tree::parent_of;

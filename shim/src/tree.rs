@@ -23,6 +23,7 @@ const KILL_ROUND_PAUSE_MS: u64 = 5;
 /// One process as `/proc/<pid>/stat` shows it.
 struct Stat {
     state: u8,
+    ppid: libc::pid_t,
     session: libc::pid_t,
     /// Clock ticks after boot when it started (field 22): tells a process from a later one that
     /// reused its pid.
@@ -35,16 +36,22 @@ fn stat(pid: libc::pid_t) -> Option<Stat> {
     let rest = &text[text.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
     let state = fields.next()?.bytes().next()?;
-    let _ppid = fields.next()?;
+    let ppid = fields.next()?.parse().ok()?;
     let _pgrp = fields.next()?;
     let session = fields.next()?.parse().ok()?;
     // Fields 7 to 21, then the start time.
     let starttime = fields.nth(15)?.parse().ok()?;
     Some(Stat {
         state,
+        ppid,
         session,
         starttime,
     })
+}
+
+/// The parent of process `pid`; `None` once it has gone.
+pub fn parent_of(pid: libc::pid_t) -> Option<libc::pid_t> {
+    stat(pid).map(|s| s.ppid)
 }
 
 /// The start time (clock ticks after boot) of process `pid`, to record beside its pid.
@@ -164,6 +171,10 @@ mod tests {
         let own = stat(me).expect("our own stat");
         assert_ne!(own.state, b'Z');
         assert_eq!(starttime(me), Some(own.starttime));
+        assert_eq!(
+            parent_of(me),
+            Some(std::os::unix::process::parent_id() as libc::pid_t)
+        );
         assert!(own.starttime > 0);
         // SAFETY: getsid(0) has no preconditions.
         assert_eq!(own.session, unsafe { libc::getsid(0) });

@@ -1641,10 +1641,7 @@ impl Core {
                     self.stop(index, AfterStop::Start(Version::New), true);
                 }
             }
-            InstanceEvent::Lowered(Ok(())) => {
-                tracing::info!(service = %self.name, index, "stopping at the low cpu weight");
-                instance.cgroup_error = None;
-            }
+            InstanceEvent::Lowered(Ok(())) => instance.cgroup_error = None,
             InstanceEvent::Lowered(Err(e)) => {
                 // It stops at the normal weight; whatever was moved goes back, and status says
                 // why.

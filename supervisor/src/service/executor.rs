@@ -983,7 +983,8 @@ impl Executor {
         let pids = match tracked {
             Some(pids) => pids,
             None => {
-                if crate::service::cgroup::parent_of(pid) != Some(shim_pid) {
+                let parent = sluice_shim::parent_of(pid as libc::pid_t);
+                if parent != Some(shim_pid as libc::pid_t) {
                     return Err(format!(
                         "cgroups: pid {pid} is no longer the child of its shim {shim_pid}"
                     ));

@@ -56,16 +56,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// VmRSS of a process in KiB.
 fn rss_kib(pid: i32) -> Option<u64> {
-    status_kib(pid, "VmRSS:")
+    status_kib(pid, "VmRSS")
 }
 
-/// One `/proc/<pid>/status` field in KiB (or a count, for `Threads:`).
+/// One `/proc/<pid>/status` field in KiB (or a count, for `Threads`).
 fn status_kib(pid: i32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    sluice_tests::procs::status_field(pid, field)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Median over the fleet's brains of each `/proc/<pid>/status` field.
@@ -78,10 +78,7 @@ fn brains_median(fleet: &sluice_tests::fleet::Fleet, fields: &[&str]) -> Value {
             .filter_map(|p| status_kib(*p, field))
             .map(|v| v as f64)
             .collect();
-        out.insert(
-            field.trim_end_matches(':').to_owned(),
-            json!(median(values)),
-        );
+        out.insert((*field).to_owned(), json!(median(values)));
     }
     Value::Object(out)
 }
@@ -191,7 +188,7 @@ fn run(mode: &str, s: &Settings) -> Value {
         .collect();
     // The same brains once the deploy's threads have gone idle and exited (tokio ends an idle
     // blocking thread after 10 s): what a brain holds after a deploy, not during its tail.
-    let fields = ["VmRSS:", "RssAnon:", "RssFile:", "Threads:"];
+    let fields = ["VmRSS", "RssAnon", "RssFile", "Threads"];
     let right_after = brains_median(&fleet, &fields);
     std::thread::sleep(Duration::from_secs(sluice_tests::benchkit::env_u64(
         "BENCH_RSS_SETTLE_S",

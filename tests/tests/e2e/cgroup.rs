@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sluice_tests::netns::Netns;
-use sluice_tests::{Host, PATIENCE, Status, fixtures, require_root};
+use sluice_tests::{Host, PATIENCE, Status, fixtures, procs, require_root};
 
 /// Where the v1 `cpu` controller is mounted on the test machines.
 const CPU_MOUNT: &str = "/sys/fs/cgroup/cpu";
@@ -540,25 +540,19 @@ fn a_stop_with_nothing_left_to_serve_runs_at_the_lowest_weight_for_half_its_grac
     h.sluice(&["stop", "slow"]).success();
 }
 
-/// `pid` and its descendants, from `/proc/<pid>/task/*/children`.
+/// `pid` and its live descendants, by their parents in one scan of `/proc`.
 fn descendants(pid: i32) -> Vec<i32> {
+    let all = procs::all();
     let mut found = vec![pid];
     let mut next = 0;
     while next < found.len() {
         let parent = found[next];
         next += 1;
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let children =
-                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            found.extend(
-                children
-                    .split_whitespace()
-                    .filter_map(|c| c.parse::<i32>().ok()),
-            );
-        }
+        found.extend(
+            all.iter()
+                .filter(|p| p.ppid == parent && p.live())
+                .map(|p| p.pid),
+        );
     }
     found
 }
