@@ -31,6 +31,7 @@ mod e2e {
     mod state;
     mod steering;
     mod stop;
+    mod store_reader;
     mod symlinks;
     mod systemd_unit;
     mod tree;

@@ -22,6 +22,7 @@
 
 mod extract;
 pub mod peer;
+mod reader;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -30,6 +31,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use reader::{STORE_READER_ARG, main as store_reader_main, use_store_reader};
 
 tokio::task_local! {
     /// The archive bytes of the install running on this task, by source, for
@@ -267,6 +270,8 @@ pub struct Releases {
     /// Store credentials used instead of the process environment when set: the environment is
     /// process-global, and tests (or configuration) need per-store values.
     store_env: Option<BTreeMap<String, String>>,
+    /// The executable store fetches run in (`reader`), or `None` for this process.
+    store_reader: Option<PathBuf>,
 }
 
 impl Releases {
@@ -274,7 +279,16 @@ impl Releases {
         Releases {
             root: data_dir.join(service),
             store_env: None,
+            store_reader: reader::default_reader(),
         }
+    }
+
+    /// Runs this releases' store fetches in a child executing `exe` (a `sluiced`, which the
+    /// argument [`STORE_READER_ARG`] makes a store reader), or in this process when `None`,
+    /// instead of what [`use_store_reader`] chose.
+    pub fn with_store_reader(mut self, exe: Option<PathBuf>) -> Releases {
+        self.store_reader = exe;
+        self
     }
 
     /// Reads the store variables (see the module doc) from `vars` instead of the process
@@ -319,7 +333,7 @@ impl Releases {
         if self.has(build) {
             return Ok(dest);
         }
-        let env = store::StoreEnv::new(self.store_env.as_ref());
+        let env = store::StoreEnv::new(self.store_env.as_ref(), self.store_reader.as_deref());
         let expected = match &source.sha256 {
             Some(sha) => store::parse_sha256(&source.url, sha)?,
             None => store::fetch_sidecar_sha256(&source.url, &env, limits).await?,

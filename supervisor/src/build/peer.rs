@@ -682,7 +682,10 @@ impl Peers {
         limits: &Limits,
         source: &Source,
     ) -> Result<PathBuf, BuildError> {
-        let env = store::StoreEnv::new(releases.store_env.as_ref());
+        let env = store::StoreEnv::new(
+            releases.store_env.as_ref(),
+            releases.store_reader.as_deref(),
+        );
         let stream = store::store_stream(&source.url, &env, limits).await?;
         tracing::info!(service, build, url = %clip(&source.url), "fetching from the store");
         let from = FetchFrom {

@@ -28,16 +28,28 @@ const CHUNK_QUEUE_LEN: usize = 16;
 /// [`Limits::fetch_stall_ms`] instead, so this only bounds a trickle that never stalls.
 const REQUEST_TIMEOUT_S: u64 = 6 * 3600;
 
-/// Where store variables are read from: the process environment, or a fixed map.
-pub(super) struct StoreEnv<'a>(Option<&'a BTreeMap<String, String>>);
+/// How the store is reached: where its variables are read from (the process environment, or a
+/// fixed map), and the store reader to run the fetch in, if any (`super::reader`).
+pub(super) struct StoreEnv<'a> {
+    vars: Option<&'a BTreeMap<String, String>>,
+    reader: Option<&'a Path>,
+}
 
 impl<'a> StoreEnv<'a> {
-    pub(super) fn new(vars: Option<&'a BTreeMap<String, String>>) -> StoreEnv<'a> {
-        StoreEnv(vars)
+    pub(super) fn new(
+        vars: Option<&'a BTreeMap<String, String>>,
+        reader: Option<&'a Path>,
+    ) -> StoreEnv<'a> {
+        StoreEnv { vars, reader }
+    }
+
+    /// The fixed variables, when they replace the process environment.
+    pub(super) fn vars(&self) -> Option<&'a BTreeMap<String, String>> {
+        self.vars
     }
 
     fn get(&self, name: &str) -> Option<String> {
-        match self.0 {
+        match self.vars {
             Some(vars) => vars.get(name).cloned(),
             None => std::env::var(name).ok(),
         }
@@ -122,18 +134,37 @@ fn open_store(
     object_store::parse_url_opts(&parsed, options).map_err(|e| bad(e.to_string()))
 }
 
-/// Starts a download, mapping a missing object to [`BuildError::NotFound`].
+/// Starts a download, mapping a missing object to [`BuildError::NotFound`]: in a store reader
+/// process when `env` names one, else here.
 async fn open_stream(
     url: &str,
     env: &StoreEnv<'_>,
     limits: &Limits,
-) -> Result<futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>, BuildError> {
+) -> Result<ByteStream, BuildError> {
+    match env.reader {
+        Some(exe) => super::reader::open(exe, url, env, limits).await,
+        None => open_here(url, env, limits).await,
+    }
+}
+
+/// [`open_stream`] in this process: what the store reader runs.
+pub(super) async fn open_here(
+    url: &str,
+    env: &StoreEnv<'_>,
+    limits: &Limits,
+) -> Result<ByteStream, BuildError> {
     let (store, path) = open_store(url, env, limits)?;
     let get = tokio::time::timeout(stall(limits), store.get(&path))
         .await
         .map_err(|_| stalled(url, limits))?;
     match get {
-        Ok(result) => Ok(result.into_stream()),
+        Ok(result) => {
+            let url = url.to_owned();
+            Ok(result
+                .into_stream()
+                .map(move |chunk| chunk.map_err(|e| fetch_error(&url, e)))
+                .boxed())
+        }
         Err(object_store::Error::NotFound { .. }) => Err(BuildError::NotFound {
             url: clip(url).into_owned(),
         }),
@@ -184,7 +215,7 @@ pub(super) async fn fetch_sidecar_sha256(
         .await
         .map_err(|_| stalled(&sidecar, limits))?
     {
-        text.extend_from_slice(&chunk.map_err(|e| fetch_error(&sidecar, e))?);
+        text.extend_from_slice(&chunk?);
         if text.len() > SIDECAR_MAX_BYTES {
             return Err(BuildError::TooLarge {
                 url: clip(&sidecar).into_owned(),
@@ -223,10 +254,6 @@ pub(super) async fn store_stream(
     limits: &Limits,
 ) -> Result<ByteStream, BuildError> {
     let stream = open_stream(url, env, limits).await?;
-    let url = url.to_owned();
-    let stream = stream
-        .map(move |chunk| chunk.map_err(|e| fetch_error(&url, e)))
-        .boxed();
     Ok(super::tallied(stream, crate::metrics::FetchSource::Store))
 }
 

@@ -124,6 +124,10 @@ pub fn main() -> i32 {
 /// alone (issue 7, footprint: the brain's RSS is mostly its binary's text pages, and the kernel's
 /// fault-around maps 64 KiB around each page the daemon touches, CLI code in between included).
 pub fn daemon_main() -> i32 {
+    // The daemon's store fetches run in a child of its own image (`build::reader`).
+    if std::env::args_os().nth(1).as_deref() == Some(crate::build::STORE_READER_ARG.as_ref()) {
+        return crate::build::store_reader_main();
+    }
     // One malloc arena for the whole daemon. glibc gives threads that allocate at the same time
     // arenas of their own, and the two workers' arenas held ~2.2 MiB of the brain's RSS at 100
     // instances (BENCHMARKS.md); the daemon allocates little, and rarely at once.
@@ -151,6 +155,7 @@ pub fn daemon_main() -> i32 {
         .enable_all()
         .build()
         .expect("a tokio runtime can be built");
+    crate::build::use_store_reader(PathBuf::from("/proc/self/exe"));
     runtime.block_on(run::run(host))
 }
 
