@@ -540,6 +540,89 @@ fn a_stop_with_nothing_left_to_serve_runs_at_the_lowest_weight_for_half_its_grac
     h.sluice(&["stop", "slow"]).success();
 }
 
+/// A daemon killed while an instance stops at the low weight: the next daemon adopts the stop,
+/// which it did not lower (it saw no drain), and moves the stopping tree back to the normal weight
+/// at once. Nothing is left starved by a daemon that is no longer there to end the low phase. The
+/// stop here (6 s) outlasts its half grace (5 s): a tree left low would stay low until it exits.
+#[test]
+fn a_stop_lowered_by_a_daemon_that_died_is_raised_by_the_next() {
+    if !require_root() {
+        return;
+    }
+    let Some(parent) = CgroupParent::new("stopkill") else {
+        return;
+    };
+    let ns = Netns::new();
+    let h = host_with_cgroups(&ns, &parent);
+    let service = service_with_env(
+        9100,
+        9000,
+        "0",
+        LOW_MAX_MS,
+        r#", STOP_DELAY_S = "6", CHILD = "1""#,
+    )
+    .replace("stop_grace_ms = 3000", "stop_grace_ms = 10000");
+    h.service("slow", &service);
+    h.start_daemon();
+    let before = h.wait_until(both_enabled, PATIENCE * 3);
+    let old = before.pid("slow", 0).expect("a pid");
+    let tree = descendants(old);
+    assert_eq!(tree.len(), 2, "the app and its child: {tree:?}");
+    h.note_pids(&tree);
+    let dir = parent.instance("slow", 0);
+
+    let restart = Guard(spawn_restart(&h));
+    wait_for(
+        "instance 0's old tree at the low weight while it stops",
+        RESTART_PATIENCE,
+        || {
+            let s = h.status();
+            s.pid("slow", 0) == Some(old)
+                && s.instance("slow", 0)["state"] == "stopping"
+                && s.instance("slow", 0)["cpu_weight"] == "low"
+                && tree.iter().all(|p| in_parent(*p, &parent))
+                && is_low(&dir)
+        },
+    );
+    h.kill9_daemon();
+    drop(restart);
+    assert!(
+        tree.iter().all(|p| in_parent(*p, &parent)),
+        "still low once the daemon is gone"
+    );
+    h.start_daemon();
+    wait_for(
+        "the adopted stop's tree back at the normal weight while it still stops",
+        PATIENCE,
+        || {
+            let alive: Vec<i32> = tree
+                .iter()
+                .copied()
+                .filter(|p| procs::is_live(*p))
+                .collect();
+            !alive.is_empty()
+                && alive.len() == tree.len()
+                && alive
+                    .iter()
+                    .all(|p| cpu_cgroup_of(*p).is_some() && !in_parent(*p, &parent))
+        },
+    );
+    let s = h.status();
+    if s.pid("slow", 0) == Some(old) {
+        assert!(s.instance("slow", 0)["cpu_weight"].is_null(), "{s}");
+    }
+    // The restart the first daemon began is carried on to its end.
+    let after = h.wait_until(both_enabled, RESTART_PATIENCE);
+    for i in 0..2 {
+        let dir = parent.instance("slow", i);
+        wait_for("cgroup removed once enabled", PATIENCE, || !dir.exists());
+        let pid = after.pid("slow", i).expect("a pid");
+        assert!(!tree.contains(&pid), "a new process");
+        h.note_pids(&[pid]);
+    }
+    h.sluice(&["stop", "slow"]).success();
+}
+
 /// `pid` and its live descendants, by their parents in one scan of `/proc`.
 fn descendants(pid: i32) -> Vec<i32> {
     let all = procs::all();
