@@ -20,6 +20,8 @@
 #                             and enabled -> every host acting over BENCH_DEPLOYS deploys) and
 #                             limit (enabled -> all serving under the percentage limit, against
 #                             ceil(hosts/limit) x one host's restart)
+#   BENCH_DEPLOY_TIMEOUT_S    limit of one deploy, default 1200 (store-only at 100 hosts x 200 MiB
+#                             through 100 Mbit/s takes ~28 min: give it 2400)
 #   BENCH_SKIP_BUILD=1        skip the cargo builds (uses target/release as it is)
 set -euo pipefail
 
@@ -45,10 +47,13 @@ work=$(mktemp -d /tmp/sluice-bench.XXXXXX)
 export TMPDIR="$work" SLUICE_BIN_DIR="$repo/target/release"
 unset CI
 
-# Bounded: a few minutes per mode at the defaults; 40 minutes means something hung.
+# Bounded: a few minutes per mode at the defaults; 40 minutes (or twice the deploy limit, when
+# that is longer) means something hung.
+bound=$(( ${BENCH_DEPLOY_TIMEOUT_S:-1200} * 2 ))
+(( bound >= 2400 )) || bound=2400
 "$repo/target/release/fleet_bench" "$out" &
 runner_pid=$!
-( sleep 2400; kill -KILL "$runner_pid" 2>/dev/null ) &
+( sleep "$bound"; kill -KILL "$runner_pid" 2>/dev/null ) &
 watchdog=$!
 wait "$runner_pid"
 kill "$watchdog" 2>/dev/null || true

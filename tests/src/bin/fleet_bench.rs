@@ -9,7 +9,8 @@
 //! `BENCH_LINK_BYTES_PER_S` (12500000: the store's uplink and each host's
 //! `peers.upload_bytes_per_s`), `BENCH_MAX_UPLOADS` (2: `peers.max_uploads`), `BENCH_TC` (1:
 //! links shaped with tc at `BENCH_LINK_BYTES_PER_S` instead of the store's own pacing),
-//! `BENCH_MODES` (`store,peers`; `zk` for what ZooKeeper costs per host per deploy; `limit` for
+//! `BENCH_DEPLOY_TIMEOUT_S` (1200: the limit of one deploy), `BENCH_MODES` (`store,peers`; `zk`
+//! for what ZooKeeper costs per host per deploy; `limit` for
 //! a deploy under `max_hosts_restarting = BENCH_LIMIT_PERCENT%`, default 10). `BENCH_ZK_LIMIT`
 //! sets `max_hosts_restarting` for the `zk` mode's deploys (default: the node absent, 1);
 //! `BENCH_ZK_PEERS=1` has its hosts fetch through their peers (racks of `BENCH_RACKS`).
@@ -37,8 +38,14 @@ use sluice_tests::zkcost::{ByteMeter, StatusClock, Traffic, parse_cons, parse_wc
 
 const SVC: &str = "web";
 const BUILD: &str = "b1";
-/// Limit of one deploy across the fleet.
-const DEPLOY_TIMEOUT: Duration = Duration::from_secs(1200);
+/// Limit of one deploy across the fleet: `BENCH_DEPLOY_TIMEOUT_S`, default 1200 (a store-only
+/// deploy of 100 hosts × 200 MiB through a 100 Mbit/s uplink takes ~28 min).
+fn deploy_timeout() -> Duration {
+    Duration::from_secs(sluice_tests::benchkit::env_u64(
+        "BENCH_DEPLOY_TIMEOUT_S",
+        1200,
+    ))
+}
 
 fn now_ms() -> f64 {
     SystemTime::now()
@@ -152,7 +159,7 @@ fn run(mode: &str, s: &Settings) -> Value {
     let addr: SocketAddr = format!("{HUB_ADDR}:{HTTP_PORT}").parse().unwrap();
     let t = Instant::now();
     let (status, body) = run_in_named(&fleet.hosts[0].netns, || {
-        http_get_bytes(addr, &build.path, DEPLOY_TIMEOUT)
+        http_get_bytes(addr, &build.path, deploy_timeout())
     })
     .expect("the baseline fetch");
     assert_eq!((status, body.len() as u64), (200, size), "baseline fetch");
@@ -163,7 +170,7 @@ fn run(mode: &str, s: &Settings) -> Value {
     fleet.register_with_size(SVC, &build);
     let t0 = now_ms();
     fleet.sluice(&["deploy", SVC, BUILD]).success();
-    fleet.wait_all_serving(SVC, BUILD, DEPLOY_TIMEOUT);
+    fleet.wait_all_serving(SVC, BUILD, deploy_timeout());
     let serving_ms = now_ms() - t0;
     let verified: Vec<f64> = fleet
         .hosts
@@ -232,7 +239,7 @@ fn run_limit(s: &Settings, percent: u64) -> Value {
     }
     fleet.sluice(&["limit", SVC, "100%"]).success();
     fleet.sluice(&["deploy", SVC, "b1"]).success();
-    fleet.wait_all_serving(SVC, "b1", DEPLOY_TIMEOUT);
+    fleet.wait_all_serving(SVC, "b1", deploy_timeout());
     let restarts: Vec<f64> = (0..3)
         .map(|_| {
             let t = Instant::now();
@@ -248,7 +255,7 @@ fn run_limit(s: &Settings, percent: u64) -> Value {
     let batches = s.hosts.div_ceil(limit);
     let t0 = Instant::now();
     fleet.sluice(&["deploy", SVC, "b2"]).success();
-    fleet.wait_all_serving(SVC, "b2", DEPLOY_TIMEOUT);
+    fleet.wait_all_serving(SVC, "b2", deploy_timeout());
     let serving_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let result = json!({
         "mode": "limit",
@@ -305,7 +312,7 @@ fn run_zk(s: &Settings, deploys: usize) -> Value {
         fleet.sluice(&["limit", SVC, &limit]).success();
     }
     fleet.sluice(&["deploy", SVC, &builds[0].id]).success();
-    fleet.wait_all_serving(SVC, &builds[0].id, DEPLOY_TIMEOUT);
+    fleet.wait_all_serving(SVC, &builds[0].id, deploy_timeout());
     std::thread::sleep(Duration::from_millis(ZK_SETTLE_MS));
 
     let zk = fleet.zk();
@@ -364,7 +371,7 @@ fn run_zk(s: &Settings, deploys: usize) -> Value {
         let (cb, tb, start) = (cons(), traffic(), Instant::now());
         let written_ms = sluice_tests::nemesis::now_ms();
         fleet.sluice(&["deploy", SVC, &b.id]).success();
-        fleet.wait_all_serving(SVC, &b.id, DEPLOY_TIMEOUT);
+        fleet.wait_all_serving(SVC, &b.id, deploy_timeout());
         std::thread::sleep(Duration::from_millis(ZK_SETTLE_MS));
         let (ca, ta) = (cons(), traffic());
         let window_s = start.elapsed().as_secs_f64();
