@@ -658,13 +658,27 @@ pub fn http_get_bytes(
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), String> {
+    http_get_bytes_with(addr, path, &[], timeout)
+}
+
+/// [`http_get_bytes`] with extra request headers (`(name, value)`).
+pub fn http_get_bytes_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), String> {
     let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
         .map_err(|e| format!("connect {addr}: {e}"))?;
     stream.set_read_timeout(Some(timeout)).ok();
     stream.set_write_timeout(Some(IO_TIMEOUT)).ok();
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: test\r\n{extra}Connection: close\r\n\r\n"
     )
     .map_err(|e| format!("send to {addr}: {e}"))?;
     let mut answer = Vec::new();

@@ -22,6 +22,7 @@
 
 mod extract;
 pub mod peer;
+pub mod peer_auth;
 mod reader;
 mod store;
 #[cfg(test)]

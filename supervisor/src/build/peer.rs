@@ -31,7 +31,9 @@
 //! up `peers.max_attempts` and send each host to the store. Peer addresses are parsed as
 //! `ip:port` (never resolved, never used as a path); the peer server serves only
 //! `GET /v1/builds/<svc>/<build>` for a configured service and a valid build id
-//! (`check_build_id`) that is verified on disk or being fetched here. Uploads are bounded in
+//! (`check_build_id`) that is verified on disk or being fetched here; with `peers.secret_file`,
+//! only to a request signed with the fleet's shared key (`super::peer_auth`), checked before
+//! anything else. Uploads are bounded in
 //! count (`peers.max_uploads`) and in bytes per second for all of them together
 //! (`peers.upload_bytes_per_s`), so serving never takes the host's whole link from its instances.
 //!
@@ -44,6 +46,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -127,6 +130,11 @@ struct Inner {
     dropped: Mutex<HashSet<String>>,
     uploads: Arc<Semaphore>,
     pacer: Arc<Pacer>,
+    /// The fleet's shared key: requests are signed with it and only signed ones are served.
+    key: Option<super::peer_auth::PeerKey>,
+    /// When a refused request was last logged (Unix seconds): one line per 10 s at most, so a
+    /// scanner cannot flood the log.
+    refusal_logged_s: AtomicU64,
 }
 
 /// Spaces out the bytes of every upload together so they stay under a rate: each chunk
@@ -233,6 +241,11 @@ impl Peers {
                 clip(&rack)
             ));
         }
+        let key = config
+            .secret_file
+            .as_deref()
+            .map(super::peer_auth::PeerKey::load)
+            .transpose()?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("peers.listen {listen}: {e}"))?;
@@ -247,9 +260,11 @@ impl Peers {
             dropped: Mutex::new(HashSet::new()),
             uploads: Arc::new(Semaphore::new(config.max_uploads)),
             pacer: Arc::new(Pacer::new(config.upload_bytes_per_s)),
+            key,
+            refusal_logged_s: AtomicU64::new(0),
             config: config.clone(),
         }));
-        tracing::info!(%listen, %advertise, rack = %peers.0.rack, "peer server listening");
+        tracing::info!(%listen, %advertise, rack = %peers.0.rack, signed = peers.0.key.is_some(), "peer server listening");
         tokio::spawn(peers.clone().serve(listener));
         tokio::spawn(peers.clone().rescan_forever());
         Ok(peers)
@@ -645,8 +660,13 @@ impl Peers {
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        let request = hyper::Request::get(format!("{URL_PREFIX}{service}/{build}"))
-            .header(hyper::header::HOST, addr.to_string())
+        let path = format!("{URL_PREFIX}{service}/{build}");
+        let mut request = hyper::Request::get(&path).header(hyper::header::HOST, addr.to_string());
+        if let Some(key) = &self.0.key {
+            let signed = key.authorization(&path, super::peer_auth::now_s());
+            request = request.header(hyper::header::AUTHORIZATION, signed);
+        }
+        let request = request
             .body(Full::new(Bytes::new()))
             .map_err(|e| down(format!("{label}: {e}")))?;
         let response = tokio::time::timeout(stall, send.send_request(request))
@@ -657,6 +677,14 @@ impl Peers {
             hyper::StatusCode::OK => {}
             hyper::StatusCode::SERVICE_UNAVAILABLE => {
                 return Err(PeerFailure::Busy(format!("{label}: busy")));
+            }
+            hyper::StatusCode::UNAUTHORIZED => {
+                let why = if self.0.key.is_some() {
+                    "refused this host's signature (another peers.secret_file key, or clocks more than 300 s apart)"
+                } else {
+                    "asks for signed requests (peers.secret_file), and this host has no key"
+                };
+                return Err(down(format!("{label}: answered 401: {why}")));
             }
             status => return Err(down(format!("{label}: answered {status}"))),
         }
@@ -793,7 +821,7 @@ impl Peers {
 
     async fn serve(self, listener: tokio::net::TcpListener) {
         loop {
-            let (stream, _) = match listener.accept().await {
+            let (stream, remote) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!("peer server: accept: {e}");
@@ -806,7 +834,7 @@ impl Peers {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
                     let peers = peers.clone();
-                    async move { Ok::<_, std::convert::Infallible>(peers.answer(&request)) }
+                    async move { Ok::<_, std::convert::Infallible>(peers.answer(&request, remote)) }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let connection = hyper::server::conn::http1::Builder::new()
@@ -819,11 +847,32 @@ impl Peers {
         }
     }
 
-    fn answer<B>(&self, request: &hyper::Request<B>) -> hyper::Response<Body> {
+    fn answer<B>(&self, request: &hyper::Request<B>, remote: SocketAddr) -> hyper::Response<Body> {
         if request.method() != hyper::Method::GET {
             return plain(hyper::StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         }
         let target = request.uri().path();
+        // Before the path is looked at: an unsigned asker learns nothing of what is served.
+        if let Some(key) = &self.0.key {
+            let header = request
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .map(|v| v.as_bytes());
+            let now = super::peer_auth::now_s();
+            if let Err(why) = key.verify(target, header, now) {
+                let last = self.0.refusal_logged_s.load(Ordering::Relaxed);
+                if now >= last + 10
+                    && self
+                        .0
+                        .refusal_logged_s
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    tracing::warn!(%remote, target = %clip(target), "peer server: refused a request: {why} (one line per 10 s at most)");
+                }
+                return plain(hyper::StatusCode::UNAUTHORIZED, "unauthorized\n");
+            }
+        }
         let Some((service, build)) = parse_target(target) else {
             return plain(hyper::StatusCode::NOT_FOUND, "not found\n");
         };

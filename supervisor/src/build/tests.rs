@@ -1342,10 +1342,26 @@ impl PeerFleet {
         Releases,
         tokio::sync::mpsc::Receiver<crate::coord::CoordEvent>,
     ) {
+        self.host_with(host, rack, None, free_port()).await
+    }
+
+    /// [`PeerFleet::host`] with `peers.secret_file` and the peer port given.
+    async fn host_with(
+        &self,
+        host: &str,
+        rack: &str,
+        secret_file: Option<&Path>,
+        port: u16,
+    ) -> (
+        peer::Peers,
+        Releases,
+        tokio::sync::mpsc::Receiver<crate::coord::CoordEvent>,
+    ) {
         let (zk, events) = self.session(host).await;
         let config = peer::PeerConfig {
             enabled: true,
-            listen: format!("127.0.0.1:{}", free_port()),
+            listen: format!("127.0.0.1:{port}"),
+            secret_file: secret_file.map(Path::to_owned),
             ..peer::PeerConfig::default()
         };
         let dir = self.tmp.path().join(host);
@@ -1454,5 +1470,50 @@ async fn elections_held_by_an_unreachable_host_are_taken_over() {
         fleet.store.hits("/web/b1.tar.gz"),
         1,
         "hosts whose store fetcher died took more than one copy from the store"
+    );
+}
+
+/// With `peers.secret_file`, peers serve only requests signed with the fleet's key. Two hosts of
+/// one key take one copy from the store and stream it from each other; a host with another key
+/// is refused by both (401) and takes its build from the store; an unsigned request is refused
+/// before its path is looked at, so it cannot even tell which builds are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_with_a_shared_key_serve_only_requests_signed_with_it() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(fleet) = PeerFleet::start().await else {
+        return;
+    };
+    let key_file = |name: &str, fill: &str| {
+        let path = fleet.tmp.path().join(name);
+        std::fs::write(&path, format!("{}\n", fill.repeat(64))).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    };
+    let (ours, theirs) = (key_file("ours.key", "a"), key_file("theirs.key", "b"));
+    let port = free_port();
+    let hosts = vec![
+        fleet.host_with("h1", "r1", Some(&ours), port).await,
+        fleet.host_with("h2", "r2", Some(&ours), free_port()).await,
+    ];
+    fleet.install_all(&hosts).await;
+    assert_eq!(
+        fleet.store.hits("/web/b1.tar.gz"),
+        1,
+        "the keyed hosts did not share"
+    );
+    for path in ["/v1/builds/web/b1", "/v1/builds/web/nope", "/elsewhere"] {
+        let answer = tokio::task::block_in_place(|| raw_request(port, "GET", path));
+        assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
+    }
+    let other = vec![
+        fleet
+            .host_with("h3", "r3", Some(&theirs), free_port())
+            .await,
+    ];
+    fleet.install_all(&other).await;
+    assert_eq!(
+        fleet.store.hits("/web/b1.tar.gz"),
+        2,
+        "the host with another key was served by a peer"
     );
 }

@@ -61,6 +61,10 @@ pub struct PeerConfig {
     /// store fetcher) to offer the build before it fetches from the store itself, in ms.
     #[serde(default = "default_rack_wait_ms")]
     pub rack_wait_ms: u64,
+    /// A file holding the key all hosts of the fleet share: with it, this host signs its peer
+    /// requests and serves only signed ones (`build::peer_auth`).
+    #[serde(default)]
+    pub secret_file: Option<std::path::PathBuf>,
 }
 
 fn default_listen() -> String {
@@ -97,6 +101,7 @@ impl Default for PeerConfig {
             connect_timeout_ms: DEFAULT_PEER_CONNECT_TIMEOUT_MS,
             max_attempts: DEFAULT_PEER_ATTEMPTS,
             rack_wait_ms: DEFAULT_RACK_WAIT_MS,
+            secret_file: None,
         }
     }
 }

@@ -90,6 +90,36 @@ fn brains_median(fleet: &sluice_tests::fleet::Fleet, fields: &[&str]) -> Value {
     Value::Object(out)
 }
 
+/// The `n` largest brains by VmRSS, each with its status split and what its log says it did:
+/// whether it read the store, how many transfers it took from peers, how many it retried.
+fn largest_brains(fleet: &sluice_tests::fleet::Fleet, n: usize) -> Value {
+    let mut brains: Vec<(u64, Value)> = fleet
+        .hosts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| {
+            let pid = h.daemon_pid()?;
+            let rss = status_kib(pid, "VmRSS")?;
+            let log = h.daemon_log_text();
+            Some((
+                rss,
+                json!({
+                    "host": i,
+                    "VmRSS": rss,
+                    "RssAnon": status_kib(pid, "RssAnon"),
+                    "RssFile": status_kib(pid, "RssFile"),
+                    "Threads": status_kib(pid, "Threads"),
+                    "from_store": log.contains("fetching from the store"),
+                    "peer_fetches": log.matches("fetching from a peer").count(),
+                    "retries": log.matches("retrying elsewhere").count(),
+                }),
+            ))
+        })
+        .collect();
+    brains.sort_by_key(|b| std::cmp::Reverse(b.0));
+    Value::Array(brains.into_iter().take(n).map(|(_, v)| v).collect())
+}
+
 struct Settings {
     hosts: usize,
     racks: usize,
@@ -197,6 +227,7 @@ fn run(mode: &str, s: &Settings) -> Value {
     // blocking thread after 10 s): what a brain holds after a deploy, not during its tail.
     let fields = ["VmRSS", "RssAnon", "RssFile", "Threads"];
     let right_after = brains_median(&fleet, &fields);
+    let largest = largest_brains(&fleet, 5);
     std::thread::sleep(Duration::from_secs(sluice_tests::benchkit::env_u64(
         "BENCH_RSS_SETTLE_S",
         15,
@@ -206,6 +237,7 @@ fn run(mode: &str, s: &Settings) -> Value {
         "mode": mode,
         "brain_status_median_right_after": right_after,
         "brain_status_median_settled": settled,
+        "brains_largest_right_after": largest,
         "archive_bytes": size,
         "one_host_fetch_ms": one_fetch_ms,
         "store_bytes": store_bytes,

@@ -15,8 +15,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use sluice_tests::fleet::{
-    BuildInfo, Fleet, FleetHost, FleetOptions, http_get_bytes, light_service, noise, serving,
-    sha256_file,
+    BuildInfo, Fleet, FleetHost, FleetOptions, http_get_bytes, http_get_bytes_with, light_service,
+    noise, serving, sha256_file,
 };
 use sluice_tests::netns::run_in_named;
 
@@ -43,11 +43,49 @@ fn rack_of(i: usize) -> String {
     format!("r{}", i / (HOSTS / RACKS) + 1)
 }
 
+/// The fleet's shared key (`peers.secret_file`), one file for every host: all hosts are in the
+/// test's mount namespace.
+fn key_file() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let file = dir.path().join("peer.key");
+        std::fs::write(&file, format!("{}\n", "5e".repeat(32))).expect("writing the key");
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod 600");
+        dir
+    });
+    Box::leak(dir.path().join("peer.key").into_boxed_path())
+}
+
+/// The `Authorization` value a host of the fleet sends for `path` now: `Sluice-Peer
+/// <unix seconds>.<hex HMAC-SHA256 of "sluice-peer-v1\n" path "\n" seconds>`, keyed by the
+/// key file's content without its newline (written here independently of the daemon's code, so
+/// the wire format is checked too).
+fn signed(path: &str) -> String {
+    use hmac::{KeyInit as _, Mac as _};
+    let key = std::fs::read_to_string(key_file()).expect("the key");
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.trim().as_bytes()).unwrap();
+    mac.update(format!("sluice-peer-v1\n{path}\n{seconds}").as_bytes());
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("Sluice-Peer {seconds}.{hex}")
+}
+
 fn host_extra(i: usize) -> String {
     format!(
-        "rack = \"{rack}\"\n[peers]\nenabled = true\nadvertise = \"10.199.0.{addr}:{PEER_PORT}\"\nmax_uploads = 3\nupload_bytes_per_s = {UPLOAD_BYTES_PER_S}\nstall_ms = 3000\n",
+        "rack = \"{rack}\"\n[peers]\nenabled = true\nadvertise = \"10.199.0.{addr}:{PEER_PORT}\"\nmax_uploads = 3\nupload_bytes_per_s = {UPLOAD_BYTES_PER_S}\nstall_ms = 3000\nsecret_file = \"{key}\"\n",
         rack = rack_of(i),
         addr = 11 + i,
+        key = key_file().display(),
     )
 }
 
@@ -99,8 +137,14 @@ fn every_host_serves(fleet: &Fleet, build: &BuildInfo) {
                 scope.spawn(move || {
                     let addr: SocketAddr = format!("{}:{PEER_PORT}", h.addr).parse().unwrap();
                     let path = format!("/v1/builds/{SVC}/{}", build.id);
+                    let auth = signed(&path);
                     let got = run_in_named(&hub, || {
-                        http_get_bytes(addr, &path, Duration::from_secs(60))
+                        http_get_bytes_with(
+                            addr,
+                            &path,
+                            &[("Authorization", &auth)],
+                            Duration::from_secs(60),
+                        )
                     });
                     let result = got.and_then(|(status, body)| {
                         if status != 200 {
@@ -198,6 +242,17 @@ fn builds_travel_between_peers_and_the_store_serves_once_per_deploy() {
         from_peers >= HOSTS - 1,
         "only {from_peers} hosts fetched b1 from a peer"
     );
+    // The peers signed their requests (`peers.secret_file`); an unsigned one is refused.
+    let peer: SocketAddr = format!("10.199.0.12:{PEER_PORT}").parse().unwrap();
+    let (status, _) = run_in_named(&fleet.hosts[0].netns, || {
+        http_get_bytes(
+            peer,
+            &format!("/v1/builds/{SVC}/{}", b1.id),
+            DEPLOY_PATIENCE,
+        )
+    })
+    .expect("asking a peer unsigned");
+    assert_eq!(status, 401, "a peer served an unsigned request");
     every_host_serves(&fleet, b1);
 
     // 2. A peer of rack r1 that serves corrupted bytes is dropped; the build arrives verified.
