@@ -265,6 +265,12 @@ impl Peers {
             config: config.clone(),
         }));
         tracing::info!(%listen, %advertise, rack = %peers.0.rack, signed = peers.0.key.is_some(), "peer server listening");
+        if peers.0.key.is_none() {
+            tracing::warn!(
+                %listen,
+                "peers.secret_file is not set: whoever reaches the peer port can download the builds this host serves"
+            );
+        }
         tokio::spawn(peers.clone().serve(listener));
         tokio::spawn(peers.clone().rescan_forever());
         Ok(peers)

@@ -254,6 +254,11 @@ fn check_config(path: &Path, host: &HostConfig, json: bool) -> i32 {
         .map_err(|e| e.to_string())
         .and_then(|services| {
             crate::service::spec::check_identities(host, &services)?;
+            if host.peers.enabled
+                && let Some(file) = &host.peers.secret_file
+            {
+                crate::build::peer_auth::PeerKey::load(file)?;
+            }
             Ok(services)
         }) {
         Ok(services) => {
