@@ -207,6 +207,7 @@ pub async fn install(
     source: &Source,
     limits: &Limits,
 ) -> Result<PathBuf, BuildError> {
+    let _transfer = super::Transfer::begin();
     match (peers, &source.sha256) {
         (Some(peers), Some(sha256)) => {
             peers
@@ -942,6 +943,7 @@ impl Peers {
             sent: 0,
             progress,
             _permit: Some(permit),
+            _transfer: super::Transfer::begin(),
             buf: vec![0; UPLOAD_CHUNK_BYTES],
         };
         let frames = futures_util::stream::unfold(upload, |mut upload| async move {
@@ -998,6 +1000,7 @@ struct Upload {
     progress: Option<watch::Receiver<Progress>>,
     /// Held for the upload's life: one of `peers.max_uploads` (`None` only in unit tests).
     _permit: Option<OwnedSemaphorePermit>,
+    _transfer: super::Transfer,
     buf: Vec<u8>,
 }
 
@@ -1240,6 +1243,7 @@ mod tests {
             sent: 0,
             progress,
             _permit: None,
+            _transfer: crate::build::Transfer::begin(),
             buf: vec![0; 4],
         }
     }

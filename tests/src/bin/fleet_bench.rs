@@ -233,11 +233,13 @@ fn run(mode: &str, s: &Settings) -> Value {
         15,
     )));
     let settled = brains_median(&fleet, &fields);
+    let largest_settled = largest_brains(&fleet, 5);
     let result = json!({
         "mode": mode,
         "brain_status_median_right_after": right_after,
         "brain_status_median_settled": settled,
         "brains_largest_right_after": largest,
+        "brains_largest_settled": largest_settled,
         "archive_bytes": size,
         "one_host_fetch_ms": one_fetch_ms,
         "store_bytes": store_bytes,
