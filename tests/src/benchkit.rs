@@ -48,6 +48,15 @@ pub fn log_ms(log: &str, needle: &str) -> Option<f64> {
         .and_then(|l| parse_ts(l.split_whitespace().next()?))
 }
 
+/// The time of the first line of `log` that holds `needle` and is stamped at or after
+/// `after_ms`, in milliseconds since the Unix epoch.
+pub fn log_ms_after(log: &str, needle: &str, after_ms: f64) -> Option<f64> {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| parse_ts(l.split_whitespace().next()?))
+        .find(|t| *t >= after_ms)
+}
+
 /// `2026-11-26T09:04:45.055Z` (the daemon log's timestamps) → milliseconds since the Unix epoch.
 pub fn parse_ts(text: &str) -> Option<f64> {
     let (date, time) = text.trim_end_matches('Z').split_once('T')?;

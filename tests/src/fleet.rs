@@ -596,9 +596,12 @@ pub fn py_fleet_serving(
 /// Whether host `name` of a hosts view serves `build` (state `serving`, every instance running
 /// and in steering).
 pub fn serving(view: &BTreeMap<String, Value>, name: &str, build: &str) -> bool {
-    let Some(h) = view.get(name) else {
-        return false;
-    };
+    view.get(name).is_some_and(|h| serving_status(h, build))
+}
+
+/// Whether one host's status (its status node, or its entry in `sluice hosts --json`) says it
+/// serves `build` with every instance running.
+pub fn serving_status(h: &Value, build: &str) -> bool {
     h["build"] == build
         && h["state"] == "serving"
         && h["instances"]

@@ -189,6 +189,9 @@ pub fn parse_wchs(text: &str) -> Option<(u64, u64, u64)> {
 pub struct StatusClock {
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<(String, u64)>>>,
+    /// With [`StatusClock::start_reading`]: each change's node read right after it, as
+    /// (host, ms since the epoch when the read answered, the status JSON).
+    values: Arc<Mutex<Vec<(String, u64, serde_json::Value)>>>,
     thread: Option<JoinHandle<()>>,
     /// Paths whose `mtime` the clock's thread reads with its client, and where it answers.
     stats: tokio::sync::mpsc::UnboundedSender<(String, std::sync::mpsc::Sender<Option<u64>>)>,
@@ -197,9 +200,20 @@ pub struct StatusClock {
 impl StatusClock {
     /// `servers`: `addr:port,…`; `status_dir`: with the chroot, e.g. `/sluice/services/web/status`.
     pub fn start(hub_netns: &str, servers: String, status_dir: String) -> StatusClock {
+        Self::start_with(hub_netns, servers, status_dir, false)
+    }
+
+    /// [`StatusClock::start`] that also reads each changed node (one `getData` per change, so
+    /// not for a bench that counts the ensemble's requests): see [`StatusClock::first_matching`].
+    pub fn start_reading(hub_netns: &str, servers: String, status_dir: String) -> StatusClock {
+        Self::start_with(hub_netns, servers, status_dir, true)
+    }
+
+    fn start_with(hub_netns: &str, servers: String, status_dir: String, read: bool) -> StatusClock {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (flag, log) = (stop.clone(), seen.clone());
+        let values = Arc::new(Mutex::new(Vec::new()));
+        let (flag, log, read_log) = (stop.clone(), seen.clone(), values.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let hub = hub_netns.to_owned();
         let (stats, mut stat_rx) =
@@ -244,6 +258,16 @@ impl StatusClock {
                     }
                     if let Some(host) = event.path.strip_prefix(&prefix) {
                         log.lock().unwrap().push((host.to_owned(), now_ms()));
+                        if read {
+                            let value = client
+                                .get_data(&event.path)
+                                .await
+                                .ok()
+                                .and_then(|(data, _)| serde_json::from_slice(&data).ok());
+                            if let Some(value) = value {
+                                read_log.lock().unwrap().push((host.to_owned(), now_ms(), value));
+                            }
+                        }
                     }
                 }
             });
@@ -254,6 +278,7 @@ impl StatusClock {
         StatusClock {
             stop,
             seen,
+            values,
             thread: Some(thread),
             stats,
         }
@@ -277,6 +302,23 @@ impl StatusClock {
             }
         }
         count
+    }
+
+    /// Each host's first status read at or after `t0_ms` for which `cond` holds, in ms after
+    /// `t0_ms` (when the read answered: at most that late). Empty without
+    /// [`StatusClock::start_reading`].
+    pub fn first_matching(
+        &self,
+        t0_ms: u64,
+        cond: impl Fn(&serde_json::Value) -> bool,
+    ) -> BTreeMap<String, u64> {
+        let mut first = BTreeMap::new();
+        for (host, t, value) in self.values.lock().unwrap().iter() {
+            if *t >= t0_ms && cond(value) {
+                first.entry(host.clone()).or_insert(t - t0_ms);
+            }
+        }
+        first
     }
 
     /// Each host's first status change at or after `t0_ms`, in ms after it.

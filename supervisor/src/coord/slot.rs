@@ -290,16 +290,22 @@ async fn look(
     let client = &session.client;
     let acl = &zk.shared.acl;
     let queue_dir = format!("{dir}/{QUEUE}");
-    client
-        .mkdir(&queue_dir, &acl.options(CreateMode::Persistent))
-        .await
-        .map_err(|e| ("create", queue_dir.clone(), e))?;
+    // The queue's node is made when a read finds it missing, not before every look: a create of
+    // a node that exists is still a write through the leader.
+    let make_queue = || async {
+        client
+            .mkdir(&queue_dir, &acl.options(CreateMode::Persistent))
+            .await
+            .map_err(|e| ("create", queue_dir.clone(), e))
+            .map(|()| Step::Again)
+    };
 
     // A lease of this session already: it holds the slot (once out of the queue).
-    let children = client
-        .list_children(dir)
-        .await
-        .map_err(|e| ("list", dir.to_owned(), e))?;
+    let children = match client.list_children(dir).await {
+        Ok(children) => children,
+        Err(E::NoNode) => return make_queue().await,
+        Err(e) => return Err(("list", dir.to_owned(), e)),
+    };
     if let Some(lease) = adopt(client, dir, prefix, &children).await? {
         let path = format!("{dir}/{lease}");
         pending.lease = Some((session.clone(), path.clone()));
@@ -314,10 +320,11 @@ async fn look(
         return Ok(Step::Held(path));
     }
 
-    let queue = client
-        .list_children(&queue_dir)
-        .await
-        .map_err(|e| ("list", queue_dir.clone(), e))?;
+    let queue = match client.list_children(&queue_dir).await {
+        Ok(queue) => queue,
+        Err(E::NoNode) => return make_queue().await,
+        Err(e) => return Err(("list", queue_dir.clone(), e)),
+    };
     let queue_prefix = format!("q-{}", &prefix["lease-".len()..]);
     let known = pending
         .queue_name_in(session.epoch)
@@ -330,10 +337,11 @@ async fn look(
             None => {
                 let path = format!("{queue_dir}/{queue_prefix}");
                 let options = acl.options(CreateMode::EphemeralSequential);
-                let (_, sequence) = client
-                    .create(&path, &[], &options)
-                    .await
-                    .map_err(|e| ("create", path.clone(), e))?;
+                let (_, sequence) = match client.create(&path, &[], &options).await {
+                    Ok(made) => made,
+                    Err(E::NoNode) => return make_queue().await,
+                    Err(e) => return Err(("create", path.clone(), e)),
+                };
                 pending.queue = Some((session.clone(), format!("{path}{sequence}")));
                 return Ok(Step::Again);
             }
@@ -399,9 +407,19 @@ async fn look(
         .create(&path, &[], &options)
         .await
         .map_err(|e| ("create", path.clone(), e))?;
-    pending.lease = Some((session.clone(), format!("{path}{sequence}")));
-    // Held once out of the queue: the next look finds the lease and leaves.
-    Ok(Step::Again)
+    let lease = format!("{path}{sequence}");
+    pending.lease = Some((session.clone(), lease.clone()));
+    // Held once out of the queue. The queue node is the one just ranked: a look adopts a node of
+    // this session before making one, so there is no other. (Failing here, the next look finds
+    // the lease and leaves the queue the long way.)
+    let head = format!("{queue_dir}/{ours}");
+    match client.delete(&head, None).await {
+        Ok(()) | Err(E::NoNode) => {}
+        Err(e) => return Err(("delete", head, e)),
+    }
+    pending.queue = None;
+    pending.lease = None;
+    Ok(Step::Held(lease))
 }
 
 /// Deletes this session's queue node (the one `pending` knows, and any other of this host made

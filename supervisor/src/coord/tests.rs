@@ -484,6 +484,47 @@ async fn restart_slots_are_shared_by_the_fleet() {
     assert!(!slot3.is_valid(), "a slot dies with its session");
 }
 
+/// The queue's node is made only when a look finds it missing (not before every look): one that
+/// an operator deleted between restarts is made again, and the next host still gets its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_slot_queue_is_made_again() {
+    let Some(server) = ZkServer::start().await else {
+        return;
+    };
+    let fleet = Fleet::connect(&server.chrooted(), None).await.unwrap();
+    fleet
+        .set_max_hosts_restarting("web", Limit::Hosts(1))
+        .await
+        .unwrap();
+    let raw = server.raw().await;
+    let hosts = connected(&server, &["h1", "h2"]).await;
+    let within = Duration::from_millis(WAIT_MS);
+    let queue = "/services/web/restarting/queue";
+
+    let slot = tokio::time::timeout(within, hosts[0].0.acquire_slot("web"))
+        .await
+        .expect("a free slot is granted at once")
+        .unwrap();
+    assert!(raw.check_stat(queue).await.unwrap().is_some());
+    slot.release().await;
+    raw.delete(queue, None).await.unwrap();
+
+    let slot = tokio::time::timeout(within, hosts[1].0.acquire_slot("web"))
+        .await
+        .expect("a slot is granted with the queue's node gone")
+        .unwrap();
+    assert!(slot.is_valid());
+    assert!(
+        raw.check_stat(queue).await.unwrap().is_some(),
+        "the queue's node is made again"
+    );
+    assert!(
+        raw.list_children(queue).await.unwrap().is_empty(),
+        "the holder left the queue"
+    );
+    slot.release().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_verbs_write_the_layout() {
     let Some(server) = ZkServer::start().await else {

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use sluice_tests::fleet::{
     Fleet, FleetOptions, HTTP_PORT, HUB_ADDR, LinkShape, http_get_bytes, light_service, noise,
+    serving_status,
 };
 use sluice_tests::netns::run_in_named;
 use sluice_tests::zkcost::{ByteMeter, StatusClock, Traffic, parse_cons, parse_wchs};
@@ -256,16 +257,18 @@ fn run(mode: &str, s: &Settings) -> Value {
 }
 
 /// `max_hosts_restarting = P%`: the time from the `enabled` write to the whole fleet serving a
-/// new (tiny) build, against ⌈hosts / limit⌉ × one host's own restart of its instances (`sluice
-/// restart` on one host of the same fleet, the median of three).
+/// new build, against ⌈hosts / limit⌉ × one host's own restart of its instances (`sluice
+/// restart` on one host of the same fleet at a limit of 100%, the median of three, measured
+/// right before each deploy). `BENCH_LIMIT_REPEAT` deploys (default 3) in one fleet; the result
+/// is each deploy's and their median.
 fn run_limit(s: &Settings, percent: u64) -> Value {
+    let repeat = sluice_tests::benchkit::env_u64("BENCH_LIMIT_REPEAT", 3).max(1) as usize;
     let per_rack = s.hosts.div_ceil(s.racks);
     let extra = move |i: usize| rack_line(i, per_rack);
     let fleet = bench_fleet(s, &extra);
-    let builds = [
-        fleet.builds().good(SVC, "b1"),
-        fleet.builds().good(SVC, "b2"),
-    ];
+    let builds: Vec<_> = (1..=repeat + 1)
+        .map(|k| fleet.builds().good(SVC, &format!("b{k}")))
+        .collect();
     fleet.service(SVC, &light_service(SVC));
     fleet.start_daemons();
     for b in &builds {
@@ -274,35 +277,159 @@ fn run_limit(s: &Settings, percent: u64) -> Value {
     fleet.sluice(&["limit", SVC, "100%"]).success();
     fleet.sluice(&["deploy", SVC, "b1"]).success();
     fleet.wait_all_serving(SVC, "b1", deploy_timeout());
-    let restarts: Vec<f64> = (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            fleet.host(1).sluice(&["restart", SVC]).success();
-            t.elapsed().as_secs_f64() * 1000.0
-        })
-        .collect();
-    let one_restart_ms = median(restarts.clone());
-    fleet
-        .sluice(&["limit", SVC, &format!("{percent}%")])
-        .success();
     let limit = (s.hosts * percent as usize / 100).max(1);
     let batches = s.hosts.div_ceil(limit);
-    let t0 = Instant::now();
-    fleet.sluice(&["deploy", SVC, "b2"]).success();
-    fleet.wait_all_serving(SVC, "b2", deploy_timeout());
-    let serving_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let zk = fleet.zk();
+    let mut deploys = Vec::new();
+    for b in &builds[1..] {
+        let build = b.id.as_str();
+        fleet.sluice(&["limit", SVC, "100%"]).success();
+        let restarts: Vec<f64> = (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                fleet.host(1).sluice(&["restart", SVC]).success();
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        let one_restart_ms = median(restarts.clone());
+        // The same restart on `limit` hosts at once: what one batch costs when its hosts share
+        // this machine's cores (in a data centre each host has its own).
+        let batch_restarts: Vec<f64> = (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                std::thread::scope(|scope| {
+                    for i in 0..limit {
+                        let host = fleet.host(i);
+                        scope.spawn(move || host.sluice(&["restart", SVC]).success());
+                    }
+                });
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        let batch_restart_ms = median(batch_restarts.clone());
+        fleet
+            .sluice(&["limit", SVC, &format!("{percent}%")])
+            .success();
+        // Each host's status node, read as it changes: when the last host said it serves the
+        // build, without the lag of polling `sluice hosts` (one look reads every status node).
+        let clock = StatusClock::start_reading(
+            &fleet.hub().name,
+            zk.servers_string(),
+            format!("/sluice/services/{SVC}/status"),
+        );
+        let t0 = Instant::now();
+        let t0_ms = now_ms();
+        fleet.sluice(&["deploy", SVC, build]).success();
+        fleet.wait_all_serving(SVC, build, deploy_timeout());
+        let polled_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        // Serving: the host's deploy and restart are done (every instance passed its health
+        // check) on the build. Running: also every instance up for `startup_ms` (1 s), the
+        // stricter test `wait_all_serving` polls for.
+        let first_serving = clock.first_matching(t0_ms as u64, |v| {
+            v["build"] == build
+                && v["state"] == "serving"
+                && v["instances"].as_array().is_some_and(|i| {
+                    !i.is_empty()
+                        && i.iter()
+                            .all(|i| i["state"] == "running" || i["state"] == "starting")
+                })
+        });
+        let first_running = clock.first_matching(t0_ms as u64, |v| serving_status(v, build));
+        drop(clock);
+        assert_eq!(
+            (first_serving.len(), first_running.len()),
+            (s.hosts, s.hosts),
+            "the status clock saw every host serve {build}"
+        );
+        let last = |m: &BTreeMap<String, u64>| m.values().copied().max().unwrap_or(0) as f64;
+        let serving_ms = last(&first_serving);
+        let deploy = json!({
+            "build": build,
+            "one_host_restart_ms": one_restart_ms,
+            "one_host_restarts_ms": restarts,
+            "deploy_to_all_serving_ms": serving_ms,
+            "deploy_to_all_serving_polled_ms": polled_ms,
+            "deploy_to_all_running_ms": last(&first_running),
+            "serving_over_batches_times_restart": serving_ms / (batches as f64 * one_restart_ms),
+            "batch_restart_ms": batch_restart_ms,
+            "batch_restarts_ms": batch_restarts,
+            "serving_over_batches_times_batch_restart":
+                serving_ms / (batches as f64 * batch_restart_ms),
+            "timeline": limit_timeline(&fleet, build, t0_ms, limit),
+        });
+        eprintln!("limit deploy: {deploy}");
+        deploys.push(deploy);
+    }
+    let of = |k: &str| -> f64 {
+        median(
+            deploys
+                .iter()
+                .map(|d| d[k].as_f64().unwrap_or(f64::NAN))
+                .collect(),
+        )
+    };
     let result = json!({
         "mode": "limit",
         "percent": percent,
         "limit_hosts": limit,
         "batches": batches,
-        "one_host_restart_ms": one_restart_ms,
-        "one_host_restarts_ms": restarts,
-        "deploy_to_all_serving_ms": serving_ms,
-        "serving_over_batches_times_restart": serving_ms / (batches as f64 * one_restart_ms),
+        "one_host_restart_ms": of("one_host_restart_ms"),
+        "deploy_to_all_serving_ms": of("deploy_to_all_serving_ms"),
+        "deploy_to_all_serving_polled_ms": of("deploy_to_all_serving_polled_ms"),
+        "deploy_to_all_running_ms": of("deploy_to_all_running_ms"),
+        "serving_over_batches_times_restart": of("serving_over_batches_times_restart"),
+        "batch_restart_ms": of("batch_restart_ms"),
+        "serving_over_batches_times_batch_restart": of("serving_over_batches_times_batch_restart"),
+        "deploys": deploys,
     });
     eprintln!("limit: {result}");
     result
+}
+
+/// Where a limited deploy's time went, from each host's own log (ms after `t0_ms`, the
+/// `sluice deploy` call): `deploy begins` → `installed` → `holding a restart slot` →
+/// `deployed` of `build`. `slot_busy_share` is the hosts' time holding a slot (holding →
+/// deployed) over `limit` slots for the span from the first holding to the last deployed: 1.0
+/// would be slots never idle between one host's end and the next host's start.
+fn limit_timeline(fleet: &Fleet, build: &str, t0_ms: f64, limit: usize) -> Value {
+    let mut hosts = Vec::new();
+    for h in &fleet.hosts {
+        let log = h.daemon_log_text();
+        let at = |needle: &str, after: f64| {
+            sluice_tests::benchkit::log_ms_after(&log, needle, after).map(|t| t - t0_ms)
+        };
+        let began = at(
+            &format!("deploy begins service={SVC} build=\"{build}\""),
+            t0_ms,
+        );
+        let installed = at(
+            &format!("installed; restarting onto it service={SVC} build=\"{build}\""),
+            t0_ms,
+        );
+        let holding = installed.and_then(|i| at("holding a restart slot", t0_ms + i));
+        let deployed = at(&format!("deployed service={SVC} build=\"{build}\""), t0_ms);
+        if let (Some(b), Some(i), Some(s), Some(d)) = (began, installed, holding, deployed) {
+            hosts.push([b, i, s, d]);
+        }
+    }
+    let col = |k: usize| hosts.iter().map(|h| h[k]).collect::<Vec<f64>>();
+    let held: Vec<f64> = hosts.iter().map(|h| h[3] - h[2]).collect();
+    let waited: Vec<f64> = hosts.iter().map(|h| h[2] - h[1]).collect();
+    let first_holding = col(2).into_iter().fold(f64::INFINITY, f64::min);
+    let last_deployed = col(3).into_iter().fold(0.0, f64::max);
+    let span = last_deployed - first_holding;
+    json!({
+        "hosts_read": hosts.len(),
+        "began_ms_median": median(col(0)),
+        "installed_ms_median": median(col(1)),
+        "installed_ms_last": col(1).into_iter().fold(0.0, f64::max),
+        "first_holding_ms": first_holding,
+        "last_deployed_ms": last_deployed,
+        "queue_wait_ms_median": median(waited),
+        "holding_to_deployed_ms_median": median(held.clone()),
+        "holding_to_deployed_ms_max": held.iter().copied().fold(0.0, f64::max),
+        "slot_busy_share": held.iter().sum::<f64>() / (limit as f64 * span),
+    })
 }
 
 /// The `p`th percentile (0–100) of `v`, nearest rank.
@@ -557,13 +684,20 @@ fn main() {
     )
     .expect("writing the json");
     let mut md = format!(
-        "# fleet deploy: {} hosts in {} racks, {} MiB build, link {} B/s, peers.max_uploads {}\n\n| mode | store copies | one host's fetch ms | deploy → last verified ms | ÷ one fetch | deploy → all serving ms | brain RSS KiB median / max |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        "# fleet deploy: {} hosts in {} racks, {} MiB build, link {} B/s, peers.max_uploads {}\n",
         settings.hosts,
         settings.racks,
         settings.build_bytes >> 20,
         settings.link,
         settings.max_uploads
     );
+    let fetch_runs = report["runs"].as_array().is_some_and(|runs| {
+        runs.iter()
+            .any(|r| r["mode"] == "store" || r["mode"] == "peers")
+    });
+    if fetch_runs {
+        md += "\n| mode | store copies | one host's fetch ms | deploy → last verified ms | ÷ one fetch | deploy → all serving ms | brain RSS KiB median / max |\n| --- | --- | --- | --- | --- | --- | --- |\n";
+    }
     for r in &report["runs"].as_array().cloned().unwrap_or_default() {
         if r["mode"] == "zk" || r["mode"] == "limit" {
             continue;
@@ -652,17 +786,54 @@ fn main() {
         if r["mode"] != "limit" {
             continue;
         }
+        let n = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         md += &format!(
-            "\n## max_hosts_restarting = {}% ({} hosts at once, {} batches)\n\n| one host's restart ms (median of 3) | enabled → all serving ms | ÷ (batches × one restart) |\n| --- | --- | --- |\n| {:.0} | {:.0} | {:.2} |\n",
-            r["percent"],
-            r["limit_hosts"],
-            r["batches"],
-            r["one_host_restart_ms"].as_f64().unwrap_or(f64::NAN),
-            r["deploy_to_all_serving_ms"].as_f64().unwrap_or(f64::NAN),
-            r["serving_over_batches_times_restart"]
-                .as_f64()
-                .unwrap_or(f64::NAN),
+            "\n## max_hosts_restarting = {}% ({} hosts at once, {} batches)\n\n| deploy | one host's restart ms (median of 3, right before) | enabled → all serving ms (watched) | all running: watched / polled | ÷ (batches × one restart) | {} hosts' restart at once ms | ÷ (batches × that) |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+            r["percent"], r["limit_hosts"], r["batches"], r["limit_hosts"],
         );
+        let deploys = r["deploys"].as_array().cloned().unwrap_or_default();
+        for d in &deploys {
+            md += &format!(
+                "| {} | {:.0} | {:.0} | {:.0} / {:.0} | {:.2} | {:.0} | {:.2} |\n",
+                d["build"].as_str().unwrap_or("?"),
+                n(d, "one_host_restart_ms"),
+                n(d, "deploy_to_all_serving_ms"),
+                n(d, "deploy_to_all_running_ms"),
+                n(d, "deploy_to_all_serving_polled_ms"),
+                n(d, "serving_over_batches_times_restart"),
+                n(d, "batch_restart_ms"),
+                n(d, "serving_over_batches_times_batch_restart"),
+            );
+        }
+        md += &format!(
+            "| median | {:.0} | {:.0} | {:.0} / {:.0} | {:.2} | {:.0} | {:.2} |\n",
+            n(r, "one_host_restart_ms"),
+            n(r, "deploy_to_all_serving_ms"),
+            n(r, "deploy_to_all_running_ms"),
+            n(r, "deploy_to_all_serving_polled_ms"),
+            n(r, "serving_over_batches_times_restart"),
+            n(r, "batch_restart_ms"),
+            n(r, "serving_over_batches_times_batch_restart"),
+        );
+        md += "\nAll serving (watched): the last host's first status node saying `serving` the build (its deploy and restart done, every instance past its health check), read by a watch of the bench's own. All running: also every instance up for `startup_ms` (1 s), watched, and as polling `sluice hosts --json` every 100 ms saw it. One host's restart is `sluice restart` returning, which is at the health check too.\n";
+        for d in &deploys {
+            let t = &d["timeline"];
+            let f = |k: &str| t[k].as_f64().unwrap_or(f64::NAN);
+            md += &format!(
+                "\n{} from the hosts' logs ({} hosts), ms after `sluice deploy`: deploy begins (median) {:.0}; installed median {:.0}, last {:.0}; first host holding a slot {:.0}; last host deployed {:.0}. Per host: queue wait (installed → holding) median {:.0}; holding → deployed median {:.0}, max {:.0}; slots busy {:.0} % of the span from the first holding to the last deployed.\n",
+                d["build"].as_str().unwrap_or("?"),
+                t["hosts_read"],
+                f("began_ms_median"),
+                f("installed_ms_median"),
+                f("installed_ms_last"),
+                f("first_holding_ms"),
+                f("last_deployed_ms"),
+                f("queue_wait_ms_median"),
+                f("holding_to_deployed_ms_median"),
+                f("holding_to_deployed_ms_max"),
+                f("slot_busy_share") * 100.0,
+            );
+        }
     }
     md += &format!("\nlinks: {}\n", report["links"]);
     md += &format!("\nmachine: {}\n", report["machine"]);
