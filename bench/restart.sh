@@ -25,6 +25,8 @@
 #                                 off; default: the build's default, auto)
 #   BENCH_WARMUP_EXTRA            [warmup] lines added to the sluice variants with warm-up, e.g.
 #                                 'sibling_percentile = 99' (default none: sluice's defaults)
+#   BENCH_HEALTH_EXTRA            [health] lines added to every sluice variant, e.g.
+#                                 'interval_ms = 50' (default none: sluice's defaults)
 #   BENCH_REPEAT                  runs of each cell (default 1, at most 20); the report gives each
 #                                 run and the median (min–max) of the goal figures
 #   BENCH_MACHINE_NOTE            says in the report whether the machine was busy

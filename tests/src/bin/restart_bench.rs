@@ -152,6 +152,11 @@ fn warmup_extra() -> String {
     std::env::var("BENCH_WARMUP_EXTRA").unwrap_or_default()
 }
 
+/// `[health]` lines added to every sluice variant, e.g. `interval_ms = 50` (none by default).
+fn health_extra() -> String {
+    std::env::var("BENCH_HEALTH_EXTRA").unwrap_or_default()
+}
+
 fn variants() -> Vec<Variant> {
     let all = vec![
         Variant::Sluice {
@@ -302,6 +307,7 @@ fn main() {
         "steady_window_s": settings.steady.as_secs(),
         "repeat": repeat,
         "warmup_extra": warmup_extra(),
+        "health_extra": health_extra(),
         "host_cgroups": host_cgroups(),
         "runs": results,
     });
@@ -354,9 +360,11 @@ env = {{ INSTANCE = "{{instance}}" }}
 [health]
 http = "/health"
 start_timeout_ms = {start_timeout_ms}
+{health_extra}
 {warmup}"#,
         command = toml_array(argv, "{port}"),
         start_timeout_ms = app.start_timeout_ms(),
+        health_extra = health_extra(),
     )
 }
 
