@@ -1195,6 +1195,12 @@ fn markdown(r: &Value) -> String {
             extra.trim().replace('\n', "; ")
         );
     }
+    if let Some(extra) = r["health_extra"].as_str().filter(|e| !e.trim().is_empty()) {
+        s += &format!(
+            "Every sluice variant adds to `[health]` (`BENCH_HEALTH_EXTRA`): `{}`.\n\n",
+            extra.trim().replace('\n', "; ")
+        );
+    }
     s += "| app | variant | failed | stale retries | steady p50 / p99 | restart-window p99 | p99 restart ÷ steady | first 2 s per restarted instance p99 | ÷ steady | restart total | Σ(stop + start→healthy + warm-up) | total ÷ Σ | supervisor CPU |\n";
     s += "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
     let repeat = r["repeat"].as_u64().unwrap_or(1);
