@@ -480,11 +480,25 @@ fn run_sluice(
     r["batches"] = json!(steps);
     // Every step against the restart's start, to place the slowest requests.
     let call_s = samples.rel(call);
+    let timeline: Vec<(f64, String, String)> = self::steps(&log)
+        .into_iter()
+        .map(|(ts, name, batch)| (wall(ts) - call_s, name, batch))
+        .collect();
     r["step_timeline"] = json!(
-        self::steps(&log)
+        timeline
             .iter()
-            .map(|(ts, name, batch)| format!("{:+.3} {name} [{batch}]", wall(*ts) - call_s))
+            .map(|(at, name, batch)| format!("{at:+.3} {name} [{batch}]"))
             .collect::<Vec<_>>()
+    );
+    r["slow_by_step"] = slow_by_step(
+        &samples,
+        call_s,
+        samples.rel(returned),
+        &timeline,
+        (
+            settings.steady.as_secs_f64(),
+            r["steady"]["p99_ms"].as_f64(),
+        ),
     );
     Ok(r)
 }
@@ -880,6 +894,91 @@ fn steps(log: &str) -> Vec<(f64, String, String)> {
             Some((ts, name.trim().to_owned(), batch.to_owned()))
         })
         .collect()
+}
+
+/// How many times the steady p99 a restart-window request must take to count as slow in
+/// [`slow_by_step`]: the goal's ratio, so that the restart window meets the goal while under 1 %
+/// of its requests are slow.
+const SLOW_OVER_STEADY_P99: f64 = 1.2;
+
+/// Every request of the restart window (`call_s`..`ret_s`, seconds after the load began) that
+/// answered in over [`SLOW_OVER_STEADY_P99`] × the steady p99, counted by the step it was issued
+/// in (the last `restart step` line before it, `timeline` in seconds after `call_s`), beside each
+/// step's share of the time and of the requests; `slow_to_batch` counts those answered by an
+/// instance of that step's own batch. Not only the slowest few: what the p99 is made of.
+fn slow_by_step(
+    samples: &Samples,
+    call_s: f64,
+    ret_s: f64,
+    timeline: &[(f64, String, String)],
+    (steady_s, steady_p99_ms): (f64, Option<f64>),
+) -> Value {
+    let Some(p99) = steady_p99_ms.filter(|p| *p > 0.0) else {
+        return Value::Null;
+    };
+    let threshold_us = (p99 * SLOW_OVER_STEADY_P99 * 1000.0) as u64;
+    // Spans: (step, batch members, from, to), in seconds after `call_s`; "before the first step"
+    // covers the CLI's call until the daemon's first line.
+    let end = ret_s - call_s;
+    let mut spans: Vec<(String, Vec<usize>, f64, f64)> = Vec::new();
+    let mut from = 0.0;
+    let mut current = ("before the first step".to_owned(), Vec::new());
+    for (at, name, batch) in timeline.iter().filter(|(at, ..)| *at < end) {
+        spans.push((current.0.clone(), current.1.clone(), from, at.max(from)));
+        let members = batch
+            .split(',')
+            .filter_map(|i| i.trim().parse().ok())
+            .collect();
+        current = (name.clone(), members);
+        from = at.max(from);
+    }
+    spans.push((current.0, current.1, from, end.max(from)));
+    let mut by_step: BTreeMap<String, (f64, u64, u64, u64)> = BTreeMap::new();
+    let (mut requests, mut slow) = (0u64, 0u64);
+    for (name, members, from, to) in &spans {
+        let entry = by_step.entry(name.clone()).or_default();
+        entry.0 += to - from;
+        for s in samples.list.iter().filter(|s| {
+            s.error.is_none() && s.issued_s - call_s >= *from && s.issued_s - call_s < *to
+        }) {
+            entry.1 += 1;
+            requests += 1;
+            if s.latency_us > threshold_us {
+                entry.2 += 1;
+                slow += 1;
+                if s.served_by.is_some_and(|i| members.contains(&i)) {
+                    entry.3 += 1;
+                }
+            }
+        }
+    }
+    // The same share in the steady window, for scale: by definition 1 % of it is over 1× its p99.
+    let steady: Vec<&Sample> = samples
+        .list
+        .iter()
+        .filter(|s| s.error.is_none() && s.issued_s < call_s && s.issued_s >= call_s - steady_s)
+        .collect();
+    let steady_slow = steady
+        .iter()
+        .filter(|s| s.latency_us > threshold_us)
+        .count();
+    json!({
+        "threshold_ms": round3(threshold_us as f64 / 1000.0),
+        "requests": requests,
+        "slow": slow,
+        "steady_requests": steady.len(),
+        "steady_slow": steady_slow,
+        "steps": by_step
+            .iter()
+            .map(|(step, (time_s, n, k, own))| json!({
+                "step": step,
+                "time_s": round3(*time_s),
+                "requests": n,
+                "slow": k,
+                "slow_to_batch": own,
+            }))
+            .collect::<Vec<_>>(),
+    })
 }
 
 /// Per batch: drain (Disable → Stop), stop (Stop → Start), start-to-healthy (Start → WarmUp, or
@@ -1312,6 +1411,7 @@ fn markdown(r: &Value) -> String {
                     .join(", ")),
         );
     }
+    s += &slow_steps_table(r);
     if repeat > 1 {
         s += &medians(r);
     }
@@ -1390,6 +1490,85 @@ fn markdown(r: &Value) -> String {
 }
 
 /// Median, minimum and maximum over the runs of each cell, for the figures the goals are about.
+/// The report's table of [`slow_by_step`], every run of a cell summed: which step's requests
+/// make the restart window's tail, against the step's share of the time.
+fn slow_steps_table(r: &Value) -> String {
+    let runs: Vec<&Value> = r["runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["slow_by_step"].is_object())
+        .collect();
+    if runs.is_empty() {
+        return String::new();
+    }
+    // (app, variant) -> step -> (time s, requests, slow, slow to the batch); and the cell's runs.
+    type Steps = BTreeMap<String, [f64; 4]>;
+    let mut cells: Vec<((String, String), Steps, usize)> = Vec::new();
+    // (app, variant) -> (steady requests, of them slow).
+    let mut shares: BTreeMap<(String, String), (f64, f64)> = BTreeMap::new();
+    for v in &runs {
+        let key = (
+            v["app"].as_str().unwrap_or("").to_owned(),
+            v["label"].as_str().unwrap_or("").to_owned(),
+        );
+        let at = match cells.iter().position(|(k, ..)| *k == key) {
+            Some(at) => at,
+            None => {
+                cells.push((key, BTreeMap::new(), 0));
+                cells.len() - 1
+            }
+        };
+        cells[at].2 += 1;
+        let share = shares.entry(cells[at].0.clone()).or_default();
+        share.0 += v["slow_by_step"]["steady_requests"].as_f64().unwrap_or(0.0);
+        share.1 += v["slow_by_step"]["steady_slow"].as_f64().unwrap_or(0.0);
+        for step in v["slow_by_step"]["steps"].as_array().into_iter().flatten() {
+            let sum = cells[at]
+                .1
+                .entry(step["step"].as_str().unwrap_or("").to_owned())
+                .or_default();
+            for (slot, key) in ["time_s", "requests", "slow", "slow_to_batch"]
+                .iter()
+                .enumerate()
+            {
+                sum[slot] += step[*key].as_f64().unwrap_or(0.0);
+            }
+        }
+    }
+    let mut s = format!(
+        "\nWhat the restart window's tail is made of: every request issued in it that took over \
+         {SLOW_OVER_STEADY_P99}× its run's steady p99, by the step it was issued in (the last \
+         `restart step` line before it), all runs of a cell summed; \"to the batch\" counts those \
+         answered by an instance of that step's own batch. The restart window meets the p99 goal \
+         while under 1 % of its requests are slow; the steady window's share is the same count \
+         against the same threshold:\n\n"
+    );
+    s += "| app | variant | runs | step | share of the time | share of the requests | slow requests | of them to the batch |\n";
+    s += "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |\n";
+    for ((app, label), steps, n) in &cells {
+        let time: f64 = steps.values().map(|x| x[0]).sum();
+        let requests: f64 = steps.values().map(|x| x[1]).sum();
+        let slow: f64 = steps.values().map(|x| x[2]).sum();
+        let (steady, steady_slow) = shares[&(app.clone(), label.clone())];
+        s += &format!(
+            "| {app} | {label} | {n} | **whole restart window** (steady window) | 100 % | 100 % | \
+             {slow:.0} of {requests:.0}, {:.2} % ({steady_slow:.0} of {steady:.0}, {:.2} %) | |\n",
+            100.0 * slow / requests.max(1.0),
+            100.0 * steady_slow / steady.max(1.0),
+        );
+        // A step no request was issued in (the instant before the first line, `Finished`) is left out.
+        for (step, [t, req, slow, own]) in steps.iter().filter(|(_, x)| x[1] > 0.0) {
+            s += &format!(
+                "| {app} | {label} | {n} | {step} | {:.0} % | {:.0} % | {slow:.0} | {own:.0} |\n",
+                100.0 * t / time.max(f64::MIN_POSITIVE),
+                100.0 * req / requests.max(1.0),
+            );
+        }
+    }
+    s
+}
+
 fn medians(r: &Value) -> String {
     let runs: Vec<&Value> = r["runs"]
         .as_array()
@@ -1442,4 +1621,70 @@ fn medians(r: &Value) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(issued_s: f64, ms: f64, served_by: usize) -> Sample {
+        Sample {
+            issued_s,
+            latency_us: (ms * 1000.0) as u64,
+            stale: false,
+            pool: false,
+            served_by: Some(served_by),
+            error: None,
+        }
+    }
+
+    /// Requests are placed in the step they were issued in, slow ones counted against 1.2× the
+    /// steady p99 (1 ms here), those answered by the step's own batch apart; the steady window's
+    /// share is counted over the same threshold.
+    #[test]
+    fn slow_requests_are_counted_by_the_step_they_were_issued_in() {
+        let samples = Samples {
+            epoch: Instant::now(),
+            epoch_wall_ms: 0.0,
+            list: vec![
+                sample(9.5, 1.3, 0),   // steady, slow
+                sample(9.6, 0.5, 1),   // steady
+                sample(10.05, 3.0, 2), // Stop [0]: slow, another instance
+                sample(10.10, 0.9, 1), // Stop [0]: not over 1.2 ms
+                sample(10.30, 2.0, 0), // Enable [0]: slow, its own batch
+                sample(10.40, 5.0, 3), // after the restart returned: not counted
+            ],
+        };
+        let timeline = vec![
+            (0.0, "Stop".to_owned(), "0".to_owned()),
+            (0.2, "Enable".to_owned(), "0".to_owned()),
+        ];
+        let v = slow_by_step(&samples, 10.0, 10.35, &timeline, (1.0, Some(1.0)));
+        assert_eq!(v["threshold_ms"], json!(1.2));
+        assert_eq!(
+            (v["requests"].as_u64(), v["slow"].as_u64()),
+            (Some(3), Some(2))
+        );
+        assert_eq!(
+            (v["steady_requests"].as_u64(), v["steady_slow"].as_u64()),
+            (Some(2), Some(1))
+        );
+        let step = |name: &str| {
+            v["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["step"] == json!(name))
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(step("Stop")["requests"], json!(2));
+        assert_eq!(step("Stop")["slow"], json!(1));
+        assert_eq!(step("Stop")["slow_to_batch"], json!(0));
+        assert_eq!(step("Enable")["slow"], json!(1));
+        assert_eq!(step("Enable")["slow_to_batch"], json!(1));
+        assert_eq!(step("Enable")["time_s"], json!(0.15));
+        // No steady p99, no table.
+        assert!(slow_by_step(&samples, 10.0, 10.35, &timeline, (1.0, None)).is_null());
+    }
 }
