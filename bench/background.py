@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -229,6 +230,7 @@ def run(out):
         for s in serving:
             s.wait(timeout=30)
         os.rmdir(cgroup)
+        shutil.rmtree(work, ignore_errors=True)
     report(out, started, rounds, v2)
 
 

@@ -896,6 +896,14 @@ fn steps(log: &str) -> Vec<(f64, String, String)> {
         .collect()
 }
 
+/// The instances of a `restart step` line's batch (`0,1` of `[0,1]`).
+fn batch_indices(batch: &str) -> Vec<usize> {
+    batch
+        .split(',')
+        .filter_map(|i| i.trim().parse().ok())
+        .collect()
+}
+
 /// How many times the steady p99 a restart-window request must take to count as slow in
 /// [`slow_by_step`]: the goal's ratio, so that the restart window meets the goal while under 1 %
 /// of its requests are slow.
@@ -925,11 +933,7 @@ fn slow_by_step(
     let mut current = ("before the first step".to_owned(), Vec::new());
     for (at, name, batch) in timeline.iter().filter(|(at, ..)| *at < end) {
         spans.push((current.0.clone(), current.1.clone(), from, at.max(from)));
-        let members = batch
-            .split(',')
-            .filter_map(|i| i.trim().parse().ok())
-            .collect();
-        current = (name.clone(), members);
+        current = (name.clone(), batch_indices(batch));
         from = at.max(from);
     }
     spans.push((current.0, current.1, from, end.max(from)));
@@ -1004,10 +1008,7 @@ fn batches(log: &str) -> Vec<Value> {
         // `all-at-once` does not steer: no Enable step; the batch ends with the restart.
         let end = get("Enable").or(next);
         let healthy_at = get("WarmUp").or(get("Enable")).or(next);
-        let indices: Vec<u64> = batch
-            .split(',')
-            .filter_map(|i| i.trim().parse().ok())
-            .collect();
+        let indices = batch_indices(batch);
         out.push(json!({
             "batch": format!("[{batch}]"),
             "indices": indices,
@@ -1489,7 +1490,6 @@ fn markdown(r: &Value) -> String {
     s
 }
 
-/// Median, minimum and maximum over the runs of each cell, for the figures the goals are about.
 /// The report's table of [`slow_by_step`], every run of a cell summed: which step's requests
 /// make the restart window's tail, against the step's share of the time.
 fn slow_steps_table(r: &Value) -> String {
@@ -1502,30 +1502,40 @@ fn slow_steps_table(r: &Value) -> String {
     if runs.is_empty() {
         return String::new();
     }
-    // (app, variant) -> step -> (time s, requests, slow, slow to the batch); and the cell's runs.
-    type Steps = BTreeMap<String, [f64; 4]>;
-    let mut cells: Vec<((String, String), Steps, usize)> = Vec::new();
-    // (app, variant) -> (steady requests, of them slow).
-    let mut shares: BTreeMap<(String, String), (f64, f64)> = BTreeMap::new();
+    /// One cell's runs summed: per step (time s, requests, slow, slow to the batch), the runs,
+    /// and the steady window's (requests, of them slow).
+    struct Cell {
+        key: (String, String),
+        steps: BTreeMap<String, [f64; 4]>,
+        runs: usize,
+        steady: (f64, f64),
+    }
+    let mut cells: Vec<Cell> = Vec::new();
     for v in &runs {
         let key = (
             v["app"].as_str().unwrap_or("").to_owned(),
             v["label"].as_str().unwrap_or("").to_owned(),
         );
-        let at = match cells.iter().position(|(k, ..)| *k == key) {
+        let at = match cells.iter().position(|c| c.key == key) {
             Some(at) => at,
             None => {
-                cells.push((key, BTreeMap::new(), 0));
+                cells.push(Cell {
+                    key,
+                    steps: BTreeMap::new(),
+                    runs: 0,
+                    steady: (0.0, 0.0),
+                });
                 cells.len() - 1
             }
         };
-        cells[at].2 += 1;
-        let share = shares.entry(cells[at].0.clone()).or_default();
-        share.0 += v["slow_by_step"]["steady_requests"].as_f64().unwrap_or(0.0);
-        share.1 += v["slow_by_step"]["steady_slow"].as_f64().unwrap_or(0.0);
-        for step in v["slow_by_step"]["steps"].as_array().into_iter().flatten() {
-            let sum = cells[at]
-                .1
+        let cell = &mut cells[at];
+        let table = &v["slow_by_step"];
+        cell.runs += 1;
+        cell.steady.0 += table["steady_requests"].as_f64().unwrap_or(0.0);
+        cell.steady.1 += table["steady_slow"].as_f64().unwrap_or(0.0);
+        for step in table["steps"].as_array().into_iter().flatten() {
+            let sum = cell
+                .steps
                 .entry(step["step"].as_str().unwrap_or("").to_owned())
                 .or_default();
             for (slot, key) in ["time_s", "requests", "slow", "slow_to_batch"]
@@ -1546,11 +1556,12 @@ fn slow_steps_table(r: &Value) -> String {
     );
     s += "| app | variant | runs | step | share of the time | share of the requests | slow requests | of them to the batch |\n";
     s += "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |\n";
-    for ((app, label), steps, n) in &cells {
+    for cell in &cells {
+        let ((app, label), steps, n) = (&cell.key, &cell.steps, cell.runs);
         let time: f64 = steps.values().map(|x| x[0]).sum();
         let requests: f64 = steps.values().map(|x| x[1]).sum();
         let slow: f64 = steps.values().map(|x| x[2]).sum();
-        let (steady, steady_slow) = shares[&(app.clone(), label.clone())];
+        let (steady, steady_slow) = cell.steady;
         s += &format!(
             "| {app} | {label} | {n} | **whole restart window** (steady window) | 100 % | 100 % | \
              {slow:.0} of {requests:.0}, {:.2} % ({steady_slow:.0} of {steady:.0}, {:.2} %) | |\n",
@@ -1569,6 +1580,7 @@ fn slow_steps_table(r: &Value) -> String {
     s
 }
 
+/// Median, minimum and maximum over the runs of each cell, for the figures the goals are about.
 fn medians(r: &Value) -> String {
     let runs: Vec<&Value> = r["runs"]
         .as_array()
