@@ -130,6 +130,39 @@ pub struct SiblingReference {
     pub window: Window,
     pub ratio: f64,
     pub percentile: Percentile,
+    /// How old the sample was when this warm-up began: 0 when it was taken for this warm-up, more
+    /// when an earlier batch's sample of the same restart was reused (see [`SiblingSample`]).
+    #[serde(default)]
+    pub age_ms: u64,
+}
+
+/// A serving sibling's sample, kept so that the later batches of a restart compare with it
+/// instead of each sending its own sample to an instance that serves clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiblingSample {
+    pub index: u32,
+    pub window: Window,
+    /// When it was taken, in milliseconds of a monotonic clock.
+    pub taken_at_ms: u64,
+}
+
+impl SiblingSample {
+    /// The sample to keep once a warm-up compared with `used` ended with `ending` (`None`: it
+    /// failed). It is kept only when the instance met it: one that ran to `max_duration_ms` (a
+    /// new build slower than the sibling measured, or a sample taken in a lull) makes the next
+    /// batch measure what serves then, which may be the new build.
+    pub fn kept_after(
+        used: Option<SiblingSample>,
+        ending: Option<Ending>,
+    ) -> Option<SiblingSample> {
+        used.filter(|_| ending == Some(Ending::Sibling))
+    }
+
+    /// Whether the sample may stand for a serving sibling at `now_ms`, when samples are reused
+    /// for `reuse_ms` (0: never).
+    pub fn reusable(&self, now_ms: u64, reuse_ms: u64) -> bool {
+        reuse_ms > 0 && now_ms.saturating_sub(self.taken_at_ms) <= reuse_ms
+    }
 }
 
 /// Why a warm-up ended.
@@ -207,14 +240,16 @@ impl Convergence {
         &self.limits
     }
 
-    /// The sibling's sample, against which `until_sibling` is judged.
-    pub fn set_reference(&mut self, index: u32, window: Window) {
+    /// The sibling's sample, taken `age_ms` before the warm-up began, against which
+    /// `until_sibling` is judged.
+    pub fn set_reference(&mut self, index: u32, window: Window, age_ms: u64) {
         if let Some(rule) = self.limits.until_sibling {
             self.reference = Some(SiblingReference {
                 index,
                 window,
                 ratio: rule.ratio,
                 percentile: rule.percentile,
+                age_ms,
             });
         }
     }
@@ -613,13 +648,13 @@ mod tests {
         for (what, percentile, reference, windows, elapsed, want) in cases {
             let mut c = Convergence::new(sibling_limits(*percentile));
             if let Some(r) = reference {
-                c.set_reference(3, *r);
+                c.set_reference(3, *r, 0);
             }
             assert_eq!(&ends_after(&mut c, windows, *elapsed), want, "{what}");
         }
         // Status shows the reference, and the first and last window.
         let mut c = Convergence::new(sibling_limits(P90));
-        c.set_reference(3, reference);
+        c.set_reference(3, reference, 0);
         ends_after(&mut c, &cold_then_warm, 100);
         let s = c.summary(Some(Ending::Sibling), 100);
         let sibling = s.sibling.expect("a reference");
@@ -634,7 +669,7 @@ mod tests {
     #[test]
     fn errors_fail_a_sibling_warm_up_too() {
         let mut c = Convergence::new(sibling_limits(Percentile::P90));
-        c.set_reference(1, window(&[1000; 4]));
+        c.set_reference(1, window(&[1000; 4]), 0);
         for l in [1000; 3] {
             c.record(l);
         }
@@ -708,5 +743,49 @@ mod tests {
             assert_eq!(after.until_sibling, None, "{what}");
             assert_eq!(after.until_stable_pct, want, "{what}");
         }
+    }
+
+    /// Which sample the next batch of a restart reuses: only one the last instance met, and only
+    /// while it is younger than the reuse bound.
+    #[test]
+    fn sample_reuse_table() {
+        use Ending::*;
+        let taken = SiblingSample {
+            index: 2,
+            window: window(&[1000; 4]),
+            taken_at_ms: 10_000,
+        };
+        // (what, the ending of the warm-up that used it, now, reuse bound, reused)
+        let cases: &[(&str, Option<Ending>, u64, u64, bool)] = &[
+            ("met, young", Some(Sibling), 12_000, 60_000, true),
+            ("met, at the bound", Some(Sibling), 70_000, 60_000, true),
+            ("met, past the bound", Some(Sibling), 70_001, 60_000, false),
+            ("met, reuse off", Some(Sibling), 10_000, 0, false),
+            (
+                "ran to max_duration_ms",
+                Some(MaxDuration),
+                12_000,
+                60_000,
+                false,
+            ),
+            ("ended by a count", Some(Count), 12_000, 60_000, false),
+            ("the warm-up failed", None, 12_000, 60_000, false),
+            (
+                "a clock behind the sample",
+                Some(Sibling),
+                9_000,
+                60_000,
+                true,
+            ),
+        ];
+        for &(what, ending, now, reuse, want) in cases {
+            let kept = SiblingSample::kept_after(Some(taken), ending);
+            assert_eq!(kept.is_some_and(|s| s.reusable(now, reuse)), want, "{what}");
+        }
+        assert_eq!(
+            SiblingSample::kept_after(None, Some(Sibling)),
+            None,
+            "no sample used"
+        );
     }
 }

@@ -55,6 +55,11 @@ pub struct WarmupConfig {
     /// Warm-up requests sent to the sibling to measure it (at most [`SIBLING_SAMPLE_MAX`]).
     #[serde(default = "default_warmup_sibling_sample")]
     pub sibling_sample: u32,
+    /// For this long after a sibling's sample, the later batches of the same restart compare with
+    /// it instead of measuring a sibling again, while the instances warmed against it meet it; 0:
+    /// every warm-up measures a sibling.
+    #[serde(default = "default_warmup_sibling_reuse_ms")]
+    pub sibling_reuse_ms: u64,
 }
 
 /// The criterion that ends a warm-up before `max_duration_ms`.
@@ -76,6 +81,9 @@ fn default_warmup_sibling_percentile() -> u32 {
 }
 fn default_warmup_sibling_sample() -> u32 {
     20
+}
+fn default_warmup_sibling_reuse_ms() -> u64 {
+    60_000
 }
 fn default_warmup_window() -> u32 {
     20

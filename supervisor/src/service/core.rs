@@ -437,7 +437,7 @@ pub enum Effect {
         port: u16,
         config: Box<WarmupConfig>,
         release: Option<PathBuf>,
-        sibling: Result<crate::service::warmup::Sibling, String>,
+        sibling: crate::service::warmup::SiblingBar,
     },
     /// Write the service's chain in one transaction; answers `Steered`.
     ApplyChain {

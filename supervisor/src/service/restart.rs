@@ -10,10 +10,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use sluice_strategies::plan;
 use sluice_strategies::restart::{Action, Input, Restart, Step, Strategy, Version};
-use sluice_strategies::warmup::Summary;
+use sluice_strategies::warmup::{SiblingSample, Summary};
 
 use super::core::{AfterStop, Core, Effect, Phase, Timer};
 use super::steer::DrainFor;
+use super::warmup::{Sibling, SiblingBar};
 use crate::config::StrategyName;
 use crate::service::state::FailedRestart;
 
@@ -32,6 +33,9 @@ pub(super) struct RestartWaits {
     enable: BTreeMap<u32, u64>,
     /// Inputs produced while executing, fed to the machine in order.
     inputs: VecDeque<(u64, Input)>,
+    /// The serving sibling's sample that the last warm-up of this version met, which the next
+    /// batches compare with (within `warmup.sibling_reuse_ms`) instead of measuring again.
+    sample: Option<(Version, SiblingSample)>,
 }
 
 impl Core {
@@ -506,7 +510,19 @@ impl Core {
         // The request list is read by the executor: a list that cannot be read answers
         // `WarmFailed`.
         let release = self.release_for(version);
-        let sibling = self.serving_sibling(index);
+        let reused = self
+            .restart_waits
+            .sample
+            .filter(|(v, s)| *v == version && s.reusable(self.boot_now, warmup.sibling_reuse_ms));
+        let sibling = match (reused, self.serving_sibling(index)) {
+            (Some((_, sample)), _) => SiblingBar::Reuse {
+                index: sample.index,
+                window: sample.window,
+                age_ms: self.boot_now.saturating_sub(sample.taken_at_ms),
+            },
+            (None, Ok(sibling)) => SiblingBar::Measure(sibling),
+            (None, Err(why)) => SiblingBar::Missing(why),
+        };
         self.emit(Effect::WarmUp {
             index,
             epoch,
@@ -520,7 +536,7 @@ impl Core {
     /// An instance of this service that serves clients now (running, healthy, not in the batch,
     /// and in steering when the service steers), to measure how fast a warm instance answers;
     /// `Err` says why there is none.
-    fn serving_sibling(&self, index: u32) -> Result<crate::service::warmup::Sibling, String> {
+    fn serving_sibling(&self, index: u32) -> Result<Sibling, String> {
         if self.config.instances < 2 {
             return Err("no sibling: the service has one instance".into());
         }
@@ -538,12 +554,10 @@ impl Core {
             .filter(|i| i.phase == Phase::Running && i.healthy)
             .filter(|i| !steers || self.steering.installed_contains(i.index))
             .find_map(|i| {
-                self.config
-                    .port(i.index)
-                    .map(|port| crate::service::warmup::Sibling {
-                        index: i.index,
-                        port,
-                    })
+                self.config.port(i.index).map(|port| Sibling {
+                    index: i.index,
+                    port,
+                })
             })
             .ok_or_else(|| {
                 format!(
@@ -564,7 +578,21 @@ impl Core {
         epoch: u64,
         result: Result<Summary, (String, Summary)>,
     ) {
-        let rolling_back = self.epoch() == epoch && self.batch_version() == Version::Old;
+        let current = self.epoch() == epoch;
+        let rolling_back = current && self.batch_version() == Version::Old;
+        if current {
+            // The sample this warm-up compared with, kept for the next batch only if it was met.
+            let (Ok(summary) | Err((_, summary))) = &result;
+            let ending = result.as_ref().ok().and_then(|s| s.ending);
+            let began = self.boot_now.saturating_sub(summary.duration_ms);
+            let used = summary.sibling.as_ref().map(|r| SiblingSample {
+                index: r.index,
+                window: r.window,
+                taken_at_ms: began.saturating_sub(r.age_ms),
+            });
+            self.restart_waits.sample =
+                SiblingSample::kept_after(used, ending).map(|s| (self.batch_version(), s));
+        }
         let input = match result {
             Ok(summary) => {
                 tracing::info!(service = %self.name, index, ?summary, "warmed up");

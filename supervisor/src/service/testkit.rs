@@ -5,7 +5,7 @@
 //! process per instance, the restart machine written before its actions, and no batch begun on
 //! the fleet backend without a slot.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -175,6 +175,10 @@ pub struct World {
     pub drain_ending: sluice_strategies::drain::Ending,
     /// How long a process takes to exit once asked to stop (`None`: a random short delay).
     pub stop_ms: Option<u64>,
+    /// How the next warm-ups end, in order, each answered with the summary the runner would give
+    /// for the sibling bar it was sent (a measured sample's window has a p90 of 1 ms); empty: a
+    /// bare `Warmed`, or `WarmFailed` as the faults say.
+    pub warm_endings: VecDeque<Option<sluice_strategies::warmup::Ending>>,
     /// Spawns asked for whose outcome the core has not had yet.
     spawning: BTreeSet<u32>,
 }
@@ -249,6 +253,7 @@ impl World {
             trace: false,
             found: Vec::new(),
             drain_ending: sluice_strategies::drain::Ending::Idle,
+            warm_endings: VecDeque::new(),
             stop_ms: None,
             spawning: BTreeSet::new(),
         };
@@ -683,6 +688,26 @@ impl World {
                     },
                 );
             }
+            Effect::WarmUp {
+                index,
+                epoch,
+                sibling,
+                ..
+            } if !self.warm_endings.is_empty() => {
+                let ending = self.warm_endings.pop_front().expect("not empty");
+                let delay = self.delay();
+                let result = warmed(sibling, ending, delay);
+                self.later(
+                    delay,
+                    Event::Restart {
+                        epoch: *epoch,
+                        event: RestartEvent::Warmed {
+                            index: *index,
+                            result,
+                        },
+                    },
+                );
+            }
             Effect::WarmUp { index, epoch, .. } => {
                 let input = if self.chance(self.faults.probe_fails) {
                     Input::WarmFailed(*index, "warm-up: 5 errors".into())
@@ -830,4 +855,49 @@ fn exited(index: u32, generation: u64, status: Status) -> Event {
         generation,
         event: InstanceEvent::Exited(Ok(status)),
     }
+}
+
+/// What the warm-up runner answers for `bar` when the warm-up ends with `ending` (`None`: it
+/// failed) after `duration_ms`, with the sibling criterion at its defaults.
+fn warmed(
+    bar: &crate::service::warmup::SiblingBar,
+    ending: Option<sluice_strategies::warmup::Ending>,
+    duration_ms: u64,
+) -> Box<Result<sluice_strategies::warmup::Summary, (String, sluice_strategies::warmup::Summary)>> {
+    use crate::service::warmup::SiblingBar;
+    use sluice_strategies::warmup::{Percentile, SiblingReference, Summary, Window};
+    let reference = |index, window, age_ms| SiblingReference {
+        index,
+        window,
+        ratio: 1.2,
+        percentile: Percentile::P90,
+        age_ms,
+    };
+    let (sibling, sibling_fallback) = match bar {
+        SiblingBar::Measure(s) => (
+            Some(reference(s.index, Window::of(&mut [1_000; 20]), 0)),
+            None,
+        ),
+        SiblingBar::Reuse {
+            index,
+            window,
+            age_ms,
+        } => (Some(reference(*index, *window, *age_ms)), None),
+        SiblingBar::Missing(why) => (None, Some(why.clone())),
+    };
+    let summary = Summary {
+        requests: 40,
+        errors: u64::from(ending.is_none()),
+        retries: 0,
+        sibling,
+        sibling_fallback,
+        first_window: None,
+        last_window: None,
+        ending,
+        duration_ms,
+    };
+    Box::new(match ending {
+        Some(_) => Ok(summary),
+        None => Err(("1 of 40 warm-up requests failed".into(), summary)),
+    })
 }

@@ -1535,3 +1535,106 @@ fn a_stop_leaves_the_low_weight_at_half_its_grace() {
     );
     assert!(world.violations.is_empty(), "{:?}", world.violations);
 }
+
+/// The later batches of a restart compare with the sibling sample an earlier batch met, instead
+/// of each sending a sample to an instance that serves clients: within `sibling_reuse_ms`, for the
+/// same version, and only while the instances warmed against it meet it.
+#[test]
+fn a_met_sibling_sample_is_reused_by_the_next_batches_table() {
+    use super::warmup::SiblingBar;
+    use sluice_strategies::warmup::Ending::{MaxDuration, Sibling};
+    /// What a warm-up was sent: a sibling to measure (its index), or a sample reused (its index).
+    #[derive(Debug, PartialEq)]
+    enum Bar {
+        Measure(u32),
+        Reuse(u32),
+    }
+    use Bar::{Measure, Reuse};
+    let rows: &[(&str, u64, &[Option<_>], &[Bar])] = &[
+        (
+            "each met: the first batch's sample serves the rest",
+            60_000,
+            &[Some(Sibling); 4],
+            &[Measure(1), Reuse(1), Reuse(1), Reuse(1)],
+        ),
+        (
+            "one ran to max_duration_ms: the next batch measures again",
+            60_000,
+            &[
+                Some(Sibling),
+                Some(MaxDuration),
+                Some(Sibling),
+                Some(Sibling),
+            ],
+            &[Measure(1), Reuse(1), Measure(0), Reuse(0)],
+        ),
+        (
+            "reuse off",
+            0,
+            &[Some(Sibling); 4],
+            &[Measure(1), Measure(0), Measure(0), Measure(0)],
+        ),
+        (
+            "older than the bound",
+            1,
+            &[Some(Sibling); 4],
+            &[Measure(1), Measure(0), Measure(0), Measure(0)],
+        ),
+        (
+            "a failed warm-up: the rollback measures the old version anew",
+            60_000,
+            &[Some(Sibling), None, Some(Sibling)],
+            &[Measure(1), Reuse(1), Measure(0)],
+        ),
+    ];
+    for &(name, reuse_ms, endings, want) in rows {
+        let mut config = config(4, true, StrategyName::Drain);
+        config.warmup = Some(
+            toml::from_str(&format!(
+                "requests = [\"GET /\"]\nsibling_reuse_ms = {reuse_ms}"
+            ))
+            .unwrap(),
+        );
+        let mut world = serving(config.clone(), false);
+        world.warm_endings = endings.iter().copied().collect();
+        world.core.config = changed(config);
+        let from = world.journal.len();
+        world.control(Action::Restart, None);
+        world.settle(SETTLE);
+        let bars: Vec<_> = world.journal[from..]
+            .iter()
+            .filter_map(|(at, e)| match e {
+                Effect::WarmUp { sibling, .. } => Some((*at, sibling.clone())),
+                _ => None,
+            })
+            .collect();
+        let got: Vec<Bar> = bars
+            .iter()
+            .map(|(_, bar)| match bar {
+                SiblingBar::Measure(s) => Measure(s.index),
+                SiblingBar::Reuse { index, .. } => Reuse(*index),
+                SiblingBar::Missing(why) => panic!("{name}: no sibling: {why}"),
+            })
+            .collect();
+        assert_eq!(got, want, "{name}");
+        // A reused sample's age is the time since the warm-up that measured it began.
+        let mut measured_at = None;
+        for (at, bar) in &bars {
+            match bar {
+                SiblingBar::Measure(_) => measured_at = Some(*at),
+                SiblingBar::Reuse { age_ms, .. } => {
+                    let measured_at = measured_at.expect("a sample before its reuse");
+                    assert_eq!(*age_ms, at - measured_at, "{name}");
+                    assert!(*age_ms <= reuse_ms, "{name}");
+                }
+                SiblingBar::Missing(_) => {}
+            }
+        }
+        assert!(world.warm_endings.is_empty(), "{name}: every ending used");
+        assert!(
+            world.violations.is_empty(),
+            "{name}: {:?}",
+            world.violations
+        );
+    }
+}

@@ -116,6 +116,22 @@ pub struct Sibling {
     pub port: u16,
 }
 
+/// What a warm-up with the sibling criterion compares with.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SiblingBar {
+    /// This serving sibling, measured first with `sibling_sample` of the warm-up's requests.
+    Measure(Sibling),
+    /// A sample taken `age_ms` ago for an earlier batch of the same restart, which that batch's
+    /// instance met (see `sluice_strategies::warmup::SiblingSample`).
+    Reuse {
+        index: u32,
+        window: Window,
+        age_ms: u64,
+    },
+    /// Why there is none; the median rule takes the sibling's place.
+    Missing(String),
+}
+
 /// What one request came to.
 #[derive(Debug)]
 enum Outcome {
@@ -127,27 +143,31 @@ enum Outcome {
     Retried,
 }
 
-/// Warms the instance on `127.0.0.1:port`. With the sibling criterion, first sends
-/// `sibling_sample` of the same requests to `sibling` (`Err`: why there is none) for the latency to
-/// reach; `max_duration_ms` bounds the sample and the warm-up together. `Err` when too many
-/// requests failed.
+/// Warms the instance on `127.0.0.1:port`. With the sibling criterion it compares with `bar`:
+/// a sibling to measure first (`max_duration_ms` bounds the sample and the warm-up together), a
+/// sample reused, or why there is none. `Err` when too many requests failed.
 pub async fn run(
     port: u16,
     requests: Vec<WarmRequest>,
     config: &WarmupConfig,
-    sibling: Result<Sibling, String>,
+    bar: SiblingBar,
 ) -> Result<Summary, (String, Summary)> {
     let started = Instant::now();
     let requests = Arc::new(requests);
     let mut limits = limits(config);
     let mut reference = Err(String::new());
     if limits.until_sibling.is_some() {
-        reference = match sibling {
-            Ok(sibling) => sample(sibling.port, &requests, config, started)
+        reference = match bar {
+            SiblingBar::Measure(sibling) => sample(sibling.port, &requests, config, started)
                 .await
-                .map(|window| (sibling.index, window))
+                .map(|window| (sibling.index, window, 0))
                 .map_err(|why| format!("the sample of sibling {} failed: {why}", sibling.index)),
-            Err(why) => Err(why),
+            SiblingBar::Reuse {
+                index,
+                window,
+                age_ms,
+            } => Ok((index, window, age_ms)),
+            SiblingBar::Missing(why) => Err(why),
         };
         if reference.is_err() {
             limits = limits.without_sibling();
@@ -155,7 +175,7 @@ pub async fn run(
     }
     let mut convergence = Convergence::new(limits);
     match reference {
-        Ok((index, window)) => convergence.set_reference(index, window),
+        Ok((index, window, age_ms)) => convergence.set_reference(index, window, age_ms),
         Err(why) if !why.is_empty() => convergence.set_fallback(why),
         Err(_) => {}
     }
@@ -607,7 +627,7 @@ mod tests {
             port,
             requests,
             config,
-            Err("no sibling in this test".into()),
+            SiblingBar::Missing("no sibling in this test".into()),
         )
         .await;
         (result, seen)
@@ -687,7 +707,7 @@ mod tests {
             port,
             requests.clone(),
             &config,
-            Ok(Sibling {
+            SiblingBar::Measure(Sibling {
                 index: 3,
                 port: sibling,
             }),
@@ -698,7 +718,10 @@ mod tests {
         assert_eq!(summary.ending, Some(Ending::Sibling), "{summary:?}");
         assert_eq!(summary.requests, 10, "{summary:?}");
         let reference = summary.sibling.expect("the sibling is shown");
-        assert_eq!((reference.index, reference.window.requests), (3, 15));
+        assert_eq!(
+            (reference.index, reference.window.requests, reference.age_ms),
+            (3, 15, 0)
+        );
         assert_eq!(
             sibling_seen.requests.load(Ordering::Relaxed),
             15,
@@ -706,12 +729,37 @@ mod tests {
         );
         assert_eq!(summary.sibling_fallback, None);
 
+        // A sample reused from an earlier batch: the sibling gets no request, status shows its age.
+        let summary = run(
+            port,
+            requests.clone(),
+            &config,
+            SiblingBar::Reuse {
+                index: 3,
+                window: reference.window,
+                age_ms: 4_000,
+            },
+        )
+        .await
+        .unwrap_or_else(|(why, _)| panic!("{why}"));
+        assert_eq!(summary.ending, Some(Ending::Sibling), "{summary:?}");
+        let reused = summary.sibling.expect("the reused sample is shown");
+        assert_eq!(
+            (reused.index, reused.window, reused.age_ms),
+            (3, reference.window, 4_000)
+        );
+        assert_eq!(
+            sibling_seen.requests.load(Ordering::Relaxed),
+            15,
+            "nothing more sent to the sibling"
+        );
+
         // Without a serving sibling: the median rule, and status says why.
         let summary = run(
             port,
             requests.clone(),
             &config,
-            Err("no serving sibling: x".into()),
+            SiblingBar::Missing("no serving sibling: x".into()),
         )
         .await
         .unwrap_or_else(|(why, _)| panic!("{why}"));
@@ -731,7 +779,7 @@ mod tests {
             port,
             requests,
             &config,
-            Ok(Sibling {
+            SiblingBar::Measure(Sibling {
                 index: 1,
                 port: broken,
             }),
