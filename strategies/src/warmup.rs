@@ -147,21 +147,45 @@ pub struct SiblingSample {
 }
 
 impl SiblingSample {
-    /// The sample to keep once a warm-up compared with `used` ended with `ending` (`None`: it
-    /// failed). It is kept only when the instance met it: one that ran to `max_duration_ms` (a
-    /// new build slower than the sibling measured, or a sample taken in a lull) makes the next
-    /// batch measure what serves then, which may be the new build.
-    pub fn kept_after(
-        used: Option<SiblingSample>,
-        ending: Option<Ending>,
-    ) -> Option<SiblingSample> {
-        used.filter(|_| ending == Some(Ending::Sibling))
+    /// Whether both are the same sample (each warm-up's report of it dates it to within a
+    /// millisecond or so, so the time is not compared).
+    fn same(&self, other: &SiblingSample) -> bool {
+        (self.index, self.window) == (other.index, other.window)
+    }
+}
+
+/// The sibling samples of one restart's warm-ups: the one the next batch reuses, and those an
+/// instance did not meet, which are never reused again in this restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SiblingSamples {
+    kept: Option<SiblingSample>,
+    unmet: Vec<SiblingSample>,
+}
+
+impl SiblingSamples {
+    /// A warm-up compared with `used` ended with `ending` (`None`: it failed). A sample is kept
+    /// once an instance met it, and dropped for good once one did not: an instance that ran to
+    /// `max_duration_ms` (a new build slower than the sibling measured, or a sample taken in a
+    /// lull) makes the next batch measure what serves then, which may be the new build.
+    pub fn ended(&mut self, used: Option<SiblingSample>, ending: Option<Ending>) {
+        let Some(used) = used else { return };
+        if ending == Some(Ending::Sibling) {
+            if !self.unmet.iter().any(|u| u.same(&used)) {
+                self.kept = Some(used);
+            }
+        } else {
+            if self.kept.is_some_and(|k| k.same(&used)) {
+                self.kept = None;
+            }
+            self.unmet.push(used);
+        }
     }
 
-    /// Whether the sample may stand for a serving sibling at `now_ms`, when samples are reused
-    /// for `reuse_ms` (0: never).
-    pub fn reusable(&self, now_ms: u64, reuse_ms: u64) -> bool {
-        reuse_ms > 0 && now_ms.saturating_sub(self.taken_at_ms) <= reuse_ms
+    /// The sample the next warm-up compares with at `now_ms`, when samples are reused for
+    /// `reuse_ms` (0: never); `None`: it measures a serving sibling.
+    pub fn reusable(&self, now_ms: u64, reuse_ms: u64) -> Option<SiblingSample> {
+        self.kept
+            .filter(|k| reuse_ms > 0 && now_ms.saturating_sub(k.taken_at_ms) <= reuse_ms)
     }
 }
 
@@ -745,47 +769,121 @@ mod tests {
         }
     }
 
-    /// Which sample the next batch of a restart reuses: only one the last instance met, and only
-    /// while it is younger than the reuse bound.
+    /// Which sample the next batch of a restart reuses: one an instance met and none failed to
+    /// meet, while it is younger than the reuse bound.
     #[test]
     fn sample_reuse_table() {
         use Ending::*;
-        let taken = SiblingSample {
-            index: 2,
-            window: window(&[1000; 4]),
-            taken_at_ms: 10_000,
+        let sample = |index, p: u64, taken_at_ms| SiblingSample {
+            index,
+            window: window(&[p; 4]),
+            taken_at_ms,
         };
-        // (what, the ending of the warm-up that used it, now, reuse bound, reused)
-        let cases: &[(&str, Option<Ending>, u64, u64, bool)] = &[
-            ("met, young", Some(Sibling), 12_000, 60_000, true),
-            ("met, at the bound", Some(Sibling), 70_000, 60_000, true),
-            ("met, past the bound", Some(Sibling), 70_001, 60_000, false),
-            ("met, reuse off", Some(Sibling), 10_000, 0, false),
+        let (a, b) = (sample(2, 1000, 10_000), sample(1, 3000, 20_000));
+        // The same sample as `a`, as another warm-up of its batch dates it.
+        let a_again = sample(2, 1000, 10_001);
+        // (what, the warm-ups that ended: sample used and ending, now, reuse bound, reused)
+        type Ended = (Option<SiblingSample>, Option<Ending>);
+        type Case<'a> = (&'a str, &'a [Ended], u64, u64, Option<SiblingSample>);
+        let cases: &[Case] = &[
             (
-                "ran to max_duration_ms",
-                Some(MaxDuration),
+                "met, young",
+                &[(Some(a), Some(Sibling))],
                 12_000,
                 60_000,
-                false,
+                Some(a),
             ),
-            ("ended by a count", Some(Count), 12_000, 60_000, false),
-            ("the warm-up failed", None, 12_000, 60_000, false),
             (
-                "a clock behind the sample",
-                Some(Sibling),
-                9_000,
+                "met, at the bound",
+                &[(Some(a), Some(Sibling))],
+                70_000,
                 60_000,
-                true,
+                Some(a),
+            ),
+            (
+                "met, past the bound",
+                &[(Some(a), Some(Sibling))],
+                70_001,
+                60_000,
+                None,
+            ),
+            (
+                "met, reuse off",
+                &[(Some(a), Some(Sibling))],
+                10_000,
+                0,
+                None,
+            ),
+            (
+                "ran to max_duration_ms",
+                &[(Some(a), Some(MaxDuration))],
+                12_000,
+                60_000,
+                None,
+            ),
+            (
+                "ended by a count",
+                &[(Some(a), Some(Count))],
+                12_000,
+                60_000,
+                None,
+            ),
+            (
+                "the warm-up failed",
+                &[(Some(a), None)],
+                12_000,
+                60_000,
+                None,
+            ),
+            (
+                "no sample used",
+                &[(None, Some(Sibling))],
+                12_000,
+                60_000,
+                None,
+            ),
+            (
+                "met, then not met by the next batch",
+                &[(Some(a), Some(Sibling)), (Some(a), Some(MaxDuration))],
+                12_000,
+                60_000,
+                None,
+            ),
+            (
+                "not met by one of a batch, met by the other: dropped for good",
+                &[(Some(a), Some(MaxDuration)), (Some(a_again), Some(Sibling))],
+                12_000,
+                60_000,
+                None,
+            ),
+            (
+                "a new sample after one that was not met",
+                &[(Some(a), Some(MaxDuration)), (Some(b), Some(Sibling))],
+                22_000,
+                60_000,
+                Some(b),
+            ),
+            (
+                "a warm-up without a sample leaves the kept one",
+                &[(Some(a), Some(Sibling)), (None, Some(Stable))],
+                12_000,
+                60_000,
+                Some(a),
+            ),
+            (
+                "an older sample not met does not drop a newer one",
+                &[(Some(b), Some(Sibling)), (Some(a), Some(MaxDuration))],
+                22_000,
+                60_000,
+                Some(b),
             ),
         ];
-        for &(what, ending, now, reuse, want) in cases {
-            let kept = SiblingSample::kept_after(Some(taken), ending);
-            assert_eq!(kept.is_some_and(|s| s.reusable(now, reuse)), want, "{what}");
+        for &(what, ended, now, reuse, want) in cases {
+            let mut samples = SiblingSamples::default();
+            for &(used, ending) in ended {
+                samples.ended(used, ending);
+            }
+            assert_eq!(samples.reusable(now, reuse), want, "{what}");
         }
-        assert_eq!(
-            SiblingSample::kept_after(None, Some(Sibling)),
-            None,
-            "no sample used"
-        );
     }
 }

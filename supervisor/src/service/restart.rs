@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use sluice_strategies::plan;
 use sluice_strategies::restart::{Action, Input, Restart, Step, Strategy, Version};
-use sluice_strategies::warmup::{SiblingSample, Summary};
+use sluice_strategies::warmup::{SiblingSample, SiblingSamples, Summary};
 
 use super::core::{AfterStop, Core, Effect, Phase, Timer};
 use super::steer::DrainFor;
@@ -33,9 +33,9 @@ pub(super) struct RestartWaits {
     enable: BTreeMap<u32, u64>,
     /// Inputs produced while executing, fed to the machine in order.
     inputs: VecDeque<(u64, Input)>,
-    /// The serving sibling's sample that the last warm-up of this version met, which the next
+    /// The serving siblings' samples of this restart's warm-ups of one version: the one the next
     /// batches compare with (within `warmup.sibling_reuse_ms`) instead of measuring again.
-    sample: Option<(Version, SiblingSample)>,
+    samples: Option<(Version, SiblingSamples)>,
 }
 
 impl Core {
@@ -510,12 +510,14 @@ impl Core {
         // The request list is read by the executor: a list that cannot be read answers
         // `WarmFailed`.
         let release = self.release_for(version);
-        let reused = self
-            .restart_waits
-            .sample
-            .filter(|(v, s)| *v == version && s.reusable(self.boot_now, warmup.sibling_reuse_ms));
+        let reused = match &self.restart_waits.samples {
+            Some((v, samples)) if *v == version => {
+                samples.reusable(self.boot_now, warmup.sibling_reuse_ms)
+            }
+            _ => None,
+        };
         let sibling = match (reused, self.serving_sibling(index)) {
-            (Some((_, sample)), _) => SiblingBar::Reuse {
+            (Some(sample), _) => SiblingBar::Reuse {
                 index: sample.index,
                 window: sample.window,
                 age_ms: self.boot_now.saturating_sub(sample.taken_at_ms),
@@ -590,8 +592,14 @@ impl Core {
                 window: r.window,
                 taken_at_ms: began.saturating_sub(r.age_ms),
             });
-            self.restart_waits.sample =
-                SiblingSample::kept_after(used, ending).map(|s| (self.batch_version(), s));
+            let version = self.batch_version();
+            let samples = &mut self.restart_waits.samples;
+            if samples.as_ref().is_none_or(|(v, _)| *v != version) {
+                *samples = Some((version, SiblingSamples::default()));
+            }
+            if let Some((_, samples)) = samples {
+                samples.ended(used, ending);
+            }
         }
         let input = match result {
             Ok(summary) => {
