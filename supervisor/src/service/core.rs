@@ -391,15 +391,6 @@ pub enum Effect {
         /// `restart.steer_timeout_ms`.
         steered_anyway: bool,
     },
-    /// Delete the connection-tracking entries that steering's REDIRECT left from `front_port`
-    /// to the instance's `port` (see `service::conntrack`): the ended ones once it is out of
-    /// steering and signalled to stop, all of them once its process exited out of steering.
-    ForgetNat {
-        index: u32,
-        front_port: u16,
-        port: u16,
-        which: crate::service::conntrack::Which,
-    },
     /// The exit is recorded: let the shim go.
     Release {
         index: u32,
@@ -1493,24 +1484,6 @@ impl Core {
             grace_ms,
             steered_anyway,
         });
-        self.forget_nat(index, crate::service::conntrack::Which::Ended);
-    }
-
-    /// Forgets the NAT entries to an instance that the chain no longer steers to, so that a
-    /// client port coming back is steered by the chain and not by an ended connection's entry.
-    pub(super) fn forget_nat(&mut self, index: u32, which: crate::service::conntrack::Which) {
-        if let (true, Some(front_port), Some(port)) = (
-            self.steerable && !self.steering.may_steer_to(index),
-            self.config.front_port,
-            self.config.port(index),
-        ) {
-            self.emit(Effect::ForgetNat {
-                index,
-                front_port,
-                port,
-                which,
-            });
-        }
     }
 
     /// A stop's drain has waited `restart.steer_timeout_ms` and the chain still steers to the
@@ -1802,7 +1775,6 @@ impl Core {
         instance.phase = Phase::Stopped;
         // The exit status is ours now: let the shim go.
         self.emit(Effect::Release { index });
-        self.forget_nat(index, crate::service::conntrack::Which::All);
         tracing::info!(service = %self.name, index, pid, exit = %exit, ran_ms, "instance exited");
         if self.state_error.is_some() {
             // Recorded and released; not restarted: whether it should run is unknown.

@@ -490,24 +490,6 @@ impl Executor {
                     }
                 });
             }
-            Effect::ForgetNat {
-                index,
-                front_port,
-                port,
-                which,
-            } => {
-                let name = self.name.clone();
-                tokio::task::spawn_blocking(move || {
-                    match crate::service::conntrack::forget(front_port, port, which) {
-                        Ok(deleted) => {
-                            tracing::debug!(service = %name, index, port, ?which, deleted, "conntrack entries forgotten")
-                        }
-                        Err(e) => {
-                            tracing::warn!(service = %name, index, port, "cannot forget the conntrack entries to the instance port: {e}")
-                        }
-                    }
-                });
-            }
             Effect::Release { index } => {
                 let paths = self.paths(index);
                 let previous = self.releasing.insert(

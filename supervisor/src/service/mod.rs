@@ -14,7 +14,6 @@ mod canary_sample;
 #[cfg(test)]
 mod canary_tests;
 pub mod cgroup;
-pub mod conntrack;
 mod core;
 mod cpu;
 mod deploy;

@@ -179,8 +179,6 @@ pub struct World {
     /// for the sibling bar it was sent (a measured sample's window has a p90 of 1 ms); empty: a
     /// bare `Warmed`, or `WarmFailed` as the faults say.
     pub warm_endings: VecDeque<Option<sluice_strategies::warmup::Ending>>,
-    /// Every `ForgetNat`, in order.
-    pub forgotten: Vec<(u32, crate::service::conntrack::Which)>,
     /// Spawns asked for whose outcome the core has not had yet.
     spawning: BTreeSet<u32>,
 }
@@ -256,7 +254,6 @@ impl World {
             found: Vec::new(),
             drain_ending: sluice_strategies::drain::Ending::Idle,
             warm_endings: VecDeque::new(),
-            forgotten: Vec::new(),
             stop_ms: None,
             spawning: BTreeSet::new(),
         };
@@ -615,18 +612,6 @@ impl World {
                 self.violation(format!(
                     "removal of {index}'s cgroup while its spawn prepares it"
                 ));
-            }
-            // Deleting the NAT entries of an instance the chain may steer to, or all of them
-            // while its process runs, would cut live connections.
-            Effect::ForgetNat { index, which, .. } => {
-                if self.may_steer_to(*index) {
-                    self.violation(format!("forgot the NAT of {index} while it may be steered"));
-                }
-                if *which == crate::service::conntrack::Which::All && self.alive.contains_key(index)
-                {
-                    self.violation(format!("forgot all NAT of {index} while its process runs"));
-                }
-                self.forgotten.push((*index, *which));
             }
             Effect::Release { .. }
             | Effect::RemoveCgroup { .. }

@@ -1638,36 +1638,3 @@ fn a_met_sibling_sample_is_reused_by_the_next_batches_table() {
         );
     }
 }
-
-/// Each instance that a drain restart takes out of steering has its ended NAT entries forgotten
-/// when it is signalled, and all of them once it exited; never while the chain may steer to it or
-/// (all of them) while its process runs, which the world checks. A service without a front port
-/// has no NAT to forget.
-#[test]
-fn nat_entries_are_forgotten_once_out_of_steering_table() {
-    use super::conntrack::Which::{All, Ended};
-    for (name, steered, want) in [
-        ("steered", true, vec![Ended, All]),
-        ("not steered", false, vec![]),
-    ] {
-        let config = config(3, steered, StrategyName::Drain);
-        let mut world = serving(config.clone(), false);
-        world.core.config = changed(config);
-        world.control(Action::Restart, None);
-        world.settle(SETTLE);
-        for i in 0..3 {
-            let got: Vec<_> = world
-                .forgotten
-                .iter()
-                .filter(|(index, _)| *index == i)
-                .map(|(_, which)| *which)
-                .collect();
-            assert_eq!(got, want, "{name}: instance {i}");
-        }
-        assert!(
-            world.violations.is_empty(),
-            "{name}: {:?}",
-            world.violations
-        );
-    }
-}
