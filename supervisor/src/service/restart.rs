@@ -516,14 +516,17 @@ impl Core {
             }
             _ => None,
         };
-        let sibling = match (reused, self.serving_sibling(index)) {
-            (Some(sample), _) => SiblingBar::Reuse {
+        // A reused sample spares the search for a serving sibling, as well as its sample.
+        let sibling = match reused {
+            Some(sample) => SiblingBar::Reuse {
                 index: sample.index,
                 window: sample.window,
                 age_ms: self.boot_now.saturating_sub(sample.taken_at_ms),
             },
-            (None, Ok(sibling)) => SiblingBar::Measure(sibling),
-            (None, Err(why)) => SiblingBar::Missing(why),
+            None => match self.serving_sibling(index) {
+                Ok(sibling) => SiblingBar::Measure(sibling),
+                Err(why) => SiblingBar::Missing(why),
+            },
         };
         self.emit(Effect::WarmUp {
             index,
@@ -593,13 +596,11 @@ impl Core {
                 taken_at_ms: began.saturating_sub(r.age_ms),
             });
             let version = self.batch_version();
-            let samples = &mut self.restart_waits.samples;
-            if samples.as_ref().is_none_or(|(v, _)| *v != version) {
-                *samples = Some((version, SiblingSamples::default()));
-            }
-            if let Some((_, samples)) = samples {
-                samples.ended(used, ending);
-            }
+            let samples = match &mut self.restart_waits.samples {
+                Some((v, samples)) if *v == version => samples,
+                slot => &mut slot.insert((version, SiblingSamples::default())).1,
+            };
+            samples.ended(used, ending);
         }
         let input = match result {
             Ok(summary) => {
